@@ -1,0 +1,94 @@
+"""`localmlx`: serve (the sidecar), demo (the main job end to end), demo-model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .settings import add_setting_flags, settings_from_args
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(args: argparse.Namespace) -> None:
+    from .transport import claim_stdout
+
+    wire_fd = claim_stdout()  # first: nothing imported below may print onto the wire
+    settings = settings_from_args(args)
+    _configure_logging(settings.log_level)
+    # The client owns our lifetime (stdin EOF, shutdown/exit, SIGTERM); a Ctrl-C meant for
+    # an interactive parent must not kill us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    import asyncio
+
+    from .session import Session
+
+    async def run() -> int:
+        session = Session(settings, wire_fd)
+        try:
+            return await session.run()
+        finally:
+            await session.close()
+
+    code = asyncio.run(run())
+    logging.shutdown()
+    sys.stderr.flush()
+    # Skip interpreter teardown: a daemon thread may still be inside MLX.
+    os._exit(code)
+
+
+def demo_model(args: argparse.Namespace) -> None:
+    settings = settings_from_args(args)
+    _configure_logging(settings.log_level)
+    from .demo_model import DEMO_MODEL_DIRNAME, build_demo_model
+
+    dest = Path(args.out) if args.out else settings.models_dir / DEMO_MODEL_DIRNAME
+    print(build_demo_model(dest))
+
+
+def demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    raise SystemExit(run_demo(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="localmlx", description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+
+    serve_cmd = commands.add_parser(
+        "serve", help="run the sidecar: NDJSON JSON-RPC 2.0 on stdin/stdout",
+        description="Run the sidecar. Settings come from LOCALMLX_* environment variables; "
+                    "each flag below overrides its variable.")
+    add_setting_flags(serve_cmd)
+    serve_cmd.set_defaults(func=serve)
+
+    demo_cmd = commands.add_parser("demo", help="spawn the sidecar and stream a chat reply")
+    add_setting_flags(demo_cmd)
+    demo_cmd.add_argument("--model", default=None, help="model to chat with (default: demo)")
+    demo_cmd.add_argument("--prompt", default="Tell me about the sea and the mountains.")
+    demo_cmd.add_argument("--max-new-tokens", type=int, default=96)
+    demo_cmd.add_argument("--temp", type=float, default=0.0)
+    demo_cmd.set_defaults(func=demo)
+
+    model_cmd = commands.add_parser("demo-model", help="build the embedded demo model")
+    add_setting_flags(model_cmd)
+    model_cmd.add_argument("--out", default=None, help="directory to build into")
+    model_cmd.set_defaults(func=demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # `python -m sidecar` alone serves, as Wooster spawns it
+        args = parser.parse_args(["serve", *(argv or sys.argv[1:])])
+    args.func(args)

@@ -1,0 +1,152 @@
+"""Where models live: the embedded demo, the models dir, the Hugging Face cache.
+
+Turns a model reference from a request into a checked local location, and refuses paths
+outside the allowed roots. Nothing here touches MLX.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .demo_model import DEMO_MODEL_ALIAS, DEMO_MODEL_DIRNAME
+from .errors import Forbidden, ModelNotFound
+from .settings import Settings
+
+log = logging.getLogger("localmlx.hub")
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """A resolved model: `name` is what requests use; `path` is None until downloaded."""
+
+    name: str
+    source: str  # "embedded" | "models-dir" | "hf-cache" | "local-path" | "hub"
+    path: Path | None
+    repo_id: str | None = None
+
+
+def hf_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += (Path(root) / name).stat().st_size  # follows HF cache symlinks
+            except OSError:
+                pass
+    return total
+
+
+class ModelLocator:
+    def __init__(self, settings: Settings) -> None:
+        self.models_dir = settings.models_dir
+        self.auto_download = settings.auto_download
+        self.allowed_roots = (settings.models_dir, hf_cache_dir(), *settings.allowed_roots)
+
+    def demo_path(self) -> Path:
+        return self.models_dir / DEMO_MODEL_DIRNAME
+
+    def resolve(self, ref: str) -> ModelLocation:
+        if ref == DEMO_MODEL_ALIAS:
+            return ModelLocation(DEMO_MODEL_ALIAS, "embedded", self.demo_path())
+        if "\x00" in ref:
+            raise Forbidden("Model reference contains a NUL byte", model=ref)
+        if ref.startswith(("/", "~", ".")) or os.sep in ref and not _REPO_ID.match(ref):
+            return self._local_path(ref)
+        if _DIR_NAME.match(ref) and ".." not in ref:
+            path = self.models_dir / ref
+            if _is_model_dir(path):
+                return ModelLocation(ref, "models-dir", path)
+            raise ModelNotFound(f"Model not found: no '{ref}' in {self.models_dir}",
+                                model=ref, modelsDir=str(self.models_dir))
+        if _REPO_ID.match(ref) and ".." not in ref:
+            return self._repo(ref)
+        raise Forbidden(f"Not a valid model reference: {ref!r}", model=ref)
+
+    def _local_path(self, ref: str) -> ModelLocation:
+        path = Path(ref).expanduser().resolve()
+        roots = [r.expanduser().resolve() for r in self.allowed_roots]
+        if not any(path == root or path.is_relative_to(root) for root in roots):
+            raise Forbidden(f"Path is outside the allowed model roots: {ref}", model=ref,
+                            allowedRoots=[str(r) for r in roots])
+        if not _is_model_dir(path):
+            raise ModelNotFound(f"Model not found: {path} is not a model directory (no config.json)",
+                                model=ref, path=str(path))
+        return ModelLocation(str(path), "local-path", path)
+
+    def _repo(self, repo_id: str) -> ModelLocation:
+        local = self.models_dir / repo_id
+        if _is_model_dir(local):
+            return ModelLocation(repo_id, "models-dir", local)
+        cached = self._hf_snapshot(repo_id)
+        if cached is not None:
+            return ModelLocation(repo_id, "hf-cache", cached, repo_id)
+        if self.auto_download:
+            return ModelLocation(repo_id, "hub", None, repo_id)
+        raise ModelNotFound(
+            f"Model not found locally: {repo_id}. Download it first "
+            f"(huggingface-cli download {repo_id}) or set LOCALMLX_AUTO_DOWNLOAD=true.",
+            model=repo_id)
+
+    @staticmethod
+    def _hf_snapshot(repo_id: str) -> Path | None:
+        from huggingface_hub import snapshot_download
+        from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+        try:
+            path = Path(snapshot_download(repo_id, local_files_only=True,
+                                          allow_patterns=DEFAULT_ALLOW_PATTERNS))
+        except Exception:  # not cached (or an incomplete snapshot)
+            return None
+        return path if _is_model_dir(path) else None
+
+    def list_local(self) -> list[tuple[ModelLocation, int]]:
+        found: list[tuple[ModelLocation, int]] = []
+        demo = self.demo_path()
+        found.append((ModelLocation(DEMO_MODEL_ALIAS, "embedded", demo),
+                      _dir_bytes(demo) if demo.is_dir() else 0))
+        if self.models_dir.is_dir():
+            for path in sorted(self.models_dir.iterdir()):
+                if not path.is_dir() or path.name == DEMO_MODEL_DIRNAME or path.name.startswith("."):
+                    continue
+                children = [path] if _is_model_dir(path) else sorted(p for p in path.iterdir() if p.is_dir())
+                for model_dir in children:
+                    if _is_model_dir(model_dir):
+                        name = model_dir.relative_to(self.models_dir).as_posix()
+                        found.append((ModelLocation(name, "models-dir", model_dir), _dir_bytes(model_dir)))
+        found.extend(self._list_hf_cache())
+        return found
+
+    def _list_hf_cache(self) -> list[tuple[ModelLocation, int]]:
+        from huggingface_hub import scan_cache_dir
+
+        try:
+            info = scan_cache_dir(hf_cache_dir())
+        except Exception:  # no cache yet, or unreadable: nothing to list
+            return []
+        found = []
+        for repo in sorted(info.repos, key=lambda r: r.repo_id):
+            if repo.repo_type != "model":
+                continue
+            for revision in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
+                if _is_model_dir(revision.snapshot_path):
+                    found.append((ModelLocation(repo.repo_id, "hf-cache", revision.snapshot_path,
+                                                repo.repo_id), repo.size_on_disk))
+                    break
+        return found

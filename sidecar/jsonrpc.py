@@ -1,0 +1,126 @@
+"""JSON-RPC 2.0 message shapes: parsing a line, telling requests from notifications, and
+building responses. Pure functions, no I/O."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import InvalidRequest, ParseError, RpcError
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(line: bytes) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson refuses lone surrogate escapes such as "\ud800", which Node's JSON.stringify
+    # emits for broken UTF-16; the stdlib parser accepts them. Invalid UTF-8 stays an error.
+    try:
+        return json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise ParseError("Parse error: request is not valid UTF-8", reason=str(exc)) from None
+    except ValueError as exc:
+        raise ParseError("Parse error: request is not valid JSON", reason=str(exc)) from None
+
+
+def is_valid_id(value: Any) -> bool:
+    return value is None or isinstance(value, str) or (
+        isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+@dataclass(frozen=True)
+class Call:
+    """A well-formed request (`is_notification` False) or notification."""
+
+    method: str
+    params: Any  # dict, list, or None when absent
+    id: Any
+    is_notification: bool
+
+
+class BadCall(RpcError):
+    """An invalid request, remembering the id to answer with (null when unknown)."""
+
+    def __init__(self, error: RpcError, id: Any = None) -> None:
+        super().__init__(error.message, error.code, **error.data)
+        self.id = id
+
+
+def read_call(message: Any) -> Call:
+    if not isinstance(message, dict):
+        raise BadCall(InvalidRequest("Invalid Request: expected a JSON object",
+                                     received=type(message).__name__))
+    has_id = "id" in message
+    id_ = message.get("id")
+    if has_id and not is_valid_id(id_):
+        raise BadCall(InvalidRequest("Invalid Request: id must be a string, a number or null",
+                                     received=type(id_).__name__))
+    if message.get("jsonrpc") != "2.0":
+        raise BadCall(InvalidRequest('Invalid Request: "jsonrpc" must be exactly "2.0"'), id_)
+    method = message.get("method")
+    if not isinstance(method, str):
+        raise BadCall(InvalidRequest('Invalid Request: "method" must be a string'), id_)
+    params = message.get("params")
+    if "params" in message and not isinstance(params, (dict, list)):
+        raise BadCall(InvalidRequest('Invalid Request: "params" must be an object or an array'), id_)
+    return Call(method, params, id_, not has_id)
+
+
+def result_message(id_: Any, result: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": id_, "result": result}
+
+
+def error_message(id_: Any, error: RpcError) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": id_, "error": error.to_wire()}
+
+
+def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "method": method, "params": params}
+
+
+_ID_VALUE = re.compile(rb'\s*("(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|null)')
+
+
+def peek_id(head: bytes) -> Any:
+    """Best-effort id of a request whose line was too large to parse: scan the head for a
+    top-level "id" key, so the client's pending call is answered instead of left hanging."""
+    depth, i, n = 0, 0, len(head)
+    expect_key = False
+    while i < n:
+        c = head[i]
+        if c == ord('"'):
+            match = re.compile(rb'"(?:[^"\\]|\\.)*"').match(head, i)
+            if match is None:
+                return None
+            end = match.end()
+            if depth == 1 and expect_key and match.group() == b'"id"':
+                rest = head[end:].lstrip()
+                if rest[:1] == b":":
+                    value = _ID_VALUE.match(rest, 1)
+                    if value is not None:
+                        try:
+                            parsed = json.loads(value.group(1))
+                        except ValueError:
+                            return None
+                        return parsed if is_valid_id(parsed) else None
+            expect_key = False
+            i = end
+            continue
+        if c in b"{[":
+            depth += 1
+            expect_key = c == ord("{") and depth == 1
+        elif c in b"}]":
+            depth -= 1
+        elif c == ord(",") and depth == 1:
+            expect_key = True
+        i += 1
+    return None

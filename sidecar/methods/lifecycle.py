@@ -1,0 +1,69 @@
+"""initialize, ping, shutdown, server/status."""
+
+from __future__ import annotations
+
+import functools
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from .. import __version__, schema
+from . import rpc_method
+
+PROTOCOL_VERSION = 1
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@functools.cache
+def device_description() -> str:
+    import mlx.core as mx
+
+    device = mx.default_device()
+    kind = "gpu" if device.type == mx.gpu else "cpu"
+    try:
+        name = mx.device_info().get("device_name") or mx.device_info().get("architecture")
+    except Exception:  # some backends expose no device info
+        name = None
+    return f"{kind} ({name})" if name else kind
+
+
+@rpc_method("initialize")
+async def initialize(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+    session, settings = context.session, context.settings
+    session.lifecycle.initialized = True
+    session.lifecycle.client_info = params.get("clientInfo") or {}
+    return {
+        "protocolVersion": PROTOCOL_VERSION,
+        "serverInfo": {"name": "localmlx", "version": __version__, "mlx": _package_version("mlx"),
+                       "mlxLm": _package_version("mlx-lm"), "device": device_description()},
+        "capabilities": {"streaming": True, "cancellation": True, "progress": True,
+                         "methods": schema.method_names()},
+        "limits": {"maxLineBytes": settings.max_line_bytes, "maxQueue": settings.max_queue,
+                   "maxLoadedModels": settings.max_loaded_models},
+        "defaults": {"model": settings.default_model, "maxTokens": settings.max_tokens,
+                     "temperature": settings.temperature},
+    }
+
+
+@rpc_method("ping")
+async def ping(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+@rpc_method("shutdown")
+async def shutdown(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+    await context.session.shutdown()
+    return {}
+
+
+@rpc_method("server/status")
+async def server_status(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+    status = context.engine.status()
+    status["uptimeMs"] = round((time.monotonic() - context.session.started_at) * 1000, 3)
+    return status

@@ -1,0 +1,341 @@
+"""One client session: frames in, lifecycle, batches, cancellation, dispatch, responses out.
+
+jsonrpcserver dispatches each single request to its method; everything JSON-RPC says about
+batches, notifications and ids is handled here, to the letter of the spec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from jsonrpcserver.async_dispatcher import dispatch_request
+from jsonrpcserver.methods import Methods
+from jsonrpcserver.request import Request
+from oslash.either import Left
+
+from . import jsonrpc, schema
+from .engine import Engine
+from .engine.worker import Job
+from .errors import (InternalError, InvalidRequest, MessageTooLarge, MethodNotFound,
+                     NotInitialized, RequestCancelled, RpcError)
+from .settings import Settings
+from .transport import LineFramer, OversizedLine, WireWriter, start_line_reader
+
+log = logging.getLogger("localmlx.session")
+
+PROGRESS_INTERVAL_S = 0.05
+
+
+def id_key(id_: Any) -> tuple[str, Any]:
+    """Ids match by type and value: "1" and 1 are different requests."""
+    return (type(id_).__name__, id_)
+
+
+class ProgressReporter:
+    """`$/progress` for one request: monotonic, rate-limited, and silent once the
+    response is on its way (the lock orders both on the one writer)."""
+
+    def __init__(self, token: Any, writer: WireWriter) -> None:
+        self._token = token
+        self._writer = writer
+        self._lock = threading.Lock()
+        self._closed = token is None
+        self._last_sent = 0.0
+        self._last_phase: str | None = None
+        self._completed = 0.0
+
+    def __call__(self, phase: str, completed: float, total: float | None, unit: str,
+                 message: str | None = None) -> None:
+        with self._lock:
+            if self._closed or completed < self._completed:
+                return
+            now = time.monotonic()
+            final = total is not None and completed >= total
+            if phase == self._last_phase and not final and now - self._last_sent < PROGRESS_INTERVAL_S:
+                return
+            self._completed, self._last_phase, self._last_sent = completed, phase, now
+            params = {"token": self._token, "phase": phase, "completed": completed,
+                      "total": total, "unit": unit}
+            if message:
+                params["message"] = message
+            self._writer.send(jsonrpc.notification("$/progress", params))
+
+    def close_then(self, send: Callable[[], None]) -> None:
+        with self._lock:
+            self._closed = True
+            send()
+
+
+@dataclass(eq=False)
+class RequestContext:
+    """What a method sees of its request: id, timing, progress, and the job it runs."""
+
+    session: "Session"
+    id: Any
+    received_at: float
+    progress: ProgressReporter
+    job: Job | None = None
+    cancelled_by_client: bool = False
+
+    @property
+    def engine(self) -> Engine:
+        return self.session.engine
+
+    @property
+    def settings(self) -> Settings:
+        return self.session.settings
+
+
+@dataclass(eq=False)
+class InFlight:
+    context: RequestContext
+    task: asyncio.Task | None = None
+
+
+@dataclass
+class Lifecycle:
+    initialized: bool = False
+    shutting_down: bool = False
+    shutdown_requested: bool = False
+    client_info: dict[str, Any] = field(default_factory=dict)
+
+
+class Session:
+    def __init__(self, settings: Settings, wire_fd: int, read_fd: int = 0) -> None:
+        self.settings = settings
+        self.started_at = time.monotonic()
+        self.lifecycle = Lifecycle()
+        self._wire_fd = wire_fd
+        self._read_fd = read_fd
+        self._inflight: dict[tuple[str, Any], InFlight] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._methods: Methods = {}
+        self.exit_code: int | None = None
+
+    # ---- running -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        from .methods import register_all
+
+        self.loop = asyncio.get_running_loop()
+        self._exit = asyncio.Event()
+        self.writer = WireWriter(self._wire_fd, on_broken=self._from_thread(self._on_peer_gone))
+        self.engine = Engine(self.settings, self.loop, self.send_notification)
+        register_all(self._methods)
+        start_line_reader(self._read_fd, LineFramer(self.settings.max_line_bytes),
+                          self._from_thread(self._on_frame, stamp=True),
+                          self._from_thread(self._on_eof))
+        self.engine.preload(self.settings.preload_models)
+        log.info("serving (models dir %s)", self.settings.models_dir)
+        await self._exit.wait()
+        return self.exit_code or 0
+
+    def _from_thread(self, fn: Callable[..., None], stamp: bool = False) -> Callable[..., None]:
+        def hop(*args: Any) -> None:
+            if stamp:
+                args = (*args, time.perf_counter())
+            self.loop.call_soon_threadsafe(fn, *args)
+        return hop
+
+    def send_notification(self, method: str, params: dict[str, Any]) -> None:
+        self.writer.send(jsonrpc.notification(method, params))
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---- frames --------------------------------------------------------------------------
+
+    def _on_frame(self, frame: bytes | OversizedLine, received_at: float) -> None:
+        if isinstance(frame, OversizedLine):
+            error = MessageTooLarge(f"Message too large: lines are limited to {frame.limit} bytes",
+                                    limit=frame.limit)
+            self.writer.send(jsonrpc.error_message(jsonrpc.peek_id(frame.head), error))
+            return
+        try:
+            message = jsonrpc.parse_json(frame)
+        except RpcError as error:
+            self.writer.send(jsonrpc.error_message(None, error))
+            return
+        if isinstance(message, list):
+            if not message:
+                self.writer.send(jsonrpc.error_message(None, InvalidRequest("Invalid Request: empty batch")))
+                return
+            self._spawn(self._answer_batch(message, received_at))
+        else:
+            self._start(message, received_at, self._send_response)
+
+    def _send_response(self, response: dict[str, Any] | None, context: RequestContext | None) -> None:
+        if response is None:
+            return
+        if context is None:
+            self.writer.send(response)
+        else:
+            context.progress.close_then(lambda: self.writer.send(response))
+
+    async def _answer_batch(self, messages: list[Any], received_at: float) -> None:
+        done: list[asyncio.Future] = []
+        for message in messages:
+            future = self.loop.create_future()
+            done.append(future)
+            self._start(message, received_at,
+                        lambda response, context, f=future: f.done() or f.set_result((response, context)))
+        results = await asyncio.gather(*done)
+        responses = [r for r, _ in results if r is not None]
+        contexts = [c for _, c in results if c is not None]
+        for context in contexts:
+            context.progress.close_then(lambda: None)
+        if responses:
+            self.writer.send(responses)
+
+    def _start(self, message: Any, received_at: float,
+               reply: Callable[[dict[str, Any] | None, RequestContext | None], None]) -> None:
+        """Classify one message and answer it: errors at once, requests on their own task."""
+        try:
+            call = jsonrpc.read_call(message)
+        except jsonrpc.BadCall as error:
+            reply(jsonrpc.error_message(error.id, error), None)
+            return
+        if call.is_notification:
+            self._notification(call)
+            reply(None, None)
+            return
+        key = id_key(call.id)
+        meta = call.params.get("_meta") if isinstance(call.params, dict) else None
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        context = RequestContext(self, call.id, received_at, ProgressReporter(token, self.writer))
+        if key in self._inflight:
+            reply(jsonrpc.error_message(call.id, InvalidRequest(
+                "Invalid Request: this id is already in use by a request in flight", id=call.id)), None)
+            return
+        inflight = InFlight(context)
+        self._inflight[key] = inflight
+
+        async def answer() -> None:
+            try:
+                result = await self._request(call, context)
+                response = jsonrpc.result_message(call.id, result)
+            except RpcError as error:
+                response = jsonrpc.error_message(call.id, error)
+            except asyncio.CancelledError:
+                response = jsonrpc.error_message(call.id, RequestCancelled("Request cancelled"))
+            except Exception as exc:  # a bug: keep serving, trace to stderr only
+                log.exception("internal error in %s", call.method)
+                response = jsonrpc.error_message(call.id, InternalError(
+                    f"Internal error: {type(exc).__name__}", method=call.method))
+            finally:
+                self._inflight.pop(key, None)
+            reply(response, context)
+
+        inflight.task = self._spawn(answer())
+
+    # ---- requests ------------------------------------------------------------------------
+
+    async def _request(self, call: jsonrpc.Call, context: RequestContext) -> Any:
+        lifecycle = self.lifecycle
+        if call.method == "initialize" and lifecycle.initialized:
+            raise InvalidRequest("Invalid Request: already initialized")
+        if not lifecycle.initialized and call.method not in ("initialize", "ping"):
+            raise NotInitialized("Server not initialized: send initialize first", method=call.method)
+        if lifecycle.shutting_down and call.method not in ("ping", "shutdown"):
+            raise InvalidRequest("Invalid Request: the server is shutting down", method=call.method)
+        if call.method not in self._methods:
+            raise MethodNotFound(f"Method not found: {call.method}", method=call.method)
+        params = schema.check_params(call.method, call.params)
+        _, result = await dispatch_request(self._methods, context, Request(call.method, params, call.id))
+        if isinstance(result, Left):
+            error = result._error
+            data = error.data if isinstance(error.data, dict) else {"detail": str(error.data)}
+            raise RpcError(error.message, error.code, **data)
+        return result._value.result
+
+    # ---- notifications -------------------------------------------------------------------
+
+    def _notification(self, call: jsonrpc.Call) -> None:
+        """Never answered, whatever happens; problems go to the log."""
+        try:
+            if call.method == "$/cancelRequest":
+                params = call.params if isinstance(call.params, dict) else {}
+                schema.check("notifications", "$/cancelRequest", "params", params)
+                self.cancel(params["id"])
+            elif call.method == "exit":
+                self._finish(0 if self.lifecycle.shutdown_requested else 1)
+            else:
+                log.debug("ignoring notification %s", call.method)
+        except RpcError as error:
+            log.warning("bad %s notification: %s", call.method, error.message)
+
+    def cancel(self, id_: Any, reason: str = "client") -> None:
+        inflight = self._inflight.get(id_key(id_))
+        if inflight is None:
+            return  # unknown or finished: ignored, as the spec says
+        context = inflight.context
+        job = context.job
+        if job is not None:
+            job.cancel_reason = reason
+            if self.engine.worker.withdraw(job):
+                context.cancelled_by_client = reason == "client"
+                if job.future is not None and not job.future.done():
+                    job.future.set_exception(self._cancel_error(reason))
+                return
+            if job.kind == "generate":
+                job.cancelled = True  # the engine stops after the current token
+                return
+        if inflight.task is not None:
+            inflight.task.cancel()
+
+    def requests_on_model(self, model: str) -> list[Any]:
+        return [key[1] for key, f in self._inflight.items()
+                if f.context.job is not None and f.context.job.model == model
+                and f.context.job.kind in ("generate", "tokenize")]
+
+    @staticmethod
+    def _cancel_error(reason: str) -> RpcError:
+        from .errors import ServerCancelled
+
+        if reason == "client":
+            return RequestCancelled("Request cancelled")
+        return ServerCancelled(f"Cancelled by the server ({reason})", reason=reason)
+
+    # ---- shutdown and exit ---------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        self.lifecycle.shutting_down = True
+        self.lifecycle.shutdown_requested = True
+        for key, inflight in list(self._inflight.items()):
+            if inflight.context.job is not None:
+                self.cancel(key[1], reason="shutdown")
+        await self.engine.unload_all()
+
+    def _on_eof(self) -> None:
+        log.info("stdin closed: exiting")
+        self._finish(0)
+
+    def _on_peer_gone(self) -> None:
+        self._finish(0)
+
+    def _finish(self, code: int) -> None:
+        if self.exit_code is not None:
+            return
+        self.exit_code = code
+        self.lifecycle.shutting_down = True
+        for key, inflight in list(self._inflight.items()):
+            if inflight.context.job is not None:
+                self.cancel(key[1], reason="exit")
+        self._exit.set()
+
+    async def close(self, grace_s: float = 3.0) -> None:
+        """Give a running generation a moment to see its cancel flag, then flush the wire."""
+        deadline = time.monotonic() + grace_s
+        while self.engine.worker.current is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for task in list(self._tasks):
+            task.cancel()
+        self.writer.close()

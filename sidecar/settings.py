@@ -1,0 +1,123 @@
+"""One typed settings object: built-in defaults < LOCALMLX_* environment < CLI flags.
+
+Read once at start-up; per-request params override the generation defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _paths(text: str) -> tuple[Path, ...]:
+    return tuple(Path(p).expanduser() for p in text.split(os.pathsep) if p.strip())
+
+
+def _path(text: str) -> Path:
+    return Path(text).expanduser()
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    help: str
+    parse: Callable[[str], Any]
+
+
+def _setting(default: Any, env: str, help: str, parse: Callable[[str], Any]) -> Any:
+    return field(default=default, metadata={"setting": Setting(env, help, parse)})
+
+
+@dataclass(frozen=True)
+class Settings:
+    models_dir: Path = _setting(
+        Path("~/.cache/mlx_models").expanduser(), "LOCALMLX_MODELS_DIR",
+        "directory of local models (one sub-directory per model); the embedded "
+        "demo model is built here on first use", _path)
+    default_model: str = _setting(
+        "demo", "LOCALMLX_DEFAULT_MODEL",
+        "model used when a request names none and none is loaded", str)
+    preload_models: tuple[str, ...] = _setting(
+        (), "LOCALMLX_PRELOAD_MODELS",
+        "comma-separated models to load at start-up ('true' means the default model)",
+        lambda s: tuple(m.strip() for m in s.split(",") if m.strip()))
+    max_tokens: int = _setting(
+        2048, "LOCALMLX_MAX_TOKENS", "default maxTokens for generate/chat", int)
+    temperature: float = _setting(
+        0.7, "LOCALMLX_TEMPERATURE", "default sampling temperature", float)
+    jit_load: bool = _setting(
+        True, "LOCALMLX_JIT_LOAD",
+        "load a model on first use; false answers -32011 ModelNotLoaded instead", _bool)
+    auto_download: bool = _setting(
+        False, "LOCALMLX_AUTO_DOWNLOAD",
+        "download a Hub repo that is not cached when it is first loaded", _bool)
+    enable_cache: bool = _setting(
+        True, "LOCALMLX_ENABLE_CACHE",
+        "keep KV caches of recent prompts to skip re-processing shared prefixes", _bool)
+    prompt_cache_size: int = _setting(
+        10, "LOCALMLX_PROMPT_CACHE_SIZE", "how many prompt KV caches to keep", int)
+    prompt_cache_bytes: int = _setting(
+        1 << 30, "LOCALMLX_PROMPT_CACHE_BYTES", "byte budget of the prompt KV caches", int)
+    max_line_bytes: int = _setting(
+        16 << 20, "LOCALMLX_MAX_LINE_BYTES",
+        "longest accepted request line; longer ones get -32017", int)
+    max_queue: int = _setting(
+        32, "LOCALMLX_MAX_QUEUE",
+        "requests waiting for the engine before new ones get -32015 busy", int)
+    max_loaded_models: int = _setting(
+        2, "LOCALMLX_MAX_LOADED_MODELS",
+        "models kept in memory; loading one more unloads the least recently used", int)
+    allowed_roots: tuple[Path, ...] = _setting(
+        (), "LOCALMLX_ALLOWED_ROOTS",
+        f"extra directories ('{os.pathsep}'-separated) a local model path may live "
+        "under, besides the models dir and the Hugging Face cache", _paths)
+    log_level: str = _setting(
+        "INFO", "LOCALMLX_LOG_LEVEL", "stderr log level (DEBUG, INFO, WARNING, ERROR)", str)
+
+    def with_overrides(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _fields() -> list[tuple[dataclasses.Field, Setting]]:
+    return [(f, f.metadata["setting"]) for f in dataclasses.fields(Settings)]
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f, setting in _fields():
+        raw = environ.get(setting.env)
+        if raw is None:
+            continue
+        try:
+            values[f.name] = setting.parse(raw)
+        except ValueError as exc:
+            raise SystemExit(f"localmlx: bad {setting.env}={raw!r}: {exc}") from None
+    return Settings(**values)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per setting; its help names the environment variable under it."""
+    for f, setting in _fields():
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, default=None,
+            type=setting.parse, metavar=f.name.split("_")[-1].upper(),
+            help=f"{setting.help} [env {setting.env}; default {f.default!s}]")
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    base = settings_from_env(environ)
+    return base.with_overrides(**{f.name: getattr(args, f.name, None) for f, _ in _fields()})
