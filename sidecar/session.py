@@ -29,6 +29,7 @@ from .transport import LineFramer, OversizedLine, WireWriter, start_line_reader
 log = logging.getLogger("localmlx.session")
 
 PROGRESS_INTERVAL_S = 0.05
+GENERATION_METHODS = ("generate", "chat")
 
 
 def id_key(id_: Any) -> tuple[str, Any]:
@@ -78,9 +79,10 @@ class RequestContext:
     session: "Session"
     id: Any
     received_at: float
+    method: str
     progress: ProgressReporter
     job: Job | None = None
-    cancelled_by_client: bool = False
+    cancel_reason: str | None = None  # set by $/cancelRequest, shutdown, unload or exit
 
     @property
     def engine(self) -> Engine:
@@ -210,13 +212,21 @@ class Session:
         key = id_key(call.id)
         meta = call.params.get("_meta") if isinstance(call.params, dict) else None
         token = meta.get("progressToken") if isinstance(meta, dict) else None
-        context = RequestContext(self, call.id, received_at, ProgressReporter(token, self.writer))
+        context = RequestContext(self, call.id, received_at, call.method, ProgressReporter(token, self.writer))
         if key in self._inflight:
             reply(jsonrpc.error_message(call.id, InvalidRequest(
                 "Invalid Request: this id is already in use by a request in flight", id=call.id)), None)
             return
         inflight = InFlight(context)
         self._inflight[key] = inflight
+        replied = False
+
+        def send(response: dict[str, Any]) -> None:
+            nonlocal replied
+            if not replied:
+                replied = True
+                self._inflight.pop(key, None)
+                reply(response, context)
 
         async def answer() -> None:
             try:
@@ -225,16 +235,20 @@ class Session:
             except RpcError as error:
                 response = jsonrpc.error_message(call.id, error)
             except asyncio.CancelledError:
-                response = jsonrpc.error_message(call.id, RequestCancelled("Request cancelled"))
+                response = jsonrpc.error_message(call.id, self._cancel_error(context.cancel_reason or "client"))
             except Exception as exc:  # a bug: keep serving, trace to stderr only
                 log.exception("internal error in %s", call.method)
                 response = jsonrpc.error_message(call.id, InternalError(
                     f"Internal error: {type(exc).__name__}", method=call.method))
-            finally:
-                self._inflight.pop(key, None)
-            reply(response, context)
+            send(response)
+
+        def on_done(task: asyncio.Task) -> None:
+            # A task cancelled before it ever ran still owes its one response.
+            if task.cancelled():
+                send(jsonrpc.error_message(call.id, self._cancel_error(context.cancel_reason or "client")))
 
         inflight.task = self._spawn(answer())
+        inflight.task.add_done_callback(on_done)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -277,19 +291,20 @@ class Session:
         if inflight is None:
             return  # unknown or finished: ignored, as the spec says
         context = inflight.context
+        context.cancel_reason = context.cancel_reason or reason
         job = context.job
-        if job is not None:
-            job.cancel_reason = reason
-            if self.engine.worker.withdraw(job):
-                context.cancelled_by_client = reason == "client"
-                if job.future is not None and not job.future.done():
-                    job.future.set_exception(self._cancel_error(reason))
-                return
-            if job.kind == "generate":
-                job.cancelled = True  # the engine stops after the current token
-                return
-        if inflight.task is not None:
-            inflight.task.cancel()
+        if job is None:
+            if context.method not in GENERATION_METHODS and inflight.task is not None:
+                inflight.task.cancel()
+            return  # a generation sees cancel_reason before it queues, and answers "cancelled"
+        job.cancel_reason = context.cancel_reason
+        if self.engine.worker.withdraw(job):
+            if job.future is not None and not job.future.done():
+                job.future.set_exception(self._cancel_error(job.cancel_reason))
+        elif job.kind == "generate":
+            job.cancelled = True  # the engine stops after the current token
+        elif inflight.task is not None:
+            inflight.task.cancel()  # answered -32800 now; the engine finishes the job unobserved
 
     def requests_on_model(self, model: str) -> list[Any]:
         return [key[1] for key, f in self._inflight.items()

@@ -62,6 +62,15 @@ def _quantization(config: dict[str, Any]) -> dict[str, Any] | None:
     return out
 
 
+def _warm_up(model: Any, tokenizer: Any) -> None:
+    """Run two decode steps once, so kernel compilation is paid at load time and not in
+    the first request's time to first token."""
+    from mlx_lm import stream_generate
+
+    for _ in stream_generate(model, tokenizer, [0], max_tokens=2):
+        pass
+
+
 def describe(name: str, path: Path, model: Any, config: dict[str, Any]) -> dict[str, Any]:
     import mlx.core as mx
     from mlx.utils import tree_reduce
@@ -112,7 +121,8 @@ class ModelRegistry:
             from mlx_lm import load
 
             model, tokenizer, config = load(str(path), return_config=True)
-            progress("tokenizer", 2, 3, "step")
+            progress("warmup", 2, 3, "step")
+            _warm_up(model, tokenizer)
             description = describe(location.name, path, model, config)
         except Exception as exc:
             if is_out_of_memory(exc):

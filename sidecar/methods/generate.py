@@ -37,6 +37,8 @@ def _cancelled_before_start(model: str, request: GenerationRequest) -> dict[str,
 
 async def _run_generation(context: Any, params: dict[str, Any], request: GenerationRequest) -> dict[str, Any]:
     location = context.engine.resolve(params.get("model"))
+    if context.cancel_reason == "client":
+        return _cancelled_before_start(location.name, request)
     job = context.engine.submit_generation(location, request)
     try:
         result = await run_job(context, job)

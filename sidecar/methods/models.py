@@ -11,6 +11,8 @@ from . import rpc_method
 async def run_job(context: Any, job: Any) -> Any:
     """Await an engine job on behalf of a request, so `$/cancelRequest` can find it."""
     context.job = job
+    if context.cancel_reason is not None:  # cancelled while the job was being prepared
+        context.session.cancel(context.id, context.cancel_reason)
     return await job.future
 
 

@@ -1,0 +1,228 @@
+"""A small synchronous Python client: spawns the sidecar as a child and talks NDJSON to it.
+
+Used by `localmlx demo`, the REPL, the benchmarks and the tests: the same process boundary
+and protocol that Wooster's TypeScript client uses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from .errors import RpcError
+from .jsonrpc import parse_json
+from .transport import LineFramer, OversizedLine, encode_message
+
+
+class RpcCallError(Exception):
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(f"{error.get('code')}: {error.get('message')}")
+        self.code = error.get("code")
+        self.message = error.get("message")
+        self.data = error.get("data")
+
+
+class SidecarExited(Exception):
+    pass
+
+
+def sidecar_command(python: str | None = None) -> list[str]:
+    return [python or sys.executable, "-m", "sidecar", "serve"]
+
+
+@dataclass
+class Received:
+    """Every line the sidecar wrote, with the time it was read (perf_counter)."""
+
+    message: Any
+    at: float
+
+
+@dataclass
+class _Pending:
+    done: threading.Event = field(default_factory=threading.Event)
+    response: dict[str, Any] | None = None
+    chunks: "queue.SimpleQueue[Received]" = field(default_factory=queue.SimpleQueue)
+
+
+class SidecarClient:
+    def __init__(self, args: list[str] | None = None, env: dict[str, str] | None = None,
+                 on_notification: Callable[[dict[str, Any]], None] | None = None,
+                 stderr: int | None = None) -> None:
+        self.process = subprocess.Popen(
+            args or sidecar_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=stderr if stderr is not None else subprocess.PIPE,
+            env={**os.environ, **(env or {})}, start_new_session=True)
+        self._ids = itertools.count(1)
+        self._pending: dict[Any, _Pending] = {}
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self.on_notification = on_notification
+        self.received: list[Received] = []  # the whole transcript, for tests
+        self.stderr_lines: list[str] = []
+        self.junk: list[bytes] = []  # stdout lines that were not JSON
+        self._reader = threading.Thread(target=self._read, daemon=True, name="sidecar-reader")
+        self._reader.start()
+        if self.process.stderr is not None:
+            threading.Thread(target=self._drain_stderr, daemon=True, name="sidecar-stderr").start()
+
+    # ---- wire ------------------------------------------------------------------------------
+
+    def send(self, message: Any) -> None:
+        self.send_raw(encode_message(message))
+
+    def send_raw(self, data: bytes) -> None:
+        with self._write_lock:
+            assert self.process.stdin is not None
+            self.process.stdin.write(data)
+            self.process.stdin.flush()
+
+    def _read(self) -> None:
+        framer = LineFramer(1 << 30)
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        while chunk := os.read(fd, 1 << 16):
+            now = time.perf_counter()
+            for line in framer.feed(chunk):
+                if isinstance(line, OversizedLine):
+                    self.junk.append(line.head)
+                    continue
+                try:
+                    message = parse_json(line)
+                except RpcError:  # not protocol: recorded, so tests can insist there is none
+                    self.junk.append(line)
+                    continue
+                self._dispatch(Received(message, now))
+        with self._lock:
+            for pending in self._pending.values():
+                pending.done.set()
+
+    def _dispatch(self, item: Received) -> None:
+        self.received.append(item)
+        message = item.message
+        if isinstance(message, dict) and "method" in message:
+            params = message.get("params") or {}
+            if message["method"] == "generate/chunk":
+                with self._lock:
+                    pending = self._pending.get(_key(params.get("requestId")))
+                if pending is not None:
+                    pending.chunks.put(item)
+            if self.on_notification is not None:
+                self.on_notification(message)
+            return
+        if isinstance(message, dict) and "id" in message:
+            with self._lock:
+                pending = self._pending.get(_key(message["id"]))
+            if pending is not None:
+                pending.response = message
+                pending.done.set()
+
+    def _drain_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for raw in self.process.stderr:
+            self.stderr_lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    # ---- calls -----------------------------------------------------------------------------
+
+    def start_request(self, method: str, params: dict[str, Any] | None = None, id: Any = None) -> Any:
+        id_ = next(self._ids) if id is None else id
+        with self._lock:
+            self._pending[_key(id_)] = _Pending()
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": id_, "method": method}
+        if params is not None:
+            message["params"] = params
+        self.send(message)
+        return id_
+
+    def wait_response(self, id_: Any, timeout: float = 120.0) -> dict[str, Any]:
+        with self._lock:
+            pending = self._pending[_key(id_)]
+        if not pending.done.wait(timeout):
+            raise TimeoutError(f"no response to request {id_!r} within {timeout}s")
+        if pending.response is None:
+            raise SidecarExited(f"sidecar exited (code {self.process.poll()}) before answering {id_!r}")
+        with self._lock:
+            self._pending.pop(_key(id_), None)
+        return pending.response
+
+    def call(self, method: str, params: dict[str, Any] | None = None, timeout: float = 120.0) -> dict[str, Any]:
+        """The whole response message."""
+        return self.wait_response(self.start_request(method, params), timeout)
+
+    def request(self, method: str, params: dict[str, Any] | None = None, timeout: float = 120.0) -> Any:
+        """The result, or RpcCallError."""
+        response = self.call(method, params, timeout)
+        if "error" in response:
+            raise RpcCallError(response["error"])
+        return response["result"]
+
+    def stream(self, method: str, params: dict[str, Any], timeout: float = 120.0,
+               id: Any = None) -> Iterator[dict[str, Any]]:
+        """Yields chunk params as they arrive; the final item is the response message."""
+        id_ = self.start_request(method, dict(params, stream=True), id=id)
+        with self._lock:
+            pending = self._pending[_key(id_)]
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                yield pending.chunks.get(timeout=0.01).message["params"]
+                continue
+            except queue.Empty:
+                pass
+            if pending.done.is_set():
+                while True:  # chunks precede the response on the wire, so all are queued
+                    try:
+                        yield pending.chunks.get_nowait().message["params"]
+                    except queue.Empty:
+                        break
+                yield self.wait_response(id_, 0)
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stream {id_!r} timed out")
+
+    def cancel(self, id_: Any) -> None:
+        self.send({"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": id_}})
+
+    def initialize(self, **client_info: Any) -> dict[str, Any]:
+        return self.request("initialize", {"protocolVersion": 1,
+                                           "clientInfo": client_info or {"name": "localmlx-py"}})
+
+    # ---- lifetime --------------------------------------------------------------------------
+
+    def close(self, timeout: float = 10.0) -> int:
+        """shutdown -> exit -> wait; then SIGTERM, then SIGKILL. Always reaps the child."""
+        if self.process.poll() is None:
+            try:
+                self.request("shutdown", timeout=timeout)
+                self.send({"jsonrpc": "2.0", "method": "exit"})
+            except (OSError, RpcCallError, TimeoutError, SidecarExited):
+                pass
+        return self.wait_or_kill(timeout)
+
+    def wait_or_kill(self, timeout: float = 10.0) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+        try:
+            return self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def __enter__(self) -> "SidecarClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _key(id_: Any) -> tuple[str, Any]:
+    return (type(id_).__name__, id_)

@@ -1,0 +1,73 @@
+"""Shared fixtures: one demo model per test session, and real sidecar processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from sidecar.client import SidecarClient, sidecar_command
+from sidecar.demo_model import DEMO_MODEL_DIRNAME, build_demo_model
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models")
+    build_demo_model(path / DEMO_MODEL_DIRNAME)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sidecar_env(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return {"LOCALMLX_MODELS_DIR": str(models_dir),
+            "HF_HUB_CACHE": str(tmp_path_factory.mktemp("hf-cache")),
+            "HF_HUB_OFFLINE": "1", "LOCALMLX_LOG_LEVEL": "INFO"}
+
+
+class Sidecars:
+    """Spawns sidecars for one test and reaps every one of them afterwards."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.spawned: list[SidecarClient] = []
+
+    def spawn(self, initialize: bool = True, args: list[str] | None = None, **env: str) -> SidecarClient:
+        client = SidecarClient(args or sidecar_command(), env={**self.env, **env})
+        self.spawned.append(client)
+        if initialize:
+            client.initialize(name="pytest")
+        return client
+
+    def reap(self) -> None:
+        for client in self.spawned:
+            if client.process.poll() is None:
+                client.process.kill()
+                client.process.wait()
+
+
+@pytest.fixture
+def sidecars(sidecar_env: dict[str, str]) -> Iterator[Sidecars]:
+    spawner = Sidecars(sidecar_env)
+    try:
+        yield spawner
+    finally:
+        spawner.reap()
+
+
+@pytest.fixture
+def sidecar(sidecars: Sidecars) -> Iterator[SidecarClient]:
+    """An initialized sidecar; afterwards it must have written nothing but protocol and
+    must exit 0 on shutdown + exit."""
+    client = sidecars.spawn()
+    yield client
+    assert client.junk == [], f"non-protocol bytes on stdout: {client.junk[:3]}"
+    assert client.close() == 0
+
+
+def chat_params(content: str = "Tell me about the sea.", **extra: object) -> dict:
+    return {"messages": [{"role": "user", "content": content}], "temperature": 0, **extra}
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
