@@ -88,7 +88,13 @@ class SidecarClient:
         framer = LineFramer(1 << 30)
         assert self.process.stdout is not None
         fd = self.process.stdout.fileno()
-        while chunk := os.read(fd, 1 << 16):
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError:  # our end was closed: same as EOF
+                chunk = b""
+            if not chunk:
+                break
             now = time.perf_counter()
             for line in framer.feed(chunk):
                 if isinstance(line, OversizedLine):

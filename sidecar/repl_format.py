@@ -1,0 +1,116 @@
+"""Words for what the sidecar answers: one-line summaries, sizes, errors, model tables.
+
+Pure functions of protocol data, shared by the coloured and the plain output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+def size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def count(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return str(n)
+
+
+def compact_json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def generation_summary(result: dict[str, Any]) -> str:
+    """`[stop] 12 + 40 tokens · TTFT 31.2 ms · 250.1 tokens/s · peak 11.3 MiB`"""
+    usage, timings = result.get("usage", {}), result.get("timings", {})
+    parts = [f"[{result.get('finishReason', '?')}] {usage.get('promptTokens', '?')} prompt + "
+             f"{usage.get('completionTokens', '?')} generated tokens"]
+    if usage.get("cachedTokens"):
+        parts.append(f"{usage['cachedTokens']} cached")
+    parts.append(f"TTFT {timings.get('ttftMs', 0):.1f} ms")
+    parts.append(f"{timings.get('tokensPerSecond', 0):.1f} tokens/s")
+    if "peakMemoryBytes" in timings:
+        parts.append(f"peak memory {size(timings['peakMemoryBytes'])}")
+    return " · ".join(parts)
+
+
+def loaded_summary(description: dict[str, Any]) -> str:
+    verb = "already loaded" if description.get("alreadyLoaded") else "loaded"
+    quant = description.get("quantization")
+    parts = [f"{verb} {description['model']}: {description.get('type', '?')}",
+             f"{count(description.get('parameters'))} parameters",
+             size(description.get("bytes"))]
+    if quant:
+        parts.append(f"{quant.get('bits')}-bit")
+    parts.append(f"context {description.get('contextLength') or '?'}")
+    if description.get("loadTimeMs") is not None and not description.get("alreadyLoaded"):
+        parts.append(f"{description['loadTimeMs']:.0f} ms")
+    return ", ".join(parts)
+
+
+def banner(server_info: dict[str, Any], pid: int) -> str:
+    return (f"localmlx {server_info.get('version')} · mlx {server_info.get('mlx')} · "
+            f"mlx-lm {server_info.get('mlxLm')} · {server_info.get('device')} · sidecar pid {pid}")
+
+
+def error_lines(error: dict[str, Any]) -> list[str]:
+    """`error -32602: Invalid params: ...`, then one line per detail the data object holds."""
+    lines = [f"error {error.get('code')}: {error.get('message')}"]
+    data = error.get("data")
+    if isinstance(data, dict):
+        details = data.get("errors")
+        for item in details if isinstance(details, list) else []:
+            if isinstance(item, dict):
+                lines.append(f"  {item.get('path') or '/'}: {item.get('message')}")
+        rest = {k: v for k, v in data.items() if k != "errors"}
+        if rest:
+            lines.append(f"  data: {compact_json(rest)}")
+    elif data is not None:
+        lines.append(f"  data: {compact_json(data)}")
+    return lines
+
+
+Table = tuple[list[str], list[list[str]]]
+
+
+def models_table(models: list[dict[str, Any]]) -> Table:
+    rows = [[m["model"], m.get("source", ""), size(m.get("bytes")), "yes" if m.get("loaded") else "",
+             m.get("path", "")] for m in models]
+    return ["model", "source", "size", "loaded", "path"], rows
+
+
+def loaded_models_table(models: list[dict[str, Any]]) -> Table:
+    rows = [[m["model"], m.get("type", ""), count(m.get("parameters")), size(m.get("bytes")),
+             str(m.get("contextLength") or "")] for m in models]
+    return ["loaded model", "type", "parameters", "memory", "context"], rows
+
+
+def status_lines(status: dict[str, Any]) -> list[str]:
+    requests, memory = status.get("requests", {}), status.get("memory", {})
+    return [
+        f"uptime {status.get('uptimeMs', 0) / 1000:.1f} s · requests: {requests.get('active', 0)} active, "
+        f"{requests.get('queued', 0)} queued",
+        f"memory: active {size(memory.get('activeBytes'))} · peak {size(memory.get('peakBytes'))} · "
+        f"cache {size(memory.get('cacheBytes'))} · prompt cache {size(memory.get('promptCacheBytes'))} · "
+        f"rss {size(memory.get('rssBytes'))}",
+    ]
+
+
+def plain_table(table: Table) -> list[str]:
+    headers, rows = table
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    return ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
+            for row in (headers, *rows)]

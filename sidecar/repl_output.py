@@ -1,0 +1,187 @@
+"""What the REPL prints: coloured with rich on a terminal, plain text when scripted.
+
+Both outputs have the same methods. The plain one writes the answers (model text, JSON,
+tables) to stdout and everything about them (notes, summaries, progress, errors) to
+stderr, so `... | localmlx repl > out.txt` keeps just the answers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+from . import repl_format as fmt
+
+ARROWS = {"out": "→", "in": "←"}
+
+
+class PlainOutput:
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self._phase: str | None = None
+        self._mid_line = False
+
+    def _write(self, stream: TextIO, text: str) -> None:
+        if self._mid_line:  # never glue a note onto streamed text
+            self.out.write("\n")
+            self.out.flush()
+            self._mid_line = False
+        stream.write(text + "\n")
+        stream.flush()
+
+    def info(self, text: str) -> None:
+        self._write(self.err, text)
+
+    def summary(self, text: str) -> None:
+        self._write(self.err, text)
+
+    def error(self, text: str) -> None:
+        self._write(self.err, f"error: {text}")
+
+    def rpc_error(self, error: dict[str, Any]) -> None:
+        for line in fmt.error_lines(error):
+            self._write(self.err, line)
+
+    def text(self, chunk: str) -> None:
+        self.out.write(chunk)
+        self.out.flush()
+        self._mid_line = not chunk.endswith("\n")
+
+    def end_text(self) -> None:
+        if self._mid_line:
+            self._write(self.out, "")
+
+    def value(self, value: Any) -> None:
+        self._write(self.out, json.dumps(value, indent=2, ensure_ascii=False))
+
+    def notification(self, value: Any) -> None:
+        self._write(self.out, fmt.compact_json(value))
+
+    def traffic(self, direction: str, value: Any) -> None:
+        self._write(self.out, f"{ARROWS[direction]} {_wire_text(value)}")
+
+    def lines(self, lines: list[str]) -> None:
+        for line in lines:
+            self._write(self.out, line)
+
+    def table(self, table: fmt.Table) -> None:
+        self.lines(fmt.plain_table(table))
+
+    def progress(self, params: dict[str, Any]) -> None:
+        if params.get("phase") != self._phase:  # one line per phase is plenty for a log
+            self._phase = params.get("phase")
+            total = params.get("total")
+            self._write(self.err, f"  {self._phase}: {params.get('completed')}"
+                                  f"{'' if total is None else f'/{total}'} {params.get('unit', '')}")
+
+    def progress_done(self) -> None:
+        self._phase = None
+
+
+class RichOutput:
+    def __init__(self, console: Any = None) -> None:
+        from rich.console import Console
+
+        self.console = console or Console(highlight=False)
+        self._progress: Any = None
+        self._task: Any = None
+        self._mid_line = False
+
+    def _print(self, *renderables: Any, **kwargs: Any) -> None:
+        self.progress_done()
+        if self._mid_line:
+            self.console.file.write("\n")
+            self._mid_line = False
+        self.console.print(*renderables, **kwargs)
+
+    def info(self, text: str) -> None:
+        self._print(text, style="cyan", markup=False)
+
+    def summary(self, text: str) -> None:
+        self._print(text, style="dim", markup=False)
+
+    def error(self, text: str) -> None:
+        self._print(f"error: {text}", style="bold red", markup=False)
+
+    def rpc_error(self, error: dict[str, Any]) -> None:
+        first, *rest = fmt.error_lines(error)
+        self._print(first, style="bold red", markup=False)
+        for line in rest:
+            self._print(line, style="red", markup=False)
+
+    def text(self, chunk: str) -> None:
+        self.progress_done()
+        self.console.file.write(chunk)
+        self.console.file.flush()
+        self._mid_line = not chunk.endswith("\n")
+
+    def end_text(self) -> None:
+        if self._mid_line:
+            self._print("")
+
+    def value(self, value: Any) -> None:
+        from rich.json import JSON
+
+        self._print(JSON.from_data(value, indent=2, ensure_ascii=False), soft_wrap=True)
+
+    def notification(self, value: Any) -> None:
+        from rich.json import JSON
+
+        self._print(JSON.from_data(value, indent=None, ensure_ascii=False), soft_wrap=True)
+
+    def traffic(self, direction: str, value: Any) -> None:
+        from rich.json import JSON
+        from rich.text import Text
+
+        arrow = Text(ARROWS[direction] + " ", style="bold magenta" if direction == "out" else "bold green")
+        try:
+            body = JSON(_wire_text(value)).text
+        except ValueError:  # not JSON: shown as typed
+            body = Text(_wire_text(value), style="yellow")
+        self._print(arrow + body, soft_wrap=True)
+
+    def lines(self, lines: list[str]) -> None:
+        for line in lines:
+            self._print(line, markup=False)
+
+    def table(self, table: fmt.Table) -> None:
+        from rich.table import Table
+
+        headers, rows = table
+        view = Table(*headers, box=None, header_style="bold", pad_edge=False)
+        for row in rows:
+            view.add_row(*row)
+        self._print(view)
+
+    def progress(self, params: dict[str, Any]) -> None:
+        if self._progress is None:
+            self._start_progress(params.get("unit") == "bytes")
+        total = params.get("total")
+        self._progress.update(self._task, description=str(params.get("phase", "")),
+                              completed=params.get("completed", 0), total=total)
+
+    def _start_progress(self, in_bytes: bool) -> None:
+        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
+                                   SpinnerColumn, TextColumn, TimeElapsedColumn,
+                                   TransferSpeedColumn)
+
+        columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description:<12}"), BarColumn()]
+        columns += [DownloadColumn(), TransferSpeedColumn()] if in_bytes else [MofNCompleteColumn()]
+        columns.append(TimeElapsedColumn())
+        self._progress = Progress(*columns, console=self.console, transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task("", total=None)
+
+    def progress_done(self) -> None:
+        if self._progress is not None:
+            progress, self._progress = self._progress, None
+            progress.stop()
+
+
+def _wire_text(value: Any) -> str:
+    """A message as it travels: bytes are shown as sent, without the newline."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace").rstrip("\r\n")
+    return fmt.compact_json(value)

@@ -1,0 +1,82 @@
+"""Generation through the real sidecar: streaming, stop strings, determinism, prompt cache."""
+
+from __future__ import annotations
+
+from .conftest import chat_params
+
+
+def streamed(client, method: str, params: dict) -> tuple[list[dict], dict]:
+    items = list(client.stream(method, params))
+    return items[:-1], items[-1]
+
+
+def test_streamed_text_equals_unstreamed_text_at_temperature_zero(sidecar) -> None:
+    params = chat_params("Schreib über das Meer, bitte: ça, 海, 🌊.", maxTokens=60)
+    whole = sidecar.request("chat", params)
+    chunks, response = streamed(sidecar, "chat", params)
+    assert [c["seq"] for c in chunks] == list(range(len(chunks)))
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert all(c["text"] for c in chunks), "empty chunks are never sent"
+    assert response["result"]["usage"] == {**whole["usage"], "cachedTokens": response["result"]["usage"]["cachedTokens"]}
+    assert "text" not in response["result"]
+    assert response["result"]["finishReason"] == whole["finishReason"] == "length"
+    assert whole["usage"]["completionTokens"] == 60
+
+
+def test_chunks_never_split_a_character(sidecar) -> None:
+    chunks, _ = streamed(sidecar, "generate", {"prompt": "海 🌊 ça Ελλάδα Москва", "maxTokens": 120, "temperature": 0})
+    for chunk in chunks:
+        chunk["text"].encode("utf-8")  # a split character would be a lone surrogate here
+    assert len(chunks) > 10
+
+
+def test_stop_string_ends_generation_and_never_leaks(sidecar) -> None:
+    params = {"prompt": "The sea", "maxTokens": 80, "temperature": 0}
+    text = sidecar.request("generate", params)["text"]
+    stop = text[20:26]
+    assert len(stop.strip()) >= 3, f"demo output too short to pick a stop string: {text!r}"
+    expected = text[: text.index(stop)]
+    whole = sidecar.request("generate", dict(params, stop=[stop, "zzzz-never"]))
+    assert whole["finishReason"] == "stop_sequence"
+    assert whole["text"] == expected
+    chunks, response = streamed(sidecar, "generate", dict(params, stop=[stop]))
+    assert "".join(c["text"] for c in chunks) == expected
+    assert response["result"]["finishReason"] == "stop_sequence"
+
+
+def test_seeded_sampling_is_reproducible(sidecar) -> None:
+    params = chat_params("hello", maxTokens=30, temperature=1.0, topP=0.9, seed=1234)
+    first = sidecar.request("chat", params)["text"]
+    assert sidecar.request("chat", params)["text"] == first
+
+
+def test_prompt_cache_serves_a_repeated_conversation_prefix(sidecar) -> None:
+    messages = [{"role": "system", "content": "You are a helpful assistant for the sea. " * 8},
+                {"role": "user", "content": "Tell me about waves."}]
+    first = sidecar.request("chat", {"messages": messages, "maxTokens": 8, "temperature": 0})
+    follow_up = messages + [{"role": "assistant", "content": first["text"]},
+                            {"role": "user", "content": "And tides?"}]
+    second = sidecar.request("chat", {"messages": follow_up, "maxTokens": 8, "temperature": 0})
+    assert first["usage"]["cachedTokens"] == 0
+    assert second["usage"]["cachedTokens"] > first["usage"]["promptTokens"] // 2
+
+
+def test_model_defaults_to_the_loaded_one_and_jit_loads(sidecar) -> None:
+    status = sidecar.request("server/status")
+    assert status["models"] == []
+    result = sidecar.request("chat", chat_params(maxTokens=3))
+    assert result["model"] == "demo"
+    assert [m["model"] for m in sidecar.request("server/status")["models"]] == ["demo"]
+
+
+def test_progress_is_monotonic_and_ends_before_the_response(sidecar) -> None:
+    seen = []
+    sidecar.on_notification = lambda m: m["method"] == "$/progress" and seen.append(m["params"])
+    id_ = sidecar.start_request("models/load", {"model": "demo", "_meta": {"progressToken": 7}})
+    response = sidecar.wait_response(id_)
+    assert response["result"]["alreadyLoaded"] is False
+    assert seen and all(p["token"] == 7 for p in seen)
+    completed = [p["completed"] for p in seen]
+    assert completed == sorted(completed) and completed[-1] == seen[-1]["total"]
+    order = [r.message.get("method") or r.message.get("id") for r in sidecar.received]
+    assert order.index(id_) > max(i for i, m in enumerate(order) if m == "$/progress")

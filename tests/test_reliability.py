@@ -1,0 +1,146 @@
+"""The sidecar under pressure: cancellation, queue limits, a vanishing client, stray output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from sidecar.client import RpcCallError
+
+from .conftest import chat_params
+
+LONG = chat_params("Tell me everything.", maxTokens=1900)
+
+
+def wait_for_chunks(client, id_, n: int = 2, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(1 for r in client.received if r.message.get("method") == "generate/chunk"
+               and r.message["params"]["requestId"] == id_) >= n:
+            return
+        time.sleep(0.005)
+    raise AssertionError("generation did not start")
+
+
+def test_cancel_stops_a_running_generation_within_a_step(sidecar) -> None:
+    id_ = sidecar.start_request("chat", dict(LONG, stream=True))
+    wait_for_chunks(sidecar, id_)
+    sidecar.cancel(id_)
+    result = sidecar.wait_response(id_, timeout=10)["result"]
+    assert result["finishReason"] == "cancelled"
+    assert 0 < result["usage"]["completionTokens"] < 1900
+    seqs = [r.message["params"]["seq"] for r in sidecar.received if r.message.get("method") == "generate/chunk"]
+    assert seqs == list(range(len(seqs)))
+    responses = [r for r in sidecar.received if r.message.get("id") == id_]
+    assert len(responses) == 1
+
+
+def test_queued_requests_are_answered_at_once_when_cancelled(sidecar) -> None:
+    running = sidecar.start_request("chat", dict(LONG, stream=True))
+    wait_for_chunks(sidecar, running)
+    queued_chat = sidecar.start_request("chat", chat_params(maxTokens=5))
+    queued_tokenize = sidecar.start_request("tokenize", {"text": "hi"})
+    time.sleep(0.1)
+    sidecar.cancel(queued_chat)
+    sidecar.cancel(queued_tokenize)
+    chat = sidecar.wait_response(queued_chat, timeout=5)
+    tokenize = sidecar.wait_response(queued_tokenize, timeout=5)
+    assert chat["result"]["finishReason"] == "cancelled" and chat["result"]["text"] == ""
+    assert tokenize["error"]["code"] == -32800
+    assert not any(r.message.get("id") == running for r in sidecar.received), "still running"
+    sidecar.cancel(running)
+    assert sidecar.wait_response(running)["result"]["finishReason"] == "cancelled"
+
+
+def test_full_queue_answers_busy_and_keeps_serving(sidecars) -> None:
+    client = sidecars.spawn(LOCALMLX_MAX_QUEUE="1")
+    running = client.start_request("chat", dict(LONG, stream=True))
+    wait_for_chunks(client, running)
+    queued = client.start_request("chat", chat_params(maxTokens=3))
+    with pytest.raises(RpcCallError) as busy:
+        client.request("chat", chat_params(maxTokens=3))
+    assert busy.value.code == -32015 and busy.value.data["maxQueue"] == 1
+    client.cancel(running)
+    assert client.wait_response(queued)["result"]["finishReason"] == "length"
+    assert client.close() == 0
+
+
+def test_unload_cancels_work_on_that_model_with_server_cancelled(sidecar) -> None:
+    running = sidecar.start_request("chat", dict(LONG, stream=True))
+    wait_for_chunks(sidecar, running)
+    assert sidecar.request("models/unload", {"model": "demo"}) == {"model": "demo", "unloaded": True}
+    error = sidecar.wait_response(running)["error"]
+    assert error["code"] == -32802 and error["data"]["reason"] == "unload"
+
+
+def test_stdin_eof_mid_generation_ends_the_process_promptly(sidecars) -> None:
+    client = sidecars.spawn()
+    id_ = client.start_request("chat", dict(LONG, stream=True))
+    wait_for_chunks(client, id_)
+    started = time.monotonic()
+    client.process.stdin.close()
+    assert client.process.wait(10) == 0
+    assert time.monotonic() - started < 5
+
+
+def test_client_that_stops_reading_and_vanishes_does_not_wedge(sidecars) -> None:
+    client = sidecars.spawn()
+    client.start_request("chat", dict(LONG, stream=True))
+    time.sleep(0.3)
+    client.process.stdout.close()  # EPIPE on the next write
+    client.process.stdin.close()
+    assert client.process.wait(10) == 0
+
+
+def test_shutdown_then_exit_is_code_0_and_exit_alone_is_code_1(sidecars) -> None:
+    graceful = sidecars.spawn()
+    graceful.request("chat", chat_params(maxTokens=2))
+    assert graceful.close() == 0
+    abrupt = sidecars.spawn()
+    abrupt.send({"jsonrpc": "2.0", "method": "exit"})
+    assert abrupt.process.wait(10) == 1
+
+
+def test_stdout_carries_only_protocol_even_when_everything_else_prints(sidecars, tmp_path) -> None:
+    """Python prints, raw writes to fd 1 and child processes all land on stderr."""
+    noisy = tmp_path / "noisy_sidecar.py"
+    noisy.write_text(textwrap.dedent("""
+        import os, subprocess, sys, threading
+        def shout():
+            print("print-to-stdout")
+            sys.stdout.flush()
+            os.write(1, b"raw-fd1-write\\n")
+            subprocess.run([sys.executable, "-c", "print('child-process-output')"])
+            threading.Timer(0.05, shout).start()
+        threading.Timer(0.2, shout).start()
+        from sidecar.cli import main
+        main(["serve"])
+    """))
+    client = sidecars.spawn(args=[sys.executable, str(noisy)])
+    for _ in range(3):
+        client.request("chat", chat_params(maxTokens=20))
+        time.sleep(0.2)
+    assert client.close() == 0
+    assert client.junk == []
+    stderr = "\n".join(client.stderr_lines)
+    for marker in ("print-to-stdout", "raw-fd1-write", "child-process-output"):
+        assert marker in stderr
+
+
+def test_large_request_is_accepted_below_the_limit(sidecar) -> None:
+    text = "wave " * 200_000  # ~1 MB line
+    tokens = sidecar.request("tokenize", {"text": text})["tokens"]
+    assert len(tokens) > 100_000
+
+
+def test_no_thread_or_process_leaks_after_close(sidecars) -> None:
+    client = sidecars.spawn()
+    pid = client.process.pid
+    assert client.close() == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
