@@ -132,14 +132,11 @@ class RichOutput:
         self._print(JSON.from_data(value, indent=None, ensure_ascii=False), soft_wrap=True)
 
     def traffic(self, direction: str, value: Any) -> None:
-        from rich.json import JSON
+        from rich.highlighter import JSONHighlighter
         from rich.text import Text
 
         arrow = Text(ARROWS[direction] + " ", style="bold magenta" if direction == "out" else "bold green")
-        try:
-            body = JSON(_wire_text(value)).text
-        except ValueError:  # not JSON: shown as typed
-            body = Text(_wire_text(value), style="yellow")
+        body = JSONHighlighter()(Text(_wire_text(value)))  # the bytes as they travel, coloured
         self._print(arrow + body, soft_wrap=True)
 
     def lines(self, lines: list[str]) -> None:
@@ -156,13 +153,14 @@ class RichOutput:
         self._print(view)
 
     def progress(self, params: dict[str, Any]) -> None:
+        fields = {"description": str(params.get("phase", "")), "completed": params.get("completed", 0),
+                  "total": params.get("total")}
         if self._progress is None:
-            self._start_progress(params.get("unit") == "bytes")
-        total = params.get("total")
-        self._progress.update(self._task, description=str(params.get("phase", "")),
-                              completed=params.get("completed", 0), total=total)
+            self._start_progress(params.get("unit") == "bytes", fields)
+        else:
+            self._progress.update(self._task, **fields)
 
-    def _start_progress(self, in_bytes: bool) -> None:
+    def _start_progress(self, in_bytes: bool, fields: dict[str, Any]) -> None:
         from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
                                    SpinnerColumn, TextColumn, TimeElapsedColumn,
                                    TransferSpeedColumn)
@@ -171,8 +169,8 @@ class RichOutput:
         columns += [DownloadColumn(), TransferSpeedColumn()] if in_bytes else [MofNCompleteColumn()]
         columns.append(TimeElapsedColumn())
         self._progress = Progress(*columns, console=self.console, transient=True)
+        self._task = self._progress.add_task(**fields)
         self._progress.start()
-        self._task = self._progress.add_task("", total=None)
 
     def progress_done(self) -> None:
         if self._progress is not None:

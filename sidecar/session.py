@@ -145,6 +145,7 @@ class Session:
         return hop
 
     def send_notification(self, method: str, params: dict[str, Any]) -> None:
+        """From the engine thread: written inline, in order with everything else."""
         self.writer.send(jsonrpc.notification(method, params))
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
@@ -159,16 +160,16 @@ class Session:
         if isinstance(frame, OversizedLine):
             error = MessageTooLarge(f"Message too large: lines are limited to {frame.limit} bytes",
                                     limit=frame.limit)
-            self.writer.send(jsonrpc.error_message(jsonrpc.peek_id(frame.head), error))
+            self.writer.post(jsonrpc.error_message(jsonrpc.peek_id(frame.head), error))
             return
         try:
             message = jsonrpc.parse_json(frame)
         except RpcError as error:
-            self.writer.send(jsonrpc.error_message(None, error))
+            self.writer.post(jsonrpc.error_message(None, error))
             return
         if isinstance(message, list):
             if not message:
-                self.writer.send(jsonrpc.error_message(None, InvalidRequest("Invalid Request: empty batch")))
+                self.writer.post(jsonrpc.error_message(None, InvalidRequest("Invalid Request: empty batch")))
                 return
             self._spawn(self._answer_batch(message, received_at))
         else:
@@ -178,9 +179,9 @@ class Session:
         if response is None:
             return
         if context is None:
-            self.writer.send(response)
+            self.writer.post(response)
         else:
-            context.progress.close_then(lambda: self.writer.send(response))
+            context.progress.close_then(lambda: self.writer.post(response))
 
     async def _answer_batch(self, messages: list[Any], received_at: float) -> None:
         done: list[asyncio.Future] = []
@@ -195,7 +196,7 @@ class Session:
         for context in contexts:
             context.progress.close_then(lambda: None)
         if responses:
-            self.writer.send(responses)
+            self.writer.post(responses)
 
     def _start(self, message: Any, received_at: float,
                reply: Callable[[dict[str, Any] | None, RequestContext | None], None]) -> None:

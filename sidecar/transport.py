@@ -99,56 +99,63 @@ def encode_message(message: Any) -> bytes:
 
 
 class WireWriter:
-    """The only writer of the wire fd: a thread that drains a queue of encoded lines.
+    """The only writer of the wire fd. Lines go out whole, under one lock.
 
-    Any thread may `send`; lines go out whole and in the order they were queued.
+    `send` writes in the caller's thread: the engine thread streams chunks this way, with no
+    thread hop per token, and a client that stops reading pauses generation (back-pressure)
+    rather than growing a buffer. `post` is for the event loop, which must never block: it
+    queues the line for a small writer thread.
     """
 
     def __init__(self, fd: int, on_broken: Callable[[], None] | None = None) -> None:
         self._fd = fd
+        self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._on_broken = on_broken
         self.broken = False
-        self._thread = threading.Thread(target=self._run, name="wire-writer", daemon=True)
+        self._thread = threading.Thread(target=self._drain, name="wire-writer", daemon=True)
         self._thread.start()
 
     def send(self, message: Any) -> None:
+        self.write(encode_message(message))
+
+    def post(self, message: Any) -> None:
         self._queue.put(encode_message(message))
 
-    def send_line(self, line: bytes) -> None:
-        self._queue.put(line)
-
     def close(self, timeout: float = 5.0) -> None:
-        """Flush what is queued, then stop."""
+        """Write what is posted, then stop."""
         self._queue.put(None)
         self._thread.join(timeout)
 
-    def _run(self) -> None:
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self.broken:
+                return
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view):]
+                return
+            except OSError as exc:  # EPIPE: the client went away
+                self.broken = True
+                log.warning("wire closed by peer: %s", exc)
+        if self._on_broken is not None:
+            self._on_broken()
+
+    def _drain(self) -> None:
         while True:
             item = self._queue.get()
             batch = []
-            # Coalesce whatever else is already queued into one write.
-            while item is not None:
+            while item is not None:  # coalesce what is already posted into one write
                 batch.append(item)
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            if batch and not self.broken:
-                self._write_all(b"".join(batch))
+            if batch:
+                self.write(b"".join(batch))
             if item is None:
                 return
-
-    def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self._fd, view):]
-        except OSError as exc:  # EPIPE: the client went away
-            self.broken = True
-            log.warning("wire closed by peer: %s", exc)
-            if self._on_broken is not None:
-                self._on_broken()
 
 
 def start_line_reader(

@@ -1,0 +1,369 @@
+/**
+ * `LocalMLX`: the public client. Starts the sidecar, runs every call on a ready session (restarting
+ * it after a crash, with the models that were loaded), and closes it without leaving orphans.
+ */
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import type { RequestOptions, WireWarning } from "./connection";
+import { SidecarCrashError, SidecarStartError, SidecarUnavailableError, type ExitInfo } from "./errors";
+import { TypedEmitter } from "./events";
+import { Prediction, type PredictionResult } from "./prediction";
+import { DEFAULT_SIDECAR_ARGS, defaultSidecarCwd, packageRoot, resolvePython } from "./process";
+import type {
+  ChatParams,
+  GenerateParams,
+  InitializeResult,
+  LocalModel,
+  MethodName,
+  ModelDescription,
+  ModelsUnloadResult,
+  ParamsOf,
+  ProgressParams,
+  ResultOf,
+  ServerStatusResult,
+  TokenizeResult,
+} from "./protocol";
+import type { CloseResult, Session, SessionEnd, StopTimeouts } from "./session";
+import { DEFAULT_RESTART_POLICY, Supervisor, type RestartPolicy } from "./supervisor";
+
+/** Where log lines go: any console-like object (`console`, pino, winston…); every method optional. */
+export interface Logger {
+  debug?(message: string): void;
+  info?(message: string): void;
+  warn?(message: string): void;
+  error?(message: string): void;
+}
+
+/** Progress of a model load (or download): `completed` of `total` `unit`s, in `phase`. */
+export type LoadProgress = Omit<ProgressParams, "token">;
+
+export interface LocalMLXOptions {
+  /** Loaded by `start()`, reloaded after a restart, and used when a chat or generate names no model. */
+  model?: string;
+  /** Progress of loading `model` during `start()`. */
+  onProgress?: (progress: LoadProgress) => void;
+  /** Python interpreter. Default: `LOCALMLX_PYTHON`, then `../.venv/bin/python` beside this package, then `python3`. */
+  python?: string;
+  /** Arguments after the interpreter. Default `["-m", "sidecar", "serve"]`. */
+  args?: readonly string[];
+  /** Working directory of the sidecar. Default: the localmlx checkout when the package lives in one. */
+  cwd?: string;
+  /** Extra environment (`LOCALMLX_*` settings), merged over `process.env`. */
+  env?: Record<string, string | undefined>;
+  /** Sent in `initialize`. Default `{ name: "@localmlx/client", version }`. */
+  clientInfo?: { name: string; version?: string };
+  /** Spawn + `initialize` must finish within this. Default 60000. */
+  startTimeoutMs?: number;
+  /** Default timeout of every call (0: none). Default 600000 (10 minutes). */
+  requestTimeoutMs?: number;
+  /** Longest line accepted from the sidecar. Default 64 MiB. */
+  maxMessageBytes?: number;
+  /** How much of the sidecar's stderr is kept for error reports. Default 64 KiB. */
+  stderrTailBytes?: number;
+  /** Unread chunks of a stream being iterated before reads from the sidecar pause. Default 1024. */
+  highWaterMark?: number;
+  /** Restart after a crash (on the next call), or `false` to stay down. */
+  restart?: Partial<RestartPolicy> | false;
+  /** Timeouts of the steps of `close()`. */
+  closeTimeouts?: Partial<StopTimeouts>;
+  /** Keep the host's event loop alive while idle. Default false: an idle sidecar never holds the host open. */
+  keepAlive?: boolean;
+  /** Receives the sidecar's stderr lines (at their level) and the client's own warnings. */
+  logger?: Logger;
+}
+
+/** Per-call options. */
+export interface CallOptions {
+  signal?: AbortSignal;
+  /** Overrides `requestTimeoutMs` for this call (0: none). */
+  timeoutMs?: number;
+}
+
+export interface LoadOptions extends CallOptions {
+  onProgress?: (progress: LoadProgress) => void;
+}
+
+type StreamingKeys = "stream" | "_meta";
+export type ChatOptions = Omit<ChatParams, StreamingKeys> & CallOptions;
+export type GenerateOptions = Omit<GenerateParams, StreamingKeys> & CallOptions;
+
+export interface RestartInfo {
+  pid: number | undefined;
+  /** 2 for the first restart, and so on. */
+  start: number;
+  reloaded: string[];
+  failed: Array<{ model: string; error: Error }>;
+}
+
+/** Events (`mlx.on(name, listener)`); none is needed for normal use. */
+export interface LocalMLXEvents {
+  /** A sidecar process started. */
+  spawn: [info: { pid: number | undefined; python: string; args: readonly string[] }];
+  /** One line the sidecar wrote to stderr (its log). */
+  stderr: [line: string];
+  /** Something odd on stdout was skipped (junk, an oversized line, an unknown id). */
+  warning: [warning: WireWarning];
+  /** A sidecar process ended; `expected` when `close()` or `restart()` asked for it. */
+  exit: [info: ExitInfo & { expected: boolean }];
+  /** The sidecar crashed (or failed to restart); pending calls failed with this error. */
+  crash: [error: SidecarCrashError | SidecarStartError];
+  /** A restarted sidecar is ready, with the models that were loaded before. */
+  restart: [info: RestartInfo];
+  /** The restart budget is spent: calls fail with this error until `restart()`. */
+  unavailable: [error: SidecarUnavailableError];
+}
+
+const DEFAULTS = {
+  startTimeoutMs: 60_000,
+  requestTimeoutMs: 600_000,
+  maxMessageBytes: 64 * 1024 * 1024,
+  stderrTailBytes: 64 * 1024,
+  highWaterMark: 1024,
+  closeTimeouts: { gracefulMs: 5_000, terminateMs: 3_000, killMs: 3_000 } satisfies StopTimeouts,
+};
+
+function packageVersion(): string {
+  try {
+    return (JSON.parse(readFileSync(join(packageRoot, "package.json"), "utf8")) as { version: string }).version;
+  } catch {
+    return "0.0.0";
+  }
+}
+
+const LEVELS: Record<string, keyof Logger> = {
+  DEBUG: "debug",
+  INFO: "info",
+  WARNING: "warn",
+  ERROR: "error",
+  CRITICAL: "error",
+};
+
+function logLevelOf(line: string): keyof Logger {
+  const match = /^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) /.exec(line);
+  return match ? LEVELS[match[1]!]! : "info";
+}
+
+export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
+  /** Models to reload after a restart: sidecar name -> the reference it was loaded by (least recent first). */
+  private readonly loadedModels = new Map<string, string>();
+  private readonly supervisor: Supervisor;
+  private readonly options: LocalMLXOptions;
+  private readonly closeTimeouts: StopTimeouts;
+  private lastId = 0;
+
+  /** Model management. */
+  readonly models = {
+    /** Loads a model (a name, a local path or a Hub repo id); it is reloaded after a restart. */
+    load: (model: string, options: LoadOptions = {}): Promise<ModelDescription> => this.load(model, options),
+    /** Unloads a model; `unloaded` is false when it was not loaded. */
+    unload: async (model: string, options: CallOptions = {}): Promise<ModelsUnloadResult> => {
+      const result = await this.request("models/unload", { model }, options);
+      this.loadedModels.delete(result.model);
+      return result;
+    },
+    /** The models available locally (embedded, models dir, Hugging Face cache). */
+    list: async (options: CallOptions = {}): Promise<LocalModel[]> =>
+      (await this.request("models/list", {}, options)).models,
+  };
+
+  /** Starts the sidecar (and loads `options.model`); rejects with SidecarStartError when it cannot. */
+  static async start(options: LocalMLXOptions = {}): Promise<LocalMLX> {
+    const client = new LocalMLX(options);
+    try {
+      await client.supervisor.start();
+      if (options.model !== undefined) {
+        await client.load(options.model, options.onProgress ? { onProgress: options.onProgress } : {});
+      }
+    } catch (error) {
+      await client.close();
+      throw error;
+    }
+    return client;
+  }
+
+  private constructor(options: LocalMLXOptions) {
+    super();
+    this.options = options;
+    this.closeTimeouts = { ...DEFAULTS.closeTimeouts, ...options.closeTimeouts };
+    const python = resolvePython(options.python);
+    const logger = options.logger;
+    this.supervisor = new Supervisor(
+      {
+        spawn: {
+          python,
+          args: options.args ?? DEFAULT_SIDECAR_ARGS,
+          cwd: options.cwd ?? defaultSidecarCwd(),
+          env: options.env,
+          stderrTailBytes: options.stderrTailBytes ?? DEFAULTS.stderrTailBytes,
+          onStderrLine: (line) => {
+            logger?.[logLevelOf(line)]?.(`localmlx: ${line}`);
+            this.emit("stderr", line);
+          },
+        },
+        clientInfo: options.clientInfo ?? { name: "@localmlx/client", version: packageVersion() },
+        startTimeoutMs: options.startTimeoutMs ?? DEFAULTS.startTimeoutMs,
+        maxMessageBytes: options.maxMessageBytes ?? DEFAULTS.maxMessageBytes,
+        keepAlive: options.keepAlive ?? false,
+        nextId: () => ++this.lastId,
+        onWarning: (warning) => {
+          logger?.warn?.(`localmlx client: ${warning.message}${warning.line ? `: ${warning.line}` : ""}`);
+          this.emit("warning", warning);
+        },
+      },
+      options.restart === false ? false : { ...DEFAULT_RESTART_POLICY, ...options.restart },
+      {
+        restore: (session) => this.restore(session),
+        onSpawn: (session) => this.emit("spawn", { pid: session.pid, python, args: session.process.spec.args }),
+        onEnd: (_session: Session, end: SessionEnd) => {
+          if (!end.expected) logger?.error?.(`localmlx client: ${end.error.message}`);
+          this.emit("exit", { ...end.info, expected: end.expected });
+        },
+        onCrash: (error) => this.emit("crash", error),
+        onUnavailable: (error) => {
+          logger?.error?.(`localmlx client: ${error.message}`);
+          this.emit("unavailable", error);
+        },
+      },
+    );
+  }
+
+  // ---- generation ----------------------------------------------------------------------
+
+  /**
+   * A chat completion, streamed. Iterate it for chunks, or await `.result` (or the prediction
+   * itself) for `{ text, finishReason, usage, timings }`.
+   */
+  chat(options: ChatOptions): Prediction {
+    return this.predict("chat", options);
+  }
+
+  /** A raw-prompt completion (no chat template), streamed like `chat`. */
+  generate(options: GenerateOptions): Prediction {
+    return this.predict("generate", options);
+  }
+
+  private predict(method: "chat" | "generate", options: ChatOptions | GenerateOptions): Prediction {
+    const { signal, timeoutMs, ...params } = options;
+    if (params.model === undefined && this.options.model !== undefined) params.model = this.options.model;
+    const prediction = new Prediction({
+      method,
+      model: params.model,
+      signal,
+      timeoutMs: timeoutMs ?? this.options.requestTimeoutMs ?? DEFAULTS.requestTimeoutMs,
+      highWaterMark: this.options.highWaterMark ?? DEFAULTS.highWaterMark,
+      onWarning: (warning) => this.emit("warning", warning),
+      onResult: (result: PredictionResult) => this.touchModel(result.model, result.model),
+    });
+    this.supervisor.acquire().then(
+      (session) => prediction.start(session.connection, params as Record<string, unknown>),
+      (error: unknown) => prediction.fail(error),
+    );
+    return prediction;
+  }
+
+  // ---- other calls ---------------------------------------------------------------------
+
+  /** Server state: loaded models, active and queued requests, memory. */
+  status(options: CallOptions = {}): Promise<ServerStatusResult> {
+    return this.request("server/status", {}, options);
+  }
+
+  /** Token ids of `text` for a model (default: the current one). */
+  tokenize(text: string, options: CallOptions & { model?: string; addSpecialTokens?: boolean } = {}): Promise<TokenizeResult> {
+    const { signal, timeoutMs, ...rest } = options;
+    const model = rest.model ?? this.options.model;
+    return this.request("tokenize", { text, ...rest, ...(model !== undefined ? { model } : {}) }, { signal, timeoutMs });
+  }
+
+  /** A round trip to the sidecar. */
+  async ping(options: CallOptions = {}): Promise<void> {
+    await this.request("ping", {}, options);
+  }
+
+  /**
+   * Any method of the protocol, typed from the schema. Use `chat()`/`generate()` for
+   * generation: this form does not stream.
+   */
+  async request<M extends MethodName>(
+    method: M,
+    params: ParamsOf<M>,
+    options: CallOptions & { onProgress?: (progress: ProgressParams) => void } = {},
+  ): Promise<ResultOf<M>> {
+    const session = await this.supervisor.acquire();
+    const requestOptions: RequestOptions = {
+      signal: options.signal,
+      timeoutMs: options.timeoutMs ?? this.options.requestTimeoutMs ?? DEFAULTS.requestTimeoutMs,
+      onProgress: options.onProgress,
+    };
+    return session.connection.request(method, params, requestOptions);
+  }
+
+  private async load(model: string, options: LoadOptions): Promise<ModelDescription> {
+    const { onProgress, ...callOptions } = options;
+    const description = await this.request(
+      "models/load",
+      { model },
+      {
+        ...callOptions,
+        ...(onProgress ? { onProgress: ({ token: _token, ...progress }: ProgressParams) => onProgress(progress) } : {}),
+      },
+    );
+    this.touchModel(description.model, model);
+    return description;
+  }
+
+  /** Remembers a loaded model, most recent last, as many as the sidecar keeps. */
+  private touchModel(name: string, ref: string): void {
+    const known = this.loadedModels.get(name);
+    this.loadedModels.delete(name);
+    this.loadedModels.set(name, known ?? ref);
+    const keep = this.supervisor.current?.info?.limits.maxLoadedModels ?? Infinity;
+    while (this.loadedModels.size > keep) this.loadedModels.delete(this.loadedModels.keys().next().value!);
+  }
+
+  /** After a restart: reload the models that were loaded, in the order they were last used. */
+  private async restore(session: Session): Promise<void> {
+    const info: RestartInfo = { pid: session.pid, start: this.supervisor.starts, reloaded: [], failed: [] };
+    for (const [name, ref] of [...this.loadedModels]) {
+      try {
+        await session.connection.request("models/load", { model: ref }, { timeoutMs: this.options.requestTimeoutMs ?? DEFAULTS.requestTimeoutMs });
+        info.reloaded.push(name);
+      } catch (error) {
+        info.failed.push({ model: name, error: error as Error });
+        this.options.logger?.warn?.(`localmlx client: could not reload ${name} after a restart: ${(error as Error).message}`);
+      }
+    }
+    this.options.logger?.info?.(`localmlx client: sidecar restarted (pid ${session.pid}); reloaded ${info.reloaded.join(", ") || "no models"}`);
+    this.emit("restart", info);
+  }
+
+  // ---- state and lifetime --------------------------------------------------------------
+
+  /** The `initialize` result of the running sidecar (server info, limits, defaults). */
+  get info(): InitializeResult | undefined {
+    return this.supervisor.current?.info;
+  }
+
+  /** The running sidecar's process id. */
+  get pid(): number | undefined {
+    return this.supervisor.current?.pid;
+  }
+
+  /** Models the client will reload after a restart (least recently used first). */
+  get trackedModels(): string[] {
+    return [...this.loadedModels.keys()];
+  }
+
+  /** Stops the sidecar gracefully and starts a new one now; also resets the crash budget. */
+  async restart(): Promise<void> {
+    await this.supervisor.restartNow(this.closeTimeouts);
+  }
+
+  /**
+   * Stops the sidecar: `shutdown` then `exit` and EOF, then SIGTERM, then SIGKILL, each after a
+   * timeout. Pending calls fail with ClientClosedError. Safe to call more than once.
+   */
+  close(timeouts: Partial<StopTimeouts> = {}): Promise<CloseResult> {
+    return this.supervisor.close({ ...this.closeTimeouts, ...timeouts });
+  }
+}

@@ -1,0 +1,173 @@
+/** Typed errors: every way a call can fail is a class with the facts a host needs to log it. */
+
+/** JSON-RPC and localmlx error codes (see DESIGN.md / protocol). */
+export const ErrorCode = {
+  ParseError: -32700,
+  InvalidRequest: -32600,
+  MethodNotFound: -32601,
+  InvalidParams: -32602,
+  InternalError: -32603,
+  NotInitialized: -32002,
+  RequestCancelled: -32800,
+  ServerCancelled: -32802,
+  ModelNotFound: -32010,
+  ModelNotLoaded: -32011,
+  ModelLoading: -32012,
+  ModelLoadFailed: -32013,
+  OutOfMemory: -32014,
+  Busy: -32015,
+  ContextLengthExceeded: -32016,
+  MessageTooLarge: -32017,
+  Forbidden: -32018,
+} as const;
+
+export type ErrorCodeName = keyof typeof ErrorCode;
+
+/** Base class of every error this package throws. */
+export class LocalMLXError extends Error {
+  override name = "LocalMLXError";
+}
+
+/** The JSON-RPC error object as it came over the wire. */
+export interface RpcErrorObject {
+  code: number;
+  message: string;
+  data?: unknown;
+}
+
+/** The sidecar answered a request with an error (or the client refused to send it, for -32017). */
+export class RpcError extends LocalMLXError {
+  override name = "RpcError";
+  readonly code: number;
+  readonly data: Record<string, unknown>;
+
+  constructor(
+    error: RpcErrorObject,
+    readonly method: string,
+  ) {
+    super(`${method}: ${error.message} (${error.code})`);
+    this.code = error.code;
+    this.data = isRecord(error.data) ? error.data : error.data === undefined ? {} : { detail: error.data };
+  }
+
+  /** The symbolic name of `code` (`"ModelNotFound"`), when it is a known one. */
+  get codeName(): ErrorCodeName | undefined {
+    return (Object.keys(ErrorCode) as ErrorCodeName[]).find((name) => ErrorCode[name] === this.code);
+  }
+
+  /** Worth retrying later: the model is still loading, or the queue is full. */
+  get retryable(): boolean {
+    return this.code === ErrorCode.ModelLoading || this.code === ErrorCode.Busy;
+  }
+}
+
+/** How the sidecar process ended. */
+export interface ExitInfo {
+  pid: number | undefined;
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  /** The last bytes (64 KiB by default) the sidecar wrote to stderr. */
+  stderrTail: string;
+}
+
+function describeExit(info: ExitInfo): string {
+  if (info.signal) return `killed by ${info.signal}`;
+  return `exited with code ${info.code}`;
+}
+
+function lastLines(text: string, count: number): string {
+  const lines = text.trimEnd().split("\n");
+  return lines.slice(-count).join("\n");
+}
+
+/** The sidecar exited while requests were pending (or was never reachable). */
+export class SidecarCrashError extends LocalMLXError implements ExitInfo {
+  override name = "SidecarCrashError";
+  readonly pid: number | undefined;
+  readonly code: number | null;
+  readonly signal: NodeJS.Signals | null;
+  readonly stderrTail: string;
+
+  constructor(info: ExitInfo, options?: { cause?: unknown }) {
+    const tail = lastLines(info.stderrTail, 5);
+    super(`localmlx sidecar (pid ${info.pid}) ${describeExit(info)}${tail ? `; stderr ends with:\n${tail}` : ""}`, options);
+    this.pid = info.pid;
+    this.code = info.code;
+    this.signal = info.signal;
+    this.stderrTail = info.stderrTail;
+  }
+}
+
+/** The sidecar could not be started: no such Python, a failed `initialize`, a protocol mismatch. */
+export class SidecarStartError extends LocalMLXError {
+  override name = "SidecarStartError";
+
+  constructor(
+    message: string,
+    readonly details: { python: string; args: readonly string[]; stderrTail: string; exit?: ExitInfo },
+    options?: { cause?: unknown },
+  ) {
+    const tail = lastLines(details.stderrTail, 5);
+    super(`${message}${tail ? `; stderr ends with:\n${tail}` : ""}`, options);
+  }
+
+  get stderrTail(): string {
+    return this.details.stderrTail;
+  }
+}
+
+/** The sidecar speaks another protocol version than this client. */
+export class ProtocolVersionError extends SidecarStartError {
+  override name = "ProtocolVersionError";
+}
+
+/** The sidecar crashed too often (the restart budget is spent), or restarts are off. */
+export class SidecarUnavailableError extends LocalMLXError {
+  override name = "SidecarUnavailableError";
+
+  constructor(
+    message: string,
+    readonly lastCrash: SidecarCrashError | SidecarStartError | undefined,
+  ) {
+    super(message, { cause: lastCrash });
+  }
+}
+
+/** A request did not finish within its timeout. For a generation, a cancel was sent. */
+export class TimeoutError extends LocalMLXError {
+  override name = "TimeoutError";
+
+  constructor(
+    readonly method: string,
+    readonly timeoutMs: number,
+  ) {
+    super(`${method}: no response within ${timeoutMs} ms`);
+  }
+}
+
+/** The client was closed before or while the call ran. */
+export class ClientClosedError extends LocalMLXError {
+  override name = "ClientClosedError";
+
+  constructor(message = "The LocalMLX client is closed") {
+    super(message);
+  }
+}
+
+/** What AbortSignal-aware calls reject with when the signal has no reason of its own. */
+export class AbortError extends LocalMLXError {
+  override name = "AbortError";
+
+  constructor(message = "The operation was aborted") {
+    super(message);
+  }
+}
+
+/** What a call aborted by `signal` rejects with: the signal's reason, as `fetch` does. */
+export function abortReason(signal: AbortSignal): unknown {
+  return signal.reason ?? new AbortError();
+}
+
+export function isRecord(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}

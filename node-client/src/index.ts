@@ -1,0 +1,33 @@
+export {
+  LocalMLX,
+  type CallOptions,
+  type ChatOptions,
+  type GenerateOptions,
+  type LoadOptions,
+  type LoadProgress,
+  type LocalMLXEvents,
+  type LocalMLXOptions,
+  type Logger,
+  type RestartInfo,
+} from "./client";
+export { Prediction, type PredictionChunk, type PredictionResult } from "./prediction";
+export type { CloseResult, StopTimeouts } from "./session";
+export type { RestartPolicy } from "./supervisor";
+export type { WireWarning } from "./connection";
+export {
+  AbortError,
+  ClientClosedError,
+  ErrorCode,
+  LocalMLXError,
+  ProtocolVersionError,
+  RpcError,
+  SidecarCrashError,
+  SidecarStartError,
+  SidecarUnavailableError,
+  TimeoutError,
+  type ErrorCodeName,
+  type ExitInfo,
+  type RpcErrorObject,
+} from "./errors";
+export { resolvePython } from "./process";
+export * from "./protocol";

@@ -1,0 +1,177 @@
+/**
+ * The sidecar as a child process: which Python runs it, spawning with three pipes, draining
+ * stderr (lines to a callback, the tail kept for error reports), exit detection, signals,
+ * and keeping the host's event loop alive only while there is work.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { ByteTail, isOversized, LineSplitter } from "./framing";
+import type { ExitInfo } from "./errors";
+
+/** The package root: `dist/` and `src/` both sit one level below it. */
+export const packageRoot = resolve(__dirname, "..");
+
+/** The repository around the package, when the package is used from a checkout. */
+const repositoryRoot = resolve(packageRoot, "..");
+
+export const DEFAULT_SIDECAR_ARGS: readonly string[] = ["-m", "sidecar", "serve"];
+
+/**
+ * The Python that runs the sidecar: the option, then `LOCALMLX_PYTHON`, then the project's
+ * environment (`../.venv` beside this package), then `python3` from PATH.
+ */
+export function resolvePython(option?: string, env: NodeJS.ProcessEnv = process.env): string {
+  if (option) return option;
+  if (env.LOCALMLX_PYTHON) return env.LOCALMLX_PYTHON;
+  const venv =
+    process.platform === "win32"
+      ? join(repositoryRoot, ".venv", "Scripts", "python.exe")
+      : join(repositoryRoot, ".venv", "bin", "python");
+  return existsSync(venv) ? venv : "python3";
+}
+
+/**
+ * The working directory for `python -m sidecar`: the checkout, when the package lives in one
+ * (so that `sidecar` resolves to it, never to a same-named folder of the host's cwd).
+ */
+export function defaultSidecarCwd(): string | undefined {
+  return existsSync(join(repositoryRoot, "sidecar", "__main__.py")) ? repositoryRoot : undefined;
+}
+
+export interface SpawnSpec {
+  python: string;
+  args: readonly string[];
+  cwd?: string | undefined;
+  env?: Record<string, string | undefined> | undefined;
+  stderrTailBytes: number;
+  onStderrLine?: ((line: string) => void) | undefined;
+}
+
+/** Live sidecars of this process, signalled if the host exits without closing them. */
+const live = new Set<ChildProcess>();
+let exitHookInstalled = false;
+
+function installExitHook(): void {
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  // The sidecar also exits on its own when our end of its stdin closes (that is what covers
+  // SIGKILL of the host); this covers a sidecar too busy or wedged to notice.
+  process.once("exit", () => {
+    for (const child of live) child.kill("SIGTERM");
+  });
+}
+
+const STDERR_LINE_BYTES = 64 * 1024;
+const STDIO_DRAIN_GRACE_MS = 250;
+
+export class SidecarProcess {
+  readonly child: ChildProcess;
+  /** Resolves once the process has exited and its output has been read; never rejects. */
+  readonly exited: Promise<ExitInfo>;
+  private readonly tail: ByteTail;
+  private exitInfo: ExitInfo | undefined;
+  spawnError: Error | undefined;
+
+  constructor(readonly spec: SpawnSpec) {
+    this.tail = new ByteTail(spec.stderrTailBytes);
+    this.child = spawn(spec.python, [...spec.args], {
+      cwd: spec.cwd,
+      env: { ...process.env, ...spec.env },
+      stdio: ["pipe", "pipe", "pipe"],
+      windowsHide: true,
+    });
+    installExitHook();
+    if (this.child.pid !== undefined) live.add(this.child);
+    this.drainStderr();
+    this.exited = new Promise<ExitInfo>((resolveExit) => {
+      const finish = (code: number | null, signal: NodeJS.Signals | null): void => {
+        if (this.exitInfo) return;
+        live.delete(this.child);
+        this.exitInfo = { pid: this.child.pid, code, signal, stderrTail: this.tail.toString() };
+        resolveExit(this.exitInfo);
+      };
+      this.child.once("error", (error) => {
+        if (this.child.pid === undefined) {
+          this.spawnError = error;
+          finish(null, null);
+        }
+      });
+      this.child.once("exit", (code, signal) => {
+        // Let the last stdout and stderr bytes arrive first, but do not wait on a pipe that a
+        // grandchild might keep open.
+        const timer = setTimeout(() => finish(code, signal), STDIO_DRAIN_GRACE_MS);
+        this.child.once("close", () => {
+          clearTimeout(timer);
+          finish(code, signal);
+        });
+      });
+    });
+  }
+
+  get pid(): number | undefined {
+    return this.child.pid;
+  }
+
+  get hasExited(): boolean {
+    return this.exitInfo !== undefined;
+  }
+
+  get stderrTail(): string {
+    return this.tail.toString();
+  }
+
+  /** Sends a signal unless the process is gone; true when it was sent. */
+  kill(signal: NodeJS.Signals): boolean {
+    if (this.hasExited || this.child.exitCode !== null || this.child.signalCode !== null) return false;
+    try {
+      return this.child.kill(signal);
+    } catch {
+      return false;
+    }
+  }
+
+  /** Resolves true when the process exits within `ms`, false otherwise. */
+  async waitForExit(ms: number): Promise<boolean> {
+    if (this.hasExited) return true;
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<false>((resolveTimeout) => {
+      timer = setTimeout(() => resolveTimeout(false), ms);
+    });
+    const exited = this.exited.then(() => true as const);
+    try {
+      return await Promise.race([exited, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Whether the child (and its pipes) keep the host's event loop alive. */
+  setRef(on: boolean): void {
+    const handles = [this.child, this.child.stdin, this.child.stdout, this.child.stderr] as Array<
+      { ref?: () => void; unref?: () => void } | null
+    >;
+    for (const handle of handles) {
+      if (on) handle?.ref?.();
+      else handle?.unref?.();
+    }
+  }
+
+  private drainStderr(): void {
+    const stderr = this.child.stderr!;
+    const lines = new LineSplitter(STDERR_LINE_BYTES);
+    const forward = (frames: ReturnType<LineSplitter["push"]>): void => {
+      const onLine = this.spec.onStderrLine;
+      if (!onLine) return;
+      for (const frame of frames) {
+        onLine(isOversized(frame) ? `${frame.head.toString("utf8")}… [line truncated]` : frame.toString("utf8"));
+      }
+    };
+    stderr.on("data", (chunk: Buffer) => {
+      this.tail.push(chunk);
+      forward(lines.push(chunk));
+    });
+    stderr.on("end", () => forward(lines.end()));
+    stderr.on("error", () => undefined);
+  }
+}

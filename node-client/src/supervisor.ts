@@ -1,0 +1,177 @@
+/**
+ * Keeps one sidecar session available: starts it, notices when it dies, restarts it on the next
+ * use (with backoff and a crash budget), and closes it for good.
+ */
+import {
+  ClientClosedError,
+  SidecarCrashError,
+  SidecarStartError,
+  SidecarUnavailableError,
+} from "./errors";
+import { Session, type CloseResult, type SessionEnd, type SessionOptions, type StopTimeouts } from "./session";
+
+export interface RestartPolicy {
+  /** Give up after this many crashes within `windowMs`. Default 5. */
+  maxCrashes: number;
+  /** Default 180000 (3 minutes). */
+  windowMs: number;
+  /** Delay before the first restart; doubles with each recent crash. Default 250. */
+  initialDelayMs: number;
+  /** Default 10000. */
+  maxDelayMs: number;
+}
+
+export const DEFAULT_RESTART_POLICY: RestartPolicy = {
+  maxCrashes: 5,
+  windowMs: 180_000,
+  initialDelayMs: 250,
+  maxDelayMs: 10_000,
+};
+
+export interface SupervisorHooks {
+  /** After a restart's `initialize`: bring the sidecar back to where it was (reload models). */
+  restore(session: Session): Promise<void>;
+  onSpawn(session: Session): void;
+  onEnd(session: Session, end: SessionEnd): void;
+  onCrash(error: SidecarCrashError | SidecarStartError): void;
+  onUnavailable(error: SidecarUnavailableError): void;
+}
+
+export class Supervisor {
+  private session: Session | undefined;
+  private opening: Promise<Session> | undefined;
+  private crashTimes: number[] = [];
+  private lastCrash: SidecarCrashError | SidecarStartError | undefined;
+  private unavailable: SidecarUnavailableError | undefined;
+  private closing: Promise<CloseResult> | undefined;
+  /** How many sessions were started (1 = the first one). */
+  starts = 0;
+
+  constructor(
+    private readonly sessionOptions: SessionOptions,
+    private readonly policy: RestartPolicy | false,
+    private readonly hooks: SupervisorHooks,
+  ) {}
+
+  get current(): Session | undefined {
+    return this.session?.alive ? this.session : undefined;
+  }
+
+  get closed(): boolean {
+    return this.closing !== undefined;
+  }
+
+  /** The first start: failures are thrown as they are, with no retry. */
+  async start(): Promise<Session> {
+    this.opening = this.open();
+    try {
+      return await this.opening;
+    } finally {
+      this.opening = undefined;
+    }
+  }
+
+  /** A ready session: the current one, or a restarted one when it died. */
+  acquire(): Promise<Session> {
+    if (this.closing) return Promise.reject(new ClientClosedError());
+    if (this.unavailable) return Promise.reject(this.unavailable);
+    if (this.session?.alive) return Promise.resolve(this.session);
+    this.opening ??= this.restart().finally(() => {
+      this.opening = undefined;
+    });
+    return this.opening;
+  }
+
+  /** Restarts now, resetting the crash budget (also after the client gave up). */
+  async restartNow(timeouts: StopTimeouts): Promise<Session> {
+    if (this.closing) throw new ClientClosedError();
+    await this.opening?.catch(() => undefined);
+    this.crashTimes = [];
+    this.unavailable = undefined;
+    const previous = this.session;
+    if (previous?.alive) await previous.stop(timeouts);
+    return this.acquire();
+  }
+
+  close(timeouts: StopTimeouts): Promise<CloseResult> {
+    this.closing ??= (async () => {
+      await this.opening?.catch(() => undefined);
+      const session = this.session;
+      if (!session) return { stage: "already-exited", code: null, signal: null, exited: true } as CloseResult;
+      return session.stop(timeouts);
+    })();
+    return this.closing;
+  }
+
+  private async restart(): Promise<Session> {
+    const delay = this.backoffMs();
+    if (delay > 0) await new Promise((resolve) => setTimeout(resolve, delay));
+    if (this.closing) throw new ClientClosedError();
+    let session: Session;
+    try {
+      session = await this.open();
+    } catch (error) {
+      if (error instanceof SidecarStartError) this.recordCrash(error);
+      throw error;
+    }
+    await this.hooks.restore(session);
+    return session;
+  }
+
+  private async open(): Promise<Session> {
+    const session = await Session.open(this.sessionOptions);
+    this.starts++;
+    if (this.closing) {
+      await session.stop({ gracefulMs: 2000, terminateMs: 2000, killMs: 2000 });
+      throw new ClientClosedError();
+    }
+    this.session = session;
+    this.hooks.onSpawn(session);
+    void session.ended.then((end) => {
+      this.hooks.onEnd(session, end);
+      if (!end.expected && end.error instanceof SidecarCrashError) this.recordCrash(end.error);
+    });
+    return session;
+  }
+
+  /** Wait before the next start: 0 without recent crashes, else doubling per recent crash. */
+  private backoffMs(): number {
+    if (!this.policy || this.crashTimes.length === 0) return 0;
+    const recent = this.crashTimes.length;
+    const delay = Math.min(this.policy.initialDelayMs * 2 ** (recent - 1), this.policy.maxDelayMs);
+    const last = this.crashTimes[this.crashTimes.length - 1]!;
+    return Math.max(0, last + delay - Date.now());
+  }
+
+  private recordCrash(error: SidecarCrashError | SidecarStartError): void {
+    const now = Date.now();
+    this.lastCrash = error;
+    this.hooks.onCrash(error);
+    if (this.closing || this.unavailable) return;
+    if (!this.policy) {
+      this.giveUp(new SidecarUnavailableError("The sidecar stopped and restarts are off", error));
+      return;
+    }
+    const { maxCrashes, windowMs } = this.policy;
+    this.crashTimes = [...this.crashTimes.filter((time) => now - time < windowMs), now];
+    if (this.crashTimes.length >= maxCrashes) {
+      this.giveUp(
+        new SidecarUnavailableError(
+          `The sidecar crashed ${this.crashTimes.length} times within ${Math.round(windowMs / 1000)} s; not restarting it ` +
+            "(call restart() to try again)",
+          error,
+        ),
+      );
+    }
+  }
+
+  private giveUp(error: SidecarUnavailableError): void {
+    this.unavailable = error;
+    this.hooks.onUnavailable(error);
+  }
+
+  /** The crash that caused the current outage, if any. */
+  get lastError(): SidecarCrashError | SidecarStartError | undefined {
+    return this.lastCrash;
+  }
+}

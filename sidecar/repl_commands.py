@@ -1,0 +1,271 @@
+"""What a typed line does.
+
+- `/name args`: a shorthand command from COMMANDS below.
+- a line starting with `{` or `[`: raw JSON-RPC, sent exactly as typed.
+- anything else: a chat turn. In `/chat` mode turns build one conversation (kept until
+  `/reset`); outside it each line is a fresh single-turn chat.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+from . import repl_format as fmt
+from .repl_session import ReplSession
+from .repl_state import SYSTEM, canonical_setting, parse_setting, setting_names
+
+
+class QuitRepl(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    usage: str
+    help: str
+    run: Callable[[ReplSession, str], None]
+    completes: str | tuple[str, ...] | None = None  # its argument: "model", "setting",
+    # "method", "command", or the literal words it takes
+
+
+# ---- the commands --------------------------------------------------------------------------
+
+
+def show_help(session: ReplSession, arg: str) -> None:
+    wanted = arg.strip().lstrip("/")
+    if wanted:
+        command = find_command(wanted)
+        if command is None:
+            session.failed(f"no command /{wanted}")
+            return
+        session.output.lines([f"{command.usage:<24} {command.help}"])
+        return
+    session.output.lines([f"{c.usage:<24} {c.help}" for c in COMMANDS] + [
+        "",
+        "Plain text is a chat turn: one-off outside /chat mode, one conversation inside it.",
+        "A line starting with { or [ is sent to the sidecar as raw JSON-RPC, exactly as typed.",
+        "Tab completes commands, methods and model names; Esc Enter inserts a newline.",
+        "Ctrl-C cancels the request in flight ($/cancelRequest); Ctrl-D or /quit exits.",
+    ])
+
+
+def list_models(session: ReplSession, arg: str) -> None:
+    result = session.request("models/list")
+    if result is not None:
+        session.state.model_names = [m["model"] for m in result["models"]]
+        session.output.table(fmt.models_table(result["models"]))
+
+
+def refresh_model_names(session: ReplSession) -> None:
+    """Quietly, for tab completion."""
+    result = session.request("models/list")
+    if result is not None:
+        session.state.model_names = [m["model"] for m in result["models"]]
+
+
+def load_model(session: ReplSession, arg: str) -> None:
+    model = arg.strip() or session.state.model
+    result = session.request("models/load", {"model": model}, progress=True)
+    if result is not None:
+        session.state.model = result["model"]
+        session.output.info(fmt.loaded_summary(result))
+        if result["model"] not in session.state.model_names:
+            session.state.model_names.append(result["model"])
+
+
+def unload_model(session: ReplSession, arg: str) -> None:
+    model = arg.strip() or session.state.model
+    result = session.request("models/unload", {"model": model})
+    if result is not None:
+        verb = "unloaded" if result["unloaded"] else "was not loaded:"
+        session.output.info(f"{verb} {result['model']}")
+
+
+def show_status(session: ReplSession, arg: str) -> None:
+    result = session.request("server/status")
+    if result is not None:
+        session.output.lines(fmt.status_lines(result))
+        if result.get("models"):
+            session.output.table(fmt.loaded_models_table(result["models"]))
+
+
+def chat_mode(session: ReplSession, arg: str) -> None:
+    state = session.state
+    if arg.strip().lower() == "off":
+        state.chat_mode = False
+        session.output.info("chat mode off: each line is a fresh one-turn chat")
+        return
+    if not state.chat_mode:
+        state.chat_mode = True
+        session.output.info("chat mode: plain lines are turns of one conversation "
+                            "(/reset forgets it, /chat off leaves)")
+    if arg.strip():
+        chat_turn(session, arg.strip())
+
+
+def chat_turn(session: ReplSession, text: str) -> None:
+    state = session.state
+    keep = state.chat_mode
+    outcome = session.generate("chat", state.chat_params(text, keep_history=keep))
+    if outcome is not None and keep:
+        state.conversation.add(text, outcome[0])
+
+
+def generate(session: ReplSession, arg: str) -> None:
+    if not arg.strip():
+        session.failed("usage: /generate TEXT (a raw prompt: no chat template)")
+        return
+    session.generate("generate", {**session.state.generation_params(), "prompt": arg})
+
+
+def set_setting(session: ReplSession, arg: str) -> None:
+    state = session.state
+    name, _, value = arg.strip().partition(" ")
+    if not name:
+        _show_settings(session)
+        return
+    key = canonical_setting(name)
+    if key is None:
+        session.failed(f"unknown setting {name!r}; settable: {' '.join(setting_names())}")
+        return
+    if not value.strip():
+        state.settings.pop(key, None)
+        session.output.info(f"{key}: back to the default")
+        return
+    try:
+        state.settings[key] = parse_setting(key, value.strip())
+    except ValueError as exc:
+        session.failed(str(exc))
+        return
+    session.output.info(f"{key} = {fmt.compact_json(state.settings[key])}")
+
+
+def _show_settings(session: ReplSession) -> None:
+    state = session.state
+    lines = [f"model = {state.model}"]
+    lines += [f"{k} = {fmt.compact_json(v)}" for k, v in state.settings.items()]
+    defaults = state.server_defaults
+    if defaults:
+        lines.append(f"(sidecar defaults: maxTokens {defaults.get('maxTokens')}, "
+                     f"temperature {defaults.get('temperature')})")
+    lines.append(f"(settable: {' '.join(setting_names())})")
+    session.output.lines(lines)
+
+
+def reset(session: ReplSession, arg: str) -> None:
+    session.state.conversation.clear()
+    session.output.info("conversation cleared (settings kept; `/set NAME` restores one default)")
+
+
+def raw_mode(session: ReplSession, arg: str) -> None:
+    state = session.state
+    wanted = arg.strip().lower()
+    if wanted not in ("", "on", "off"):
+        session.failed("usage: /raw [on|off]")
+        return
+    state.raw = not state.raw if not wanted else wanted == "on"
+    session.output.info(f"raw traffic {'on: → sent, ← received' if state.raw else 'off'}")
+
+
+def call_method(session: ReplSession, arg: str) -> None:
+    method, _, text = arg.strip().partition(" ")
+    if not method:
+        session.failed("usage: /call METHOD [PARAMS-JSON]")
+        return
+    try:
+        params = json.loads(text) if text.strip() else None
+    except ValueError as exc:
+        session.failed(f"params are not valid JSON: {exc}")
+        return
+    if params is not None and not isinstance(params, dict):
+        session.failed("params must be a JSON object")
+        return
+    result = session.request(method, params)
+    if result is not None:
+        session.output.value(result)
+
+
+def show_log(session: ReplSession, arg: str) -> None:
+    try:
+        n = int(arg.strip() or 20)
+    except ValueError:
+        session.failed("usage: /log [N]")
+        return
+    lines = list(session.client.stderr_lines)[-n:] if n > 0 else []
+    session.output.lines(lines or ["(the sidecar has logged nothing)"])
+
+
+def quit_repl(session: ReplSession, arg: str) -> None:
+    raise QuitRepl
+
+
+COMMANDS: list[Command] = [
+    Command("help", "/help [COMMAND]", "list the commands, or explain one", show_help, "command"),
+    Command("models", "/models", "list local models (models/list)", list_models),
+    Command("load", "/load [MODEL]", "load a model and chat with it from now on (models/load)",
+            load_model, "model"),
+    Command("unload", "/unload [MODEL]", "unload a model (models/unload)", unload_model, "model"),
+    Command("status", "/status", "memory, requests and loaded models (server/status)", show_status),
+    Command("chat", "/chat [TEXT|off]", "conversation mode: plain lines are turns of one chat",
+            chat_mode, ("off",)),
+    Command("generate", "/generate TEXT", "complete a raw prompt, no chat template (generate)",
+            generate),
+    Command("set", "/set [NAME [VALUE]]", "set a generation param (temperature, maxTokens, ...) "
+            f"or {SYSTEM}; no value: default", set_setting, "setting"),
+    Command("reset", "/reset", "forget the conversation", reset),
+    Command("raw", "/raw [on|off]", "show the JSON-RPC traffic both ways", raw_mode, ("on", "off")),
+    Command("call", "/call METHOD [JSON]", "send any request with these params; show the result",
+            call_method, "method"),
+    Command("log", "/log [N]", "the sidecar's last N stderr lines", show_log),
+    Command("quit", "/quit", "shut the sidecar down and leave (also /exit, Ctrl-D)", quit_repl),
+]
+ALIASES = {"exit": "quit", "q": "quit", "?": "help", "h": "help"}
+
+
+def find_command(name: str) -> Command | None:
+    name = ALIASES.get(name, name)
+    return next((c for c in COMMANDS if c.name == name), None)
+
+
+def command_names() -> list[str]:
+    return [c.name for c in COMMANDS] + list(ALIASES)
+
+
+# ---- a line ----------------------------------------------------------------------------------
+
+
+def is_raw_json(line: str) -> bool:
+    return line.lstrip()[:1] in ("{", "[")
+
+
+def run_line(session: ReplSession, line: str) -> None:
+    """Do what one typed line says. Raises QuitRepl for /quit."""
+    text = line.strip()
+    if not text:
+        return
+    if is_raw_json(text):
+        session.send_line(line.strip("\r\n"))
+    elif text.startswith("/"):
+        _run_command(session, text[1:])
+    else:
+        chat_turn(session, text)
+
+
+def _run_command(session: ReplSession, text: str) -> None:
+    name, _, arg = text.partition(" ")
+    command = find_command(name)
+    if command is None:
+        close = difflib.get_close_matches(name, command_names(), n=1)
+        hint = f"; did you mean /{close[0]}?" if close else ""
+        session.failed(f"unknown command /{name}{hint} (/help lists them)")
+        return
+    command.run(session, arg)
+
+
+def completion_kind(name: str) -> str | tuple[str, ...] | None:
+    command = find_command(name)
+    return None if command is None else command.completes

@@ -1,0 +1,115 @@
+"""Where typed lines come from: a prompt_toolkit prompt on a terminal (line editing,
+persistent history, tab completion), or stdin line by line when scripted.
+
+Both raise EOFError at the end (Ctrl-D) and KeyboardInterrupt for Ctrl-C at the prompt.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+from .repl_commands import command_names, completion_kind, is_raw_json
+from .repl_state import ReplState, setting_names
+
+HISTORY_ENV = "LOCALMLX_REPL_HISTORY"
+_METHOD_IN_JSON = re.compile(r'"method"\s*:\s*"([^"]*)$')
+
+
+def history_path() -> Path:
+    return Path(os.environ.get(HISTORY_ENV) or "~/.localmlx/repl_history").expanduser()
+
+
+def candidates(text: str, state: ReplState) -> tuple[str, list[str]]:
+    """What the text before the cursor could become: (the prefix being completed, words)."""
+    if is_raw_json(text):
+        match = _METHOD_IN_JSON.search(text)
+        return (match.group(1), state.methods) if match else ("", [])
+    if not text.startswith("/"):
+        return "", []
+    name, space, arg = text[1:].partition(" ")
+    if not space:
+        return text, ["/" + n for n in command_names()]
+    if " " in arg:  # only the first argument completes
+        return "", []
+    kind = completion_kind(name)
+    words = {"model": state.model_names, "setting": setting_names(), "method": state.methods,
+             "command": command_names()}.get(kind, []) if isinstance(kind, str) else list(kind or ())
+    return arg, words
+
+
+def matching(prefix: str, words: Iterable[str]) -> list[str]:
+    return sorted({w for w in words if w.startswith(prefix)})
+
+
+class ScriptInput:
+    """stdin, one command a line; `#` lines are comments."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdin
+
+    def read(self, state: ReplState) -> str:
+        while True:
+            line = self.stream.readline()
+            if not line:
+                raise EOFError
+            if not line.lstrip().startswith("#"):
+                return line.rstrip("\r\n")
+
+
+class TerminalInput:
+    def __init__(self, state: ReplState) -> None:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
+        from prompt_toolkit.styles import Style
+
+        self.history_note: str | None = None
+        self.session: Any = PromptSession(
+            history=self._history(), completer=_completer(state),
+            complete_while_typing=False, auto_suggest=AutoSuggestFromHistory(),
+            key_bindings=_key_bindings(),
+            style=Style.from_dict({"model": "ansicyan bold", "mode": "ansiyellow"}))
+
+    def _history(self) -> Any:
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+        path = history_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(exist_ok=True)
+        except OSError as exc:
+            self.history_note = f"history not saved ({path}: {exc.strerror})"
+            return InMemoryHistory()
+        return FileHistory(str(path))
+
+    def read(self, state: ReplState) -> str:
+        model, _, mode = state.prompt_label().partition(" ")
+        message = [("class:model", model)] + ([("class:mode", " " + mode)] if mode else []) + [("", "> ")]
+        return self.session.prompt(message)
+
+
+def _completer(state: ReplState) -> Any:
+    from prompt_toolkit.completion import Completer, Completion
+
+    class ReplCompleter(Completer):
+        def get_completions(self, document: Any, complete_event: Any) -> Iterable[Completion]:
+            prefix, words = candidates(document.text_before_cursor, state)
+            for word in matching(prefix, words):
+                yield Completion(word, start_position=-len(prefix))
+
+    return ReplCompleter()
+
+
+def _key_bindings() -> Any:
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _newline(event: Any) -> None:
+        event.current_buffer.insert_text("\n")
+
+    return bindings

@@ -1,0 +1,197 @@
+"""One exchange at a time with the sidecar, shown as it happens.
+
+Requests the REPL builds (`request`, `generate`) and lines typed as raw JSON (`send_line`)
+all wait the same way: messages are drawn as they arrive (streamed text, progress bar,
+JSON), Ctrl-C cancels the request in flight, and a failed call is shown, not raised.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+from . import repl_format as fmt
+from .client import SidecarExited
+from .repl_state import ReplState
+from .repl_wire import Reply, ReplClient
+
+LINGER_S = 0.3  # how long to watch for an answer to a raw line that expects none
+
+
+def is_response(message: Any) -> bool:
+    return isinstance(message, list) or (isinstance(message, dict) and "method" not in message)
+
+
+def _same_id(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def _is_request(message: Any) -> bool:
+    return not (isinstance(message, dict) and "method" in message and "id" not in message)
+
+
+def expects_reply(parsed: Any) -> bool:
+    """Does a raw line get an answer? Anything but notifications (and all-notification batches)."""
+    if isinstance(parsed, list):
+        return not parsed or any(_is_request(item) for item in parsed)
+    return _is_request(parsed)
+
+
+def request_ids(parsed: Any) -> list[Any]:
+    items = parsed if isinstance(parsed, list) else [parsed]
+    return [item["id"] for item in items if isinstance(item, dict) and "method" in item and "id" in item]
+
+
+class ReplSession:
+    def __init__(self, client: ReplClient, output: Any, state: ReplState) -> None:
+        self.client = client
+        self.output = output
+        self.state = state
+        self._tokens = itertools.count(1)
+        client.on_send = self._trace_out
+
+    def _trace_out(self, data: bytes) -> None:
+        if self.state.raw:
+            self.output.traffic("out", data)
+
+    def failed(self, text: str | None = None, error: dict[str, Any] | None = None) -> None:
+        self.state.had_errors = True
+        if error is not None:
+            self.output.rpc_error(error)
+        if text is not None:
+            self.output.error(text)
+
+    # ---- requests the REPL builds ------------------------------------------------------------
+
+    def request(self, method: str, params: dict[str, Any] | None = None, progress: bool = False) -> Any:
+        """The result, or None once the error (or the cancellation) has been shown."""
+        if progress:
+            params = dict(params or {}, _meta={"progressToken": f"repl-{next(self._tokens)}"})
+        reply = self._exchange(method, params)
+        return None if reply is None else reply["result"]
+
+    def generate(self, method: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """Stream a `chat` or `generate`: text as it arrives, then the summary line."""
+        parts: list[str] = []
+        reply = self._exchange(method, dict(params, stream=True), parts)
+        self.output.end_text()
+        if reply is None:
+            return None
+        result = reply["result"]
+        self.output.summary(fmt.generation_summary(result))
+        return "".join(parts), result
+
+    def _exchange(self, method: str, params: dict[str, Any] | None,
+                  parts: list[str] | None = None) -> dict[str, Any] | None:
+        id_ = self.client.start_request(method, params)
+        token = (params or {}).get("_meta", {}).get("progressToken")
+        reply = self.client.wait_for(
+            lambda m: isinstance(m, dict) and "method" not in m and _same_id(m.get("id"), id_),
+            lambda m: self._show(m, id_, token, parts),
+            cancel=lambda: self._cancel(id_))
+        self.output.progress_done()
+        return self._settle(id_, reply)
+
+    def _cancel(self, id_: Any) -> None:
+        self.output.end_text()
+        self.output.info(f"^C: cancelling request {id_} ($/cancelRequest); ^C again stops waiting")
+        self.client.cancel(id_)
+
+    def _settle(self, id_: Any, reply: Reply) -> dict[str, Any] | None:
+        if reply.abandoned:
+            self.client.abandon(id_)
+            self.failed(f"stopped waiting for request {id_}; its reply will be ignored")
+            return None
+        self.client.forget(id_)
+        message = reply.message
+        if "error" in message:
+            self.failed(error=message["error"])
+            return None
+        return message
+
+    def _show(self, message: Any, id_: Any, token: Any, parts: list[str] | None) -> None:
+        if self.state.raw:
+            self.output.traffic("in", message)
+        if not isinstance(message, dict) or "method" not in message:
+            if not _same_id(message.get("id") if isinstance(message, dict) else None, id_):
+                self._show_stray(message)
+            return
+        params = message.get("params") or {}
+        if message["method"] == "generate/chunk" and _same_id(params.get("requestId"), id_):
+            if parts is not None:
+                parts.append(params.get("text", ""))
+            if not self.state.raw:
+                self.output.text(params.get("text", ""))
+        elif message["method"] == "$/progress" and token is not None and params.get("token") == token:
+            self.output.progress(params)
+
+    def _show_stray(self, message: Any) -> None:
+        """A response nobody is waiting for: most likely the late reply to an abandoned request."""
+        if self.client.settle_late(message):
+            if not self.state.raw:
+                self.output.info(f"(late reply to abandoned request {message['id']} ignored)")
+        elif not self.state.raw:
+            self.output.value(message)
+
+    # ---- lines typed as JSON -----------------------------------------------------------------
+
+    def send_line(self, line: str) -> None:
+        """Send exactly what was typed; show every message that comes back, pretty-printed."""
+        try:
+            parsed: Any = json.loads(line)
+        except ValueError as exc:
+            parsed = None
+            self.output.info(f"(not valid JSON: {exc}; sent as typed)")
+        ids = request_ids(parsed)
+        self.client.send_raw(line.encode("utf-8", "surrogateescape") + b"\n")
+        wanted = parsed is None or expects_reply(parsed)
+        reply = self.client.wait_for(is_response, self._show_raw,
+                                     cancel=(lambda: self._cancel_all(ids)) if ids else None,
+                                     linger_s=None if wanted else LINGER_S)
+        if reply.abandoned:
+            for id_ in ids:
+                self.client.abandon(id_)
+            self.failed("stopped waiting; the reply will be ignored")
+        elif _has_error(reply.message):
+            self.state.had_errors = True
+
+    def _cancel_all(self, ids: list[Any]) -> None:
+        self.output.info("^C: cancelling ($/cancelRequest); ^C again stops waiting")
+        for id_ in ids:
+            self.client.cancel(id_)
+
+    def _show_raw(self, message: Any) -> None:
+        if self.state.raw:
+            self.output.traffic("in", message)
+        elif is_response(message):
+            self.output.value(message)
+        else:
+            self.output.notification(message)
+
+    # ---- between commands --------------------------------------------------------------------
+
+    def show_late(self) -> None:
+        """Whatever arrived while nobody waited, shown before the next prompt."""
+        for message in self.client.drain():
+            if self.state.raw:
+                self.output.traffic("in", message)
+            if is_response(message):
+                self._show_stray(message)
+
+    def check_alive(self) -> None:
+        if not self.client.alive:
+            raise SidecarExited(f"the sidecar exited (code {self.client.process.poll()})")
+
+    def close(self) -> int:
+        """shutdown, exit, reap: the sidecar's exit code."""
+        code = self.client.close()
+        for message in self.client.drain():  # the shutdown reply: shown only as traffic
+            if self.state.raw:
+                self.output.traffic("in", message)
+        return code
+
+
+def _has_error(message: Any) -> bool:
+    items = message if isinstance(message, list) else [message]
+    return any(isinstance(item, dict) and "error" in item for item in items)

@@ -1,0 +1,363 @@
+"""`localmlx repl`, driven as a person would: in a pseudo-terminal (pexpect), against the
+real sidecar and the embedded demo model; and scripted, with stdin not a terminal.
+
+Every child is reaped: the REPL by pexpect or subprocess, the sidecar by the REPL (checked)
+or, should a test fail half-way, by the `terminal` fixture's clean-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sidecar import repl_format as fmt
+from sidecar.repl_input import candidates, matching
+from sidecar.repl_session import expects_reply, request_ids
+from sidecar.repl_state import ReplState, canonical_setting, parse_setting
+
+pexpect = pytest.importorskip("pexpect")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENTRY = "from sidecar.repl import main; raise SystemExit(main())"
+ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z]|\x1b[=>78]|[\r\x08]")
+PROMPT = r"demo(?: chat\[\d+\])?(?: raw)?>"
+SUMMARY = r"\[(\w+)\] (\d+) prompt \+ (\d+) generated tokens.* · TTFT [\d.]+ ms · [\d.]+ tokens/s · peak memory"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("repl-models")  # the sidecar builds the demo model here
+
+
+@pytest.fixture
+def env(models_dir, tmp_path) -> dict[str, str]:
+    return {**os.environ, "LOCALMLX_MODELS_DIR": str(models_dir),
+            "LOCALMLX_REPL_HISTORY": str(tmp_path / "history"),
+            "LOCALMLX_MAX_TOKENS": "12", "LOCALMLX_TEMPERATURE": "0",
+            "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm-256color", "PYTHONUNBUFFERED": "1"}
+
+
+def gone(pid: int) -> bool:
+    """Not running and not a zombie: someone reaped it."""
+    if Path("/proc").is_dir():
+        return not Path(f"/proc/{pid}").exists()
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gone(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class Terminal:
+    """The REPL in a pseudo-terminal; expectations match the text a person sees
+    (escape sequences stripped), each after the previous match."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.child = pexpect.spawn(sys.executable, ["-c", ENTRY, *args], cwd=str(REPO_ROOT), env=env,
+                                   dimensions=(50, 160), encoding="utf-8", codec_errors="replace")
+        self.raw = ""
+        self.pos = 0
+        self.eof = False
+        self.sidecar_pid = int(self.expect(r"sidecar pid (\d+)").group(1))
+
+    @property
+    def text(self) -> str:
+        return ANSI.sub("", self.raw)
+
+    def _read(self, timeout: float) -> None:
+        try:
+            self.raw += self.child.read_nonblocking(1 << 16, timeout)
+        except pexpect.TIMEOUT:
+            pass
+        except pexpect.EOF:
+            self.eof = True
+
+    def expect(self, pattern: str, timeout: float = 30.0) -> re.Match:
+        regex, deadline = re.compile(pattern), time.monotonic() + timeout
+        while True:
+            match = regex.search(self.text, self.pos)
+            if match:
+                self.pos = match.end()
+                return match
+            if self.eof or time.monotonic() > deadline:
+                raise AssertionError(f"never saw {pattern!r}; after the last match:\n{self.text[self.pos:][-3000:]}")
+            self._read(0.05)
+
+    def settle(self, seconds: float) -> str:
+        """Read for a while; the new text."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.eof:
+            self._read(0.05)
+        return self.text[self.pos:]
+
+    def type(self, line: str) -> None:
+        self.child.send(line + "\r")
+
+    def run(self, line: str, then: str) -> re.Match:
+        """Type a command, see `then` in its output, wait for the next prompt."""
+        self.type(line)
+        match = self.expect(then)
+        self.expect(PROMPT)
+        return match
+
+    def exit_code(self, timeout: float = 20.0) -> int:
+        self.child.expect(pexpect.EOF, timeout=timeout)
+        self.child.close()
+        return self.child.exitstatus
+
+    def kill(self) -> None:
+        if self.child.isalive():
+            self.child.kill(signal.SIGKILL)
+        self.child.close(force=True)
+        if not wait_gone(self.sidecar_pid, 10):  # orphaned: stdin EOF should end it; make sure
+            try:
+                os.kill(self.sidecar_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def terminal(env):
+    started: list[Terminal] = []
+
+    def start(*args: str) -> Terminal:
+        term = Terminal(env, *args)
+        started.append(term)
+        return term
+
+    yield start
+    for term in started:
+        term.kill()
+
+
+def script(env: dict[str, str], lines: list[str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", ENTRY, *args], cwd=REPO_ROOT, env=env, text=True,
+                          input="".join(line + "\n" for line in lines), capture_output=True, timeout=45)
+
+
+# ---- in a terminal ---------------------------------------------------------------------------
+
+
+def test_start_up_loads_the_model_with_progress_then_streams_a_reply(terminal):
+    term = terminal()
+    term.expect(r"ready")  # the progress bar's last phase
+    term.expect(r"loaded demo: llama, [\d.]+M parameters")
+    term.expect(PROMPT)
+    match = term.run("Tell me about the sea.", SUMMARY)
+    assert match.group(1) == "length" and match.group(3) == "12"
+
+
+def test_ctrl_c_cancels_the_generation_and_the_session_goes_on(terminal):
+    term = terminal()
+    term.expect(PROMPT)
+    term.run("/set maxTokens 2000", r"maxTokens = 2000")
+    term.type("Tell me a long story.")
+    term.expect(r"Tell me a long story\.")
+    streamed = term.settle(0.8)
+    assert re.search(r"\S{8}", streamed), f"no streamed text yet: {streamed!r}"
+    assert not re.search(SUMMARY, streamed), "the reply finished before Ctrl-C"
+    term.child.sendintr()
+    term.expect(r"\^C: cancelling request \d+ \(\$/cancelRequest\)")
+    match = term.expect(SUMMARY)
+    assert match.group(1) == "cancelled" and 0 < int(match.group(3)) < 2000
+    term.expect(PROMPT)
+    # Still the same sidecar, idle, and it still answers.
+    term.run("/status", r"requests: 0 active, 0 queued")
+    term.run("/set maxTokens 5", r"maxTokens = 5")
+    assert term.run("one more", SUMMARY).group(1) == "length"
+    # Ctrl-C at the prompt drops the half-typed line, not the session.
+    term.child.send("half typed")
+    term.child.sendintr()
+    term.expect(PROMPT)
+    term.run("/status", r"requests: 0 active")
+    assert not gone(term.sidecar_pid)
+
+
+def test_ctrl_d_shuts_the_sidecar_down_and_reaps_it(terminal):
+    term = terminal()
+    term.expect(PROMPT)
+    term.run("/raw", r"raw traffic on")
+    term.child.sendcontrol("d")
+    term.expect(r'→ \{"jsonrpc":"2\.0","id":\d+,"method":"shutdown"\}')
+    term.expect(r'→ \{"jsonrpc":"2\.0","method":"exit"\}')
+    assert term.exit_code() == 0
+    assert gone(term.sidecar_pid)
+
+
+def test_history_persists_across_restarts(terminal, env):
+    first = terminal()
+    first.expect(PROMPT)
+    first.run("/set temperature 0.5", r"temperature = 0\.5")
+    first.child.sendcontrol("d")
+    assert first.exit_code() == 0
+    assert "+/set temperature 0.5" in Path(env["LOCALMLX_REPL_HISTORY"]).read_text()
+
+    second = terminal()
+    second.expect(PROMPT)
+    second.child.send("\x1b[A")  # Up: the last line of the earlier session
+    second.child.send("\r")
+    second.expect(r"temperature = 0\.5")
+
+
+def test_raw_json_round_trip_and_traffic_view(terminal):
+    term = terminal()
+    term.expect(PROMPT)
+    term.type('{"jsonrpc": "2.0", "id": "abc", "method": "ping"}')
+    term.expect(r'"id": "abc",\s+"result": \{\}')  # pretty-printed
+    term.expect(PROMPT)
+    term.type('[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"nothing"}]')
+    term.expect(r'\[\s+\{\s+"jsonrpc": "2\.0",\s+"id": 1,\s+"result": \{\}\s+\}\s+\]')  # a batch answer
+    term.expect(PROMPT)
+    term.run("/raw on", r"raw traffic on")
+    term.type("/status")
+    term.expect(r'→ \{"jsonrpc":"2\.0","id":(\d+),"method":"server/status"\}')
+    term.expect(r'← \{"jsonrpc":"2\.0","id":\d+,"result":\{"models"')
+    term.expect(r"uptime [\d.]+ s")
+
+
+def test_bad_json_and_unknown_commands_are_shown_as_errors(terminal):
+    term = terminal()
+    term.expect(PROMPT)
+    term.type('{"jsonrpc": "2.0", "id": 3, "method": ')
+    term.expect(r"not valid JSON: .*sent as typed")
+    term.expect(r'"code": -32700')
+    term.expect(r'"message": "Parse error')
+    term.expect(PROMPT)
+    term.run("/lod demo", r"error: unknown command /lod; did you mean /load\?")
+    term.run("/set temperature hot", r"error: temperature: 'hot' is not of type 'number'")
+    term.run("/load no-such-model", r"error -32010: .*no-such-model")
+    term.run("/status", r"requests: 0 active")  # the session goes on
+
+
+def test_tab_completes_commands_and_model_names(terminal):
+    term = terminal()
+    term.expect(PROMPT)
+    term.child.send("/mod\t")
+    term.expect(r"/models")
+    term.child.send("\r")
+    term.expect(r"demo\s+embedded\s+[\d.]+ MiB\s+yes")
+    term.expect(PROMPT)
+    term.child.send("/load de\t")
+    term.expect(r"/load demo")  # completion is asynchronous: see it before pressing Enter
+    term.child.send("\r")
+    term.expect(r"already loaded demo")
+
+
+def test_chat_mode_keeps_the_conversation(terminal):
+    term = terminal()
+    term.expect(PROMPT)
+    term.run("/chat", r"chat mode: plain lines are turns of one conversation")
+    term.expect(r"demo chat\[0\]>")
+    term.run("hello", SUMMARY)
+    term.expect(r"demo chat\[1\]>")
+    term.run("/reset", r"conversation cleared")
+    term.expect(r"demo chat\[0\]>")
+
+
+# ---- scripted --------------------------------------------------------------------------------
+
+
+def test_script_mode_prints_plain_output(env):
+    done = script(env, ["/models", "/generate Once upon a time", "# a comment",
+                        '{"jsonrpc":"2.0","id":9,"method":"tokenize","params":{"text":"sea"}}', "/quit"])
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout + done.stderr  # no colour, no cursor movement
+    assert re.search(r"^demo\s+embedded\s+[\d.]+ MiB\s+yes", done.stdout, re.M)
+    reply = json.loads(done.stdout[done.stdout.index('{\n  "jsonrpc"'):])
+    assert reply["id"] == 9 and reply["result"]["tokens"]
+    assert re.search(SUMMARY, done.stderr)
+    assert re.search(r"loaded demo: llama", done.stderr)
+
+
+def test_script_chat_mode_sends_the_history(env):
+    done = script(env, ["/chat", "/raw on", "hello", "and again"])
+    assert done.returncode == 0, done.stderr
+    sent = [json.loads(line[2:]) for line in done.stdout.splitlines() if line.startswith("→ ")]
+    chats = [m["params"]["messages"] for m in sent if m.get("method") == "chat"]
+    assert [len(m) for m in chats] == [1, 3]
+    assert [m["role"] for m in chats[1]] == ["user", "assistant", "user"]
+    # The first reply, as streamed, is the assistant turn sent back.
+    received = [json.loads(line[2:]) for line in done.stdout.splitlines() if line.startswith("← ")]
+    first_id = next(m["id"] for m in sent if m.get("method") == "chat")
+    streamed = "".join(m["params"]["text"] for m in received
+                       if m.get("method") == "generate/chunk" and m["params"]["requestId"] == first_id)
+    assert chats[1][1]["content"] == streamed
+
+
+def test_script_settings_reach_the_request_and_errors_set_the_status(env):
+    done = script(env, ["/set max_tokens 3", "/set stop END", "/set temperature -1", "/raw on",
+                        "/generate The", "/frobnicate"])
+    assert done.returncode == 1
+    assert "error: temperature: -1 is less than the minimum of 0" in done.stderr
+    assert "error: unknown command /frobnicate" in done.stderr
+    sent = [json.loads(line[2:]) for line in done.stdout.splitlines() if line.startswith("→ ")]
+    generate = next(m for m in sent if m.get("method") == "generate")
+    assert generate["params"] == {"model": "demo", "maxTokens": 3, "stop": ["END"], "prompt": "The",
+                                  "stream": True}
+
+
+def test_script_reports_a_sidecar_that_exits(env):
+    done = script(env, ['{"jsonrpc":"2.0","method":"exit"}', "/status"], "--no-load")
+    assert done.returncode == 1
+    assert re.search(r"error: the sidecar exited \(code 1\)", done.stderr)
+
+
+# ---- the pieces --------------------------------------------------------------------------------
+
+
+def test_completion_candidates():
+    state = ReplState(methods=["chat", "models/list", "models/load"], model_names=["demo", "tiny"])
+    assert matching(*candidates("/lo", state)) == ["/load", "/log"]
+    assert matching(*candidates("/load t", state)) == ["tiny"]
+    assert matching(*candidates("/set max", state)) == ["maxTokens"]
+    assert matching(*candidates('{"id":1,"method": "models/l', state)) == ["models/list", "models/load"]
+    assert matching(*candidates("/raw ", state)) == ["off", "on"]
+    assert candidates("hello /lo", state) == ("", [])
+
+
+def test_settings_parse_against_the_schema():
+    assert canonical_setting("max-tokens") == canonical_setting("max_tokens") == "maxTokens"
+    assert canonical_setting("nope") is None
+    assert parse_setting("temperature", "0.2") == 0.2
+    assert parse_setting("stop", '["a", "b"]') == ["a", "b"]
+    assert parse_setting("system", "Be terse.") == "Be terse."
+    with pytest.raises(ValueError, match="topK"):
+        parse_setting("topK", "1.5")
+
+
+def test_which_raw_lines_expect_a_reply():
+    assert expects_reply({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert not expects_reply({"jsonrpc": "2.0", "method": "exit"})
+    assert expects_reply([])
+    assert not expects_reply([{"jsonrpc": "2.0", "method": "a"}])
+    assert expects_reply({"jsonrpc": "2.0"})
+    assert request_ids([{"id": 1, "method": "a"}, {"method": "b"}, {"id": "x", "method": "c"}]) == [1, "x"]
+
+
+def test_formatting():
+    result = {"finishReason": "stop", "usage": {"promptTokens": 5, "completionTokens": 7},
+              "timings": {"ttftMs": 12.34, "tokensPerSecond": 100.0, "peakMemoryBytes": 3 << 20}}
+    assert fmt.generation_summary(result) == \
+        "[stop] 5 prompt + 7 generated tokens · TTFT 12.3 ms · 100.0 tokens/s · peak memory 3.0 MiB"
+    error = {"code": -32602, "message": "Invalid params", "data": {"errors": [{"path": "/x", "message": "bad"}]}}
+    assert fmt.error_lines(error) == ["error -32602: Invalid params", "  /x: bad"]
+    assert fmt.plain_table((["a", "bb"], [["xyz", "1"]])) == ["a    bb", "xyz  1"]
