@@ -67,3 +67,13 @@ def test_encode_escapes_lone_surrogates_instead_of_failing() -> None:
     line.decode("utf-8")  # valid UTF-8 on the wire
     assert json.loads(line) == {"s": "a\ud800", "t": "é"}
     assert encode_message({"t": "é"}) == '{"t":"é"}\n'.encode()
+
+
+def test_oversized_line_is_reported_before_its_newline_arrives() -> None:
+    """The client hears about it at once instead of streaming megabytes into the void."""
+    framer = LineFramer(16)
+    assert framer.feed(b"x" * 10) == []
+    frames = framer.feed(b"x" * 10)
+    assert len(frames) == 1 and isinstance(frames[0], OversizedLine)
+    assert framer.feed(b"x" * 1000) == []
+    assert framer.feed(b"\n{}\n") == [b"{}"]
