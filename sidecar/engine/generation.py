@@ -117,6 +117,10 @@ def _sampling(request: GenerationRequest, tokenizer: Any) -> dict[str, Any]:
     return {"sampler": sampler, "logits_processors": processors}
 
 
+class _PrefillCancelled(Exception):
+    """Raised from mlx-lm's prompt-progress callback: a long prompt stops between chunks."""
+
+
 class Generator:
     """Runs generations for the engine thread, sharing one prompt cache across requests."""
 
@@ -162,8 +166,13 @@ class Generator:
         stops = StopMatcher(request.stop)
         cache_key = list(prompt)
         finish, last = "length", None
+        def stop_prefill_when_cancelled(processed: int, total: int) -> None:
+            if job.cancelled:
+                raise _PrefillCancelled
+
         generation = stream_generate(loaded.model, tokenizer, mx.array(rest), max_tokens=max_tokens,
-                                     prompt_cache=cache, **_sampling(request, tokenizer))
+                                     prompt_cache=cache, prompt_progress_callback=stop_prefill_when_cancelled,
+                                     **_sampling(request, tokenizer))
         try:
             for last in generation:
                 cache_key.append(last.token)
@@ -178,6 +187,8 @@ class Generator:
                 if job.cancelled:
                     finish = "cancelled"
                     break
+        except _PrefillCancelled:
+            finish, cache = "cancelled", None  # a half-filled cache is not worth keeping
         finally:
             generation.close()  # runs mlx-lm's clean-up (wired limit, stream sync)
         ended = time.perf_counter()
