@@ -1,0 +1,79 @@
+"""Where models come from: the models dir, absolute paths, the Hugging Face cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sidecar.client import RpcCallError
+from sidecar.demo_model import DEMO_MODEL_DIRNAME
+
+
+def copy_demo(models_dir: Path, dest: Path) -> Path:
+    shutil.copytree(models_dir / DEMO_MODEL_DIRNAME, dest)
+    return dest
+
+
+def make_hf_cache_entry(cache: Path, repo_id: str, source: Path) -> Path:
+    """The layout huggingface_hub writes: blobs, refs/main, snapshots/<rev>/ symlinks."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    for i, file in enumerate(sorted(source.iterdir())):
+        blob = repo / "blobs" / f"blob{i:04d}"
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+    return snapshot
+
+
+def test_models_dir_names_absolute_paths_and_the_hf_cache(sidecars, models_dir, tmp_path) -> None:
+    mine = copy_demo(models_dir, tmp_path / "models" / "my-model")
+    copy_demo(models_dir, tmp_path / "models" / "team" / "nested-model")
+    cache = tmp_path / "hf"
+    make_hf_cache_entry(cache, "someone/cached-model", models_dir / DEMO_MODEL_DIRNAME)
+    client = sidecars.spawn(LOCALMLX_MODELS_DIR=str(tmp_path / "models"), HF_HUB_CACHE=str(cache))
+
+    listed = {m["model"]: m for m in client.request("models/list")["models"]}
+    assert listed["demo"]["source"] == "embedded"
+    assert listed["my-model"]["source"] == "models-dir" and listed["my-model"]["bytes"] > 1_000_000
+    assert listed["team/nested-model"]["source"] == "models-dir"
+    assert listed["someone/cached-model"]["source"] == "hf-cache"
+
+    assert client.request("models/load", {"model": "my-model"})["model"] == "my-model"
+    assert client.request("models/load", {"model": str(mine)})["model"] == str(mine.resolve())
+    cached = client.request("models/load", {"model": "someone/cached-model"})
+    assert cached["model"] == "someone/cached-model" and cached["type"] == "llama"
+    # Two models at most: the least recently used was unloaded to make room.
+    loaded = [m["model"] for m in client.request("server/status")["models"]]
+    assert loaded == [str(mine.resolve()), "someone/cached-model"]
+    assert client.request("chat", {"model": "team/nested-model", "maxTokens": 3,
+                                   "messages": [{"role": "user", "content": "hi"}]})["model"] == "team/nested-model"
+    assert client.close() == 0
+
+
+@pytest.mark.parametrize("ref", ["/etc", "/tmp/../etc", "~/../../etc", "./relative", "a/b/c/../../..", "demo\x00"])
+def test_paths_outside_the_allowed_roots_are_forbidden(sidecar, ref) -> None:
+    with pytest.raises(RpcCallError) as error:
+        sidecar.request("models/load", {"model": ref})
+    assert error.value.code == -32018
+
+
+def test_a_directory_that_is_not_a_model_fails_clearly(sidecars, tmp_path) -> None:
+    (tmp_path / "models" / "broken").mkdir(parents=True)
+    (tmp_path / "models" / "broken" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "models" / "empty").mkdir()
+    client = sidecars.spawn(LOCALMLX_MODELS_DIR=str(tmp_path / "models"))
+    with pytest.raises(RpcCallError) as failed:
+        client.request("models/load", {"model": "broken"})
+    assert failed.value.code == -32013 and failed.value.data["model"] == "broken"
+    with pytest.raises(RpcCallError) as missing:
+        client.request("models/load", {"model": "empty"})
+    assert missing.value.code == -32010
+    assert client.request("ping") == {}
+    assert client.close() == 0
