@@ -1,4 +1,4 @@
-"""`localmlx`: serve (the sidecar), demo (the main job end to end), demo-model."""
+"""`localmlx`: serve (the sidecar), demo (the main job end to end), repl, demo-model."""
 
 from __future__ import annotations
 
@@ -60,6 +60,12 @@ def demo(args: argparse.Namespace) -> None:
     raise SystemExit(run_demo(args))
 
 
+def repl(args: argparse.Namespace) -> None:
+    from .repl import run
+
+    raise SystemExit(run(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="localmlx", description=__doc__)
     commands = parser.add_subparsers(dest="command")
@@ -78,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_argument("--max-new-tokens", type=int, default=96)
     demo_cmd.add_argument("--temp", type=float, default=0.0)
     demo_cmd.set_defaults(func=demo)
+
+    from .repl import add_arguments as add_repl_arguments
+
+    repl_cmd = commands.add_parser("repl", help="try the sidecar by hand: shorthand or raw JSON-RPC")
+    add_repl_arguments(repl_cmd)
+    repl_cmd.set_defaults(func=repl)
 
     model_cmd = commands.add_parser("demo-model", help="build the embedded demo model")
     add_setting_flags(model_cmd)

@@ -10,17 +10,7 @@ import argparse
 import sys
 
 from .client import RpcCallError, SidecarClient, sidecar_command
-
-
-def _env_from(args: argparse.Namespace) -> dict[str, str]:
-    from .settings import _fields
-
-    env = {}
-    for f, setting in _fields():
-        value = getattr(args, f.name, None)
-        if value is not None:
-            env[setting.env] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-    return env
+from .settings import env_from_args
 
 
 def _progress(message: dict) -> None:
@@ -32,7 +22,7 @@ def _progress(message: dict) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     model = args.model or "demo"
-    with SidecarClient(sidecar_command(), env=_env_from(args), on_notification=_progress) as client:
+    with SidecarClient(sidecar_command(), env=env_from_args(args), on_notification=_progress) as client:
         info = client.initialize(name="localmlx-demo", version="0.1.0")["serverInfo"]
         print(f"localmlx {info['version']} · mlx {info['mlx']} · mlx-lm {info['mlxLm']} · {info['device']}",
               file=sys.stderr)

@@ -121,3 +121,14 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
     base = settings_from_env(environ)
     return base.with_overrides(**{f.name: getattr(args, f.name, None) for f, _ in _fields()})
+
+
+def env_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """The setting flags given on a command line, as the LOCALMLX_* variables a spawned
+    sidecar reads."""
+    env = {}
+    for f, setting in _fields():
+        value = getattr(args, f.name, None)
+        if value is not None:
+            env[setting.env] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return env

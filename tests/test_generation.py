@@ -80,3 +80,11 @@ def test_progress_is_monotonic_and_ends_before_the_response(sidecar) -> None:
     assert completed == sorted(completed) and completed[-1] == seen[-1]["total"]
     order = [r.message.get("method") or r.message.get("id") for r in sidecar.received]
     assert order.index(id_) > max(i for i, m in enumerate(order) if m == "$/progress")
+
+
+def test_a_just_in_time_load_reports_progress_for_chat(sidecar) -> None:
+    seen = []
+    sidecar.on_notification = lambda m: m["method"] == "$/progress" and seen.append(m["params"])
+    result = sidecar.request("chat", chat_params(maxTokens=2, _meta={"progressToken": "jit"}))
+    assert result["finishReason"] == "length"
+    assert [p["phase"] for p in seen][-1] == "ready" and all(p["token"] == "jit" for p in seen)

@@ -7,6 +7,7 @@ or, should a test fail half-way, by the `terminal` fixture's clean-up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import repl_format as fmt
-from sidecar.repl_input import candidates, matching
-from sidecar.repl_session import expects_reply, request_ids
-from sidecar.repl_state import ReplState, canonical_setting, parse_setting
+from sidecar.repl import formatting as fmt
+from sidecar.repl.prompt import candidates, matching
+from sidecar.repl.session import expects_reply, request_ids
+from sidecar.repl.state import ReplState, canonical_setting, parse_setting
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -102,12 +103,18 @@ class Terminal:
                 raise AssertionError(f"never saw {pattern!r}; after the last match:\n{self.text[self.pos:][-3000:]}")
             self._read(0.05)
 
-    def settle(self, seconds: float) -> str:
-        """Read for a while; the new text."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not self.eof:
-            self._read(0.05)
-        return self.text[self.pos:]
+    def wait_for_text(self, chars: int, after: str, timeout: float = 20.0) -> str:
+        """Read until `chars` printable characters follow the last `after` (the typed line,
+        however often the prompt redraws it); that text."""
+        deadline = time.monotonic() + timeout
+        while True:
+            start = self.text.rfind(after, self.pos)
+            new = self.text[start + len(after):] if start >= 0 else ""
+            if len(re.sub(r"\s", "", new)) >= chars:
+                return new
+            if self.eof or time.monotonic() > deadline:
+                raise AssertionError(f"no {chars} characters after {after!r}: {self.text[self.pos:]!r}")
+            self._read(0.01)
 
     def type(self, line: str) -> None:
         self.child.send(line + "\r")
@@ -125,14 +132,19 @@ class Terminal:
         return self.child.exitstatus
 
     def kill(self) -> None:
+        """Ctrl-D (again, should the terminal have swallowed one mid-output), else SIGKILL."""
+        for _ in range(3):
+            if not self.child.isalive():
+                break
+            self.child.sendcontrol("d")
+            with contextlib.suppress(pexpect.TIMEOUT, pexpect.EOF):
+                self.child.expect(pexpect.EOF, timeout=2)
         if self.child.isalive():
             self.child.kill(signal.SIGKILL)
         self.child.close(force=True)
         if not wait_gone(self.sidecar_pid, 10):  # orphaned: stdin EOF should end it; make sure
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.sidecar_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture
@@ -171,10 +183,8 @@ def test_ctrl_c_cancels_the_generation_and_the_session_goes_on(terminal):
     term.expect(PROMPT)
     term.run("/set maxTokens 2000", r"maxTokens = 2000")
     term.type("Tell me a long story.")
-    term.expect(r"Tell me a long story\.")
-    streamed = term.settle(0.8)
-    assert re.search(r"\S{8}", streamed), f"no streamed text yet: {streamed!r}"
-    assert not re.search(SUMMARY, streamed), "the reply finished before Ctrl-C"
+    streamed = term.wait_for_text(20, after="long story.")  # the first tokens are on the screen ...
+    assert not re.search(SUMMARY, streamed), "the reply finished before Ctrl-C"  # ... and more are coming
     term.child.sendintr()
     term.expect(r"\^C: cancelling request \d+ \(\$/cancelRequest\)")
     match = term.expect(SUMMARY)
@@ -265,11 +275,14 @@ def test_tab_completes_commands_and_model_names(terminal):
 def test_chat_mode_keeps_the_conversation(terminal):
     term = terminal()
     term.expect(PROMPT)
-    term.run("/chat", r"chat mode: plain lines are turns of one conversation")
+    term.type("/chat")
+    term.expect(r"chat mode: plain lines are turns of one conversation")
     term.expect(r"demo chat\[0\]>")
-    term.run("hello", SUMMARY)
+    term.type("hello")
+    term.expect(SUMMARY)
     term.expect(r"demo chat\[1\]>")
-    term.run("/reset", r"conversation cleared")
+    term.type("/reset")
+    term.expect(r"conversation cleared")
     term.expect(r"demo chat\[0\]>")
 
 
@@ -278,12 +291,15 @@ def test_chat_mode_keeps_the_conversation(terminal):
 
 def test_script_mode_prints_plain_output(env):
     done = script(env, ["/models", "/generate Once upon a time", "# a comment",
-                        '{"jsonrpc":"2.0","id":9,"method":"tokenize","params":{"text":"sea"}}', "/quit"])
+                        '{"jsonrpc":"2.0","id":9,"method":"tokenize","params":{"text":"sea"}}',
+                        "/call ping", "/quit"], "--model", "demo")
     assert done.returncode == 0, done.stderr
     assert "\x1b" not in done.stdout + done.stderr  # no colour, no cursor movement
     assert re.search(r"^demo\s+embedded\s+[\d.]+ MiB\s+yes", done.stdout, re.M)
-    reply = json.loads(done.stdout[done.stdout.index('{\n  "jsonrpc"'):])
+    raw_reply, call_result = done.stdout[done.stdout.index('{\n  "jsonrpc"'):].rsplit("\n{}", 1)
+    reply = json.loads(raw_reply)
     assert reply["id"] == 9 and reply["result"]["tokens"]
+    assert call_result == "\n"  # /call ping printed its result, {}
     assert re.search(SUMMARY, done.stderr)
     assert re.search(r"loaded demo: llama", done.stderr)
 
@@ -312,7 +328,7 @@ def test_script_settings_reach_the_request_and_errors_set_the_status(env):
     sent = [json.loads(line[2:]) for line in done.stdout.splitlines() if line.startswith("→ ")]
     generate = next(m for m in sent if m.get("method") == "generate")
     assert generate["params"] == {"model": "demo", "maxTokens": 3, "stop": ["END"], "prompt": "The",
-                                  "stream": True}
+                                  "stream": True, "_meta": {"progressToken": generate["params"]["_meta"]["progressToken"]}}
 
 
 def test_script_reports_a_sidecar_that_exits(env):
@@ -361,3 +377,4 @@ def test_formatting():
     error = {"code": -32602, "message": "Invalid params", "data": {"errors": [{"path": "/x", "message": "bad"}]}}
     assert fmt.error_lines(error) == ["error -32602: Invalid params", "  /x: bad"]
     assert fmt.plain_table((["a", "bb"], [["xyz", "1"]])) == ["a    bb", "xyz  1"]
+    assert fmt.visible("a\tb\nc\rd\x1b[2J\x9b") == "a\tb\nc\u240dd\u241b[2J\ufffd"

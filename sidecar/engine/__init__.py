@@ -82,14 +82,14 @@ class Engine:
             except Exception as exc:
                 log.error("cannot preload %s: %s", ref, getattr(exc, "message", exc))
 
-    def _ensure_loaded(self, location: ModelLocation) -> LoadedModel:
+    def _ensure_loaded(self, location: ModelLocation, progress: Progress = _no_progress) -> LoadedModel:
         """On the engine thread: the model, loaded just in time when allowed."""
         loaded = self.registry.get(location.name)
         if loaded is not None:
             return loaded
         if not self.settings.jit_load:
             raise self._not_loaded(location.name)
-        return self.registry.load(location, _no_progress)[0]
+        return self.registry.load(location, progress)[0]
 
     def _not_loaded(self, name: str) -> Exception:
         if self._loading.get(name):
@@ -103,12 +103,13 @@ class Engine:
 
     # ---- work ----------------------------------------------------------------------------
 
-    def submit_generation(self, location: ModelLocation, request: GenerationRequest) -> Job:
+    def submit_generation(self, location: ModelLocation, request: GenerationRequest,
+                          progress: Progress = _no_progress) -> Job:
         def send_chunk(params: dict[str, Any]) -> None:
             self._send_notification("generate/chunk", params)
 
         def run(job: Job) -> dict[str, Any]:
-            return self.generator.run(job, self._ensure_loaded(location), request, send_chunk)
+            return self.generator.run(job, self._ensure_loaded(location, progress), request, send_chunk)
 
         self.check_available(location)
         return self._submit(Job("generate", run, model=location.name))

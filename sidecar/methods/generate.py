@@ -39,7 +39,7 @@ async def _run_generation(context: Any, params: dict[str, Any], request: Generat
     location = context.engine.resolve(params.get("model"))
     if context.cancel_reason == "client":
         return _cancelled_before_start(location.name, request)
-    job = context.engine.submit_generation(location, request)
+    job = context.engine.submit_generation(location, request, context.progress)
     try:
         result = await run_job(context, job)
     except RequestCancelled:  # withdrawn from the queue by the client

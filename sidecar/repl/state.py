@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .schema import protocol_schema
+from ..schema import protocol_schema
 
 _NOT_SETTINGS = {"messages", "prompt", "model", "stream", "_meta"}
 SYSTEM = "system"
@@ -24,6 +24,12 @@ def setting_schemas() -> dict[str, dict[str, Any]]:
     """Each settable generation param and its schema, by wire name (camelCase)."""
     props = protocol_schema()["methods"]["chat"]["params"]["properties"]
     return {name: spec for name, spec in props.items() if name not in _NOT_SETTINGS}
+
+
+def accepts_progress(method: str) -> bool:
+    """Does the method take `_meta.progressToken` (so it may report `$/progress`)?"""
+    spec = protocol_schema()["methods"].get(method, {})
+    return "_meta" in spec.get("params", {}).get("properties", {})
 
 
 def setting_names() -> list[str]:

@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
-from . import repl_format as fmt
-from .repl_session import ReplSession
-from .repl_state import SYSTEM, canonical_setting, parse_setting, setting_names
+from . import formatting as fmt
+from .session import ReplSession
+from .state import SYSTEM, canonical_setting, parse_setting, setting_names
 
 
 class QuitRepl(Exception):
@@ -28,8 +28,8 @@ class Command:
     usage: str
     help: str
     run: Callable[[ReplSession, str], None]
-    completes: str | tuple[str, ...] | None = None  # its argument: "model", "setting",
-    # "method", "command", or the literal words it takes
+    # What its argument completes to: "model", "setting", "method", "command", or these words.
+    completes: str | tuple[str, ...] | None = None
 
 
 # ---- the commands --------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def refresh_model_names(session: ReplSession) -> None:
 
 def load_model(session: ReplSession, arg: str) -> None:
     model = arg.strip() or session.state.model
-    result = session.request("models/load", {"model": model}, progress=True)
+    result = session.request("models/load", {"model": model})
     if result is not None:
         session.state.model = result["model"]
         session.output.info(fmt.loaded_summary(result))
@@ -217,7 +217,7 @@ COMMANDS: list[Command] = [
     Command("set", "/set [NAME [VALUE]]", "set a generation param (temperature, maxTokens, ...) "
             f"or {SYSTEM}; no value: default", set_setting, "setting"),
     Command("reset", "/reset", "forget the conversation", reset),
-    Command("raw", "/raw [on|off]", "show the JSON-RPC traffic both ways", raw_mode, ("on", "off")),
+    Command("raw", "/raw [on|off]", "show the JSON-RPC traffic both ways (streamed text is in the chunks)", raw_mode, ("on", "off")),
     Command("call", "/call METHOD [JSON]", "send any request with these params; show the result",
             call_method, "method"),
     Command("log", "/log [N]", "the sidecar's last N stderr lines", show_log),
@@ -249,7 +249,9 @@ def run_line(session: ReplSession, line: str) -> None:
         return
     if is_raw_json(text):
         session.send_line(line.strip("\r\n"))
-    elif text.startswith("/"):
+        return
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # bytes that were not UTF-8
+    if text.startswith("/"):
         _run_command(session, text[1:])
     else:
         chat_turn(session, text)

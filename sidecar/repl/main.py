@@ -18,24 +18,15 @@ import argparse
 import sys
 from typing import Any
 
-from . import __version__
-from . import repl_format as fmt
-from .client import SidecarExited, sidecar_command
-from .repl_commands import QuitRepl, load_model, refresh_model_names, run_line
-from .repl_session import ReplSession
-from .repl_state import ReplState
-from .repl_wire import ReplClient
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model`, `--no-load`, and the sidecar's setting flags (passed on to it)."""
-    from .settings import add_setting_flags
-
-    parser.add_argument("--model", default=None,
-                        help="model to load and chat with (default: the sidecar's default, demo)")
-    parser.add_argument("--no-load", action="store_true",
-                        help="do not load the model at start-up (the first request loads it)")
-    add_setting_flags(parser)
+from .. import __version__
+from . import formatting as fmt
+from ..client import SidecarExited, sidecar_command
+from ..settings import env_from_args
+from .commands import QuitRepl, load_model, refresh_model_names, run_line
+from .session import ReplSession
+from .state import ReplState
+from .wire import ReplClient
+from . import add_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,30 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def sidecar_env(args: argparse.Namespace) -> dict[str, str]:
-    """The setting flags given, as the LOCALMLX_* variables the sidecar reads."""
-    from .settings import _fields
-
-    env = {}
-    for f, setting in _fields():
-        value = getattr(args, f.name, None)
-        if value is not None:
-            env[setting.env] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-    return env
-
-
 def _interactive() -> bool:
     return sys.stdin.isatty()
 
 
 def _make_io(state: ReplState) -> tuple[Any, Any]:
     if _interactive():
-        from .repl_input import TerminalInput
-        from .repl_output import RichOutput
+        from .prompt import TerminalInput
+        from .output import RichOutput
 
         return TerminalInput(state), RichOutput()
-    from .repl_input import ScriptInput
-    from .repl_output import PlainOutput
+    from .prompt import ScriptInput
+    from .output import PlainOutput
 
     return ScriptInput(), PlainOutput()
 
@@ -91,7 +70,7 @@ def _start(session: ReplSession, args: argparse.Namespace) -> bool:
 
 
 def _client_notifications() -> list[str]:
-    from .schema import protocol_schema
+    from ..schema import protocol_schema
 
     notifications = protocol_schema().get("notifications", {})
     return [name for name, spec in notifications.items() if spec.get("direction") == "client"]
@@ -118,14 +97,26 @@ def run(args: argparse.Namespace) -> int:
     state = ReplState()
     reader, output = _make_io(state)
     try:
-        client = ReplClient(sidecar_command(), env=sidecar_env(args))
+        client = ReplClient(sidecar_command(), env=env_from_args(args))
     except OSError as exc:
         output.error(f"cannot start the sidecar: {exc}")
         return 1
     session = ReplSession(client, output, state)
     if getattr(reader, "history_note", None):
         output.info(reader.history_note)
-    code = 0
+    try:
+        code = _serve(session, reader, args)
+    finally:
+        output.end_text()
+        _close(session)
+    if code == 0 and state.had_errors and not _interactive():
+        return 1
+    return code
+
+
+def _serve(session: ReplSession, reader: Any, args: argparse.Namespace) -> int:
+    """Start-up, then the loop: how it ended, as an exit status."""
+    client, output = session.client, session.output
     try:
         if not _start(session, args):
             return 1
@@ -133,19 +124,25 @@ def run(args: argparse.Namespace) -> int:
             output.info("Type /help for commands; plain text chats with the model; Ctrl-D exits.")
         _loop(session, reader)
     except (EOFError, QuitRepl):
-        pass
+        return 0
     except KeyboardInterrupt:
-        code = 130
-    except (SidecarExited, OSError) as exc:  # OSError: a broken pipe to it
-        output.error(str(exc))
-        output.lines([f"  sidecar: {line}" for line in list(client.stderr_lines)[-10:]])
-        code = 1
-    finally:
-        output.end_text()
+        return 130
+    except (SidecarExited, BrokenPipeError) as exc:
+        if client.alive and not isinstance(exc, SidecarExited):
+            raise  # our own stdout went away, not the sidecar
+        output.error(f"the sidecar exited (code {client.wait_or_kill()})")
+        for line in list(client.stderr_lines)[-10:]:
+            output.info(f"  sidecar: {line}")
+        return 1
+    return 0
+
+
+def _close(session: ReplSession) -> None:
+    try:
         session.close()
-    if code == 0 and state.had_errors and not _interactive():
-        code = 1
-    return code
+    except KeyboardInterrupt:  # impatient: no clean shutdown, but still reaped
+        session.client.process.kill()
+        session.client.process.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

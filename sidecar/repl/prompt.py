@@ -10,10 +10,10 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, BinaryIO, Iterable
 
-from .repl_commands import command_names, completion_kind, is_raw_json
-from .repl_state import ReplState, setting_names
+from .commands import command_names, completion_kind, is_raw_json
+from .state import ReplState, setting_names
 
 HISTORY_ENV = "LOCALMLX_REPL_HISTORY"
 _METHOD_IN_JSON = re.compile(r'"method"\s*:\s*"([^"]*)$')
@@ -46,14 +46,15 @@ def matching(prefix: str, words: Iterable[str]) -> list[str]:
 
 
 class ScriptInput:
-    """stdin, one command a line; `#` lines are comments."""
+    """stdin, one command a line; `#` lines are comments. Bytes that are not UTF-8 survive
+    as surrogate escapes, so a raw line reaches the sidecar exactly as it was written."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stdin
+    def __init__(self, stream: BinaryIO | None = None) -> None:
+        self.stream = stream or sys.stdin.buffer
 
     def read(self, state: ReplState) -> str:
         while True:
-            line = self.stream.readline()
+            line = self.stream.readline().decode("utf-8", "surrogateescape")
             if not line:
                 raise EOFError
             if not line.lstrip().startswith("#"):

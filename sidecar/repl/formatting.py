@@ -29,6 +29,16 @@ def count(n: int | None) -> str:
     return str(n)
 
 
+# C0 controls other than tab and newline become their Unicode pictures (ESC -> ␛, CR -> ␍),
+# C1 controls become U+FFFD: model text must not move the cursor or drive the terminal.
+_CONTROL_PICTURES = {c: chr(0x2400 + c) for c in range(32) if c not in (9, 10)}
+_CONTROL_PICTURES.update({0x7F: "\u2421", **{c: "\ufffd" for c in range(0x80, 0xA0)}})
+
+
+def visible(text: str) -> str:
+    return text.translate(_CONTROL_PICTURES)
+
+
 def compact_json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -111,6 +121,6 @@ def status_lines(status: dict[str, Any]) -> list[str]:
 
 def plain_table(table: Table) -> list[str]:
     headers, rows = table
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-    return ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    return ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
             for row in (headers, *rows)]

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-from . import repl_format as fmt
+from . import formatting as fmt
 
 ARROWS = {"out": "→", "in": "←"}
 
@@ -90,7 +90,6 @@ class RichOutput:
         self._mid_line = False
 
     def _print(self, *renderables: Any, **kwargs: Any) -> None:
-        self.progress_done()
         if self._mid_line:
             self.console.file.write("\n")
             self._mid_line = False
@@ -113,7 +112,7 @@ class RichOutput:
 
     def text(self, chunk: str) -> None:
         self.progress_done()
-        self.console.file.write(chunk)
+        self.console.file.write(fmt.visible(chunk))
         self.console.file.flush()
         self._mid_line = not chunk.endswith("\n")
 
@@ -161,9 +160,16 @@ class RichOutput:
             self._progress.update(self._task, **fields)
 
     def _start_progress(self, in_bytes: bool, fields: dict[str, Any]) -> None:
-        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
-                                   SpinnerColumn, TextColumn, TimeElapsedColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
 
         columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description:<12}"), BarColumn()]
         columns += [DownloadColumn(), TransferSpeedColumn()] if in_bytes else [MofNCompleteColumn()]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import signal
 import threading
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .client import Received, SidecarClient, SidecarExited
+from ..client import Received, SidecarClient, SidecarExited
 
 POLL_S = 0.02
 
@@ -28,7 +29,6 @@ class Reply:
     expected, or the user stopped waiting)."""
 
     message: Any = None
-    cancelled: bool = False
     abandoned: bool = False
 
 
@@ -88,18 +88,18 @@ class ReplClient(SidecarClient):
                     cancel()
                     cancelled = True
                 if interrupts.count >= 2 or (interrupts.count and cancel is None):
-                    return Reply(cancelled=cancelled, abandoned=True)
+                    return Reply(abandoned=True)
                 try:
                     message = self.inbox.get(timeout=POLL_S)
                 except queue.Empty:
                     if not self.alive:
                         raise SidecarExited(f"the sidecar exited (code {self.process.poll()})") from None
                     if deadline is not None and time.monotonic() > deadline:
-                        return Reply(cancelled=cancelled)
+                        return Reply()
                     continue
                 show(message)
                 if is_reply(message):
-                    return Reply(message, cancelled=cancelled)
+                    return Reply(message)
 
     def drain(self) -> list[Any]:
         """Messages that arrived while nobody was waiting (late replies, stray notifications)."""
@@ -114,10 +114,8 @@ class ReplClient(SidecarClient):
 
     def forget(self, id_: Any) -> None:
         """Drop the client's record of a request whose reply the REPL has handled."""
-        try:
+        with contextlib.suppress(KeyError, TimeoutError, SidecarExited):
             self.wait_response(id_, 0)
-        except (KeyError, TimeoutError, SidecarExited):
-            pass
 
     def abandon(self, id_: Any) -> None:
         self._abandoned.add((type(id_).__name__, id_))

@@ -11,10 +11,10 @@ import itertools
 import json
 from typing import Any
 
-from . import repl_format as fmt
-from .client import SidecarExited
-from .repl_state import ReplState
-from .repl_wire import Reply, ReplClient
+from . import formatting as fmt
+from ..client import SidecarExited
+from .state import ReplState, accepts_progress
+from .wire import ReplClient, Reply
 
 LINGER_S = 0.3  # how long to watch for an answer to a raw line that expects none
 
@@ -64,17 +64,15 @@ class ReplSession:
 
     # ---- requests the REPL builds ------------------------------------------------------------
 
-    def request(self, method: str, params: dict[str, Any] | None = None, progress: bool = False) -> Any:
+    def request(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """The result, or None once the error (or the cancellation) has been shown."""
-        if progress:
-            params = dict(params or {}, _meta={"progressToken": f"repl-{next(self._tokens)}"})
-        reply = self._exchange(method, params)
+        reply = self._exchange(method, self._with_progress(method, params))
         return None if reply is None else reply["result"]
 
     def generate(self, method: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         """Stream a `chat` or `generate`: text as it arrives, then the summary line."""
         parts: list[str] = []
-        reply = self._exchange(method, dict(params, stream=True), parts)
+        reply = self._exchange(method, self._with_progress(method, dict(params, stream=True)), parts)
         self.output.end_text()
         if reply is None:
             return None
@@ -82,10 +80,18 @@ class ReplSession:
         self.output.summary(fmt.generation_summary(result))
         return "".join(parts), result
 
+    def _with_progress(self, method: str, params: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Ask for `$/progress` wherever the method takes a token (loads, downloads, and
+        generations that may load their model first), so long work shows a bar."""
+        if not accepts_progress(method) or "_meta" in (params or {}):
+            return params
+        return {**(params or {}), "_meta": {"progressToken": f"repl-{next(self._tokens)}"}}
+
     def _exchange(self, method: str, params: dict[str, Any] | None,
                   parts: list[str] | None = None) -> dict[str, Any] | None:
         id_ = self.client.start_request(method, params)
-        token = (params or {}).get("_meta", {}).get("progressToken")
+        meta = (params or {}).get("_meta")
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
         reply = self.client.wait_for(
             lambda m: isinstance(m, dict) and "method" not in m and _same_id(m.get("id"), id_),
             lambda m: self._show(m, id_, token, parts),
