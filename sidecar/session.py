@@ -322,13 +322,16 @@ class Session:
 
     # ---- shutdown and exit ---------------------------------------------------------------
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, own_id: Any) -> None:
         self.lifecycle.shutting_down = True
         self.lifecycle.shutdown_requested = True
-        for key, inflight in list(self._inflight.items()):
-            if inflight.context.job is not None:
-                self.cancel(key[1], reason="shutdown")
+        self._cancel_all("shutdown", keep=id_key(own_id))
         await self.engine.unload_all()
+
+    def _cancel_all(self, reason: str, keep: tuple[str, Any] | None = None) -> None:
+        for key in list(self._inflight):
+            if key != keep:
+                self.cancel(key[1], reason=reason)
 
     def _on_eof(self) -> None:
         log.info("stdin closed: exiting")
@@ -342,9 +345,7 @@ class Session:
             return
         self.exit_code = code
         self.lifecycle.shutting_down = True
-        for key, inflight in list(self._inflight.items()):
-            if inflight.context.job is not None:
-                self.cancel(key[1], reason="exit")
+        self._cancel_all("exit")
         self._exit.set()
 
     async def close(self, grace_s: float = 3.0) -> None:

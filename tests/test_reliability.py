@@ -144,3 +144,17 @@ def test_no_thread_or_process_leaks_after_close(sidecars) -> None:
     assert client.close() == 0
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_shutdown_cancels_running_and_queued_work_with_server_cancelled(sidecar) -> None:
+    running = sidecar.start_request("chat", dict(LONG, stream=True))
+    wait_for_chunks(sidecar, running)
+    queued = sidecar.start_request("generate", {"prompt": "x", "maxTokens": 5})
+    listing = sidecar.start_request("tokenize", {"text": "queued behind the generation"})
+    assert sidecar.request("shutdown", timeout=10) == {}
+    for id_ in (running, queued, listing):
+        error = sidecar.wait_response(id_, timeout=5)["error"]
+        assert error["code"] == -32802 and error["data"]["reason"] == "shutdown"
+    with pytest.raises(RpcCallError) as refused:
+        sidecar.request("chat", chat_params(maxTokens=2))
+    assert refused.value.code == -32600

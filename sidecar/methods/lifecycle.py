@@ -58,7 +58,7 @@ async def ping(context: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 @rpc_method("shutdown")
 async def shutdown(context: Any, params: dict[str, Any]) -> dict[str, Any]:
-    await context.session.shutdown()
+    await context.session.shutdown(context.id)
     return {}
 
 
