@@ -138,9 +138,14 @@ async function main(): Promise<void> {
       // missing counts as drift
     }
     if (current !== generated) {
+      const have = current.split("\n");
+      const want = generated.split("\n");
+      let line = 0;
+      while (line < want.length && have[line] === want[line]) line++;
       console.error(
         `${relative(process.cwd(), outputPath)} is out of date with ${relative(process.cwd(), schemaPath)}: ` +
-          "run `npm run gen:types` and commit the result.",
+          "run `npm run gen:types` and commit the result.\n" +
+          `first difference at line ${line + 1}:\n- ${have[line] ?? "(end of file)"}\n+ ${want[line] ?? "(end of file)"}`,
       );
       process.exit(1);
     }

@@ -103,6 +103,8 @@ export interface LocalMLXEvents {
   stderr: [line: string];
   /** Something odd on stdout was skipped (junk, an oversized line, an unknown id). */
   warning: [warning: WireWarning];
+  /** A notification from the sidecar that the client does not handle itself (not a chunk or progress). */
+  notification: [method: string, params: unknown];
   /** A sidecar process ended; `expected` when `close()` or `restart()` asked for it. */
   exit: [info: ExitInfo & { expected: boolean }];
   /** The sidecar crashed (or failed to restart); pending calls failed with this error. */
@@ -209,6 +211,7 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
           logger?.warn?.(`localmlx client: ${warning.message}${warning.line ? `: ${warning.line}` : ""}`);
           this.emit("warning", warning);
         },
+        onNotification: (method, params) => this.emit("notification", method, params),
       },
       options.restart === false ? false : { ...DEFAULT_RESTART_POLICY, ...options.restart },
       {
@@ -252,7 +255,7 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
       timeoutMs: timeoutMs ?? this.options.requestTimeoutMs ?? DEFAULTS.requestTimeoutMs,
       highWaterMark: this.options.highWaterMark ?? DEFAULTS.highWaterMark,
       onWarning: (warning) => this.emit("warning", warning),
-      onResult: (result: PredictionResult) => this.touchModel(result.model, result.model),
+      onResult: (result: PredictionResult) => this.touchModel(result.model, params.model ?? result.model),
     });
     this.supervisor.acquire().then(
       (session) => prediction.start(session.connection, params as Record<string, unknown>),

@@ -86,10 +86,6 @@ class LineWriter {
     if (!this.waitingForDrain) this.stream.end();
   }
 
-  get pendingLines(): number {
-    return this.queue.length;
-  }
-
   private flush(): void {
     this.waitingForDrain = false;
     while (this.queue.length > 0 && !this.waitingForDrain && !this.failed) {
@@ -114,6 +110,7 @@ export class Connection {
   private readonly abandoned = new Set<number>();
   private closedWith: Error | undefined;
   private holds = 0;
+  private holdEpoch = 0;
 
   constructor(
     private readonly input: Readable,
@@ -129,10 +126,6 @@ export class Connection {
 
   set maxLineBytes(value: number) {
     this.options.maxLineBytes = value;
-  }
-
-  get pendingCount(): number {
-    return this.pending.size;
   }
 
   /** True while reads are paused for back-pressure. */
@@ -224,12 +217,22 @@ export class Connection {
   /** Pauses reading until the returned function is called (counted: every hold must be released). */
   hold(): () => void {
     if (this.holds++ === 0) this.input.pause();
+    const epoch = this.holdEpoch;
     let released = false;
     return () => {
-      if (released) return;
+      if (released || epoch !== this.holdEpoch) return;
       released = true;
       if (--this.holds === 0) this.input.resume();
     };
+  }
+
+  /** Resumes reading whatever holds it (closing: the responses behind a slow consumer matter more). */
+  releaseHolds(): void {
+    this.holdEpoch++;
+    if (this.holds > 0) {
+      this.holds = 0;
+      this.input.resume();
+    }
   }
 
   /** End of input for the sidecar. */
@@ -244,10 +247,7 @@ export class Connection {
     this.pending.clear();
     this.abandoned.clear();
     if (calls.length > 0) this.options.onBusyChange?.(false);
-    if (this.holds > 0) {
-      this.holds = 0;
-      this.input.resume();
-    }
+    this.releaseHolds();
     for (const call of calls) call.handlers.onError(error);
   }
 

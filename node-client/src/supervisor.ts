@@ -41,7 +41,6 @@ export class Supervisor {
   private session: Session | undefined;
   private opening: Promise<Session> | undefined;
   private crashTimes: number[] = [];
-  private lastCrash: SidecarCrashError | SidecarStartError | undefined;
   private unavailable: SidecarUnavailableError | undefined;
   private closing: Promise<CloseResult> | undefined;
   /** How many sessions were started (1 = the first one). */
@@ -55,10 +54,6 @@ export class Supervisor {
 
   get current(): Session | undefined {
     return this.session?.alive ? this.session : undefined;
-  }
-
-  get closed(): boolean {
-    return this.closing !== undefined;
   }
 
   /** The first start: failures are thrown as they are, with no retry. */
@@ -145,7 +140,6 @@ export class Supervisor {
 
   private recordCrash(error: SidecarCrashError | SidecarStartError): void {
     const now = Date.now();
-    this.lastCrash = error;
     this.hooks.onCrash(error);
     if (this.closing || this.unavailable) return;
     if (!this.policy) {
@@ -168,10 +162,5 @@ export class Supervisor {
   private giveUp(error: SidecarUnavailableError): void {
     this.unavailable = error;
     this.hooks.onUnavailable(error);
-  }
-
-  /** The crash that caused the current outage, if any. */
-  get lastError(): SidecarCrashError | SidecarStartError | undefined {
-    return this.lastCrash;
   }
 }

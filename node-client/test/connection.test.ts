@@ -129,6 +129,21 @@ describe("Connection routing", () => {
     assert.deepEqual(seen, [1]);
   });
 
+  test("other notifications go to onNotification", async () => {
+    const sidecar = new PassThrough();
+    const seen: unknown[] = [];
+    new Connection(sidecar, new PassThrough(), {
+      maxMessageBytes: 1024,
+      maxLineBytes: 1024,
+      nextId: () => 1,
+      onWarning: () => assert.fail("no warning expected"),
+      onNotification: (method, params) => seen.push([method, params]),
+    });
+    sidecar.write('{"jsonrpc":"2.0","method":"$/log","params":{"level":"info"}}\n');
+    await tick();
+    assert.deepEqual(seen, [["$/log", { level: "info" }]]);
+  });
+
   test("close() fails every pending call with the given error", async () => {
     const { connection } = wire();
     const a = connection.request("ping", {});

@@ -52,6 +52,11 @@ def prompt_tokens(tokenizer: Any, request: GenerationRequest) -> list[int]:
     return list(tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
 
 
+def _decode_rate(tokens: int, first_at: float, last_at: float) -> float:
+    """Tokens after the first over the time after it: the steady decode speed."""
+    return round((tokens - 1) / (last_at - first_at), 3) if tokens > 1 and last_at > first_at else 0.0
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
@@ -166,6 +171,7 @@ class Generator:
         stops = StopMatcher(request.stop)
         cache_key = list(prompt)
         finish, last = "length", None
+        first_token_at = last_token_at = 0.0
         def stop_prefill_when_cancelled(processed: int, total: int) -> None:
             if job.cancelled:
                 raise _PrefillCancelled
@@ -175,6 +181,8 @@ class Generator:
                                      **_sampling(request, tokenizer))
         try:
             for last in generation:
+                last_token_at = time.perf_counter()
+                first_token_at = first_token_at or last_token_at
                 cache_key.append(last.token)
                 chunks.emit(stops.feed(last.text))
                 if stops.matched:
@@ -210,7 +218,7 @@ class Generator:
                 "promptMs": _ms(len(rest) / last.prompt_tps) if last is not None and last.prompt_tps else 0.0,
                 "promptTokensPerSecond": round(last.prompt_tps, 3) if last is not None else 0.0,
                 "generateMs": _ms(ended - first_at),
-                "tokensPerSecond": round(last.generation_tps, 3) if last is not None else 0.0,
+                "tokensPerSecond": _decode_rate(completion, first_token_at, last_token_at),
                 "totalMs": _ms(ended - request.received_at),
                 "peakMemoryBytes": self.memory.request_peak(),
             },
