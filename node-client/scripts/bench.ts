@@ -82,8 +82,8 @@ async function main(): Promise<void> {
         `target ≥ ${TARGET}: ${ratio >= TARGET ? "met" : "NOT met"}`,
     );
     console.log(
-      "note: the sidecar counts N tokens over the N-1 gaps after the first (mlx-lm's generation_tps), " +
-        "Node counts N-1, so a perfect pipe reads about (N-1)/N (0.995 at 200 tokens).",
+      "note: both count the N-1 tokens after the first over the time after it; the sidecar's clock " +
+        "is the token leaving the model, Node's is the chunk arriving.",
     );
   } finally {
     await mlx.close();
