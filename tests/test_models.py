@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -76,4 +77,18 @@ def test_a_directory_that_is_not_a_model_fails_clearly(sidecars, tmp_path) -> No
         client.request("models/load", {"model": "empty"})
     assert missing.value.code == -32010
     assert client.request("ping") == {}
+    assert client.close() == 0
+
+
+def test_preloaded_models_load_at_start_without_delaying_initialize(sidecars) -> None:
+    client = sidecars.spawn(initialize=False, LOCALMLX_PRELOAD_MODELS="true")
+    info = client.initialize()
+    assert info["serverInfo"]["device"].split()[0] in ("cpu", "gpu")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if [m["model"] for m in client.request("server/status")["models"]] == ["demo"]:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the default model was not preloaded")
     assert client.close() == 0

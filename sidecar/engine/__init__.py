@@ -25,6 +25,18 @@ def _no_progress(*_: Any) -> None:
     pass
 
 
+def _describe_device() -> str:
+    import mlx.core as mx
+
+    kind = "gpu" if mx.default_device().type == mx.gpu else "cpu"
+    try:
+        info = mx.device_info()
+        name = info.get("device_name") or info.get("architecture")
+    except Exception:  # some backends expose no device info
+        name = None
+    return f"{kind} ({name})" if name else kind
+
+
 class Engine:
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop,
                  send_notification: Callable[[str, dict[str, Any]], None]) -> None:
@@ -40,6 +52,8 @@ class Engine:
         self.worker = EngineWorker(loop, settings.max_queue)
         self._send_notification = send_notification
         self._loading: dict[str, int] = {}  # model name -> load jobs queued or running
+        # Asked first, before any preload, so initialize never waits behind a load.
+        self._device = self._submit(Job("probe", lambda job: _describe_device()), force=True).future
 
     # ---- models ------------------------------------------------------------------------
 
@@ -127,6 +141,10 @@ class Engine:
     def _submit(self, job: Job, force: bool = False) -> Job:
         self.worker.submit(job, force=force)
         return job
+
+    async def device_description(self) -> str:
+        """"gpu (Apple M3 Max)" or "cpu": asked on the engine thread, like all MLX calls."""
+        return await asyncio.shield(self._device)
 
     # ---- status ----------------------------------------------------------------------------
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -20,19 +19,6 @@ def _package_version(name: str) -> str:
         return "unknown"
 
 
-@functools.cache
-def device_description() -> str:
-    import mlx.core as mx
-
-    device = mx.default_device()
-    kind = "gpu" if device.type == mx.gpu else "cpu"
-    try:
-        name = mx.device_info().get("device_name") or mx.device_info().get("architecture")
-    except Exception:  # some backends expose no device info
-        name = None
-    return f"{kind} ({name})" if name else kind
-
-
 @rpc_method("initialize")
 async def initialize(context: Any, params: dict[str, Any]) -> dict[str, Any]:
     session, settings = context.session, context.settings
@@ -41,7 +27,7 @@ async def initialize(context: Any, params: dict[str, Any]) -> dict[str, Any]:
     return {
         "protocolVersion": PROTOCOL_VERSION,
         "serverInfo": {"name": "localmlx", "version": __version__, "mlx": _package_version("mlx"),
-                       "mlxLm": _package_version("mlx-lm"), "device": device_description()},
+                       "mlxLm": _package_version("mlx-lm"), "device": await context.engine.device_description()},
         "capabilities": {"streaming": True, "cancellation": True, "progress": True,
                          "methods": schema.method_names()},
         "limits": {"maxLineBytes": settings.max_line_bytes, "maxQueue": settings.max_queue,
