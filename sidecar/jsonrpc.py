@@ -87,6 +87,7 @@ def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "method": method, "params": params}
 
 
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _ID_VALUE = re.compile(rb'\s*("(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|null)')
 
 
@@ -98,7 +99,7 @@ def peek_id(head: bytes) -> Any:
     while i < n:
         c = head[i]
         if c == ord('"'):
-            match = re.compile(rb'"(?:[^"\\]|\\.)*"').match(head, i)
+            match = _STRING.match(head, i)
             if match is None:
                 return None
             end = match.end()

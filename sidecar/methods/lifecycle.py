@@ -6,10 +6,13 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import logging
+
 from .. import __version__, schema
 from . import rpc_method
 
 PROTOCOL_VERSION = 1
+log = logging.getLogger("localmlx.session")
 
 
 def _package_version(name: str) -> str:
@@ -24,6 +27,7 @@ async def initialize(context: Any, params: dict[str, Any]) -> dict[str, Any]:
     session, settings = context.session, context.settings
     session.lifecycle.initialized = True
     session.lifecycle.client_info = params.get("clientInfo") or {}
+    log.info("initialized by %s", session.lifecycle.client_info or "an unnamed client")
     return {
         "protocolVersion": PROTOCOL_VERSION,
         "serverInfo": {"name": "localmlx", "version": __version__, "mlx": _package_version("mlx"),
