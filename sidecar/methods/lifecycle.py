@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
-
-import logging
 
 from .. import __version__, schema
 from . import rpc_method
