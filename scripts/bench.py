@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import statistics
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from sidecar.client import SidecarClient, sidecar_command
 from sidecar.demo_model import DEMO_MODEL_DIRNAME, build_demo_model
+from sidecar.transport import encode_message
 
 PROMPT = "The sea and the mountains were old friends, and every morning they"
 
@@ -82,9 +85,38 @@ def through_sidecar(client: SidecarClient, max_tokens: int, span: int) -> tuple[
             result["timings"]["tokensPerSecond"])
 
 
+def sidecar_writing_to_a_file(models_dir: str, runs: int, max_tokens: int) -> float:
+    """Streamed generations with stdout going to a file: no reading client competes with MLX
+    for the CPU. Returns the median of the sidecar's own decode tokens/s."""
+    with tempfile.TemporaryFile() as out:
+        process = subprocess.Popen(
+            sidecar_command(), stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL,
+            env={**os.environ, "LOCALMLX_MODELS_DIR": models_dir, "LOCALMLX_ENABLE_CACHE": "false"})
+        requests = [{"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": 1}},
+                    {"jsonrpc": "2.0", "id": 1, "method": "models/load", "params": {"model": "demo"}}]
+        requests += [{"jsonrpc": "2.0", "id": 2 + i, "method": "generate",
+                      "params": {"prompt": PROMPT, "maxTokens": max_tokens, "temperature": 0, "stream": True}}
+                     for i in range(runs + 1)]
+        process.stdin.write(b"".join(encode_message(r) for r in requests))
+        process.stdin.flush()
+        last_id = b'"id":%d,' % requests[-1]["id"]
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:  # EOF would cancel the queued work: wait for it first
+            out.seek(0)
+            if last_id in out.read():
+                break
+            time.sleep(0.2)
+        process.stdin.close()
+        process.wait(30)
+        out.seek(0)
+        rates = [m["result"]["timings"]["tokensPerSecond"] for m in map(json.loads, out)
+                 if isinstance(m.get("id"), int) and m["id"] > 2 and "result" in m]
+    return statistics.median(rates)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--max-tokens", type=int, default=256)
     args = parser.parse_args()
 
@@ -100,29 +132,39 @@ def main() -> int:
         try:
             client.initialize(name="bench")
             client.request("models/load", {"model": "demo"})
-            span = in_process(model, tokenizer, 16)[2]  # warm every side equally
-            worker.run(16)
-            through_sidecar(client, 16, span)
+            span = in_process(model, tokenizer, args.max_tokens)[2]  # also warms every side
+            worker.run(args.max_tokens)
+            through_sidecar(client, args.max_tokens, span)
             local, child, remote = [], [], []
-            for _ in range(args.runs):  # interleaved, so drift hits all alike
-                local.append(in_process(model, tokenizer, args.max_tokens))
-                child.append(worker.run(args.max_tokens))
-                remote.append(through_sidecar(client, args.max_tokens, local[-1][2]))
+            sides = [lambda: local.append(in_process(model, tokenizer, args.max_tokens)),
+                     lambda: child.append(worker.run(args.max_tokens)),
+                     lambda: remote.append(through_sidecar(client, args.max_tokens, span))]
+            order = random.Random(0)
+            for _ in range(args.runs):  # interleaved, in a shuffled order: drift hits all alike
+                for side in order.sample(sides, len(sides)):
+                    side()
         finally:
             client.close()
             worker.close()
+        unobserved = sidecar_writing_to_a_file(tmp, args.runs, args.max_tokens)
 
     med = lambda xs: statistics.median(xs)
     ttft_local, tps_local = med([r[0] for r in local]), med([r[1] for r in local])
     ttft_remote, tps_remote = med([r[0] for r in remote]), med([r[1] for r in remote])
     ttft_child, tps_child = med([r[0] for r in child]), med([r[1] for r in child])
     tps_reported = med([r[2] for r in remote])
+    paired = med([r[1] / l[1] for r, l in zip(remote, local)])
+    paired_child = med([r[1] / c[1] for r, c in zip(remote, child)])
     print(f"demo model, {args.max_tokens} tokens, {args.runs} interleaved runs, medians")
     print(f"{'':28}{'reference':>12}{'sidecar':>12}{'sidecar / reference':>22}")
     for label, ttft, tps in (("in this process", ttft_local, tps_local),
                              ("in a worker process", ttft_child, tps_child)):
         print(f"decode tokens/s, {label:<20}{tps:>8.1f}{tps_remote:12.1f}{tps_remote / tps:21.3f}x")
         print(f"TTFT ms, {label:<28}{ttft:>8.2f}{ttft_remote:12.2f}{ttft_remote - ttft:+20.2f}ms")
+    print(f"decode ratio, median of paired runs: {paired:.3f}x vs this process, "
+          f"{paired_child:.3f}x vs the worker process")
+    print(f"sidecar streaming into a file (no client on the CPU), its own report: {unobserved:.1f} tokens/s "
+          f"= {unobserved / tps_local:.3f}x this process's reference")
     print(f"sidecar's own tokens/s report: {tps_reported:.1f} (client-side / reported = "
           f"{tps_remote / tps_reported:.3f}x)")
     return 0
