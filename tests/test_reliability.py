@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
+import random
 import sys
 import textwrap
 import time
@@ -158,3 +158,26 @@ def test_shutdown_cancels_running_and_queued_work_with_server_cancelled(sidecar)
     with pytest.raises(RpcCallError) as refused:
         sidecar.request("chat", chat_params(maxTokens=2))
     assert refused.value.code == -32600
+
+
+def test_a_storm_of_hostile_lines_never_stops_the_service(sidecar) -> None:
+    """Garbage of every kind interleaved with real requests: every request is answered,
+    every garbage line gets at most its one error, and the process keeps serving."""
+    rng = random.Random(7)
+    garbage = [b"{", b"\xff\xfe\x00", b"[]", b"[1,2]", b'{"jsonrpc":"2.0"}', b"null", b'"x"',
+               b'{"jsonrpc":"2.0","method":"chat","params":{"messages":"no"}}',
+               b'{"jsonrpc":"2.0","id":[],"method":"ping"}', b"\r", b" " * 100,
+               b'{"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":{"deep":[1]}}}',
+               b'{"jsonrpc":"2.0","id":"g","method":"models/load","params":{"model":"../../../etc"}}']
+    ids = []
+    for i in range(200):
+        sidecar.send_raw(rng.choice(garbage) + b"\n")
+        if i % 5 == 0:
+            ids.append(sidecar.start_request("tokenize", {"text": f"request {i}"}))
+    answers = [sidecar.wait_response(id_, timeout=30) for id_ in ids]
+    # Real requests either succeed or, while 40 pile up behind the first load, are refused as busy.
+    assert all("result" in a or a["error"]["code"] == -32015 for a in answers)
+    assert sum("result" in a for a in answers) >= 10
+    assert sidecar.request("ping") == {}
+    errors = [r.message for r in sidecar.received if isinstance(r.message, dict) and "error" in r.message]
+    assert len(errors) <= 200 + len(ids)
