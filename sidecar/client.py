@@ -49,7 +49,14 @@ class Received:
 class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
     response: dict[str, Any] | None = None
-    chunks: "queue.SimpleQueue[Received]" = field(default_factory=queue.SimpleQueue)
+    chunks: "queue.SimpleQueue[Any]" = field(default_factory=queue.SimpleQueue)  # Received, then _DONE
+
+    def finish(self) -> None:
+        self.done.set()
+        self.chunks.put(_DONE)
+
+
+_DONE = object()
 
 
 class SidecarClient:
@@ -108,7 +115,7 @@ class SidecarClient:
                 self._dispatch(Received(message, now))
         with self._lock:
             for pending in self._pending.values():
-                pending.done.set()
+                pending.finish()
 
     def _dispatch(self, item: Received) -> None:
         self.received.append(item)
@@ -128,7 +135,7 @@ class SidecarClient:
                 pending = self._pending.get(_key(message["id"]))
             if pending is not None:
                 pending.response = message
-                pending.done.set()
+                pending.finish()
 
     def _drain_stderr(self) -> None:
         assert self.process.stderr is not None
@@ -178,20 +185,13 @@ class SidecarClient:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                yield pending.chunks.get(timeout=0.01).message["params"]
-                continue
+                item = pending.chunks.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                pass
-            if pending.done.is_set():
-                while True:  # chunks precede the response on the wire, so all are queued
-                    try:
-                        yield pending.chunks.get_nowait().message["params"]
-                    except queue.Empty:
-                        break
+                raise TimeoutError(f"stream {id_!r} timed out") from None
+            if item is _DONE:  # queued after the last chunk: the response (or EOF) came
                 yield self.wait_response(id_, 0)
                 return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"stream {id_!r} timed out")
+            yield item.message["params"]
 
     def cancel(self, id_: Any) -> None:
         self.send({"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": id_}})
