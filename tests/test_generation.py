@@ -88,3 +88,22 @@ def test_a_just_in_time_load_reports_progress_for_chat(sidecar) -> None:
     result = sidecar.request("chat", chat_params(maxTokens=2, _meta={"progressToken": "jit"}))
     assert result["finishReason"] == "length"
     assert [p["phase"] for p in seen][-1] == "ready" and all(p["token"] == "jit" for p in seen)
+
+
+def test_prompt_cache_changes_speed_not_words(sidecars) -> None:
+    """A follow-up turn served from the prompt cache says exactly what it says without it."""
+    def conversation(client) -> list[dict]:
+        messages = [{"role": "user", "content": "Tell me about waves and the moon."}]
+        replies = []
+        for turn in ("And tides?", "And storms?"):
+            reply = client.request("chat", {"messages": messages, "maxTokens": 24, "temperature": 0})
+            replies.append(reply)
+            messages = messages + [{"role": "assistant", "content": reply["text"]},
+                                   {"role": "user", "content": turn}]
+        replies.append(client.request("chat", {"messages": messages, "maxTokens": 24, "temperature": 0}))
+        return replies
+
+    cached = conversation(sidecars.spawn())
+    uncached = conversation(sidecars.spawn(LOCALMLX_ENABLE_CACHE="false"))
+    assert [r["text"] for r in cached] == [r["text"] for r in uncached]
+    assert cached[-1]["usage"]["cachedTokens"] > 0 and uncached[-1]["usage"]["cachedTokens"] == 0
