@@ -101,7 +101,7 @@ class ModelLocator:
             return ModelLocation(repo_id, "hub", None, repo_id)
         raise ModelNotFound(
             f"Model not found locally: {repo_id}. Download it first "
-            f"(huggingface-cli download {repo_id}) or set LOCALMLX_AUTO_DOWNLOAD=true.",
+            f"(hf download {repo_id}) or set LOCALMLX_AUTO_DOWNLOAD=true.",
             model=repo_id)
 
     @staticmethod
