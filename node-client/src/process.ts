@@ -22,8 +22,9 @@ export const DEFAULT_SIDECAR_ARGS: readonly string[] = ["-m", "sidecar", "serve"
  * environment (`../.venv` beside this package), then `python3` from PATH.
  */
 export function resolvePython(option?: string, env: NodeJS.ProcessEnv = process.env): string {
-  if (option) return option;
-  if (env.LOCALMLX_PYTHON) return env.LOCALMLX_PYTHON;
+  const given = option || env.LOCALMLX_PYTHON;
+  // A relative path means "from where the host runs", not from the sidecar's working directory.
+  if (given) return given.includes("/") || given.includes("\\") ? resolve(given) : given;
   const venv =
     process.platform === "win32"
       ? join(repositoryRoot, ".venv", "Scripts", "python.exe")
