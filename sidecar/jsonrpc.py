@@ -30,6 +30,8 @@ def parse_json(line: bytes) -> Any:
         raise ParseError("Parse error: request is not valid UTF-8", reason=str(exc)) from None
     except ValueError as exc:
         raise ParseError("Parse error: request is not valid JSON", reason=str(exc)) from None
+    except RecursionError:
+        raise ParseError("Parse error: request is nested too deeply", reason="nesting") from None
 
 
 def is_valid_id(value: Any) -> bool:

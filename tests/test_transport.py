@@ -56,7 +56,7 @@ def test_peek_id_reads_only_the_top_level_id(head: bytes, expected: object) -> N
 def test_parse_accepts_lone_surrogates_and_rejects_invalid_utf8_and_nan() -> None:
     assert parse_json(b'{"s":"\\ud800x"}') == {"s": "\ud800x"}
     assert parse_json(b'{"s":"\\ud83c\\udf0a"}') == {"s": "🌊"}
-    for bad in (b'{"s":"\xff"}', b'{"n":NaN}', b'{"n":Infinity}', b"{", b""):
+    for bad in (b'{"s":"\xff"}', b'{"n":NaN}', b'{"n":Infinity}', b"{", b"", b"[" * 50_000 + b"]" * 50_000):
         with pytest.raises(ParseError):
             parse_json(bad)
 
