@@ -20,6 +20,11 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_model_path(models_dir: Path) -> Path:
+    return models_dir / DEMO_MODEL_DIRNAME
+
+
+@pytest.fixture(scope="session")
 def sidecar_env(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"LOCALMLX_MODELS_DIR": str(models_dir),
             "HF_HUB_CACHE": str(tmp_path_factory.mktemp("hf-cache")),

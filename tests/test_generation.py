@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from .conftest import chat_params
 
 
@@ -107,3 +109,32 @@ def test_prompt_cache_changes_speed_not_words(sidecars) -> None:
     uncached = conversation(sidecars.spawn(LOCALMLX_ENABLE_CACHE="false"))
     assert [r["text"] for r in cached] == [r["text"] for r in uncached]
     assert cached[-1]["usage"]["cachedTokens"] > 0 and uncached[-1]["usage"]["cachedTokens"] == 0
+
+
+def test_extreme_sampling_params_are_served_and_leave_the_engine_healthy(sidecar) -> None:
+    for extra in ({"topK": 100000}, {"topK": 1}, {"topP": 1}, {"minP": 1}, {"temperature": 100},
+                  {"temperature": 1e-30}, {"repetitionPenalty": 0.0001}, {"repetitionPenalty": 10},
+                  {"seed": 2**64 - 1}, {"stop": ["\x00", "a" * 256]}):
+        result = sidecar.request("generate", {"prompt": "The sea", "maxTokens": 5, "temperature": 1, **extra})
+        assert result["usage"]["completionTokens"] == 5, extra
+    assert sidecar.request("generate", {"prompt": "The sea", "maxTokens": 5, "temperature": 0.7})["finishReason"] == "length"
+
+
+def test_a_sampler_failure_does_not_poison_later_sampling(demo_model_path) -> None:
+    """In-process, on real MLX: the recovery the engine runs after any failed generation."""
+    from mlx_lm import load, stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from sidecar.engine.generation import _reset_random_state
+
+    model, tokenizer = load(str(demo_model_path))
+
+    def sample(**kw) -> int:
+        return len(list(stream_generate(model, tokenizer, "The sea", max_tokens=3, sampler=make_sampler(**kw))))
+
+    with pytest.raises(ValueError):
+        sample(temp=1.0, top_k=10**6)  # mlx-lm refuses it while tracing: the random key is now empty
+    with pytest.raises(RuntimeError):
+        sample(temp=1.0)
+    _reset_random_state()
+    assert sample(temp=1.0) == 3

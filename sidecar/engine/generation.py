@@ -6,6 +6,7 @@ no part of one ever reaches the client. Cancellation is checked after every toke
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -112,14 +113,28 @@ class StopMatcher:
         return held
 
 
-def _sampling(request: GenerationRequest, tokenizer: Any) -> dict[str, Any]:
+def _sampling(request: GenerationRequest, vocab_size: int | None) -> dict[str, Any]:
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    sampler = make_sampler(request.temperature, top_p=request.top_p,
-                           min_p=request.min_p, top_k=request.top_k)
+    # topK at or above the vocabulary keeps every token: the same as no topK (mlx-lm refuses it).
+    top_k = request.top_k if vocab_size is None or request.top_k < vocab_size else 0
+    sampler = make_sampler(request.temperature, top_p=request.top_p, min_p=request.min_p, top_k=top_k)
     penalty = request.repetition_penalty
     processors = make_logits_processors(repetition_penalty=penalty) if penalty not in (None, 1.0) else None
     return {"sampler": sampler, "logits_processors": processors}
+
+
+def _vocab_size(config: dict[str, Any]) -> int | None:
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return size if isinstance(size, int) else None
+
+
+def _reset_random_state() -> None:
+    """A sampler that fails mid-trace leaves MLX's global random key without a value, and
+    every later sampled request would fail on it: give the key a fresh seed."""
+    import mlx.core as mx
+
+    mx.random.seed(int.from_bytes(os.urandom(8), "little"))
 
 
 class _PrefillCancelled(Exception):
@@ -138,6 +153,7 @@ class Generator:
         try:
             return self._run(job, loaded, request, send_chunk)
         except Exception as exc:
+            _reset_random_state()
             if is_out_of_memory(exc):
                 raise OutOfMemory(f"Out of memory while generating: {exc}", model=loaded.name) from exc
             raise
@@ -178,7 +194,7 @@ class Generator:
 
         generation = stream_generate(loaded.model, tokenizer, mx.array(rest), max_tokens=max_tokens,
                                      prompt_cache=cache, prompt_progress_callback=stop_prefill_when_cancelled,
-                                     **_sampling(request, tokenizer))
+                                     **_sampling(request, _vocab_size(loaded.config)))
         try:
             for last in generation:
                 last_token_at = time.perf_counter()
