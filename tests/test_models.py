@@ -92,3 +92,29 @@ def test_preloaded_models_load_at_start_without_delaying_initialize(sidecars) ->
     else:
         raise AssertionError("the default model was not preloaded")
     assert client.close() == 0
+
+
+def test_status_of_a_model_through_its_life(sidecar) -> None:
+    assert sidecar.request("models/status", {"model": "demo"})["state"] == "available"
+    sidecar.request("models/load", {"model": "demo"})
+    status = sidecar.request("models/status", {"model": "demo"})
+    assert status["state"] == "loaded" and status["source"] == "embedded"
+    assert status["description"]["type"] == "llama"
+    sidecar.request("models/unload", {"model": "demo"})
+    assert "description" not in sidecar.request("models/status", {"model": "demo"})
+    with pytest.raises(RpcCallError) as missing:
+        sidecar.request("models/status", {"model": "nothing-here"})
+    assert missing.value.code == -32010
+
+
+def test_a_request_without_a_model_uses_the_most_recently_used_one(sidecars, models_dir, tmp_path) -> None:
+    copy_demo(models_dir, tmp_path / "models" / "second")
+    client = sidecars.spawn(LOCALMLX_MODELS_DIR=str(tmp_path / "models"))
+    client.request("models/load", {"model": "second"})
+    client.request("models/load", {"model": "demo"})
+    assert client.request("tokenize", {"text": "a"})["model"] == "demo"
+    client.request("tokenize", {"model": "second", "text": "a"})
+    assert client.request("tokenize", {"text": "a"})["model"] == "second"
+    client.request("server/status")
+    assert client.request("tokenize", {"text": "a"})["model"] == "second"
+    assert client.close() == 0

@@ -16,6 +16,7 @@ import type {
   LocalModel,
   MethodName,
   ModelDescription,
+  ModelsStatusResult,
   ModelsUnloadResult,
   ParamsOf,
   ProgressParams,
@@ -163,6 +164,9 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
       this.loadedModels.delete(result.model);
       return result;
     },
+    /** Where one model stands: loaded, loading, available on disk, or downloadable. */
+    status: (model: string, options: CallOptions = {}): Promise<ModelsStatusResult> =>
+      this.request("models/status", { model }, options),
     /** The models available locally (embedded, models dir, Hugging Face cache). */
     list: async (options: CallOptions = {}): Promise<LocalModel[]> =>
       (await this.request("models/list", {}, options)).models,

@@ -191,6 +191,21 @@ export interface ModelsUnloadResult {
   unloaded: boolean;
 }
 
+export interface ModelsStatusParams {
+  model: ModelRef;
+}
+
+export interface ModelsStatusResult {
+  model: string;
+  /**
+   * loaded: in memory; loading: a load is queued or running; available: on disk, not loaded; downloadable: a Hub repo that the first load will download (LOCALMLX_AUTO_DOWNLOAD).
+   */
+  state: "loaded" | "loading" | "available" | "downloadable";
+  source: "embedded" | "models-dir" | "hf-cache" | "local-path" | "hub";
+  path: string | null;
+  description?: ModelDescription;
+}
+
 /**
  * No parameters (an empty object or absent).
  */
@@ -359,6 +374,7 @@ export interface Methods {
   "models/list": { params: ModelsListParams; result: ModelsListResult };
   "models/load": { params: ModelsLoadParams; result: ModelsLoadResult };
   "models/unload": { params: ModelsUnloadParams; result: ModelsUnloadResult };
+  "models/status": { params: ModelsStatusParams; result: ModelsStatusResult };
   "server/status": { params: ServerStatusParams; result: ServerStatusResult };
   "generate": { params: GenerateParams; result: GenerateResult };
   "chat": { params: ChatParams; result: ChatResult };
@@ -379,4 +395,4 @@ export interface Notifications {
 
 export type NotificationName = keyof Notifications;
 
-export const METHOD_NAMES = ["initialize","ping","shutdown","models/list","models/load","models/unload","server/status","generate","chat","tokenize"] as const;
+export const METHOD_NAMES = ["initialize","ping","shutdown","models/list","models/load","models/unload","models/status","server/status","generate","chat","tokenize"] as const;

@@ -90,6 +90,9 @@ describe("a started client", { timeout: 120_000 }, () => {
     assert.deepEqual(status.requests, { active: 0, queued: 0 });
     const models = await mlx.models.list();
     assert.ok(models.some((m) => m.model === "demo" && m.loaded));
+    const demo = await mlx.models.status("demo");
+    assert.equal(demo.state, "loaded");
+    assert.equal(demo.description?.type, "llama");
     const { tokens } = await mlx.tokenize("hello world");
     assert.ok(tokens.length > 0);
     await mlx.ping();

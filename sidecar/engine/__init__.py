@@ -65,7 +65,7 @@ class Engine:
         return self.locator.resolve(ref)
 
     def _loaded_models(self) -> list[LoadedModel]:
-        return [m for name in self.registry.names() if (m := self.registry.get(name)) is not None]
+        return [m for name in self.registry.names() if (m := self.registry.peek(name)) is not None]
 
     def submit_load(self, location: ModelLocation, progress: Progress = _no_progress) -> Job:
         def run(job: Job) -> dict[str, Any]:
@@ -109,6 +109,13 @@ class Engine:
         if self._loading.get(name):
             return ModelLoading(f"Model is loading: {name} (retry later)", model=name)
         return ModelNotLoaded(f"Model not loaded: {name} (load it with models/load)", model=name)
+
+    def model_state(self, location: ModelLocation) -> str:
+        if self.registry.is_loaded(location.name):
+            return "loaded"
+        if self._loading.get(location.name):
+            return "loading"
+        return "downloadable" if location.path is None else "available"
 
     def check_available(self, location: ModelLocation) -> None:
         """Fail fast, before queueing, when just-in-time loading is off."""

@@ -99,6 +99,10 @@ class ModelRegistry:
             loaded.last_used = time.monotonic()
         return loaded
 
+    def peek(self, name: str) -> LoadedModel | None:
+        """Like get, without counting as a use."""
+        return self._models.get(name)
+
     def is_loaded(self, name: str) -> bool:
         return name in self._models
 

@@ -40,3 +40,16 @@ async def unload_model(context: Any, params: dict[str, Any]) -> dict[str, Any]:
         context.session.cancel(other, reason="unload")
     unloaded = await run_job(context, engine.submit_unload(location.name))
     return {"model": location.name, "unloaded": bool(unloaded)}
+
+
+@rpc_method("models/status")
+async def model_status(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+    engine = context.engine
+    location = engine.resolve(params["model"])
+    status: dict[str, Any] = {"model": location.name, "source": location.source,
+                              "path": None if location.path is None else str(location.path),
+                              "state": engine.model_state(location)}
+    loaded = engine.registry.peek(location.name)
+    if loaded is not None:
+        status["description"] = loaded.description
+    return status
