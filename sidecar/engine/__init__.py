@@ -51,7 +51,6 @@ class Engine:
         self.generator = Generator(prompt_cache, self.memory)
         self.worker = EngineWorker(loop, settings.max_queue)
         self._send_notification = send_notification
-        self._loading: dict[str, int] = {}  # model name -> load jobs queued or running
         # Asked first, before any preload, so initialize never waits behind a load.
         self._device = self._submit(Job("probe", lambda job: _describe_device()), force=True).future
 
@@ -69,18 +68,15 @@ class Engine:
 
     def submit_load(self, location: ModelLocation, progress: Progress = _no_progress) -> Job:
         def run(job: Job) -> dict[str, Any]:
-            try:
-                loaded, already = self.registry.load(location, progress)
-            finally:
-                self._loading[location.name] -= 1
+            loaded, already = self.registry.load(location, progress)
             return dict(loaded.description, alreadyLoaded=already)
 
-        self._loading[location.name] = self._loading.get(location.name, 0) + 1
-        try:
-            return self._submit(Job("load", run, model=location.name))
-        except Exception:
-            self._loading[location.name] -= 1
-            raise
+        return self._submit(Job("load", run, model=location.name))
+
+    def _is_loading(self, name: str) -> bool:
+        """Derived from the queue, so a withdrawn or failed load can never leave it stale."""
+        jobs = [self.worker.current, *self.worker.queued]
+        return any(job is not None and job.kind == "load" and job.model == name for job in jobs)
 
     def submit_unload(self, name: str) -> Job:
         return self._submit(Job("unload", lambda job: self.registry.unload(name), model=name), force=True)
@@ -106,14 +102,14 @@ class Engine:
         return self.registry.load(location, progress)[0]
 
     def _not_loaded(self, name: str) -> Exception:
-        if self._loading.get(name):
+        if self._is_loading(name):
             return ModelLoading(f"Model is loading: {name} (retry later)", model=name)
         return ModelNotLoaded(f"Model not loaded: {name} (load it with models/load)", model=name)
 
     def model_state(self, location: ModelLocation) -> str:
         if self.registry.is_loaded(location.name):
             return "loaded"
-        if self._loading.get(location.name):
+        if self._is_loading(location.name):
             return "loading"
         return "downloadable" if location.path is None else "available"
 
