@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from .errors import RpcError
-from .jsonrpc import parse_json
+from .jsonrpc import id_key, parse_json
 from .transport import LineFramer, OversizedLine, encode_message
 
 
@@ -124,7 +124,7 @@ class SidecarClient:
             params = message.get("params") or {}
             if message["method"] == "generate/chunk":
                 with self._lock:
-                    pending = self._pending.get(_key(params.get("requestId")))
+                    pending = self._pending.get(id_key(params.get("requestId")))
                 if pending is not None:
                     pending.chunks.put(item)
             if self.on_notification is not None:
@@ -132,7 +132,7 @@ class SidecarClient:
             return
         if isinstance(message, dict) and "id" in message:
             with self._lock:
-                pending = self._pending.get(_key(message["id"]))
+                pending = self._pending.get(id_key(message["id"]))
             if pending is not None:
                 pending.response = message
                 pending.finish()
@@ -147,7 +147,7 @@ class SidecarClient:
     def start_request(self, method: str, params: dict[str, Any] | None = None, id: Any = None) -> Any:
         id_ = next(self._ids) if id is None else id
         with self._lock:
-            self._pending[_key(id_)] = _Pending()
+            self._pending[id_key(id_)] = _Pending()
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": id_, "method": method}
         if params is not None:
             message["params"] = params
@@ -156,13 +156,13 @@ class SidecarClient:
 
     def wait_response(self, id_: Any, timeout: float = 120.0) -> dict[str, Any]:
         with self._lock:
-            pending = self._pending[_key(id_)]
+            pending = self._pending[id_key(id_)]
         if not pending.done.wait(timeout):
             raise TimeoutError(f"no response to request {id_!r} within {timeout}s")
         if pending.response is None:
             raise SidecarExited(f"sidecar exited (code {self.process.poll()}) before answering {id_!r}")
         with self._lock:
-            self._pending.pop(_key(id_), None)
+            self._pending.pop(id_key(id_), None)
         return pending.response
 
     def call(self, method: str, params: dict[str, Any] | None = None, timeout: float = 120.0) -> dict[str, Any]:
@@ -181,7 +181,7 @@ class SidecarClient:
         """Yields chunk params as they arrive; the final item is the response message."""
         id_ = self.start_request(method, dict(params, stream=True), id=id)
         with self._lock:
-            pending = self._pending[_key(id_)]
+            pending = self._pending[id_key(id_)]
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -228,7 +228,3 @@ class SidecarClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _key(id_: Any) -> tuple[str, Any]:
-    return (type(id_).__name__, id_)

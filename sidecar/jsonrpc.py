@@ -39,6 +39,11 @@ def is_valid_id(value: Any) -> bool:
         isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
+def id_key(id_: Any) -> tuple[str, Any]:
+    """Ids match by type and value: "1" and 1 are different requests."""
+    return (type(id_).__name__, id_)
+
+
 @dataclass(frozen=True)
 class Call:
     """A well-formed request (`is_notification` False) or notification."""

@@ -19,6 +19,7 @@ from jsonrpcserver.request import Request
 from oslash.either import Left
 
 from . import jsonrpc, schema
+from .jsonrpc import id_key
 from .engine import Engine
 from .engine.worker import Job
 from .errors import (InternalError, InvalidRequest, MessageTooLarge, MethodNotFound,
@@ -30,11 +31,6 @@ log = logging.getLogger("localmlx.session")
 
 PROGRESS_INTERVAL_S = 0.05
 GENERATION_METHODS = ("generate", "chat")
-
-
-def id_key(id_: Any) -> tuple[str, Any]:
-    """Ids match by type and value: "1" and 1 are different requests."""
-    return (type(id_).__name__, id_)
 
 
 class ProgressReporter:
@@ -211,13 +207,13 @@ class Session:
             reply(None, None)
             return
         key = id_key(call.id)
-        meta = call.params.get("_meta") if isinstance(call.params, dict) else None
-        token = meta.get("progressToken") if isinstance(meta, dict) else None
-        context = RequestContext(self, call.id, received_at, call.method, ProgressReporter(token, self.writer))
         if key in self._inflight:
             reply(jsonrpc.error_message(call.id, InvalidRequest(
                 "Invalid Request: this id is already in use by a request in flight", id=call.id)), None)
             return
+        meta = call.params.get("_meta") if isinstance(call.params, dict) else None
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        context = RequestContext(self, call.id, received_at, call.method, ProgressReporter(token, self.writer))
         inflight = InFlight(context)
         self._inflight[key] = inflight
         replied = False
@@ -235,8 +231,6 @@ class Session:
                 response = jsonrpc.result_message(call.id, result)
             except RpcError as error:
                 response = jsonrpc.error_message(call.id, error)
-            except asyncio.CancelledError:
-                response = jsonrpc.error_message(call.id, self._cancel_error(context.cancel_reason or "client"))
             except Exception as exc:  # a bug: keep serving, trace to stderr only
                 log.exception("internal error in %s", call.method)
                 response = jsonrpc.error_message(call.id, InternalError(
@@ -244,7 +238,7 @@ class Session:
             send(response)
 
         def on_done(task: asyncio.Task) -> None:
-            # A task cancelled before it ever ran still owes its one response.
+            # A cancelled task, whether it had started or not, still owes its one response.
             if task.cancelled():
                 send(jsonrpc.error_message(call.id, self._cancel_error(context.cancel_reason or "client")))
 

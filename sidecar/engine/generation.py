@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import ContextLengthExceeded, InvalidParams, OutOfMemory
+from ..errors import ContextLengthExceeded, InvalidParams, OutOfMemory, RpcError
 
 from .memory import MemoryTracker, is_out_of_memory
 from .registry import LoadedModel
@@ -152,6 +152,8 @@ class Generator:
             send_chunk: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         try:
             return self._run(job, loaded, request, send_chunk)
+        except RpcError:  # refused before any sampling (context length, empty prompt)
+            raise
         except Exception as exc:
             _reset_random_state()
             if is_out_of_memory(exc):
@@ -188,6 +190,7 @@ class Generator:
         cache_key = list(prompt)
         finish, last = "length", None
         first_token_at = last_token_at = 0.0
+
         def stop_prefill_when_cancelled(processed: int, total: int) -> None:
             if job.cancelled:
                 raise _PrefillCancelled

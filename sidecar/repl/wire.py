@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..client import Received, SidecarClient, SidecarExited
+from ..jsonrpc import id_key
 
 POLL_S = 0.02
 
@@ -118,13 +119,13 @@ class ReplClient(SidecarClient):
             self.wait_response(id_, 0)
 
     def abandon(self, id_: Any) -> None:
-        self._abandoned.add((type(id_).__name__, id_))
+        self._abandoned.add(id_key(id_))
 
     def settle_late(self, message: Any) -> bool:
         """True when `message` is the late reply to an abandoned request (now forgotten)."""
         if not isinstance(message, dict) or "method" in message or "id" not in message:
             return False
-        key = (type(message["id"]).__name__, message["id"])
+        key = id_key(message["id"])
         if key not in self._abandoned:
             return False
         self._abandoned.discard(key)
