@@ -6,17 +6,21 @@ outside the allowed roots. Nothing here touches MLX.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from .demo_model import DEMO_MODEL_ALIAS, DEMO_MODEL_DIRNAME
+from .demo_model import DEMO_MODEL_ALIAS, DEMO_MODEL_DIRNAME, ensure_demo_model
 from .errors import Forbidden, ModelNotFound
 from .settings import Settings
 
 log = logging.getLogger("localmlx.hub")
+
+Progress = Callable[[str, float, "float | None", str], None]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
@@ -115,6 +119,23 @@ class ModelLocator:
         except Exception:  # not cached (or an incomplete snapshot)
             return None
         return path if _is_model_dir(path) else None
+
+    def materialize(self, location: ModelLocation, progress: Progress) -> Path:
+        """The model's files on disk: built, downloaded or checked. File work only, run off
+        the engine thread, so a slow disk or network never delays generation."""
+        if location.source == "embedded":
+            progress("build", 0, 3, "step")
+            return ensure_demo_model(self.models_dir)
+        if location.path is None:  # a Hub repo, auto-download on
+            progress("download", 0, 3, "step")
+            from huggingface_hub import snapshot_download
+            from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+            return Path(snapshot_download(location.repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+        progress("resolve", 0, 3, "step")
+        with open(location.path / "config.json", "rb") as f:
+            json.load(f)  # fail early and clearly on a broken config
+        return location.path
 
     def list_local(self) -> list[tuple[ModelLocation, int]]:
         found: list[tuple[ModelLocation, int]] = []

@@ -20,12 +20,12 @@ from oslash.either import Left
 
 from . import jsonrpc, schema
 from .jsonrpc import id_key
-from .engine import Engine
-from .engine.worker import Job
+from .engine import CancelReason, Engine, GenerationRequest, GenerationResult, Job
 from .errors import (InternalError, InvalidRequest, MessageTooLarge, MethodNotFound,
                      NotInitialized, RequestCancelled, RpcError)
 from .settings import Settings
-from .transport import LineFramer, OversizedLine, WireWriter, start_line_reader
+from .outbox import Outbox
+from .transport import LineFramer, OversizedLine, start_line_reader
 
 log = logging.getLogger("localmlx.session")
 
@@ -35,9 +35,10 @@ GENERATION_METHODS = ("generate", "chat")
 
 class ProgressReporter:
     """`$/progress` for one request: monotonic, rate-limited, and silent once the
-    response is on its way (the lock orders both on the one writer)."""
+    response is on its way. Called from worker threads and the engine thread; the lock
+    orders progress before the response and is only held to queue a line, never to write."""
 
-    def __init__(self, token: Any, writer: WireWriter) -> None:
+    def __init__(self, token: Any, writer: Outbox) -> None:
         self._token = token
         self._writer = writer
         self._lock = threading.Lock()
@@ -60,7 +61,7 @@ class ProgressReporter:
                       "total": total, "unit": unit}
             if message:
                 params["message"] = message
-            self._writer.send(jsonrpc.notification("$/progress", params))
+            self._writer.post(jsonrpc.notification("$/progress", params))
 
     def close_then(self, send: Callable[[], None]) -> None:
         with self._lock:
@@ -78,7 +79,8 @@ class RequestContext:
     method: str
     progress: ProgressReporter
     job: Job | None = None
-    cancel_reason: str | None = None  # set by $/cancelRequest, shutdown, unload or exit
+    model: str | None = None  # once resolved: names the result of a generation cancelled early
+    cancel_reason: CancelReason | None = None  # set by $/cancelRequest, shutdown or exit
 
     @property
     def engine(self) -> Engine:
@@ -122,8 +124,10 @@ class Session:
 
         self.loop = asyncio.get_running_loop()
         self._exit = asyncio.Event()
-        self.writer = WireWriter(self._wire_fd, on_broken=self._from_thread(self._on_peer_gone))
-        self.engine = Engine(self.settings, self.loop, self.send_notification)
+        self.writer = Outbox(self._wire_fd, on_broken=self._from_thread(self._on_peer_gone),
+                             stream_limit_bytes=self.settings.stream_buffer_bytes)
+        self.engine = Engine(self.settings, self.loop)
+        self.writer.on_drain = self.engine.scheduler.poke
         register_all(self._methods)
         start_line_reader(self._read_fd, LineFramer(self.settings.max_line_bytes),
                           self._from_thread(self._on_frame, stamp=True),
@@ -140,10 +144,6 @@ class Session:
             self.loop.call_soon_threadsafe(fn, *args)
         return hop
 
-    def send_notification(self, method: str, params: dict[str, Any]) -> None:
-        """From the engine thread: written inline, in order with everything else."""
-        self.writer.send(jsonrpc.notification(method, params))
-
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -153,6 +153,8 @@ class Session:
     # ---- frames --------------------------------------------------------------------------
 
     def _on_frame(self, frame: bytes | OversizedLine, received_at: float) -> None:
+        if self.exit_code is not None:
+            return  # exiting: nothing more is read or answered
         if isinstance(frame, OversizedLine):
             error = MessageTooLarge(f"Message too large: lines are limited to {frame.limit} bytes",
                                     limit=frame.limit)
@@ -240,7 +242,7 @@ class Session:
         def on_done(task: asyncio.Task) -> None:
             # A cancelled task, whether it had started or not, still owes its one response.
             if task.cancelled():
-                send(jsonrpc.error_message(call.id, self._cancel_error(context.cancel_reason or "client")))
+                send(self._cancelled_response(call, context))
 
         inflight.task = self._spawn(answer())
         inflight.task.add_done_callback(on_done)
@@ -281,48 +283,47 @@ class Session:
         except RpcError as error:
             log.warning("bad %s notification: %s", call.method, error.message)
 
-    def cancel(self, id_: Any, reason: str = "client") -> None:
+    def cancel(self, id_: Any, reason: CancelReason = CancelReason.CLIENT) -> None:
+        """Running generations stop at their next step and answer with their usage; any
+        other request (or a generation not yet handed to the engine) is answered at once."""
         inflight = self._inflight.get(id_key(id_))
         if inflight is None:
             return  # unknown or finished: ignored, as the spec says
         context = inflight.context
         context.cancel_reason = context.cancel_reason or reason
-        job = context.job
-        if job is None:
-            if context.method not in GENERATION_METHODS and inflight.task is not None:
-                inflight.task.cancel()
-            return  # a generation sees cancel_reason before it queues, and answers "cancelled"
-        job.cancel_reason = context.cancel_reason
-        if self.engine.worker.withdraw(job):
-            if job.future is not None and not job.future.done():
-                job.future.set_exception(self._cancel_error(job.cancel_reason))
-        elif job.kind == "generate":
-            job.cancelled = True  # the engine stops after the current token
+        if context.job is not None and context.job.kind == "generate":
+            self.engine.cancel(context.job, context.cancel_reason)
         elif inflight.task is not None:
-            inflight.task.cancel()  # answered -32800 now; the engine finishes the job unobserved
+            inflight.task.cancel()  # a load or unload it awaited goes on in the background
 
-    def requests_on_model(self, model: str) -> list[Any]:
-        return [key[1] for key, f in self._inflight.items()
-                if f.context.job is not None and f.context.job.model == model
-                and f.context.job.kind in ("generate", "tokenize")]
+    def _cancelled_response(self, call: jsonrpc.Call, context: RequestContext) -> dict[str, Any]:
+        reason = context.cancel_reason or CancelReason.CLIENT
+        if call.method in GENERATION_METHODS and reason is CancelReason.CLIENT:
+            request = GenerationRequest(context.id, context.received_at, None, None, 0, None, [],
+                                        stream=isinstance(call.params, dict) and bool(call.params.get("stream")))
+            params = call.params if isinstance(call.params, dict) else {}
+            model = context.model or params.get("model") or self.engine.default_model()
+            result = GenerationResult.cancelled_before_start(str(model), request)
+            return jsonrpc.result_message(call.id, result.to_wire())
+        return jsonrpc.error_message(call.id, self._cancel_error(reason))
 
     @staticmethod
-    def _cancel_error(reason: str) -> RpcError:
+    def _cancel_error(reason: CancelReason) -> RpcError:
         from .errors import ServerCancelled
 
-        if reason == "client":
+        if reason is CancelReason.CLIENT:
             return RequestCancelled("Request cancelled")
-        return ServerCancelled(f"Cancelled by the server ({reason})", reason=reason)
+        return ServerCancelled(f"Cancelled by the server ({reason.value})", reason=reason.value)
 
     # ---- shutdown and exit ---------------------------------------------------------------
 
     async def shutdown(self, own_id: Any) -> None:
         self.lifecycle.shutting_down = True
         self.lifecycle.shutdown_requested = True
-        self._cancel_all("shutdown", keep=id_key(own_id))
-        await self.engine.unload_all()
+        self._cancel_all(CancelReason.SHUTDOWN, keep=id_key(own_id))
+        await self.engine.unload_all(CancelReason.SHUTDOWN)
 
-    def _cancel_all(self, reason: str, keep: tuple[str, Any] | None = None) -> None:
+    def _cancel_all(self, reason: CancelReason, keep: tuple[str, Any] | None = None) -> None:
         for key in list(self._inflight):
             if key != keep:
                 self.cancel(key[1], reason=reason)
@@ -339,14 +340,12 @@ class Session:
             return
         self.exit_code = code
         self.lifecycle.shutting_down = True
-        self._cancel_all("exit")
+        self._cancel_all(CancelReason.EXIT)
         self._exit.set()
 
     async def close(self, grace_s: float = 3.0) -> None:
-        """Give a running generation a moment to see its cancel flag, then flush the wire."""
-        deadline = time.monotonic() + grace_s
-        while self.engine.worker.current is not None and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        """Give running generations a moment to see their cancel flag, then flush the wire."""
+        await self.engine.close(grace_s)
         for task in list(self._tasks):
             task.cancel()
         self.writer.close()

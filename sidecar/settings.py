@@ -22,6 +22,13 @@ def _bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, not {value}")
+    return value
+
+
 def _paths(text: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser() for p in text.split(os.pathsep) if p.strip())
 
@@ -66,11 +73,32 @@ class Settings:
         "download a Hub repo that is not cached when it is first loaded", _bool)
     enable_cache: bool = _setting(
         True, "LOCALMLX_ENABLE_CACHE",
-        "keep KV caches of recent prompts to skip re-processing shared prefixes", _bool)
+        "answer an identical deterministic request (temperature 0 or a fixed seed) on the same "
+        "loaded model from the exact response cache", _bool)
+    response_cache_entries: int = _setting(
+        256, "LOCALMLX_RESPONSE_CACHE_ENTRIES", "responses kept per loaded model by the exact response cache", int)
+    response_cache_bytes: int = _setting(
+        16 << 20, "LOCALMLX_RESPONSE_CACHE_BYTES", "bytes of text kept per loaded model by the exact response cache",
+        int)
+    prefix_cache: bool = _setting(
+        True, "LOCALMLX_PREFIX_CACHE",
+        "keep KV caches of recent prompts per model, so a prompt that extends one (the next turn "
+        "of a chat) skips its shared prefix", _bool)
     prompt_cache_size: int = _setting(
-        10, "LOCALMLX_PROMPT_CACHE_SIZE", "how many prompt KV caches to keep", int)
+        10, "LOCALMLX_PROMPT_CACHE_SIZE", "how many prompt KV caches to keep per model", int)
     prompt_cache_bytes: int = _setting(
-        1 << 30, "LOCALMLX_PROMPT_CACHE_BYTES", "byte budget of the prompt KV caches", int)
+        1 << 30, "LOCALMLX_PROMPT_CACHE_BYTES", "byte budget of the prompt KV caches of each model", int)
+    max_batch_size: int = _setting(
+        16, "LOCALMLX_MAX_BATCH_SIZE",
+        "generations decoded together on one model; more wait in the queue", _positive_int)
+    prefill_step_size: int = _setting(
+        512, "LOCALMLX_PREFILL_STEP_SIZE",
+        "prompt tokens processed per step: smaller keeps other streams flowing during a long prompt",
+        _positive_int)
+    stream_buffer_bytes: int = _setting(
+        256 << 10, "LOCALMLX_STREAM_BUFFER_BYTES",
+        "unsent text one stream may hold while its client reads slowly; past it that request "
+        "pauses (the others go on) until the client catches up", _positive_int)
     max_line_bytes: int = _setting(
         16 << 20, "LOCALMLX_MAX_LINE_BYTES",
         "longest accepted request line; longer ones get -32017", int)

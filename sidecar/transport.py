@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import sys
 import threading
 from dataclasses import dataclass
@@ -96,66 +95,6 @@ def encode_message(message: Any) -> bytes:
         return orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
     except TypeError:
         return (json.dumps(message, ensure_ascii=True, separators=(",", ":"), allow_nan=False) + "\n").encode()
-
-
-class WireWriter:
-    """The only writer of the wire fd. Lines go out whole, under one lock.
-
-    `send` writes in the caller's thread: the engine thread streams chunks this way, with no
-    thread hop per token, and a client that stops reading pauses generation (back-pressure)
-    rather than growing a buffer. `post` is for the event loop, which must never block: it
-    queues the line for a small writer thread.
-    """
-
-    def __init__(self, fd: int, on_broken: Callable[[], None] | None = None) -> None:
-        self._fd = fd
-        self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._on_broken = on_broken
-        self.broken = False
-        self._thread = threading.Thread(target=self._drain, name="wire-writer", daemon=True)
-        self._thread.start()
-
-    def send(self, message: Any) -> None:
-        self.write(encode_message(message))
-
-    def post(self, message: Any) -> None:
-        self._queue.put(encode_message(message))
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Write what is posted, then stop."""
-        self._queue.put(None)
-        self._thread.join(timeout)
-
-    def write(self, data: bytes) -> None:
-        with self._lock:
-            if self.broken:
-                return
-            view = memoryview(data)
-            try:
-                while view:
-                    view = view[os.write(self._fd, view):]
-                return
-            except OSError as exc:  # EPIPE: the client went away
-                self.broken = True
-                log.warning("wire closed by peer: %s", exc)
-        if self._on_broken is not None:
-            self._on_broken()
-
-    def _drain(self) -> None:
-        while True:
-            item = self._queue.get()
-            batch = []
-            while item is not None:  # coalesce what is already posted into one write
-                batch.append(item)
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                self.write(b"".join(batch))
-            if item is None:
-                return
 
 
 def start_line_reader(

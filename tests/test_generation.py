@@ -106,7 +106,7 @@ def test_prompt_cache_changes_speed_not_words(sidecars) -> None:
         return replies
 
     cached = conversation(sidecars.spawn())
-    uncached = conversation(sidecars.spawn(LOCALMLX_ENABLE_CACHE="false"))
+    uncached = conversation(sidecars.spawn(LOCALMLX_PREFIX_CACHE="false"))
     assert [r["text"] for r in cached] == [r["text"] for r in uncached]
     assert cached[-1]["usage"]["cachedTokens"] > 0 and uncached[-1]["usage"]["cachedTokens"] == 0
 
@@ -125,7 +125,7 @@ def test_a_sampler_failure_does_not_poison_later_sampling(demo_model_path) -> No
     from mlx_lm import load, stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from sidecar.engine.generation import _reset_random_state
+    from sidecar.engine.sampling import reset_global_random_state
 
     model, tokenizer = load(str(demo_model_path))
 
@@ -136,5 +136,5 @@ def test_a_sampler_failure_does_not_poison_later_sampling(demo_model_path) -> No
         sample(temp=1.0, top_k=10**6)  # mlx-lm refuses it while tracing: the random key is now empty
     with pytest.raises(RuntimeError):
         sample(temp=1.0)
-    _reset_random_state()
+    reset_global_random_state()
     assert sample(temp=1.0) == 3

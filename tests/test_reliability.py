@@ -40,30 +40,29 @@ def test_cancel_stops_a_running_generation_within_a_step(sidecar) -> None:
     assert len(responses) == 1
 
 
-def test_queued_requests_are_answered_at_once_when_cancelled(sidecar) -> None:
-    running = sidecar.start_request("chat", dict(LONG, stream=True))
-    wait_for_chunks(sidecar, running)
-    queued_chat = sidecar.start_request("chat", chat_params(maxTokens=5))
-    queued_tokenize = sidecar.start_request("tokenize", {"text": "hi"})
-    time.sleep(0.1)
-    sidecar.cancel(queued_chat)
-    sidecar.cancel(queued_tokenize)
-    chat = sidecar.wait_response(queued_chat, timeout=5)
-    tokenize = sidecar.wait_response(queued_tokenize, timeout=5)
+def test_queued_requests_are_answered_at_once_when_cancelled(sidecars) -> None:
+    client = sidecars.spawn(LOCALMLX_MAX_BATCH_SIZE="1")  # one generation at a time: the next one waits
+    running = client.start_request("chat", dict(LONG, stream=True))
+    wait_for_chunks(client, running)
+    queued_chat = client.start_request("chat", chat_params(maxTokens=5))
+    assert client.request("server/status")["requests"]["queued"] == 1
+    client.cancel(queued_chat)
+    chat = client.wait_response(queued_chat, timeout=5)
     assert chat["result"]["finishReason"] == "cancelled" and chat["result"]["text"] == ""
-    assert tokenize["error"]["code"] == -32800
-    assert not any(r.message.get("id") == running for r in sidecar.received), "still running"
-    sidecar.cancel(running)
-    assert sidecar.wait_response(running)["result"]["finishReason"] == "cancelled"
+    assert chat["result"]["usage"]["completionTokens"] == 0
+    assert not any(r.message.get("id") == running for r in client.received), "still running"
+    client.cancel(running)
+    assert client.wait_response(running)["result"]["finishReason"] == "cancelled"
+    assert client.close() == 0
 
 
 def test_full_queue_answers_busy_and_keeps_serving(sidecars) -> None:
-    client = sidecars.spawn(LOCALMLX_MAX_QUEUE="1")
+    client = sidecars.spawn(LOCALMLX_MAX_QUEUE="1", LOCALMLX_MAX_BATCH_SIZE="1")
     running = client.start_request("chat", dict(LONG, stream=True))
     wait_for_chunks(client, running)
     queued = client.start_request("chat", chat_params(maxTokens=3))
     with pytest.raises(RpcCallError) as busy:
-        client.request("chat", chat_params(maxTokens=3))
+        client.request("chat", chat_params(maxTokens=3, cache=False))
     assert busy.value.code == -32015 and busy.value.data["maxQueue"] == 1
     client.cancel(running)
     assert client.wait_response(queued)["result"]["finishReason"] == "length"
@@ -146,18 +145,20 @@ def test_no_thread_or_process_leaks_after_close(sidecars) -> None:
         os.kill(pid, 0)
 
 
-def test_shutdown_cancels_running_and_queued_work_with_server_cancelled(sidecar) -> None:
-    running = sidecar.start_request("chat", dict(LONG, stream=True))
-    wait_for_chunks(sidecar, running)
-    queued = sidecar.start_request("generate", {"prompt": "x", "maxTokens": 5})
-    listing = sidecar.start_request("tokenize", {"text": "queued behind the generation"})
-    assert sidecar.request("shutdown", timeout=10) == {}
-    for id_ in (running, queued, listing):
-        error = sidecar.wait_response(id_, timeout=5)["error"]
+def test_shutdown_cancels_running_and_queued_work_with_server_cancelled(sidecars) -> None:
+    client = sidecars.spawn(LOCALMLX_MAX_BATCH_SIZE="1")
+    running = client.start_request("chat", dict(LONG, stream=True))
+    wait_for_chunks(client, running)
+    queued = client.start_request("generate", {"prompt": "x", "maxTokens": 5})
+    assert client.request("shutdown", timeout=10) == {}
+    for id_ in (running, queued):
+        error = client.wait_response(id_, timeout=5)["error"]
         assert error["code"] == -32802 and error["data"]["reason"] == "shutdown"
+    assert client.wait_response(running)["error"]["data"]["usage"]["completionTokens"] > 0
     with pytest.raises(RpcCallError) as refused:
-        sidecar.request("chat", chat_params(maxTokens=2))
+        client.request("chat", chat_params(maxTokens=2))
     assert refused.value.code == -32600
+    assert client.close() == 0
 
 
 def test_a_storm_of_hostile_lines_never_stops_the_service(sidecar) -> None:

@@ -1,22 +1,30 @@
-"""The engine: every MLX operation, run as jobs on one thread.
+"""The engine: models, generation and the caches, as the methods layer sees them.
 
-Public surface for the methods layer: resolve a model reference, then submit loads,
-unloads, generations and tokenizations; each returns a Job whose future the caller awaits.
+MLX work runs on the scheduler's one thread; file work (building, downloading, checking a
+model's files) and tokenization run on worker threads; the event loop only awaits. Every
+cancellation goes through `Engine.cancel(job, reason)`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from typing import Any, Callable
 
-from ..errors import ModelLoading, ModelNotLoaded
+from ..errors import ModelLoadFailed, ModelLoading, ModelNotLoaded, RpcError
 from ..hub import ModelLocation, ModelLocator
 from ..settings import Settings
-from .generation import GenerationRequest, Generator
-from .memory import MemoryTracker
+from .generation import (GenerationOrder, GenerationRequest, GenerationResult, PreparedGeneration,
+                         clean_text, prepare)
+from .jobs import CancelReason, Job
+from .memory import memory_snapshot
 from .registry import LoadedModel, ModelRegistry, Progress
-from .worker import EngineWorker, Job
+from .response_cache import CachedResponse, response_key
+from .scheduler import Scheduler
+
+__all__ = ["CancelReason", "Engine", "GenerationRequest", "GenerationResult", "Job"]
 
 log = logging.getLogger("localmlx.engine")
 
@@ -38,127 +46,194 @@ def _describe_device() -> str:
 
 
 class Engine:
-    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop,
-                 send_notification: Callable[[str, dict[str, Any]], None]) -> None:
-        from mlx_lm.models.cache import LRUPromptCache
-
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
         self.settings = settings
+        self.loop = loop
         self.locator = ModelLocator(settings)
-        self.registry = ModelRegistry(settings.max_loaded_models)
-        self.memory = MemoryTracker()
-        prompt_cache = (LRUPromptCache(settings.prompt_cache_size, settings.prompt_cache_bytes)
-                        if settings.enable_cache else None)
-        self.generator = Generator(prompt_cache, self.memory)
-        self.worker = EngineWorker(loop, settings.max_queue)
-        self._send_notification = send_notification
-        # Asked first, before any preload, so initialize never waits behind a load.
-        self._device = self._submit(Job("probe", lambda job: _describe_device()), force=True).future
+        self.registry = ModelRegistry(settings)
+        self._device: asyncio.Future = loop.create_future()
+        self._loads: dict[str, asyncio.Task] = {}
+        self._tokenizer_locks: dict[str, threading.Lock] = {}
+        self.scheduler = Scheduler(settings, self.registry, on_start=self._start_engine_thread)
 
-    # ---- models ------------------------------------------------------------------------
+    def _start_engine_thread(self) -> None:
+        """First thing on the engine thread: ask MLX for the device (what `initialize`
+        waits for), then import mlx-lm, which takes seconds, while the client proceeds."""
+        try:
+            device, failed = _describe_device(), False
+        except BaseException as exc:
+            device, failed = exc, True
+        self._settle(self._device, device, failed)
+        import mlx_lm  # noqa: F401
 
-    def resolve(self, ref: str | None) -> ModelLocation:
-        """No model named: the most recently used loaded model, else the default."""
-        if ref is None:
-            loaded = sorted(self._loaded_models(), key=lambda m: m.last_used)
-            ref = loaded[-1].name if loaded else self.settings.default_model
-        return self.locator.resolve(ref)
+    def _settle(self, future: asyncio.Future, outcome: Any, failed: bool) -> None:
+        def set_outcome() -> None:
+            if not future.done():
+                future.set_exception(outcome) if failed else future.set_result(outcome)
 
-    def _loaded_models(self) -> list[LoadedModel]:
-        return [m for name in self.registry.names() if (m := self.registry.peek(name)) is not None]
-
-    def submit_load(self, location: ModelLocation, progress: Progress = _no_progress) -> Job:
-        def run(job: Job) -> dict[str, Any]:
-            loaded, already = self.registry.load(location, progress)
-            return dict(loaded.description, alreadyLoaded=already)
-
-        return self._submit(Job("load", run, model=location.name))
-
-    def _is_loading(self, name: str) -> bool:
-        """Derived from the queue, so a withdrawn or failed load can never leave it stale."""
-        jobs = [self.worker.current, *self.worker.queued]
-        return any(job is not None and job.kind == "load" and job.model == name for job in jobs)
-
-    def submit_unload(self, name: str) -> Job:
-        return self._submit(Job("unload", lambda job: self.registry.unload(name), model=name), force=True)
-
-    async def unload_all(self) -> None:
-        await self._submit(Job("unload", lambda job: self.registry.unload_all()), force=True).future
-
-    def preload(self, refs: tuple[str, ...]) -> None:
-        for ref in refs:
-            ref = self.settings.default_model if ref.lower() == "true" else ref
-            try:
-                self.submit_load(self.resolve(ref))
-            except Exception as exc:
-                log.error("cannot preload %s: %s", ref, getattr(exc, "message", exc))
-
-    def _ensure_loaded(self, location: ModelLocation, progress: Progress = _no_progress) -> LoadedModel:
-        """On the engine thread: the model, loaded just in time when allowed."""
-        loaded = self.registry.get(location.name)
-        if loaded is not None:
-            return loaded
-        if not self.settings.jit_load:
-            raise self._not_loaded(location.name)
-        return self.registry.load(location, progress)[0]
-
-    def _not_loaded(self, name: str) -> Exception:
-        if self._is_loading(name):
-            return ModelLoading(f"Model is loading: {name} (retry later)", model=name)
-        return ModelNotLoaded(f"Model not loaded: {name} (load it with models/load)", model=name)
-
-    def model_state(self, location: ModelLocation) -> str:
-        if self.registry.is_loaded(location.name):
-            return "loaded"
-        if self._is_loading(location.name):
-            return "loading"
-        return "downloadable" if location.path is None else "available"
-
-    def check_available(self, location: ModelLocation) -> None:
-        """Fail fast, before queueing, when just-in-time loading is off."""
-        if not self.settings.jit_load and not self.registry.is_loaded(location.name):
-            raise self._not_loaded(location.name)
-
-    # ---- work ----------------------------------------------------------------------------
-
-    def submit_generation(self, location: ModelLocation, request: GenerationRequest,
-                          progress: Progress = _no_progress) -> Job:
-        def send_chunk(params: dict[str, Any]) -> None:
-            self._send_notification("generate/chunk", params)
-
-        def run(job: Job) -> dict[str, Any]:
-            return self.generator.run(job, self._ensure_loaded(location, progress), request, send_chunk)
-
-        self.check_available(location)
-        return self._submit(Job("generate", run, model=location.name))
-
-    def submit_tokenize(self, location: ModelLocation, text: str, add_special_tokens: bool) -> Job:
-        from .generation import clean_text
-
-        def run(job: Job) -> list[int]:
-            tokenizer = self._ensure_loaded(location).tokenizer
-            return list(tokenizer.encode(clean_text(text), add_special_tokens=add_special_tokens))
-
-        self.check_available(location)
-        return self._submit(Job("tokenize", run, model=location.name))
-
-    def _submit(self, job: Job, force: bool = False) -> Job:
-        self.worker.submit(job, force=force)
-        return job
+        try:
+            self.loop.call_soon_threadsafe(set_outcome)
+        except RuntimeError:
+            pass
 
     async def device_description(self) -> str:
         """"gpu (Apple M3 Max)" or "cpu": asked on the engine thread, like all MLX calls."""
         return await asyncio.shield(self._device)
 
-    # ---- status ----------------------------------------------------------------------------
+    # ---- models ------------------------------------------------------------------------
+
+    def default_model(self) -> str:
+        """The model of a request that names none: the most recently used loaded one, else
+        the configured default."""
+        loaded = sorted(self.registry.loaded_models(), key=lambda m: m.last_used)
+        return loaded[-1].name if loaded else self.settings.default_model
+
+    async def resolve(self, ref: str | None) -> ModelLocation:
+        """Resolving may look at the disk and the Hugging Face cache: done on a worker thread."""
+        return await asyncio.to_thread(self.locator.resolve, self.default_model() if ref is None else ref)
+
+    def is_loading(self, name: str) -> bool:
+        return name in self._loads
+
+    def model_state(self, location: ModelLocation) -> str:
+        if self.registry.is_loaded(location.name):
+            return "loaded"
+        if self.is_loading(location.name):
+            return "loading"
+        return "downloadable" if location.path is None else "available"
+
+    async def load(self, location: ModelLocation, progress: Progress = _no_progress) -> tuple[LoadedModel, bool]:
+        """Returns (model, already_loaded). Concurrent loads of one model share one load,
+        which goes on even when the request that started it is cancelled."""
+        loaded = self.registry.get(location.name)
+        if loaded is not None:
+            return loaded, True
+        task = self._loads.get(location.name)
+        if task is None:
+            task = self.loop.create_task(self._load(location, progress))
+            self._loads[location.name] = task
+            task.add_done_callback(lambda t, name=location.name: self._load_ended(name, t))
+        return await asyncio.shield(task), False
+
+    def _load_ended(self, name: str, task: asyncio.Task) -> None:
+        self._loads.pop(name, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("load of %s failed: %s", name, task.exception())
+
+    async def _load(self, location: ModelLocation, progress: Progress) -> LoadedModel:
+        try:
+            path = await asyncio.to_thread(self.locator.materialize, location, progress)
+        except RpcError:
+            raise
+        except Exception as exc:
+            log.exception("preparing the files of %s failed", location.name)
+            raise ModelLoadFailed(f"Model load failed for {location.name}: {exc}",
+                                  model=location.name, reason=type(exc).__name__) from exc
+        scheduler = self.scheduler
+
+        def run(job: Job) -> LoadedModel:
+            return self.registry.load(location.name, path, progress, scheduler.make_room)[0]
+
+        job = Job("load", self.loop, model=location.name, run=run)
+        scheduler.submit_control(job)
+        return await job.future
+
+    async def ensure_loaded(self, location: ModelLocation, progress: Progress = _no_progress) -> LoadedModel:
+        """The model for a request: loaded just in time when allowed (as Ollama does)."""
+        loaded = self.registry.get(location.name)
+        if loaded is not None:
+            return loaded
+        if not self.settings.jit_load:
+            if self.is_loading(location.name):
+                raise ModelLoading(f"Model is loading: {location.name} (retry later)", model=location.name)
+            raise ModelNotLoaded(f"Model not loaded: {location.name} (load it with models/load)",
+                                 model=location.name)
+        return (await self.load(location, progress))[0]
+
+    def submit_unload(self, name: str) -> Job:
+        job = Job("unload", self.loop, model=name, run=lambda job: self.scheduler.unload_model(name))
+        self.scheduler.submit_control(job)
+        return job
+
+    async def unload_all(self, reason: CancelReason = CancelReason.SHUTDOWN) -> None:
+        def run(job: Job) -> None:
+            for name in self.registry.names():
+                self.scheduler.unload_model(name, reason)
+
+        job = Job("unload", self.loop, run=run)
+        self.scheduler.submit_control(job)
+        await job.future
+
+    def preload(self, refs: tuple[str, ...]) -> None:
+        async def preload_one(ref: str) -> None:
+            ref = self.settings.default_model if ref.lower() == "true" else ref
+            try:
+                await self.load(await self.resolve(ref))
+            except Exception as exc:
+                log.error("cannot preload %s: %s", ref, getattr(exc, "message", exc))
+
+        for ref in refs:
+            self.loop.create_task(preload_one(ref))
+
+    # ---- generation --------------------------------------------------------------------
+
+    async def prepare(self, loaded: LoadedModel, request: GenerationRequest) -> PreparedGeneration:
+        """Tokenize and check on a worker thread: the engine thread only runs the model."""
+        with_lock = self._with_tokenizer_lock(loaded)
+        return await asyncio.to_thread(with_lock, prepare, loaded, request)
+
+    def submit_generation(self, order: GenerationOrder, model: str) -> Job:
+        job = Job("generate", self.loop, model=model, payload=order)
+        self.scheduler.submit_generation(job)
+        return job
+
+    def cached_response(self, loaded: LoadedModel, request: GenerationRequest) -> CachedResponse | None:
+        cache = loaded.response_cache
+        key = response_key(request) if cache is not None else None
+        return cache.get(key) if key is not None else None
+
+    def cancel(self, job: Job, reason: CancelReason) -> None:
+        """The one way work is cancelled: by the client, shutdown, exit or unload."""
+        self.scheduler.cancel(job, reason)
+
+    async def tokenize(self, loaded: LoadedModel, text: str, add_special_tokens: bool) -> list[int]:
+        def encode() -> list[int]:
+            return list(loaded.tokenizer.encode(clean_text(text), add_special_tokens=add_special_tokens))
+
+        return await asyncio.to_thread(self._with_tokenizer_lock(loaded), encode)
+
+    def _with_tokenizer_lock(self, loaded: LoadedModel) -> Callable[..., Any]:
+        """Fast tokenizers are not safe to drive from several threads at once."""
+        lock = self._tokenizer_locks.setdefault(loaded.name, threading.Lock())
+
+        def call(fn: Callable[..., Any], *args: Any) -> Any:
+            with lock:
+                return fn(*args)
+
+        return call
+
+    # ---- status ------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """Read from the loop thread while the engine works: only counters and snapshots."""
-        running = self.worker.current
-        prompt_cache = self.generator.prompt_cache
-        memory = self.memory.snapshot()
-        memory["promptCacheBytes"] = int(prompt_cache.nbytes) if prompt_cache is not None else 0
+        models = self.registry.loaded_models()
+        memory = memory_snapshot() if self._device.done() else dict.fromkeys(
+            ("activeBytes", "peakBytes", "cacheBytes", "rssBytes"), 0)  # MLX is still being imported
+        memory["promptCacheBytes"] = sum(m.prefix_cache_bytes for m in models)
         return {
             "models": self.registry.describe_all(),
-            "requests": {"active": 0 if running is None else 1, "queued": len(self.worker.queued)},
+            "requests": self.scheduler.counts(),
             "memory": memory,
+            "caches": {m.name: self._describe_caches(m) for m in models},
         }
+
+    @staticmethod
+    def _describe_caches(loaded: LoadedModel) -> dict[str, Any]:
+        prefix = loaded.prefix_cache
+        return {"prefixBytes": loaded.prefix_cache_bytes, "prefixEntries": len(prefix) if prefix is not None else 0,
+                "responses": loaded.response_cache.describe() if loaded.response_cache is not None else None}
+
+    async def close(self, grace_s: float) -> None:
+        """Stop the engine thread; running generations end at their next step."""
+        deadline = time.monotonic() + grace_s
+        await asyncio.to_thread(self.scheduler.stop, max(0.0, deadline - time.monotonic()))

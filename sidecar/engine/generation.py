@@ -1,21 +1,19 @@
-"""One generation on the engine thread: prompt -> prompt cache -> stream_generate -> chunks.
+"""One generation, in three parts: prepare (off the engine thread), step (tokens routed to
+text on the engine thread), finish (one result, built once).
 
 Stop strings are matched on decoded text and held back while they might still match, so
-no part of one ever reaches the client. Cancellation is checked after every token.
+no part of one ever reaches the client.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from ..errors import ContextLengthExceeded, InvalidParams, OutOfMemory, RpcError
-
-from .memory import MemoryTracker, is_out_of_memory
-from .registry import LoadedModel
-from .worker import Job
+from ..errors import ContextLengthExceeded, InvalidParams
+from .jobs import CancelReason, Job
+from .sampling import SamplingParams, check_logit_bias, make_logits_processors, make_sampler
 
 
 @dataclass
@@ -25,14 +23,10 @@ class GenerationRequest:
     messages: list[dict[str, str]] | None
     prompt: str | None
     max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    repetition_penalty: float | None
-    seed: int | None
+    sampling: SamplingParams
     stop: list[str]
     stream: bool
+    use_response_cache: bool = True
 
 
 def clean_text(text: str) -> str:
@@ -53,39 +47,43 @@ def prompt_tokens(tokenizer: Any, request: GenerationRequest) -> list[int]:
     return list(tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
 
 
-def _decode_rate(tokens: int, first_at: float, last_at: float) -> float:
-    """Tokens after the first over the time after it: the steady decode speed."""
-    return round((tokens - 1) / (last_at - first_at), 3) if tokens > 1 and last_at > first_at else 0.0
+@dataclass
+class PreparedGeneration:
+    """Everything about a generation that needs no MLX: done before it reaches the engine."""
+
+    request: GenerationRequest
+    prompt: list[int]
+    max_tokens: int  # clipped to the context
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
+def prepare(loaded: Any, request: GenerationRequest) -> PreparedGeneration:
+    """Tokenize and check a request against its model (runs on a worker thread)."""
+    prompt = prompt_tokens(loaded.tokenizer, request)
+    if not prompt:
+        raise InvalidParams("Prompt is empty after tokenization",
+                            errors=[{"path": "/prompt", "message": "no tokens"}])
+    check_logit_bias(request.sampling.logit_bias, loaded.vocab_size)
+    max_tokens = request.max_tokens
+    context = loaded.context_length
+    if context is not None:
+        if len(prompt) >= context:
+            raise ContextLengthExceeded(
+                f"Prompt has {len(prompt)} tokens; the model's context is {context}",
+                promptTokens=len(prompt), contextLength=context)
+        max_tokens = min(max_tokens, context - len(prompt))
+    return PreparedGeneration(request, prompt, max_tokens)
 
 
-class ChunkStream:
-    """Numbered text chunks for one request: notifications when streaming, else a buffer."""
+@dataclass
+class GenerationOrder:
+    """What the engine thread is handed: the prepared generation and where its text goes."""
 
-    def __init__(self, request: GenerationRequest, send: Callable[[dict[str, Any]], None]) -> None:
-        self._request = request
-        self._send = send
-        self._parts: list[str] = []
-        self.seq = 0
-        self.first_at: float | None = None
-
-    def emit(self, text: str) -> None:
-        if not text:
-            return
-        if self.first_at is None:
-            self.first_at = time.perf_counter()
-        if self._request.stream:
-            self._send({"requestId": self._request.request_id, "seq": self.seq, "text": text})
-            self.seq += 1
-        else:
-            self._parts.append(text)
+    prepared: PreparedGeneration
+    stream: Any  # outbox ChunkStream when streaming, else None
 
     @property
-    def text(self) -> str:
-        return "".join(self._parts)
+    def request(self) -> GenerationRequest:
+        return self.prepared.request
 
 
 class StopMatcher:
@@ -113,152 +111,182 @@ class StopMatcher:
         return held
 
 
-def _sampling(request: GenerationRequest, vocab_size: int | None) -> dict[str, Any]:
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
-    # topK at or above the vocabulary keeps every token: the same as no topK (mlx-lm refuses it).
-    top_k = request.top_k if vocab_size is None or request.top_k < vocab_size else 0
-    sampler = make_sampler(request.temperature, top_p=request.top_p, min_p=request.min_p, top_k=top_k)
-    penalty = request.repetition_penalty
-    processors = make_logits_processors(repetition_penalty=penalty) if penalty not in (None, 1.0) else None
-    return {"sampler": sampler, "logits_processors": processors}
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
 
 
-def _vocab_size(config: dict[str, Any]) -> int | None:
-    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-    return size if isinstance(size, int) else None
+def _rate(count: int, seconds: float) -> float:
+    return round(count / seconds, 3) if count > 0 and seconds > 0 else 0.0
 
 
-def _reset_random_state() -> None:
-    """A sampler that fails mid-trace leaves MLX's global random key without a value, and
-    every later sampled request would fail on it: give the key a fresh seed."""
-    import mlx.core as mx
+@dataclass
+class GenerationResult:
+    """The one response of a generation; `to_wire` is its protocol shape."""
 
-    mx.random.seed(int.from_bytes(os.urandom(8), "little"))
+    model: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    timings: dict[str, float]
+    text: str | None = None  # unstreamed requests only
+    cached: bool = False  # served from the exact response cache
+    cancel_reason: CancelReason | None = None
 
-
-class _PrefillCancelled(Exception):
-    """Raised from mlx-lm's prompt-progress callback: a long prompt stops between chunks."""
-
-
-class Generator:
-    """Runs generations for the engine thread, sharing one prompt cache across requests."""
-
-    def __init__(self, prompt_cache: Any, memory: MemoryTracker) -> None:
-        self.prompt_cache = prompt_cache  # mlx_lm LRUPromptCache, or None when disabled
-        self.memory = memory
-
-    def run(self, job: Job, loaded: LoadedModel, request: GenerationRequest,
-            send_chunk: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        try:
-            return self._run(job, loaded, request, send_chunk)
-        except RpcError:  # refused before any sampling (context length, empty prompt)
-            raise
-        except Exception as exc:
-            _reset_random_state()
-            if is_out_of_memory(exc):
-                raise OutOfMemory(f"Out of memory while generating: {exc}", model=loaded.name) from exc
-            raise
-
-    def _run(self, job: Job, loaded: LoadedModel, request: GenerationRequest,
-             send_chunk: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        import mlx.core as mx
-        from mlx_lm import stream_generate
-
-        started = time.perf_counter()
-        tokenizer = loaded.tokenizer
-        prompt = prompt_tokens(tokenizer, request)
-        if not prompt:
-            raise InvalidParams("Prompt is empty after tokenization",
-                                errors=[{"path": "/prompt", "message": "no tokens"}])
-        max_tokens = request.max_tokens
-        context = loaded.context_length
-        if context is not None:
-            if len(prompt) >= context:
-                raise ContextLengthExceeded(
-                    f"Prompt has {len(prompt)} tokens; the model's context is {context}",
-                    promptTokens=len(prompt), contextLength=context)
-            max_tokens = min(max_tokens, context - len(prompt))
-
-        cache, rest = self._fetch_cache(loaded, prompt)
-        if request.seed is not None:
-            mx.random.seed(request.seed)
-        self.memory.begin_request()
-
-        chunks = ChunkStream(request, send_chunk)
-        stops = StopMatcher(request.stop)
-        cache_key = list(prompt)
-        finish, last = "length", None
-        first_token_at = last_token_at = 0.0
-
-        def stop_prefill_when_cancelled(processed: int, total: int) -> None:
-            if job.cancelled:
-                raise _PrefillCancelled
-
-        generation = stream_generate(loaded.model, tokenizer, mx.array(rest), max_tokens=max_tokens,
-                                     prompt_cache=cache, prompt_progress_callback=stop_prefill_when_cancelled,
-                                     **_sampling(request, _vocab_size(loaded.config)))
-        try:
-            for last in generation:
-                last_token_at = time.perf_counter()
-                first_token_at = first_token_at or last_token_at
-                cache_key.append(last.token)
-                chunks.emit(stops.feed(last.text))
-                if stops.matched:
-                    finish = "stop_sequence"
-                    break
-                if last.finish_reason is not None:
-                    finish = last.finish_reason
-                    chunks.emit(stops.flush())
-                    break
-                if job.cancelled:
-                    finish = "cancelled"
-                    break
-        except _PrefillCancelled:
-            finish, cache = "cancelled", None  # a half-filled cache is not worth keeping
-        finally:
-            generation.close()  # runs mlx-lm's clean-up (wired limit, stream sync)
-        ended = time.perf_counter()
-
-        if cache is not None and self.prompt_cache is not None:
-            self.prompt_cache.insert_cache(loaded.name, cache_key, cache)
-
-        completion = last.generation_tokens if last is not None else 0
-        first_at = chunks.first_at or ended
-        result: dict[str, Any] = {
-            "model": loaded.name,
-            "finishReason": finish,
-            "usage": {"promptTokens": len(prompt), "completionTokens": completion,
-                      "totalTokens": len(prompt) + completion,
-                      "cachedTokens": len(prompt) - len(rest)},
-            "timings": {
-                "ttftMs": _ms(first_at - request.received_at),
-                "queueMs": _ms(started - request.received_at),
-                "promptMs": _ms(len(rest) / last.prompt_tps) if last is not None and last.prompt_tps else 0.0,
-                "promptTokensPerSecond": round(last.prompt_tps, 3) if last is not None else 0.0,
-                "generateMs": _ms(ended - first_at),
-                "tokensPerSecond": _decode_rate(completion, first_token_at, last_token_at),
-                "totalMs": _ms(ended - request.received_at),
-                "peakMemoryBytes": self.memory.request_peak(),
-            },
-        }
-        if not request.stream:
-            result["text"] = chunks.text
+    def to_wire(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"model": self.model, "finishReason": self.finish_reason,
+                                  "usage": self.usage, "timings": self.timings}
+        if self.text is not None:
+            result["text"] = self.text
+        if self.cached:
+            result["cached"] = True
         return result
 
-    def _fetch_cache(self, loaded: LoadedModel, prompt: list[int]) -> tuple[Any, list[int]]:
-        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"promptTokens": self.prompt_tokens, "completionTokens": self.completion_tokens,
+                "totalTokens": self.prompt_tokens + self.completion_tokens,
+                "cachedTokens": self.cached_tokens}
 
-        if self.prompt_cache is None:
-            return make_prompt_cache(loaded.model), prompt
-        cache, rest = self.prompt_cache.fetch_nearest_cache(loaded.name, prompt)
-        if cache is not None and not rest:
-            # An exact hit still needs one token to run the model on.
-            if can_trim_prompt_cache(cache):
-                trim_prompt_cache(cache, 1)
-                rest = prompt[-1:]
-            else:
-                cache = None
-        if cache is None:
-            return make_prompt_cache(loaded.model), prompt
-        return cache, rest
+    @classmethod
+    def cancelled_before_start(cls, model: str, request: GenerationRequest,
+                               reason: CancelReason = CancelReason.CLIENT) -> "GenerationResult":
+        elapsed = _ms(time.perf_counter() - request.received_at)
+        return cls(model, "cancelled", 0, 0, 0,
+                   {"ttftMs": elapsed, "queueMs": elapsed, "tokensPerSecond": 0.0, "totalMs": elapsed},
+                   text=None if request.stream else "", cancel_reason=reason)
+
+
+@dataclass(eq=False)
+class Generation:
+    """A generation admitted to the engine: routes each sampled token to text, stop strings
+    and the client's stream, and keeps the numbers its result reports."""
+
+    job: Job
+    loaded: Any  # LoadedModel
+    prepared: PreparedGeneration
+    stream: Any  # outbox ChunkStream when streaming, else None
+    sampler: Any = None
+    logits_processors: list[Any] = field(default_factory=list)
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    parked: Any = None  # (cache, tokens, last_token) while parked for back-pressure
+    peak_memory: int = 0
+    _parts: list[str] = field(default_factory=list)
+    _recorded: list[str] | None = None
+    admitted_at: float = 0.0
+    prompt_done_at: float | None = None
+    first_text_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    def __post_init__(self) -> None:
+        sampling = self.request.sampling
+        self.sampler = make_sampler(sampling, self.loaded.vocab_size)
+        self.logits_processors = make_logits_processors(sampling)
+        self._detokenizer = self.loaded.tokenizer.detokenizer
+        self._stops = StopMatcher(self.request.stop)
+        if self.request.use_response_cache and sampling.deterministic and self.loaded.response_cache is not None:
+            self._recorded = []
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.prepared.request
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.prepared.prompt
+
+    @property
+    def max_tokens(self) -> int:
+        return self.prepared.max_tokens
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def drained(self) -> bool:
+        """Its client has read the stream down: a parked generation may go on."""
+        return self.stream is None or self.stream.drained
+
+    @property
+    def throttled(self) -> bool:
+        """The client has not read this stream down: generating more would only buffer it."""
+        return self.stream is not None and self.stream.over_limit
+
+    # ---- step ----------------------------------------------------------------------------
+
+    def on_prompt_done(self) -> None:
+        if self.prompt_done_at is None:
+            self.prompt_done_at = time.perf_counter()
+
+    def on_token(self, token: int, finish_reason: str | None) -> None:
+        """One sampled token. `finish_reason` "stop" means an end-of-sequence token, which
+        is counted but not shown; "length" means this was the last one allowed."""
+        now = time.perf_counter()
+        self.on_prompt_done()
+        self.first_token_at = self.first_token_at or now
+        self.last_token_at = now
+        self.completion_tokens += 1
+        if finish_reason != "stop":
+            self._detokenizer.add_token(token)
+        if finish_reason is not None:
+            self._detokenizer.finalize()
+        self._emit(self._stops.feed(self._detokenizer.last_segment))
+        if self._stops.matched:
+            self.finish_reason = "stop_sequence"
+        elif finish_reason is not None:
+            self._emit(self._stops.flush())
+            self.finish_reason = finish_reason
+        elif self.job.cancelled:
+            self.finish_reason = "cancelled"
+
+    def cancel_now(self) -> None:
+        """Stopped between steps (cancelled, its model unloaded, or the engine closing)."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
+    def _emit(self, text: str) -> None:
+        if not text:
+            return
+        self.first_text_at = self.first_text_at or time.perf_counter()
+        if self._recorded is not None:
+            self._recorded.append(text)
+        if self.stream is not None:
+            self.stream.write(text)
+        else:
+            self._parts.append(text)
+
+    # ---- finish --------------------------------------------------------------------------
+
+    def result(self) -> GenerationResult:
+        ended = time.perf_counter()
+        received = self.request.received_at
+        first_text = self.first_text_at or ended
+        prompt_done = self.prompt_done_at or ended
+        computed = len(self.prompt) - self.cached_tokens
+        prompt_s = prompt_done - self.admitted_at if self.admitted_at else 0.0
+        decode_s = (self.last_token_at or 0.0) - (self.first_token_at or 0.0)
+        timings = {
+            "ttftMs": _ms(first_text - received),
+            "queueMs": _ms((self.admitted_at or ended) - received),
+            "promptMs": _ms(prompt_s),
+            "promptTokensPerSecond": _rate(computed, prompt_s),
+            "generateMs": _ms(ended - first_text),
+            "tokensPerSecond": _rate(self.completion_tokens - 1, decode_s),
+            "totalMs": _ms(ended - received),
+            "peakMemoryBytes": self.peak_memory,
+        }
+        return GenerationResult(
+            self.loaded.name, self.finish_reason or "cancelled", len(self.prompt), self.completion_tokens,
+            self.cached_tokens, timings, text=None if self.request.stream else "".join(self._parts),
+            cancel_reason=self.job.cancel_reason if self.finish_reason == "cancelled" else None)
+
+    @property
+    def recording(self) -> list[str] | None:
+        """The text pieces as emitted, for the response cache (complete runs only)."""
+        if self._recorded is None or self.finish_reason in (None, "cancelled"):
+            return None
+        return self._recorded

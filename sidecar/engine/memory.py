@@ -22,27 +22,15 @@ def rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
-class MemoryTracker:
-    """MLX's peak counter is reset per request (so each request reports its own peak);
-    the process-wide peak is kept here across those resets."""
+def active_bytes() -> int:
+    import mlx.core as mx
 
-    def __init__(self) -> None:
-        self._process_peak = 0
+    return int(mx.get_active_memory())
 
-    def begin_request(self) -> None:
-        import mlx.core as mx
 
-        self._process_peak = max(self._process_peak, mx.get_peak_memory())
-        mx.reset_peak_memory()
+def memory_snapshot() -> dict[str, int]:
+    """MLX's counters are plain reads: safe from any thread while the engine works."""
+    import mlx.core as mx
 
-    def request_peak(self) -> int:
-        import mlx.core as mx
-
-        return int(mx.get_peak_memory())
-
-    def snapshot(self) -> dict[str, int]:
-        import mlx.core as mx
-
-        peak = max(self._process_peak, mx.get_peak_memory())
-        return {"activeBytes": int(mx.get_active_memory()), "peakBytes": int(peak),
-                "cacheBytes": int(mx.get_cache_memory()), "rssBytes": rss_bytes()}
+    return {"activeBytes": int(mx.get_active_memory()), "peakBytes": int(mx.get_peak_memory()),
+            "cacheBytes": int(mx.get_cache_memory()), "rssBytes": rss_bytes()}

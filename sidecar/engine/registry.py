@@ -1,22 +1,23 @@
-"""Models held in memory: load, describe, unload, least-recently-used eviction.
+"""Models held in memory, each with the caches that belong to it.
 
-Runs on the engine thread only; other threads read `describe_all()` snapshots.
+A `LoadedModel` owns its prefix (KV) cache and its exact response cache: unloading the
+model drops both. Loads and unloads run on the engine thread; other threads only read
+`describe_all()` snapshots and counters.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..demo_model import ensure_demo_model
 from ..errors import ModelLoadFailed, OutOfMemory
-from ..hub import ModelLocation
+from ..settings import Settings
 from .memory import is_out_of_memory
+from .response_cache import ResponseCache
 
 log = logging.getLogger("localmlx.registry")
 
@@ -24,21 +25,6 @@ Progress = Callable[[str, float, float | None, str], None]
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
                  "seq_length", "n_ctx", "model_max_length")
-
-
-@dataclass(eq=False)
-class LoadedModel:
-    name: str
-    path: Path
-    model: Any
-    tokenizer: Any  # mlx_lm TokenizerWrapper
-    config: dict[str, Any]
-    description: dict[str, Any]
-    last_used: float = field(default_factory=time.monotonic)
-
-    @property
-    def context_length(self) -> int | None:
-        return self.description["contextLength"]
 
 
 def _context_length(config: dict[str, Any]) -> int | None:
@@ -62,6 +48,11 @@ def _quantization(config: dict[str, Any]) -> dict[str, Any] | None:
     return out
 
 
+def _vocab_size(config: dict[str, Any]) -> int | None:
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return size if isinstance(size, int) else None
+
+
 def _warm_up(model: Any, tokenizer: Any) -> None:
     """Run two decode steps once, so kernel compilation is paid at load time and not in
     the first request's time to first token."""
@@ -69,6 +60,13 @@ def _warm_up(model: Any, tokenizer: Any) -> None:
 
     for _ in stream_generate(model, tokenizer, [0], max_tokens=2):
         pass
+
+
+def _caches_can_merge(model: Any) -> bool:
+    """mlx-lm's BatchGenerator merges per-request caches into one batch cache."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return all(hasattr(c, "merge") for c in make_prompt_cache(model))
 
 
 def describe(name: str, path: Path, model: Any, config: dict[str, Any]) -> dict[str, Any]:
@@ -88,9 +86,36 @@ def describe(name: str, path: Path, model: Any, config: dict[str, Any]) -> dict[
     }
 
 
+@dataclass(eq=False)
+class LoadedModel:
+    name: str
+    path: Path
+    model: Any
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    config: dict[str, Any]
+    description: dict[str, Any]
+    batchable: bool
+    prefix_cache: Any  # mlx_lm LRUPromptCache, or None when disabled
+    response_cache: ResponseCache | None
+    eos_stops: Any  # mlx_lm StopSequences of the end-of-sequence tokens
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def context_length(self) -> int | None:
+        return self.description["contextLength"]
+
+    @property
+    def vocab_size(self) -> int | None:
+        return _vocab_size(self.config)
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return int(self.prefix_cache.nbytes) if self.prefix_cache is not None else 0
+
+
 class ModelRegistry:
-    def __init__(self, max_loaded: int) -> None:
-        self.max_loaded = max_loaded
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self._models: dict[str, LoadedModel] = {}
 
     def get(self, name: str) -> LoadedModel | None:
@@ -109,38 +134,53 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(self._models)
 
+    def loaded_models(self) -> list[LoadedModel]:
+        return list(self._models.values())
+
     def describe_all(self) -> list[dict[str, Any]]:
         return [m.description for m in list(self._models.values())]
 
-    def load(self, location: ModelLocation, progress: Progress) -> tuple[LoadedModel, bool]:
-        """Returns (model, already_loaded)."""
-        existing = self.get(location.name)
+    def load(self, name: str, path: Path, progress: Progress,
+             make_room: Callable[[], None]) -> tuple[LoadedModel, bool]:
+        """On the engine thread, with the files already in place. Returns (model, already_loaded)."""
+        existing = self.get(name)
         if existing is not None:
             return existing, True
         started = time.perf_counter()
         try:
-            path = self._materialize(location, progress)
-            self._make_room()
+            make_room()
             progress("weights", 1, 3, "step")
             from mlx_lm import load
 
             model, tokenizer, config = load(str(path), return_config=True)
             progress("warmup", 2, 3, "step")
             _warm_up(model, tokenizer)
-            description = describe(location.name, path, model, config)
+            loaded = self._wrap(name, path, model, tokenizer, config)
         except Exception as exc:
             if is_out_of_memory(exc):
-                raise OutOfMemory(f"Out of memory loading {location.name}: {exc}",
-                                  model=location.name) from exc
-            log.exception("load of %s failed", location.name)
-            raise ModelLoadFailed(f"Model load failed for {location.name}: {exc}",
-                                  model=location.name, reason=type(exc).__name__) from exc
-        description["loadTimeMs"] = round((time.perf_counter() - started) * 1000, 3)
-        loaded = LoadedModel(location.name, path, model, tokenizer, config, description)
-        self._models[location.name] = loaded
+                raise OutOfMemory(f"Out of memory loading {name}: {exc}", model=name) from exc
+            log.exception("load of %s failed", name)
+            raise ModelLoadFailed(f"Model load failed for {name}: {exc}",
+                                  model=name, reason=type(exc).__name__) from exc
+        loaded.description["loadTimeMs"] = round((time.perf_counter() - started) * 1000, 3)
+        self._models[name] = loaded
         progress("ready", 3, 3, "step")
-        log.info("loaded %s from %s in %.0f ms", location.name, path, description["loadTimeMs"])
+        log.info("loaded %s from %s in %.0f ms (%s)", name, path, loaded.description["loadTimeMs"],
+                 "batched" if loaded.batchable else "one request at a time")
         return loaded, False
+
+    def _wrap(self, name: str, path: Path, model: Any, tokenizer: Any, config: dict[str, Any]) -> LoadedModel:
+        from mlx_lm.generate import make_stop_sequences
+        from mlx_lm.models.cache import LRUPromptCache
+
+        settings = self.settings
+        prefix_cache = (LRUPromptCache(settings.prompt_cache_size, settings.prompt_cache_bytes)
+                        if settings.prefix_cache else None)
+        response_cache = (ResponseCache(settings.response_cache_entries, settings.response_cache_bytes)
+                          if settings.enable_cache else None)
+        return LoadedModel(name, path, model, tokenizer, config, describe(name, path, model, config),
+                           batchable=_caches_can_merge(model), prefix_cache=prefix_cache,
+                           response_cache=response_cache, eos_stops=make_stop_sequences(tokenizer))
 
     def unload(self, name: str) -> bool:
         loaded = self._models.pop(name, None)
@@ -151,31 +191,9 @@ class ModelRegistry:
         log.info("unloaded %s", name)
         return True
 
-    def unload_all(self) -> None:
-        for name in list(self._models):
-            self.unload(name)
-
-    def _make_room(self) -> None:
-        while self._models and len(self._models) >= self.max_loaded:
-            oldest = min(self._models.values(), key=lambda m: m.last_used)
-            log.info("unloading %s to make room (max %d loaded)", oldest.name, self.max_loaded)
-            self.unload(oldest.name)
-
-    @staticmethod
-    def _materialize(location: ModelLocation, progress: Progress) -> Path:
-        if location.source == "embedded":
-            progress("build", 0, 3, "step")
-            return ensure_demo_model(location.path.parent)
-        if location.path is None:  # a Hub repo, auto-download on
-            progress("download", 0, 3, "step")
-            from huggingface_hub import snapshot_download
-            from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
-
-            return Path(snapshot_download(location.repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS))
-        progress("resolve", 0, 3, "step")
-        with open(location.path / "config.json", "rb") as f:
-            json.load(f)  # fail early and clearly on a broken config
-        return location.path
+    def least_recently_used(self, exclude: set[str]) -> LoadedModel | None:
+        idle = [m for m in self._models.values() if m.name not in exclude]
+        return min(idle, key=lambda m: m.last_used) if idle else None
 
     @staticmethod
     def _release_memory() -> None:

@@ -5,49 +5,68 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..engine.generation import GenerationRequest
-from ..errors import RequestCancelled, ServerCancelled
+from ..engine import CancelReason, GenerationRequest, GenerationResult
+from ..engine.generation import GenerationOrder
+from ..engine.response_cache import CachedResponse
+from ..engine.sampling import SamplingParams
+from ..errors import ServerCancelled
 from . import rpc_method
-from .models import run_job
+
+
+def _sampling(context: Any, params: dict[str, Any]) -> SamplingParams:
+    bias = params.get("logitBias")
+    return SamplingParams(
+        temperature=params.get("temperature", context.settings.temperature),
+        top_p=params.get("topP", 0.0), top_k=params.get("topK", 0), min_p=params.get("minP", 0.0),
+        seed=params.get("seed"), repetition_penalty=params.get("repetitionPenalty"),
+        presence_penalty=params.get("presencePenalty"), frequency_penalty=params.get("frequencyPenalty"),
+        logit_bias={int(token): float(value) for token, value in bias.items()} if bias else None,
+        repetition_context_size=params.get("repetitionContextSize", 20))
 
 
 def _generation_request(context: Any, params: dict[str, Any], *, messages: Any = None,
                         prompt: str | None = None) -> GenerationRequest:
-    defaults = context.settings
     return GenerationRequest(
         request_id=context.id, received_at=context.received_at, messages=messages, prompt=prompt,
-        max_tokens=params.get("maxTokens", defaults.max_tokens),
-        temperature=params.get("temperature", defaults.temperature),
-        top_p=params.get("topP", 0.0), top_k=params.get("topK", 0), min_p=params.get("minP", 0.0),
-        repetition_penalty=params.get("repetitionPenalty"), seed=params.get("seed"),
-        stop=list(params.get("stop", [])), stream=bool(params.get("stream", False)))
+        max_tokens=params.get("maxTokens", context.settings.max_tokens), sampling=_sampling(context, params),
+        stop=list(params.get("stop", [])), stream=bool(params.get("stream", False)),
+        use_response_cache=params.get("cache", True))
 
 
-def _cancelled_before_start(model: str, request: GenerationRequest) -> dict[str, Any]:
-    elapsed = round((time.perf_counter() - request.received_at) * 1000, 3)
-    result: dict[str, Any] = {
-        "model": model, "finishReason": "cancelled",
-        "usage": {"promptTokens": 0, "completionTokens": 0, "totalTokens": 0, "cachedTokens": 0},
-        "timings": {"ttftMs": elapsed, "queueMs": elapsed, "tokensPerSecond": 0.0, "totalMs": elapsed},
-    }
-    if not request.stream:
-        result["text"] = ""
-    return result
+def _replay(context: Any, model: str, request: GenerationRequest, hit: CachedResponse) -> GenerationResult:
+    """An exact-cache hit, delivered the way a generation is: the same chunks, then the result."""
+    if request.stream:
+        stream = context.session.writer.open_stream(context.id)
+        for piece in hit.pieces:
+            stream.write_whole(piece)
+    now = time.perf_counter()
+    ms = round((now - request.received_at) * 1000, 3)
+    timings = {"ttftMs": ms, "queueMs": 0.0, "promptMs": 0.0, "promptTokensPerSecond": 0.0,
+               "generateMs": 0.0, "tokensPerSecond": 0.0, "totalMs": ms, "peakMemoryBytes": 0}
+    return GenerationResult(model, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens,
+                            cached_tokens=hit.prompt_tokens, timings=timings,
+                            text=None if request.stream else "".join(hit.pieces), cached=True)
 
 
 async def _run_generation(context: Any, params: dict[str, Any], request: GenerationRequest) -> dict[str, Any]:
-    location = context.engine.resolve(params.get("model"))
-    if context.cancel_reason == "client":
-        return _cancelled_before_start(location.name, request)
-    job = context.engine.submit_generation(location, request, context.progress)
-    try:
-        result = await run_job(context, job)
-    except RequestCancelled:  # withdrawn from the queue by the client
-        return _cancelled_before_start(location.name, request)
-    if result["finishReason"] == "cancelled" and job.cancel_reason != "client":
-        raise ServerCancelled(f"Generation cancelled by the server ({job.cancel_reason})",
-                              reason=job.cancel_reason, usage=result["usage"])
-    return result
+    engine = context.engine
+    location = await engine.resolve(params.get("model"))
+    context.model = location.name
+    loaded = await engine.ensure_loaded(location, context.progress)
+    hit = engine.cached_response(loaded, request)
+    if hit is not None:
+        return _replay(context, loaded.name, request, hit).to_wire()
+    prepared = await engine.prepare(loaded, request)
+    stream = context.session.writer.open_stream(context.id) if request.stream else None
+    job = engine.submit_generation(GenerationOrder(prepared, stream), loaded.name)
+    context.job = job
+    if context.cancel_reason is not None:  # cancelled while it was being prepared
+        engine.cancel(job, context.cancel_reason)
+    result: GenerationResult = await job.future
+    if result.cancel_reason not in (None, CancelReason.CLIENT):
+        raise ServerCancelled(f"Generation cancelled by the server ({result.cancel_reason.value})",
+                              reason=result.cancel_reason.value, usage=result.usage)
+    return result.to_wire()
 
 
 @rpc_method("generate")
@@ -62,6 +81,8 @@ async def chat(context: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 @rpc_method("tokenize")
 async def tokenize(context: Any, params: dict[str, Any]) -> dict[str, Any]:
-    location = context.engine.resolve(params.get("model"))
-    job = context.engine.submit_tokenize(location, params["text"], params.get("addSpecialTokens", False))
-    return {"model": location.name, "tokens": await run_job(context, job)}
+    engine = context.engine
+    location = await engine.resolve(params.get("model"))
+    loaded = await engine.ensure_loaded(location)
+    tokens = await engine.tokenize(loaded, params["text"], params.get("addSpecialTokens", False))
+    return {"model": location.name, "tokens": tokens}

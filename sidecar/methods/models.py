@@ -1,4 +1,4 @@
-"""models/list, models/load, models/unload."""
+"""models/list, models/load, models/unload, models/status."""
 
 from __future__ import annotations
 
@@ -6,14 +6,6 @@ import asyncio
 from typing import Any
 
 from . import rpc_method
-
-
-async def run_job(context: Any, job: Any) -> Any:
-    """Await an engine job on behalf of a request, so `$/cancelRequest` can find it."""
-    context.job = job
-    if context.cancel_reason is not None:  # cancelled while the job was being prepared
-        context.session.cancel(context.id, context.cancel_reason)
-    return await job.future
 
 
 @rpc_method("models/list")
@@ -27,25 +19,26 @@ async def list_models(context: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 @rpc_method("models/load")
 async def load_model(context: Any, params: dict[str, Any]) -> dict[str, Any]:
-    location = context.engine.resolve(params["model"])
-    return await run_job(context, context.engine.submit_load(location, context.progress))
+    location = await context.engine.resolve(params["model"])
+    context.model = location.name
+    loaded, already = await context.engine.load(location, context.progress)
+    return dict(loaded.description, alreadyLoaded=already)
 
 
 @rpc_method("models/unload")
 async def unload_model(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """Work running or waiting on the model is the server's to cancel (-32802, reason unload)."""
     engine = context.engine
-    location = engine.resolve(params["model"])
-    # Work queued or running on this model is the server's to cancel (-32802).
-    for other in context.session.requests_on_model(location.name):
-        context.session.cancel(other, reason="unload")
-    unloaded = await run_job(context, engine.submit_unload(location.name))
+    location = await engine.resolve(params["model"])
+    context.job = engine.submit_unload(location.name)
+    unloaded = await context.job.future
     return {"model": location.name, "unloaded": bool(unloaded)}
 
 
 @rpc_method("models/status")
 async def model_status(context: Any, params: dict[str, Any]) -> dict[str, Any]:
     engine = context.engine
-    location = engine.resolve(params["model"])
+    location = await engine.resolve(params["model"])
     status: dict[str, Any] = {"model": location.name, "source": location.source,
                               "path": None if location.path is None else str(location.path),
                               "state": engine.model_state(location)}

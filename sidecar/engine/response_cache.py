@@ -1,0 +1,82 @@
+"""The exact response cache: an identical deterministic request on the same loaded model is
+answered with the text it produced before, without touching the model.
+
+One per loaded model, so unloading or reloading a model drops its answers. Bounded by
+entries and by bytes of text; least recently used goes first. Read from the event loop,
+filled from the engine thread: a lock guards it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+@dataclass(frozen=True)
+class CachedResponse:
+    pieces: tuple[str, ...]  # the text as it was emitted, replayed as the same chunks
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p.encode("utf-8", "surrogatepass")) for p in self.pieces) + 64
+
+
+def response_key(request: Any) -> bytes | None:
+    """What makes two requests give the same answer; None when they would not (sampling
+    without a seed) or when the request asked not to be cached."""
+    sampling = request.sampling
+    if not request.use_response_cache or not sampling.deterministic:
+        return None
+    sampling_key = dataclasses.asdict(sampling)
+    if sampling.temperature == 0:  # greedy: the seed and the sampling filters change nothing
+        for name in ("seed", "top_p", "top_k", "min_p"):
+            sampling_key.pop(name)
+    described = {"messages": request.messages, "prompt": request.prompt, "maxTokens": request.max_tokens,
+                 "stop": request.stop, "sampling": sampling_key}
+    return orjson.dumps(described, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+
+
+class ResponseCache:
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: collections.OrderedDict[bytes, CachedResponse] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: bytes) -> CachedResponse | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
+
+    def put(self, key: bytes, entry: CachedResponse) -> None:
+        if self.max_entries <= 0 or entry.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._entries[key] = entry
+            self._bytes += entry.nbytes
+            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    def describe(self) -> dict[str, int]:
+        with self._lock:
+            return {"entries": len(self._entries), "bytes": self._bytes, "hits": self.hits, "misses": self.misses}

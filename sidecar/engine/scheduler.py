@@ -1,0 +1,301 @@
+"""The one thread that owns all MLX work, and its scheduler loop.
+
+Each turn of the loop: run queued control work (load, unload) in order; admit waiting
+generations into their model's lane; then advance every lane that has work by one step,
+round robin, so several models share the thread fairly and a new request never waits for
+another to finish. The loop sleeps on a condition when there is nothing to do: no polling.
+
+The event loop only submits jobs, asks for cancellation, and awaits futures.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import Any, Callable
+
+from ..errors import Busy, InternalError, ModelNotLoaded, OutOfMemory
+from ..settings import Settings
+from .generation import Generation, GenerationResult
+from .jobs import CancelReason, Job
+from .lanes import BatchLane, SoloLane
+from .memory import active_bytes, is_out_of_memory
+from .registry import LoadedModel, ModelRegistry
+from .response_cache import CachedResponse, response_key
+from .sampling import reset_global_random_state
+
+log = logging.getLogger("localmlx.engine")
+
+Lane = BatchLane | SoloLane
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, registry: ModelRegistry,
+                 on_start: Callable[[], Any]) -> None:
+        self.settings = settings
+        self.registry = registry
+        self._on_start = on_start
+        self._ready = threading.Condition()
+        self._control: collections.deque[Job] = collections.deque()
+        self._waiting: collections.deque[Job] = collections.deque()  # generations not yet admitted
+        self._lanes: dict[str, Lane] = {}
+        self._turn = 0
+        self._poked = False
+        self._stopping = False
+        self._started = False
+        self.running_control: Job | None = None
+        self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+        self._thread.start()
+
+    # ---- from the event loop ---------------------------------------------------------------
+
+    def submit_control(self, job: Job) -> None:
+        with self._ready:
+            self._control.append(job)
+            self._ready.notify()
+
+    def submit_generation(self, job: Job) -> None:
+        with self._ready:
+            if len(self._waiting) >= self.settings.max_queue:
+                raise Busy(f"Busy: {len(self._waiting)} requests already queued",
+                           queued=len(self._waiting), maxQueue=self.settings.max_queue)
+            self._waiting.append(job)
+            self._ready.notify()
+
+    def cancel(self, job: Job, reason: CancelReason) -> None:
+        """Work not started is answered at once; running work stops at its next step."""
+        with self._ready:
+            if job.cancel_reason is None:
+                job.cancel_reason = reason
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job.settle(GenerationResult.cancelled_before_start(job.model, job.payload.request, reason))
+            elif job in self._control:
+                self._control.remove(job)
+                job.settle(_cancel_error(reason), failed=True)
+            self._poked = True
+            self._ready.notify()
+
+    def poke(self) -> None:
+        """Something outside changed (a stream was read): look again."""
+        with self._ready:
+            self._poked = True
+            self._ready.notify()
+
+    def stop(self, timeout: float) -> None:
+        """Running generations end at their next step; waits for that only if there are any
+        (a thread still importing MLX has nothing to finish)."""
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+            busy = self._started and (self.running_control is not None or any(
+                lane.active for lane in self._lanes.values()))
+        if busy:
+            self._thread.join(timeout)
+
+    # ---- counters (read from any thread) -----------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        lanes = list(self._lanes.values())
+        return {"active": sum(lane.active for lane in lanes) + (self.running_control is not None),
+                "queued": len(self._waiting) + len(self._control)}
+
+    def is_queued_or_running(self, kind: str, model: str) -> bool:
+        jobs = [self.running_control, *list(self._control)]
+        return any(j is not None and j.kind == kind and j.model == model for j in jobs)
+
+    def models_generating(self) -> set[str]:
+        return {name for name, lane in list(self._lanes.items()) if lane.active}
+
+    # ---- the engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._on_start()
+        self._started = True
+        while True:
+            with self._ready:
+                while not self._stopping and not self._has_work():
+                    self._ready.wait()
+                if self._stopping:
+                    break
+                self._poked = False
+                control = list(self._control)
+                self._control.clear()
+            for job in control:
+                self._run_control(job)
+            self._admit()
+            self._settle_unstepped()
+            self._step_lanes()
+        self._stop_everything(CancelReason.EXIT)
+
+    def _has_work(self) -> bool:
+        return bool(self._control or self._poked or self._admissible()
+                    or any(lane.has_work for lane in self._lanes.values()))
+
+    def _admissible(self) -> bool:
+        for job in self._waiting:
+            lane = self._lanes.get(job.model)
+            if lane is None or lane.free_slots > 0:
+                return True
+        return False
+
+    def _run_control(self, job: Job) -> None:
+        self.running_control = job
+        try:
+            outcome, failed = job.run(job), False
+        except BaseException as exc:  # delivered to the awaiting request
+            outcome, failed = exc, True
+        finally:
+            self.running_control = None
+        job.settle(outcome, failed)
+
+    def _admit(self) -> None:
+        """Move waiting generations into their lanes, in arrival order, while slots last."""
+        with self._ready:
+            waiting = list(self._waiting)
+        for job in waiting:
+            loaded = self.registry.get(job.model)
+            lane = self._lanes.get(job.model) if loaded is not None else None
+            if loaded is not None and lane is None:
+                lane = self._lanes[job.model] = self._open_lane(loaded)
+            if lane is not None and lane.free_slots <= 0:
+                continue
+            with self._ready:
+                if job not in self._waiting:
+                    continue  # cancelled meanwhile: already answered
+                self._waiting.remove(job)
+            if loaded is None:
+                job.settle(ModelNotLoaded(f"Model not loaded: {job.model} (it was unloaded)",
+                                          model=job.model), failed=True)
+                continue
+            self._start_generation(job, loaded, lane)
+
+    def _open_lane(self, loaded: LoadedModel) -> Lane:
+        settings = self.settings
+        if loaded.batchable:
+            return BatchLane(loaded, settings.max_batch_size, settings.prefill_step_size)
+        return SoloLane(loaded, settings.max_batch_size, settings.prefill_step_size)
+
+    def _start_generation(self, job: Job, loaded: LoadedModel, lane: Lane) -> None:
+        import time
+
+        order = job.payload
+        try:
+            generation = Generation(job, loaded, order.prepared, order.stream)
+            generation.admitted_at = time.perf_counter()
+            lane.admit(generation)
+        except Exception as exc:
+            log.exception("could not start a generation on %s", loaded.name)
+            job.settle(_engine_error(exc, loaded.name), failed=True)
+
+    def _settle_unstepped(self) -> None:
+        """Cancelled work no step will see, and parked work whose client caught up."""
+        for lane in self._lanes.values():
+            for generation in lane.take_cancelled():
+                self._finish(generation)
+            lane.resume_drained()
+
+    def _step_lanes(self) -> None:
+        names = list(self._lanes)
+        if not names:
+            return
+        self._turn = (self._turn + 1) % len(names)
+        for name in names[self._turn:] + names[: self._turn]:  # a fair start each turn
+            lane = self._lanes[name]
+            if not lane.has_work:
+                continue
+            try:
+                finished = lane.step()
+            except Exception as exc:
+                self._fail_lane(name, exc)
+                continue
+            memory = active_bytes()
+            for generation in lane.generations():
+                generation.peak_memory = max(generation.peak_memory, memory)
+            for generation in finished:
+                generation.peak_memory = max(generation.peak_memory, memory)
+                self._finish(generation)
+
+    def _finish(self, generation: Generation) -> None:
+        result = generation.result()
+        recording = generation.recording
+        cache = generation.loaded.response_cache
+        key = response_key(generation.request) if recording is not None and cache is not None else None
+        if key is not None:
+            cache.put(key, CachedResponse(tuple(recording), result.finish_reason,
+                                          result.prompt_tokens, result.completion_tokens))
+        generation.job.settle(result)
+
+    def _fail_lane(self, name: str, exc: Exception) -> None:
+        """A step failed (out of memory, or a bug): its requests get the error, the model stays."""
+        lane = self._lanes.pop(name)
+        log.error("generation on %s failed: %s", name, exc, exc_info=not is_out_of_memory(exc))
+        error = _engine_error(exc, name)
+        for generation in lane.generations():
+            generation.job.settle(error, failed=True)
+        try:
+            lane.stop_all()
+            lane.close()
+        except Exception:  # the lane is broken already; its memory goes with it
+            log.debug("closing a failed lane", exc_info=True)
+        reset_global_random_state()
+
+    # ---- model lifecycle, called from control jobs on this thread ---------------------------
+
+    def unload_model(self, name: str, reason: CancelReason = CancelReason.UNLOAD) -> bool:
+        self.stop_model(name, reason)
+        return self.registry.unload(name)
+
+    def make_room(self) -> None:
+        """Unload least-recently-used models until one more fits; idle ones go first."""
+        while len(self.registry.names()) >= self.settings.max_loaded_models:
+            victim = (self.registry.least_recently_used(exclude=self.models_generating())
+                      or self.registry.least_recently_used(exclude=set()))
+            if victim is None:
+                return
+            log.info("unloading %s to make room (max %d loaded)", victim.name, self.settings.max_loaded_models)
+            self.unload_model(victim.name)
+
+    def stop_model(self, name: str, reason: CancelReason) -> None:
+        """Everything running or waiting on a model ends now (it is being unloaded)."""
+        lane = self._lanes.pop(name, None)
+        if lane is not None:
+            for generation in lane.generations():
+                if generation.job.cancel_reason is None:
+                    generation.job.cancel_reason = reason
+            for generation in lane.stop_all():
+                self._finish(generation)
+            lane.close()
+        with self._ready:
+            doomed = [job for job in self._waiting if job.model == name]
+        for job in doomed:
+            self.cancel(job, reason)
+
+    def _stop_everything(self, reason: CancelReason) -> None:
+        for name in list(self._lanes):
+            self.stop_model(name, reason)
+        with self._ready:
+            pending = list(self._waiting) + list(self._control)
+        for job in pending:
+            self.cancel(job, reason)
+
+
+def _cancel_error(reason: CancelReason) -> Exception:
+    from ..errors import RequestCancelled, ServerCancelled
+
+    if reason is CancelReason.CLIENT:
+        return RequestCancelled("Request cancelled")
+    return ServerCancelled(f"Cancelled by the server ({reason.value})", reason=reason.value)
+
+
+def _engine_error(exc: Exception, model: str) -> Exception:
+    from ..errors import RpcError
+
+    if isinstance(exc, RpcError):
+        return exc
+    if is_out_of_memory(exc):
+        return OutOfMemory(f"Out of memory while generating on {model}", model=model)
+    return InternalError(f"Internal error: {type(exc).__name__}", method="generate")
+
+

@@ -1,0 +1,171 @@
+"""The one writer of the wire: every outbound message goes through one queue and one thread.
+
+Producers never block. Messages are encoded on the caller's thread and queued in order.
+A streaming generation writes its text into a `ChunkStream`: while the stream waits in the
+queue its text keeps joining, so a client that reads slowly receives fewer, longer chunks
+(`seq` stays contiguous, no text is lost) instead of stalling the engine. A stream whose
+unsent text passes `stream_limit_bytes` reports `over_limit`, and the engine parks that one
+request until the client has read it down (see PROTOCOL.md, "Back-pressure").
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+from typing import Any, Callable
+
+from .transport import encode_message
+
+log = logging.getLogger("localmlx.outbox")
+
+CHUNK_METHOD = "generate/chunk"
+
+
+class ChunkStream:
+    """`generate/chunk` notifications for one request, coalesced while the wire is busy."""
+
+    def __init__(self, outbox: "Outbox", request_id: Any, limit_bytes: int) -> None:
+        self._outbox = outbox
+        self.request_id = request_id
+        self.limit_bytes = limit_bytes
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._queued = False
+        self.seq = 0  # chunks taken by the writer so far
+
+    def write(self, text: str) -> None:
+        if text:
+            self._outbox._add_to_stream(self, text)
+
+    def write_whole(self, text: str) -> None:
+        """One chunk exactly as given, never joined with others (replaying recorded chunks)."""
+        self._outbox._add_whole_chunk(self, text)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    @property
+    def over_limit(self) -> bool:
+        return self._pending_bytes > self.limit_bytes
+
+    @property
+    def drained(self) -> bool:
+        """Read down to half the limit: a parked request may go on."""
+        return self._pending_bytes <= self.limit_bytes // 2
+
+    def _take_chunk(self) -> bytes:
+        """Called with the outbox lock held."""
+        text = "".join(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._queued = False
+        return self._encode(text)
+
+    def _encode(self, text: str) -> bytes:
+        params = {"requestId": self.request_id, "seq": self.seq, "text": text}
+        self.seq += 1
+        return encode_message({"jsonrpc": "2.0", "method": CHUNK_METHOD, "params": params})
+
+
+class Outbox:
+    """Ordered, non-blocking output to one fd, drained by a writer thread.
+
+    `on_drain` runs on the writer thread whenever a stream's text was taken, so the engine
+    can resume a request it parked for back-pressure.
+    """
+
+    MAX_WRITE_BYTES = 1 << 20  # one os.write gathers queued lines up to this size
+
+    def __init__(self, fd: int, on_broken: Callable[[], None] | None = None,
+                 stream_limit_bytes: int = 256 << 10) -> None:
+        self._fd = fd
+        self._on_broken = on_broken
+        self._stream_limit_bytes = stream_limit_bytes
+        self._queue: collections.deque[bytes | ChunkStream | None] = collections.deque()
+        self._ready = threading.Condition()
+        self.on_drain: Callable[[], None] | None = None
+        self.broken = False
+        self._thread = threading.Thread(target=self._drain, name="wire-writer", daemon=True)
+        self._thread.start()
+
+    def post(self, message: Any) -> None:
+        """Queue one message (any thread); encoded here so the writer only writes."""
+        self._enqueue(encode_message(message))
+
+    def open_stream(self, request_id: Any) -> ChunkStream:
+        return ChunkStream(self, request_id, self._stream_limit_bytes)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write everything queued so far, then stop the writer."""
+        self._enqueue(None)
+        self._thread.join(timeout)
+
+    @property
+    def queued_items(self) -> int:
+        return len(self._queue)
+
+    def _enqueue(self, item: bytes | ChunkStream | None) -> None:
+        with self._ready:
+            self._queue.append(item)
+            self._ready.notify()
+
+    def _add_to_stream(self, stream: ChunkStream, text: str) -> None:
+        with self._ready:
+            stream._pending.append(text)
+            stream._pending_bytes += len(text)
+            if not stream._queued:
+                stream._queued = True
+                self._queue.append(stream)
+                self._ready.notify()
+
+    def _add_whole_chunk(self, stream: ChunkStream, text: str) -> None:
+        with self._ready:
+            if stream._queued:  # joined text waits in the queue: it goes first, as it came first
+                self._queue.remove(stream)
+                self._queue.append(stream._take_chunk())
+            self._queue.append(stream._encode(text))
+            self._ready.notify()
+
+    def _next_batch(self) -> tuple[list[bytes], bool, bool]:
+        """Wait for work; returns (lines, stop, took_stream_text)."""
+        with self._ready:
+            while not self._queue:
+                self._ready.wait()
+            lines: list[bytes] = []
+            size, took_stream = 0, False
+            while self._queue and size < self.MAX_WRITE_BYTES:
+                item = self._queue.popleft()
+                if item is None:
+                    return lines, True, took_stream
+                if isinstance(item, ChunkStream):
+                    item, took_stream = item._take_chunk(), True
+                lines.append(item)
+                size += len(item)
+            return lines, False, took_stream
+
+    def _drain(self) -> None:
+        while True:
+            lines, stop, took_stream = self._next_batch()
+            if took_stream and self.on_drain is not None:
+                self.on_drain()
+            if lines:
+                self._write(b"".join(lines))
+            if stop:
+                return
+
+    def _write(self, data: bytes) -> None:
+        if self.broken:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+            return
+        except OSError as exc:  # EPIPE: the client went away
+            self.broken = True
+            log.warning("wire closed by peer: %s", exc)
+        if self._on_broken is not None:
+            self._on_broken()
