@@ -23,6 +23,9 @@ def serve(args: argparse.Namespace) -> None:
     wire_fd = claim_stdout()  # first: nothing imported below may print onto the wire
     settings = settings_from_args(args)
     _configure_logging(settings.log_level)
+    from .blas import use_best_blas
+
+    use_best_blas(settings.blas)  # before anything imports MLX: its CPU kernels bind to it on import
     # The client owns our lifetime (stdin EOF, shutdown/exit, SIGTERM); a Ctrl-C meant for
     # an interactive parent must not kill us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

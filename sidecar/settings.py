@@ -37,6 +37,15 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def _blas_choice(text: str) -> str:
+    choice = text.strip()
+    if choice.lower() in ("", "auto", "bundled"):
+        return choice.lower() or "auto"
+    if os.path.isabs(os.path.expanduser(choice)):
+        return os.path.expanduser(choice)
+    raise ValueError("expected auto, bundled or an absolute path to a BLAS shared library")
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
@@ -112,6 +121,10 @@ class Settings:
         (), "LOCALMLX_ALLOWED_ROOTS",
         f"extra directories ('{os.pathsep}'-separated) a local model path may live "
         "under, besides the models dir and the Hugging Face cache", _paths)
+    blas: str = _setting(
+        "auto", "LOCALMLX_BLAS",
+        "BLAS for MLX on a Linux CPU: auto (an optimized one such as OpenBLAS when installed, else "
+        "the wheel's bundled one), bundled, or an absolute path to a BLAS shared library", _blas_choice)
     log_level: str = _setting(
         "INFO", "LOCALMLX_LOG_LEVEL", "stderr log level (DEBUG, INFO, WARNING, ERROR)", str)
 

@@ -331,6 +331,42 @@ def test_script_settings_reach_the_request_and_errors_set_the_status(env):
                                   "stream": True, "_meta": {"progressToken": generate["params"]["_meta"]["progressToken"]}}
 
 
+def test_script_sampling_settings_reach_the_request(env):
+    done = script(env, ["/set presencePenalty 0.5", "/set frequency_penalty 0.3", '/set logitBias {"12": -100}',
+                        "/set repetitionContextSize 64", "/set cache off", "/help set", "/set", "/raw on",
+                        "/generate The", "/chat hello"])
+    assert done.returncode == 0, done.stderr
+    for line in ("presencePenalty = 0.5", "frequencyPenalty = 0.3", 'logitBias = {"12":-100}',
+                 "repetitionContextSize = 64", "cache = false"):
+        assert line in done.stderr  # as each is set
+        assert line in done.stdout  # and in the `/set` listing
+    listed = {line.split()[0] for line in done.stdout.splitlines() if line[:1].isalpha()}
+    assert {"presencePenalty", "frequencyPenalty", "logitBias", "repetitionContextSize", "cache"} <= listed
+    assert re.search(r"^presencePenalty\s+number -2\.\.2\s+Subtracted", done.stdout, re.M)  # /help set
+    sent = [json.loads(line[2:]) for line in done.stdout.splitlines() if line.startswith("→ ")]
+    wanted = {"presencePenalty": 0.5, "frequencyPenalty": 0.3, "logitBias": {"12": -100},
+              "repetitionContextSize": 64, "cache": False}
+    for method in ("generate", "chat"):
+        params = next(m["params"] for m in sent if m.get("method") == method)
+        assert {k: params.get(k) for k in wanted} == wanted, method
+    assert len(re.findall(SUMMARY, done.stderr)) == 2  # both served
+
+
+def test_script_bad_sampling_settings_are_refused(env):
+    done = script(env, ['/set logitBias {"abc": 1}', '/set logitBias {"5": 200}', "/set logitBias 5:200",
+                        "/set cache maybe", "/set presencePenalty 3", "/set repetitionContextSize 0",
+                        "/set", "/quit"], "--no-load")
+    assert done.returncode == 1
+    for message in ("error: logitBias: 'abc' does not match",
+                    "error: logitBias/5: 200 is greater than the maximum of 100",
+                    'error: logitBias: not a JSON object (for example {"12": -100})',
+                    "error: cache: 'maybe' is not of type 'boolean'",
+                    "error: presencePenalty: 3 is greater than the maximum of 2",
+                    "error: repetitionContextSize: 0 is less than the minimum of 1"):
+        assert message in done.stderr
+    assert not re.search(r"^(logitBias|cache|presencePenalty|repetitionContextSize) =", done.stdout, re.M)
+
+
 def test_script_reports_a_sidecar_that_exits(env):
     done = script(env, ['{"jsonrpc":"2.0","method":"exit"}', "/status"], "--no-load")
     assert done.returncode == 1
@@ -358,6 +394,21 @@ def test_settings_parse_against_the_schema():
     assert parse_setting("system", "Be terse.") == "Be terse."
     with pytest.raises(ValueError, match="topK"):
         parse_setting("topK", "1.5")
+    assert parse_setting("logitBias", '{"12": -100, "7": 2.5}') == {"12": -100, "7": 2.5}
+    assert parse_setting("cache", "off") is False and parse_setting("cache", "ON") is True
+    assert parse_setting("cache", "false") is False
+    assert parse_setting("presencePenalty", "-0.5") == -0.5
+    assert parse_setting("repetitionContextSize", "64") == 64
+    assert canonical_setting("frequency-penalty") == "frequencyPenalty"
+    assert canonical_setting("logit_bias") == "logitBias"
+    with pytest.raises(ValueError, match=r"logitBias/5: 200 is greater"):
+        parse_setting("logitBias", '{"5": 200}')
+    with pytest.raises(ValueError, match="not a JSON object"):
+        parse_setting("logitBias", "12=-100")
+    with pytest.raises(ValueError, match="cache"):
+        parse_setting("cache", "maybe")
+    with pytest.raises(ValueError, match="repetitionContextSize"):
+        parse_setting("repetitionContextSize", "1.5")
 
 
 def test_which_raw_lines_expect_a_reply():

@@ -61,7 +61,11 @@ export interface LocalMLXOptions {
   maxMessageBytes?: number;
   /** How much of the sidecar's stderr is kept for error reports. Default 64 KiB. */
   stderrTailBytes?: number;
-  /** Unread chunks of a stream being iterated before reads from the sidecar pause. Default 1024. */
+  /**
+   * Unread chunks of one prediction kept apart (at least 1); past it, newly arrived text joins the
+   * last unread chunk, so a lagging consumer costs memory in proportion to the text only. It never
+   * pauses the wire. Default 64.
+   */
   highWaterMark?: number;
   /** Restart after a crash (on the next call), or `false` to stay down. */
   restart?: Partial<RestartPolicy> | false;
@@ -121,7 +125,7 @@ const DEFAULTS = {
   requestTimeoutMs: 600_000,
   maxMessageBytes: 64 * 1024 * 1024,
   stderrTailBytes: 64 * 1024,
-  highWaterMark: 1024,
+  highWaterMark: 64,
   closeTimeouts: { gracefulMs: 5_000, terminateMs: 3_000, killMs: 3_000 } satisfies StopTimeouts,
 };
 
@@ -257,7 +261,7 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
       model: params.model,
       signal,
       timeoutMs: timeoutMs ?? this.options.requestTimeoutMs ?? DEFAULTS.requestTimeoutMs,
-      highWaterMark: this.options.highWaterMark ?? DEFAULTS.highWaterMark,
+      highWaterMark: Math.max(1, this.options.highWaterMark ?? DEFAULTS.highWaterMark),
       onWarning: (warning) => this.emit("warning", warning),
       onResult: (result: PredictionResult) => this.touchModel(result.model, params.model ?? result.model),
     });

@@ -1,7 +1,8 @@
 /**
  * JSON-RPC 2.0 over one readable and one writable byte stream (the sidecar's stdout and stdin):
- * ids, pending calls, routing of `generate/chunk` and `$/progress` to their call, writes that
- * respect `drain`, and a read pause for back-pressure. Knows nothing of processes or models.
+ * ids, pending calls, routing of `generate/chunk` and `$/progress` to their call, and writes that
+ * respect `drain`. It reads whatever arrives, always: one slow consumer must never hold up the
+ * responses of every other call (flow control is per Prediction). Knows nothing of processes or models.
  */
 import type { Readable, Writable } from "node:stream";
 import { encodeMessage, isOversized, LineSplitter, parseLine, peekId, type Frame } from "./framing";
@@ -109,11 +110,9 @@ export class Connection {
   /** Calls given up on (timeout, abort): their late messages are dropped silently. */
   private readonly abandoned = new Set<number>();
   private closedWith: Error | undefined;
-  private holds = 0;
-  private holdEpoch = 0;
 
   constructor(
-    private readonly input: Readable,
+    input: Readable,
     output: Writable,
     private readonly options: ConnectionOptions,
   ) {
@@ -126,11 +125,6 @@ export class Connection {
 
   set maxLineBytes(value: number) {
     this.options.maxLineBytes = value;
-  }
-
-  /** True while reads are paused for back-pressure. */
-  get readPaused(): boolean {
-    return this.holds > 0;
   }
 
   /**
@@ -214,27 +208,6 @@ export class Connection {
     if (this.pending.has(id)) this.notify("$/cancelRequest", { id });
   }
 
-  /** Pauses reading until the returned function is called (counted: every hold must be released). */
-  hold(): () => void {
-    if (this.holds++ === 0) this.input.pause();
-    const epoch = this.holdEpoch;
-    let released = false;
-    return () => {
-      if (released || epoch !== this.holdEpoch) return;
-      released = true;
-      if (--this.holds === 0) this.input.resume();
-    };
-  }
-
-  /** Resumes reading whatever holds it (closing: the responses behind a slow consumer matter more). */
-  releaseHolds(): void {
-    this.holdEpoch++;
-    if (this.holds > 0) {
-      this.holds = 0;
-      this.input.resume();
-    }
-  }
-
   /** End of input for the sidecar. */
   endInput(): void {
     this.writer.end();
@@ -247,7 +220,6 @@ export class Connection {
     this.pending.clear();
     this.abandoned.clear();
     if (calls.length > 0) this.options.onBusyChange?.(false);
-    this.releaseHolds();
     for (const call of calls) call.handlers.onError(error);
   }
 

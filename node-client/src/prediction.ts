@@ -1,7 +1,8 @@
 /**
  * One generation (`chat` or `generate`): an async iterator of text chunks and, at the same
  * time, a promise of the final result. Chunks are put back in `seq` order for their own
- * request id; a consumer that falls behind pauses reading from the sidecar (back-pressure).
+ * request id. Flow control is this prediction's own: a consumer that falls behind never pauses
+ * the wire; its unread chunks wait here, joined into fewer chunks past `highWaterMark`.
  */
 import type { Connection, WireWarning } from "./connection";
 import { TimeoutError } from "./errors";
@@ -10,7 +11,10 @@ import type { GenerateChunkParams, GenerationResult } from "./protocol";
 /** One piece of generated text, in order. */
 export interface PredictionChunk {
   text: string;
-  /** 0, 1, 2, … for this prediction. */
+  /**
+   * 0, 1, 2, … counting the chunks this iterator yields, with no gaps. It is the sidecar's `seq`
+   * until a lagging consumer gets chunks joined together; from then on it counts the joined ones.
+   */
   seq: number;
 }
 
@@ -24,7 +28,7 @@ export interface PredictionOptions {
   model?: string | undefined;
   signal?: AbortSignal | undefined;
   timeoutMs?: number | undefined;
-  /** Unread chunks (while iterating) above which reads from the sidecar pause. */
+  /** Unread chunks kept apart; past it, newly arrived text joins the last unread chunk. */
   highWaterMark: number;
   onWarning(warning: WireWarning): void;
   onResult?(result: PredictionResult): void;
@@ -43,16 +47,20 @@ export class Prediction implements AsyncIterable<PredictionChunk>, PromiseLike<P
   private state: State = "waiting";
   private connection: Connection | undefined;
   private requestId: number | undefined;
-  private readonly chunks: PredictionChunk[] = [];
-  private readIndex = 0;
-  private nextSeq = 0;
+  /** All the text so far (for `text` and `result.text`). */
+  private received = "";
+  /** Chunks not yet yielded: at most `highWaterMark`, the last one taking whatever comes after. */
+  private readonly unread: PredictionChunk[] = [];
+  /** The `seq` of the next chunk for the consumer. */
+  private nextChunkSeq = 0;
+  /** The sidecar's `seq` expected next, and chunks that came before their turn. */
+  private nextWireSeq = 0;
   private readonly early = new Map<number, string>();
   private iteration: "none" | "active" | "ended" = "none";
   private waiter: Waiter | undefined;
   private error: unknown;
   private cancelRequested = false;
   private timer: NodeJS.Timeout | undefined;
-  private releaseHold: (() => void) | undefined;
   private readonly onAbort = (): void => this.cancel();
 
   /** @internal Created by `LocalMLX.chat()` / `LocalMLX.generate()`. */
@@ -80,7 +88,7 @@ export class Prediction implements AsyncIterable<PredictionChunk>, PromiseLike<P
 
   /** The text received so far. */
   get text(): string {
-    return this.chunks.map((chunk) => chunk.text).join("");
+    return this.received;
   }
 
   /** Stops the generation: sends `$/cancelRequest` and ends the iterator; `result` resolves "cancelled". */
@@ -141,7 +149,7 @@ export class Prediction implements AsyncIterable<PredictionChunk>, PromiseLike<P
     this.error = error;
     this.cleanUp();
     this.rejectResult(error);
-    if (this.waiter && this.readIndex >= this.chunks.length) {
+    if (this.waiter && this.unread.length === 0) {
       const waiter = this.waiter;
       this.waiter = undefined;
       this.iteration = "ended";
@@ -153,40 +161,40 @@ export class Prediction implements AsyncIterable<PredictionChunk>, PromiseLike<P
 
   private accept(chunk: GenerateChunkParams): void {
     if (this.state !== "running") return;
-    if (chunk.seq === this.nextSeq) {
+    if (chunk.seq === this.nextWireSeq) {
       this.push(chunk.text);
-      while (this.early.has(this.nextSeq)) {
-        const text = this.early.get(this.nextSeq)!;
-        this.early.delete(this.nextSeq);
+      while (this.early.has(this.nextWireSeq)) {
+        const text = this.early.get(this.nextWireSeq)!;
+        this.early.delete(this.nextWireSeq);
         this.push(text);
       }
-    } else if (chunk.seq > this.nextSeq && !this.early.has(chunk.seq)) {
+    } else if (chunk.seq > this.nextWireSeq && !this.early.has(chunk.seq)) {
       this.early.set(chunk.seq, chunk.text);
     } else {
       this.options.onWarning({ kind: "unexpected", message: `duplicate chunk seq ${chunk.seq} for request ${this.requestId}` });
     }
   }
 
+  /** Text in wire order: handed to a waiting consumer, else kept unread (joined past the mark). */
   private push(text: string): void {
-    const chunk = { text, seq: this.nextSeq++ };
-    this.chunks.push(chunk);
-    if (this.iteration !== "active") return;
+    this.nextWireSeq++;
+    this.received += text;
+    if (this.iteration === "ended") return;
     if (this.waiter) {
       const waiter = this.waiter;
       this.waiter = undefined;
-      waiter.resolve({ value: this.chunks[this.readIndex++]!, done: false });
-    } else if (this.chunks.length - this.readIndex >= this.options.highWaterMark && !this.releaseHold) {
-      this.releaseHold = this.connection?.hold();
+      waiter.resolve({ value: { text, seq: this.nextChunkSeq++ }, done: false });
+    } else if (this.unread.length >= this.options.highWaterMark) {
+      this.unread[this.unread.length - 1]!.text += text; // memory grows with the text, not the chunk count
+    } else {
+      this.unread.push({ text, seq: this.nextChunkSeq++ });
     }
   }
 
   private next(): Promise<IteratorResult<PredictionChunk>> {
     if (this.iteration === "ended") return Promise.resolve(DONE);
-    if (this.readIndex < this.chunks.length) {
-      const value = this.chunks[this.readIndex++]!;
-      if (this.releaseHold && this.chunks.length - this.readIndex <= this.options.highWaterMark / 2) this.unhold();
-      return Promise.resolve({ value, done: false });
-    }
+    const value = this.unread.shift();
+    if (value) return Promise.resolve({ value, done: false });
     if (this.state === "done") {
       this.iteration = "ended";
       return Promise.resolve(DONE);
@@ -203,7 +211,7 @@ export class Prediction implements AsyncIterable<PredictionChunk>, PromiseLike<P
   private complete(response: GenerationResult): void {
     if (this.state === "done" || this.state === "failed") return;
     if (this.early.size > 0) {
-      const missing = this.nextSeq;
+      const missing = this.nextWireSeq;
       this.options.onWarning({ kind: "unexpected", message: `request ${this.requestId} ended with chunk ${missing} missing` });
       for (const seq of [...this.early.keys()].sort((a, b) => a - b)) this.push(this.early.get(seq)!);
       this.early.clear();
@@ -230,7 +238,7 @@ export class Prediction implements AsyncIterable<PredictionChunk>, PromiseLike<P
 
   private endIteration(): void {
     this.iteration = "ended";
-    this.unhold();
+    this.unread.length = 0;
     if (this.waiter) {
       const waiter = this.waiter;
       this.waiter = undefined;
@@ -238,16 +246,9 @@ export class Prediction implements AsyncIterable<PredictionChunk>, PromiseLike<P
     }
   }
 
-  private unhold(): void {
-    const release = this.releaseHold;
-    this.releaseHold = undefined;
-    release?.();
-  }
-
   private cleanUp(): void {
     if (this.timer) clearTimeout(this.timer);
     this.options.signal?.removeEventListener("abort", this.onAbort);
-    this.unhold();
   }
 }
 

@@ -38,7 +38,7 @@ export interface Usage {
   completionTokens: number;
   totalTokens: number;
   /**
-   * Prompt tokens served from the prompt cache.
+   * Prompt tokens whose KV cache came from the prefix cache instead of being computed (0 when none). Present in every chat and generate result.
    */
   cachedTokens?: number;
 }
@@ -74,6 +74,10 @@ export interface GenerationResult {
   finishReason: FinishReason;
   usage: Usage;
   timings: Timings;
+  /**
+   * Present, and true, only when the result was served from the exact response cache (an identical deterministic request answered before); absent otherwise.
+   */
+  cached?: boolean;
 }
 
 export type Quantization = null | {
@@ -111,6 +115,20 @@ export interface LocalModel {
   loaded: boolean;
 }
 
+/**
+ * The BLAS that MLX's CPU kernels use (LOCALMLX_BLAS).
+ */
+export interface BlasInUse {
+  /**
+   * "bundled" (the mlx wheel's own reference BLAS), "accelerate" (macOS), or the kind of library loaded: "openblas", "mkl", "blis", "atlas", else "external".
+   */
+  name: string;
+  /**
+   * Path of the loaded library; absent for bundled and accelerate.
+   */
+  library?: string;
+}
+
 // ---- Methods: params and result of each request ----
 
 export interface InitializeParams {
@@ -130,12 +148,21 @@ export interface InitializeResult {
     mlx: string;
     mlxLm: string;
     device: string;
+    blas: BlasInUse;
   };
   capabilities: {
     streaming: boolean;
     cancellation: boolean;
     progress: boolean;
     methods: string[];
+    /**
+     * Concurrent chat/generate requests on one model are decoded together in one batch (continuous batching).
+     */
+    batching?: boolean;
+    /**
+     * The exact response cache is on (LOCALMLX_ENABLE_CACHE): an identical deterministic request may be answered from it, with cached: true.
+     */
+    responseCache?: boolean;
   };
   limits: {
     maxLineBytes: number;
@@ -225,6 +252,7 @@ export interface ServerStatusResult {
     rssBytes: number;
     promptCacheBytes: number;
   };
+  blas: BlasInUse;
 }
 
 export interface GenerateParams {
@@ -254,9 +282,27 @@ export interface GenerateParams {
    */
   minP?: number;
   /**
-   * Penalty > 1 discourages repeats; 1 disables.
+   * Divides the logits of the last repetitionContextSize tokens (multiplies negative ones); > 1 discourages repeats, 1 disables.
    */
   repetitionPenalty?: number;
+  /**
+   * Subtracted from the logit of every token that occurs in the last repetitionContextSize tokens (prompt and output), once however often it occurs: OpenAI's presence_penalty. > 0 discourages repeats, < 0 encourages them; 0 disables (the default).
+   */
+  presencePenalty?: number;
+  /**
+   * Subtracted from a token's logit once per occurrence in the last repetitionContextSize tokens (penalty x count): OpenAI's frequency_penalty. > 0 discourages repeats, < 0 encourages them; 0 disables (the default).
+   */
+  frequencyPenalty?: number;
+  /**
+   * How many of the most recent tokens (prompt and output) repetitionPenalty, presencePenalty and frequencyPenalty look at. Default 20.
+   */
+  repetitionContextSize?: number;
+  /**
+   * Added to the logits of these tokens before sampling: {"<token id>": bias}, the id a decimal string (as OpenAI's logit_bias; ids from `tokenize`), the bias -100..100 (-100 in effect bans a token, 100 in effect forces it). At most 300 entries. An id outside the model's vocabulary is -32602.
+   */
+  logitBias?: {
+    [k: string]: number | undefined;
+  };
   /**
    * Seed for sampling, for reproducible runs.
    */
@@ -267,6 +313,10 @@ export interface GenerateParams {
    * @maxItems 16
    */
   stop?: string[];
+  /**
+   * false: never answer this request from the exact response cache (LOCALMLX_ENABLE_CACHE), nor store its result there. Default true.
+   */
+  cache?: boolean;
   /**
    * Send generate/chunk notifications, then the response without text.
    */
@@ -305,9 +355,27 @@ export interface ChatParams {
    */
   minP?: number;
   /**
-   * Penalty > 1 discourages repeats; 1 disables.
+   * Divides the logits of the last repetitionContextSize tokens (multiplies negative ones); > 1 discourages repeats, 1 disables.
    */
   repetitionPenalty?: number;
+  /**
+   * Subtracted from the logit of every token that occurs in the last repetitionContextSize tokens (prompt and output), once however often it occurs: OpenAI's presence_penalty. > 0 discourages repeats, < 0 encourages them; 0 disables (the default).
+   */
+  presencePenalty?: number;
+  /**
+   * Subtracted from a token's logit once per occurrence in the last repetitionContextSize tokens (penalty x count): OpenAI's frequency_penalty. > 0 discourages repeats, < 0 encourages them; 0 disables (the default).
+   */
+  frequencyPenalty?: number;
+  /**
+   * How many of the most recent tokens (prompt and output) repetitionPenalty, presencePenalty and frequencyPenalty look at. Default 20.
+   */
+  repetitionContextSize?: number;
+  /**
+   * Added to the logits of these tokens before sampling: {"<token id>": bias}, the id a decimal string (as OpenAI's logit_bias; ids from `tokenize`), the bias -100..100 (-100 in effect bans a token, 100 in effect forces it). At most 300 entries. An id outside the model's vocabulary is -32602.
+   */
+  logitBias?: {
+    [k: string]: number | undefined;
+  };
   /**
    * Seed for sampling, for reproducible runs.
    */
@@ -318,6 +386,10 @@ export interface ChatParams {
    * @maxItems 16
    */
   stop?: string[];
+  /**
+   * false: never answer this request from the exact response cache (LOCALMLX_ENABLE_CACHE), nor store its result there. Default true.
+   */
+  cache?: boolean;
   /**
    * Send generate/chunk notifications, then the response without text.
    */

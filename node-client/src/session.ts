@@ -131,7 +131,6 @@ export class Session {
     }
     this.stopping = true;
     this.updateRef(true); // the host must not exit halfway through closing
-    this.connection.releaseHolds(); // a consumer that stopped reading must not hold up shutdown
     const deadline = Date.now() + timeouts.gracefulMs;
     let stage: CloseResult["stage"] = "eof";
     if (this.info) {

@@ -205,27 +205,56 @@ describe("Connection writing", () => {
   });
 });
 
-describe("Back-pressure", () => {
-  test("a consumer that falls behind pauses reads; catching up resumes them", async () => {
+describe("Flow control per prediction", () => {
+  async function rest(iterator: AsyncIterator<PredictionChunk>): Promise<PredictionChunk[]> {
+    const seen: PredictionChunk[] = [];
+    for (let next = await iterator.next(); !next.done; next = await iterator.next()) seen.push(next.value);
+    return seen;
+  }
+
+  test("a consumer that falls behind never pauses reads: other calls are answered meanwhile", async () => {
     const { connection, send } = wire();
-    const p = new Prediction({ method: "chat", highWaterMark: 4, onWarning: () => undefined });
+    const p = new Prediction({ method: "chat", highWaterMark: 2, onWarning: () => undefined });
     p.start(connection, {});
     const iterator = p[Symbol.asyncIterator]();
     for (let seq = 0; seq < 6; seq++) send(chunk(1, seq, `t${seq}`));
-    await tick();
-    assert.equal(connection.readPaused, true);
-    const seen: PredictionChunk[] = [];
-    for (let i = 0; i < 4; i++) seen.push((await iterator.next()).value as PredictionChunk);
-    assert.equal(connection.readPaused, false);
-    send(result(1));
-    for (;;) {
-      const next = await iterator.next();
-      if (next.done) break;
-      seen.push(next.value);
-    }
-    assert.deepEqual(
-      seen.map((c) => c.seq),
-      [0, 1, 2, 3, 4, 5],
-    );
+    const ping = connection.request("ping", {});
+    send({ jsonrpc: "2.0", id: 2, result: {} }, result(1));
+    assert.deepEqual(await ping, {});
+    assert.equal((await p.result).text, "t0t1t2t3t4t5");
+    // Past the mark, later text joined the last unread chunk; seq counts what is yielded.
+    assert.deepEqual(await rest(iterator), [
+      { text: "t0", seq: 0 },
+      { text: "t1t2t3t4t5", seq: 1 },
+    ]);
+  });
+
+  test("a consumer that keeps up gets the chunks as sent; one that lags gets them joined", async () => {
+    const { connection, send } = wire();
+    const p = new Prediction({ method: "chat", highWaterMark: 2, onWarning: () => undefined });
+    p.start(connection, {});
+    const iterator = p[Symbol.asyncIterator]();
+    const first = iterator.next();
+    send(chunk(1, 0, "a"));
+    assert.deepEqual((await first).value, { text: "a", seq: 0 });
+    send(chunk(1, 2, "c"), chunk(1, 1, "b"), chunk(1, 3, "d"), result(1));
+    await p.result;
+    assert.deepEqual(await rest(iterator), [
+      { text: "b", seq: 1 },
+      { text: "cd", seq: 2 },
+    ]);
+  });
+
+  test("breaking off drops the unread chunks; result.text stays whole", async () => {
+    const { connection, send } = wire();
+    const p = new Prediction({ method: "chat", highWaterMark: 2, onWarning: () => undefined });
+    p.start(connection, {});
+    const iterator = p[Symbol.asyncIterator]();
+    send(chunk(1, 0, "a"), chunk(1, 1, "b"), chunk(1, 2, "c"));
+    assert.deepEqual((await iterator.next()).value, { text: "a", seq: 0 });
+    await iterator.return!();
+    send(chunk(1, 3, "d"), { jsonrpc: "2.0", id: 1, result: { model: "m", finishReason: "cancelled", usage, timings } });
+    assert.deepEqual(await iterator.next(), { done: true, value: undefined });
+    assert.equal((await p.result).text, "abcd");
   });
 });

@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from .. import __version__, schema
+from ..blas import blas_in_use
 from . import rpc_method
 
 PROTOCOL_VERSION = 1
@@ -30,7 +31,8 @@ async def initialize(context: Any, params: dict[str, Any]) -> dict[str, Any]:
     return {
         "protocolVersion": PROTOCOL_VERSION,
         "serverInfo": {"name": "localmlx", "version": __version__, "mlx": _package_version("mlx"),
-                       "mlxLm": _package_version("mlx-lm"), "device": await context.engine.device_description()},
+                       "mlxLm": _package_version("mlx-lm"), "device": await context.engine.device_description(),
+                       "blas": blas_in_use().to_json()},
         "capabilities": {"streaming": True, "cancellation": True, "progress": True,
                          "methods": schema.method_names()},
         "limits": {"maxLineBytes": settings.max_line_bytes, "maxQueue": settings.max_queue,
@@ -55,4 +57,5 @@ async def shutdown(context: Any, params: dict[str, Any]) -> dict[str, Any]:
 async def server_status(context: Any, params: dict[str, Any]) -> dict[str, Any]:
     status = context.engine.status()
     status["uptimeMs"] = round((time.monotonic() - context.session.started_at) * 1000, 3)
+    status["blas"] = blas_in_use().to_json()
     return status

@@ -15,7 +15,7 @@ from typing import Callable
 
 from . import formatting as fmt
 from .session import ReplSession
-from .state import SYSTEM, canonical_setting, parse_setting, setting_names
+from .state import SYSTEM, canonical_setting, parse_setting, setting_help, setting_names
 
 
 class QuitRepl(Exception):
@@ -42,7 +42,12 @@ def show_help(session: ReplSession, arg: str) -> None:
         if command is None:
             session.failed(f"no command /{wanted}")
             return
-        session.output.lines([f"{command.usage:<24} {command.help}"])
+        lines = [f"{command.usage:<24} {command.help}"]
+        if command.name == "set":  # what can be set, from the protocol schema
+            lines += ["", *map(setting_help, setting_names()),
+                      "", 'Values are JSON (/set logitBias {"12": -100}) or a bare word '
+                      "(/set stop END, /set cache off)."]
+        session.output.lines(lines)
         return
     session.output.lines([f"{c.usage:<24} {c.help}" for c in COMMANDS] + [
         "",
@@ -215,7 +220,7 @@ COMMANDS: list[Command] = [
     Command("generate", "/generate TEXT", "complete a raw prompt, no chat template (generate)",
             generate),
     Command("set", "/set [NAME [VALUE]]", "set a generation param (temperature, maxTokens, ...) "
-            f"or {SYSTEM}; no value: default", set_setting, "setting"),
+            f"or {SYSTEM}; no value: default (/help set lists them)", set_setting, "setting"),
     Command("reset", "/reset", "forget the conversation", reset),
     Command("raw", "/raw [on|off]", "show the JSON-RPC traffic both ways (streamed text is in the chunks)", raw_mode, ("on", "off")),
     Command("call", "/call METHOD [JSON]", "send any request with these params; show the result",

@@ -50,6 +50,8 @@ def generation_summary(result: dict[str, Any]) -> str:
              f"{usage.get('completionTokens', '?')} generated tokens"]
     if usage.get("cachedTokens"):
         parts.append(f"{usage['cachedTokens']} cached")
+    if result.get("cached"):
+        parts.append("from the response cache")
     parts.append(f"TTFT {timings.get('ttftMs', 0):.1f} ms")
     parts.append(f"{timings.get('tokensPerSecond', 0):.1f} tokens/s")
     if "peakMemoryBytes" in timings:

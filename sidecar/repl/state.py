@@ -2,7 +2,8 @@
 
 Settings (`/set temperature 0.2`) are the `chat`/`generate` params named in the protocol
 schema and are checked against it as they are set; `system` is the REPL's own (a system
-message put before the conversation).
+message put before the conversation). A value is JSON (`/set logitBias {"12": -100}`), else a
+bare word: a string, `on`/`off` for a boolean (`/set cache off`), one stop string for `stop`.
 """
 
 from __future__ import annotations
@@ -47,23 +48,65 @@ def canonical_setting(name: str) -> str | None:
     return next((known for known in setting_names() if known.lower() == wanted), None)
 
 
+_BOOLEAN_WORDS = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
+
+
 def parse_setting(name: str, text: str) -> Any:
     """The value typed after `/set NAME`, as the schema wants it; ValueError if it does not fit."""
     from jsonschema import Draft202012Validator
 
     if name == SYSTEM:
         return text
+    spec = setting_schemas()[name]
     try:
         value = json.loads(text)
     except ValueError:
+        if spec.get("type") == "object":
+            raise ValueError(f"{name}: not a JSON object (for example {_object_example(spec)})") from None
         value = text  # a bare word: a string
-    spec = setting_schemas()[name]
+    if spec.get("type") == "boolean" and isinstance(value, str) and value.lower() in _BOOLEAN_WORDS:
+        value = _BOOLEAN_WORDS[value.lower()]  # `/set cache off`
     if spec.get("type") == "array" and isinstance(value, str):
         value = [value]  # `/set stop END` means ["END"]
-    errors = list(Draft202012Validator(spec).iter_errors(value))
+    errors = sorted(Draft202012Validator(spec).iter_errors(value), key=lambda e: list(map(str, e.path)))
     if errors:
-        raise ValueError(f"{name}: {errors[0].message}")
+        where = "/".join(map(str, errors[0].path))  # inside an object: `logitBias/5: ...`
+        raise ValueError(f"{name}{'/' + where if where else ''}: {errors[0].message}")
     return value
+
+
+def _object_example(spec: dict[str, Any]) -> str:
+    values = spec.get("additionalProperties")
+    if isinstance(values, dict) and "minimum" in values:
+        return '{"12": ' + json.dumps(values["minimum"]) + "}"
+    return "{}"
+
+
+def setting_help(name: str) -> str:
+    """One line for `/help set`: the setting, what it takes, what it does (from the schema)."""
+    if name == SYSTEM:
+        return f"{SYSTEM:<22} {'text':<17} a system message put before the conversation"
+    spec = setting_schemas()[name]
+    return f"{name:<22} {_kind(spec):<17} {spec.get('description', '')}".rstrip()
+
+
+def _kind(spec: dict[str, Any]) -> str:
+    """`number -2..2`, `integer >=1`, `on|off`, `string[]`, `{"id": number}`."""
+    kind = spec.get("type", "")
+    if kind == "array":
+        return f"{spec.get('items', {}).get('type', '')}[]"
+    if kind == "object":
+        values = spec.get("additionalProperties")
+        return f'{{"id": {values.get("type")}}}' if isinstance(values, dict) else "object"
+    if kind == "boolean":
+        return "on|off"
+    low, high = spec.get("minimum", spec.get("exclusiveMinimum")), spec.get("maximum")
+    if low is None:
+        return str(kind)
+    low_text = f">{low}" if "exclusiveMinimum" in spec else f">={low}"
+    if high is not None and high < 1e6:
+        return f"{kind} {low_text}, <={high}" if "exclusiveMinimum" in spec else f"{kind} {low}..{high}"
+    return f"{kind} {low_text}"
 
 
 @dataclass
