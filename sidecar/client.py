@@ -75,6 +75,8 @@ class SidecarClient:
         self.received: list[Received] = []  # the whole transcript, for tests
         self.stderr_lines: list[str] = []
         self.junk: list[bytes] = []  # stdout lines that were not JSON
+        self._reading = threading.Event()  # cleared: the reader stops reading stdout (tests of back-pressure)
+        self._reading.set()
         self._reader = threading.Thread(target=self._read, daemon=True, name="sidecar-reader")
         self._reader.start()
         if self.process.stderr is not None:
@@ -96,6 +98,7 @@ class SidecarClient:
         assert self.process.stdout is not None
         fd = self.process.stdout.fileno()
         while True:
+            self._reading.wait()
             try:
                 chunk = os.read(fd, 1 << 16)
             except OSError:  # our end was closed: same as EOF
@@ -116,6 +119,24 @@ class SidecarClient:
         with self._lock:
             for pending in self._pending.values():
                 pending.finish()
+
+    def pause_reading(self) -> None:
+        """Stop reading stdout (after the read in progress): the sidecar's writes then block."""
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 60.0) -> list[str]:
+        """Waits until `count` stderr lines contain `text`; returns them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in list(self.stderr_lines) if text in line]
+            if len(lines) >= count:
+                return lines
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise TimeoutError(f"{len(lines)} of {count} stderr lines with {text!r}")
+            time.sleep(0.01)
 
     def _dispatch(self, item: Received) -> None:
         self.received.append(item)

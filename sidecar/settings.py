@@ -97,6 +97,10 @@ class Settings:
         10, "LOCALMLX_PROMPT_CACHE_SIZE", "how many prompt KV caches to keep per model", int)
     prompt_cache_bytes: int = _setting(
         1 << 30, "LOCALMLX_PROMPT_CACHE_BYTES", "byte budget of the prompt KV caches of each model", int)
+    batching: bool = _setting(
+        True, "LOCALMLX_BATCHING",
+        "decode concurrent generations on one model together; false runs them one at a time, "
+        "in arrival order (models whose caches cannot merge always do)", _bool)
     max_batch_size: int = _setting(
         16, "LOCALMLX_MAX_BATCH_SIZE",
         "generations decoded together on one model; more wait in the queue", _positive_int)

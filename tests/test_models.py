@@ -120,7 +120,8 @@ def test_a_request_without_a_model_uses_the_most_recently_used_one(sidecars, mod
     assert client.close() == 0
 
 
-def test_a_load_withdrawn_from_the_queue_is_not_reported_as_loading(sidecars, models_dir, tmp_path) -> None:
+def test_a_load_runs_between_the_steps_of_a_running_generation(sidecars, models_dir, tmp_path) -> None:
+    """Loads are control work: served between decode steps, not after the generation ends."""
     copy_demo(models_dir, tmp_path / "models" / "second")
     client = sidecars.spawn(LOCALMLX_JIT_LOAD="false", LOCALMLX_MODELS_DIR=str(tmp_path / "models"))
     client.request("models/load", {"model": "demo"})
@@ -128,17 +129,15 @@ def test_a_load_withdrawn_from_the_queue_is_not_reported_as_loading(sidecars, mo
                                             "maxTokens": 1500, "temperature": 0, "stream": True})
     while not any(r.message.get("method") == "generate/chunk" for r in client.received):
         time.sleep(0.005)
-    load = client.start_request("models/load", {"model": "second"})  # queued behind the chat
-    assert client.request("models/status", {"model": "second"})["state"] == "loading"
-    with pytest.raises(RpcCallError) as loading:
-        client.request("tokenize", {"model": "second", "text": "x"})
-    assert loading.value.code == -32012
-    client.cancel(load)
-    assert client.wait_response(load)["error"]["code"] == -32800
-    assert client.request("models/status", {"model": "second"})["state"] == "available"
     with pytest.raises(RpcCallError) as not_loaded:
         client.request("tokenize", {"model": "second", "text": "x"})
     assert not_loaded.value.code == -32011
+    assert client.request("models/load", {"model": "second"}, timeout=30)["alreadyLoaded"] is False
+    assert client.request("models/status", {"model": "second"})["state"] == "loaded"
+    assert client.request("tokenize", {"model": "second", "text": "x"})["tokens"]
+    assert not any(r.message.get("id") == running for r in client.received), "the chat is still running"
     client.cancel(running)
     assert client.wait_response(running)["result"]["finishReason"] == "cancelled"
     assert client.close() == 0
+
+

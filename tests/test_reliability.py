@@ -27,6 +27,14 @@ def wait_for_chunks(client, id_, n: int = 2, timeout: float = 30.0) -> None:
     raise AssertionError("generation did not start")
 
 
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
+
+
 def test_cancel_stops_a_running_generation_within_a_step(sidecar) -> None:
     id_ = sidecar.start_request("chat", dict(LONG, stream=True))
     wait_for_chunks(sidecar, id_)
@@ -45,7 +53,7 @@ def test_queued_requests_are_answered_at_once_when_cancelled(sidecars) -> None:
     running = client.start_request("chat", dict(LONG, stream=True))
     wait_for_chunks(client, running)
     queued_chat = client.start_request("chat", chat_params(maxTokens=5))
-    assert client.request("server/status")["requests"]["queued"] == 1
+    wait_until(lambda: client.request("server/status")["requests"]["queued"] == 1)
     client.cancel(queued_chat)
     chat = client.wait_response(queued_chat, timeout=5)
     assert chat["result"]["finishReason"] == "cancelled" and chat["result"]["text"] == ""
@@ -151,10 +159,9 @@ def test_shutdown_cancels_running_and_queued_work_with_server_cancelled(sidecars
     wait_for_chunks(client, running)
     queued = client.start_request("generate", {"prompt": "x", "maxTokens": 5})
     assert client.request("shutdown", timeout=10) == {}
-    for id_ in (running, queued):
-        error = client.wait_response(id_, timeout=5)["error"]
-        assert error["code"] == -32802 and error["data"]["reason"] == "shutdown"
-    assert client.wait_response(running)["error"]["data"]["usage"]["completionTokens"] > 0
+    errors = [client.wait_response(id_, timeout=5)["error"] for id_ in (running, queued)]
+    assert all(e["code"] == -32802 and e["data"]["reason"] == "shutdown" for e in errors)
+    assert errors[0]["data"]["usage"]["completionTokens"] > 0
     with pytest.raises(RpcCallError) as refused:
         client.request("chat", chat_params(maxTokens=2))
     assert refused.value.code == -32600

@@ -168,6 +168,14 @@ export interface InitializeResult {
     maxLineBytes: number;
     maxQueue: number;
     maxLoadedModels: number;
+    /**
+     * Generations decoded together on one model (LOCALMLX_MAX_BATCH_SIZE); more wait in the queue.
+     */
+    maxBatchSize?: number;
+    /**
+     * Unsent text one stream may hold while its client reads slowly before that request pauses (LOCALMLX_STREAM_BUFFER_BYTES).
+     */
+    streamBufferBytes?: number;
   };
   defaults: {
     model: string;
@@ -242,17 +250,53 @@ export interface ServerStatusResult {
   uptimeMs: number;
   models: ModelDescription[];
   requests: {
+    /**
+     * Generations admitted to the engine (decoding, prefilling or paused), plus a load or unload running.
+     */
     active: number;
+    /**
+     * Requests waiting for the engine (they count against limits.maxQueue).
+     */
     queued: number;
+    /**
+     * Admitted generations paused because their client has not read their stream (see Back-pressure).
+     */
+    paused: number;
   };
   memory: {
     activeBytes: number;
     peakBytes: number;
     cacheBytes: number;
     rssBytes: number;
+    /**
+     * Bytes of KV kept by every loaded model's prefix cache (dropped with its model).
+     */
     promptCacheBytes: number;
   };
   blas: BlasInUse;
+  /**
+   * Per loaded model: its prefix (KV) cache and its exact response cache.
+   */
+  caches: {
+    [k: string]:
+      | {
+          /**
+           * Bytes of KV kept for prefix reuse.
+           */
+          prefixBytes: number;
+          prefixEntries: number;
+          /**
+           * The exact response cache; null when LOCALMLX_ENABLE_CACHE is false.
+           */
+          responses: null | {
+            entries: number;
+            bytes: number;
+            hits: number;
+            misses: number;
+          };
+        }
+      | undefined;
+  };
 }
 
 export interface GenerateParams {

@@ -66,6 +66,10 @@ class BatchLane:
     def has_work(self) -> bool:
         return bool(self._by_uid)
 
+    @property
+    def paused(self) -> int:
+        return len(self._parked)
+
     def generations(self) -> list[Generation]:
         return [*self._by_uid.values(), *self._parked]
 
@@ -138,13 +142,15 @@ class BatchLane:
                 rewind()
             generation.parked = (cache, list(tokens[:-1]), tokens[-1])
             self._parked.append(generation)
-            log.debug("parked request %s: its client reads slowly", generation.request.request_id)
+            log.info("request %r paused: its client has not read %d bytes of its stream",
+                     generation.request.request_id, generation.stream.pending_bytes)
 
     def resume_drained(self) -> None:
         for generation in [g for g in self._parked if g.drained and not g.job.cancelled]:
             self._parked.remove(generation)
             cache, history, last = generation.parked
             generation.parked = None
+            log.info("request %r resumed", generation.request.request_id)
             remaining = generation.max_tokens - generation.completion_tokens
             self._insert(generation, [last], cache, history, max(1, remaining))
 
@@ -201,6 +207,10 @@ class SoloLane:
     def has_work(self) -> bool:
         current = self._current
         return not current.throttled if current is not None else bool(self._waiting)
+
+    @property
+    def paused(self) -> int:
+        return int(self._current is not None and self._current.throttled)
 
     def generations(self) -> list[Generation]:
         return [g for g in (self._current, *self._waiting) if g is not None]

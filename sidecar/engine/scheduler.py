@@ -99,7 +99,8 @@ class Scheduler:
     def counts(self) -> dict[str, int]:
         lanes = list(self._lanes.values())
         return {"active": sum(lane.active for lane in lanes) + (self.running_control is not None),
-                "queued": len(self._waiting) + len(self._control)}
+                "queued": len(self._waiting) + len(self._control),
+                "paused": sum(lane.paused for lane in lanes)}
 
     def is_queued_or_running(self, kind: str, model: str) -> bool:
         jobs = [self.running_control, *list(self._control)]
@@ -173,7 +174,7 @@ class Scheduler:
 
     def _open_lane(self, loaded: LoadedModel) -> Lane:
         settings = self.settings
-        if loaded.batchable:
+        if loaded.batchable and settings.batching:
             return BatchLane(loaded, settings.max_batch_size, settings.prefill_step_size)
         return SoloLane(loaded, settings.max_batch_size, settings.prefill_step_size)
 
@@ -225,6 +226,9 @@ class Scheduler:
         if key is not None:
             cache.put(key, CachedResponse(tuple(recording), result.finish_reason,
                                           result.prompt_tokens, result.completion_tokens))
+        log.info("request %r on %s: %s after %d+%d tokens (%d cached), %.0f ms", generation.request.request_id,
+                 result.model, result.finish_reason, result.prompt_tokens, result.completion_tokens,
+                 result.cached_tokens, result.timings["totalMs"])
         generation.job.settle(result)
 
     def _fail_lane(self, name: str, exc: Exception) -> None:

@@ -34,9 +34,11 @@ async def initialize(context: Any, params: dict[str, Any]) -> dict[str, Any]:
                        "mlxLm": _package_version("mlx-lm"), "device": await context.engine.device_description(),
                        "blas": blas_in_use().to_json()},
         "capabilities": {"streaming": True, "cancellation": True, "progress": True,
+                         "batching": settings.batching, "responseCache": settings.enable_cache,
                          "methods": schema.method_names()},
         "limits": {"maxLineBytes": settings.max_line_bytes, "maxQueue": settings.max_queue,
-                   "maxLoadedModels": settings.max_loaded_models},
+                   "maxLoadedModels": settings.max_loaded_models, "maxBatchSize": settings.max_batch_size,
+                   "streamBufferBytes": settings.stream_buffer_bytes},
         "defaults": {"model": settings.default_model, "maxTokens": settings.max_tokens,
                      "temperature": settings.temperature},
     }
