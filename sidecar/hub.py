@@ -6,6 +6,7 @@ outside the allowed roots. Nothing here touches MLX.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -61,7 +62,12 @@ class ModelLocator:
     def __init__(self, settings: Settings) -> None:
         self.models_dir = settings.models_dir
         self.auto_download = settings.auto_download
-        self.allowed_roots = (settings.models_dir, hf_cache_dir(), *settings.allowed_roots)
+        self._extra_roots = settings.allowed_roots
+
+    @functools.cached_property
+    def allowed_roots(self) -> tuple[Path, ...]:
+        """Asked on first use: importing huggingface_hub takes a while, and start-up must not."""
+        return (self.models_dir, hf_cache_dir(), *self._extra_roots)
 
     def demo_path(self) -> Path:
         return self.models_dir / DEMO_MODEL_DIRNAME

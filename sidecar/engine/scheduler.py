@@ -266,8 +266,7 @@ class Scheduler:
         lane = self._lanes.pop(name, None)
         if lane is not None:
             for generation in lane.generations():
-                if generation.job.cancel_reason is None:
-                    generation.job.cancel_reason = reason
+                self.cancel(generation.job, reason)
             for generation in lane.stop_all():
                 self._finish(generation)
             lane.close()
