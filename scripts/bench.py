@@ -1,173 +1,1249 @@
 #!/usr/bin/env python3
-"""Sidecar vs in-process mlx_lm.stream_generate, side by side in one run, on the demo model.
+"""The sidecar under load, side by side with `mlx_lm.server`, in one run, on one model.
 
-Both sides are timed on what a user sees: the first and last pieces of visible text. At
-temperature 0 both produce the same tokens, so visible text starts and ends at the same
-token indexes k0 and k1 on both sides; decode tokens/s is (k1 - k0) / (t1 - t0), where the
-sidecar's clock is a client reading chunk lines off its stdout. TTFT runs from the call
-(or writing the request line) to the first visible text. Prints medians and ratios.
+The model is an unquantized ~24M-parameter llama built locally and deterministically (the
+demo model's recipe at a larger shape, so that compute dominates and batching shows on a
+CPU); `--quantize 4` benches a 4-bit conversion of it instead (the case that matters on
+Metal). Both servers get the best BLAS the machine has: `mlx_lm.server` is started on
+loopback with OpenBLAS preloaded (`LD_PRELOAD`, Linux, when installed); the sidecar runs with
+its default `LOCALMLX_BLAS=auto`. Every request is greedy (temperature 0) and streamed.
 
-The in-process reference runs twice: in this benchmark's own process, and in a plain
-worker process (stream_generate on its main thread, no sidecar code) that lives under the
-same conditions as the sidecar: a child that sleeps on a pipe between runs. On a small,
-busy machine those two differ by a few percent on their own, so both ratios are shown.
+What is measured, and how:
 
-    .venv/bin/python scripts/bench.py [--runs 7] [--max-tokens 256]
+- **throughput** (sidecar and `mlx_lm.server`): a closed loop at 1, 4, 8 and 16 concurrent
+  streams. Each stream sends a request, reads its stream to the end, and sends the next at
+  once, until the section's duration has passed (requests already sent run to completion).
+  Prompts are distinct (nothing a cache holds can help), `maxTokens` cycles through a
+  deterministic mix, shifted per stream so the streams fall out of step; both servers get
+  the same sequence of requests (the faster one gets further along it), each after a short
+  unmeasured warm-up loop at the same concurrency. Aggregate tokens/s = completion tokens
+  of all requests / (last response - first request). TTFT = client-side, request written
+  to first visible text read; p50 and p95 over all requests. Ratio = sidecar /
+  `mlx_lm.server` aggregate at the same concurrency. The two servers take turns per
+  concurrency level, so drift in the machine's load hits both.
+- **single stream vs in-process**: the same prompts through the sidecar and through
+  `mlx_lm.stream_generate` in a plain worker process (same BLAS), interleaved in a shuffled
+  order. At temperature 0 both produce the same tokens, so visible text starts and ends at
+  the same token indexes k0 and k1; decode tokens/s = (k1 - k0) / (t1 - t0), the sidecar's
+  clock being this client reading chunk lines. Ratio = median over the runs of each run's
+  sidecar / reference.
+- **prefix cache**: turn 1 is a ~1500-token system text and a question; turn 2 appends the
+  reply and a new question. Ratio = median turn-2 TTFT / median turn-1 TTFT, once on the
+  sidecar as configured and once on a sidecar with `LOCALMLX_PREFIX_CACHE=false` (plus
+  `LOCALMLX_ENABLE_CACHE=false`, which turned the prompt cache off before the split).
+- **response cache**: one deterministic request sent twice; the second must come back
+  `cached: true`; its TTFT and total time are shown next to the first's.
+- **cold start**: spawn -> `initialize` answered, median of several spawns, with
+  `LOCALMLX_BLAS=auto` and with `bundled`, interleaved.
+- **stalled reader**: a sidecar on a raw pipe runs several long streams, read normally (so
+  that it holds the memory this workload needs: KV caches, MLX's buffer cache); then the
+  same streams again, and 1.5 s in the client stops reading stdout for 10 s. RSS growth =
+  the highest RSS sampled during the stall - the RSS when the stall began (sampled every
+  100 ms from /proc, or `ps` on macOS). Afterwards every stream must be complete: seq
+  contiguous from 0, a result, full length, no chunk after its response.
+
+`cache: false` (the response cache off per request) is sent only when `initialize` lists
+`capabilities.responseCache`, so that older sidecars, which reject unknown params, work.
+Figures missing from an older sidecar are shown as such. The table goes to stdout, the
+servers' logs to files (their directory is named on stderr), progress to stderr. Numbers
+from a busy machine are noisy: take final figures on a quiet one.
+
+    .venv/bin/python scripts/bench.py [--quick] [--only throughput,cold-start] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import math
 import os
+import platform
 import random
+import shutil
+import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import threading
 import time
+import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
-from sidecar.client import SidecarClient, sidecar_command
-from sidecar.demo_model import DEMO_MODEL_DIRNAME, build_demo_model
-from sidecar.transport import encode_message
+from sidecar.client import RpcCallError, SidecarClient, sidecar_command
+from sidecar.demo_model import CORPUS_PATH, ModelShape, build_demo_model
+from sidecar.jsonrpc import id_key
+from sidecar.transport import LineFramer, OversizedLine, encode_message
 
-PROMPT = "The sea and the mountains were old friends, and every morning they"
+BENCH_SHAPE = ModelShape(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
+                         intermediate_size=1408)
+BENCH_MODEL_DIRNAME = "localmlx-bench-24m"
+DEFAULT_MODELS_DIR = Path("~/.cache/localmlx/bench").expanduser()
+SECTIONS = ("single-stream", "throughput", "prefix-cache", "response-cache", "cold-start",
+            "stalled-reader")
+SINGLE_STREAM_PROMPT = "The sea and the mountains were old friends, and every morning they"
+REQUEST_TIMEOUT_S = 900.0
 
 
-def in_process(model, tokenizer, max_tokens: int) -> tuple[float, float, int]:
-    """Returns (ttft ms, decode tokens/s, tokens between first and last visible text)."""
+@dataclass(frozen=True)
+class Scale:
+    concurrencies: tuple[int, ...] = (1, 4, 8, 16)
+    loop_seconds: float = 20.0  # per concurrency level and server
+    token_mix: tuple[int, ...] = (64, 96, 128, 160, 192)
+    single_runs: int = 7
+    single_max_tokens: int = 256
+    system_tokens: int = 1500
+    prefix_repeats: int = 2
+    cold_starts: int = 5
+    stall_seconds: float = 10.0
+    stall_streams: int = 4
+    stall_max_tokens: int = 768
+
+
+FULL = Scale()
+QUICK = Scale(loop_seconds=5.0, token_mix=(32, 48, 64, 80, 96), single_runs=3,
+              single_max_tokens=128, system_tokens=600, prefix_repeats=1, cold_starts=3,
+              stall_streams=2, stall_max_tokens=512)
+
+
+# ---- figures and the table -----------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    section: str
+    label: str
+    value: Any  # a number, a short text, or None when it could not be measured
+    unit: str = ""
+    target: str = ""
+    passed: bool | None = None  # None: no target, or nothing to judge
+
+
+@dataclass
+class Report:
+    figures: list[Figure] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, section: str, label: str, value: Any, unit: str = "", target: str = "",
+            passed: bool | None = None) -> None:
+        self.figures.append(Figure(section, label, value, unit, target, passed))
+
+    def add_at_least(self, section: str, label: str, value: float | None, bound: float,
+                     unit: str) -> None:
+        passed = None if value is None else value >= bound
+        self.add(section, label, value, unit, f">= {format_value(bound, unit)}", passed)
+
+    def add_at_most(self, section: str, label: str, value: float | None, bound: float,
+                    unit: str) -> None:
+        passed = None if value is None else value <= bound
+        self.add(section, label, value, unit, f"<= {format_value(bound, unit)}", passed)
+
+    def add_below(self, section: str, label: str, value: float | None, bound: float,
+                  unit: str) -> None:
+        passed = None if value is None else value < bound
+        self.add(section, label, value, unit, f"< {format_value(bound, unit)}", passed)
+
+
+def format_value(value: Any, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    if unit == "x":
+        return f"{value:.3f}x"
+    if unit == "%":
+        return f"{value:.1f} %"
+    if unit in ("", "count"):
+        return f"{value:g}"
+    return f"{value:.1f} {unit}"
+
+
+def print_table(report: Report, out=sys.stdout) -> None:
+    for key, value in report.context.items():
+        print(f"{key + ':':<18}{value}", file=out)
+    width = max([len(f.label) for f in report.figures] + [40])
+    section = None
+    for figure in report.figures:
+        if figure.section != section:
+            section = figure.section
+            print(f"\n{section}", file=out)
+            print(f"  {'figure':<{width}}  {'value':>14}  {'target':>12}  result", file=out)
+        verdict = {True: "PASS", False: "FAIL", None: ""}[figure.passed]
+        if figure.target and figure.passed is None:
+            verdict = "n/a"
+        print(f"  {figure.label:<{width}}  {format_value(figure.value, figure.unit):>14}  "
+              f"{figure.target:>12}  {verdict}", file=out)
+    judged = [f for f in report.figures if f.passed is not None]
+    print(f"\n{sum(f.passed for f in judged)} of {len(judged)} targets met", file=out)
+
+
+def write_json(report: Report, path: Path) -> None:
+    document = {"context": report.context, "figures": [asdict(f) for f in report.figures],
+                "raw": report.raw}
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between the closest ranks; None for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    rank = (len(ordered) - 1) * q
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def median_or_none(values: Iterable[float]) -> float | None:
+    values = list(values)
+    return statistics.median(values) if values else None
+
+
+def ratio_or_none(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+# ---- processes: everything started is stopped ----------------------------------------------
+
+
+class Children:
+    """Every process the benchmark starts, each in its own process group (so a Ctrl-C aimed
+    at the benchmark reaches it alone), stopped with its whole group on the way out."""
+
+    def __init__(self) -> None:
+        self._processes: list[subprocess.Popen] = []
+
+    def track(self, process: subprocess.Popen) -> subprocess.Popen:
+        self._processes.append(process)
+        return process
+
+    def spawn(self, args: list[str], **popen: Any) -> subprocess.Popen:
+        return self.track(subprocess.Popen(args, start_new_session=True, **popen))
+
+    def stop(self, process: subprocess.Popen, grace: float = 5.0) -> None:
+        stop_process_group(process, grace)
+        if process in self._processes:
+            self._processes.remove(process)
+
+    def stop_all(self) -> None:
+        for process in reversed(self._processes):
+            stop_process_group(process, 2.0)
+        self._processes.clear()
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM to the process's group, SIGKILL after `grace` seconds; always reaps it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            process.wait(grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # stragglers the leader left behind in its group
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def interrupt_on_sigint_and_sigterm() -> None:
+    """Both end the run through KeyboardInterrupt, so every `finally` runs (SIGINT too when
+    the shell that started us ignored it, as non-interactive shells do for `&` jobs)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+class Logs:
+    """One file per process started, in one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._files: list[Any] = []
+
+    def open(self, name: str):
+        file = open(self.directory / f"{name}.log", "ab")
+        self._files.append(file)
+        return file
+
+    def close(self) -> None:
+        for file in self._files:
+            file.close()
+
+
+# ---- the machine and its BLAS --------------------------------------------------------------
+
+
+def optimized_blas_library() -> str | None:
+    """An OpenBLAS to preload on Linux (pthread builds first), None elsewhere or when absent."""
+    if not sys.platform.startswith("linux"):
+        return None
+    multiarch = sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
+    candidates = [f"/usr/lib/{multiarch}/openblas-pthread/libopenblas.so.0",
+                  f"/usr/lib/{multiarch}/libopenblas.so.0",
+                  "/usr/lib64/libopenblasp.so.0", "/usr/lib64/libopenblas.so.0",
+                  "/usr/lib/libopenblas.so.0", "/usr/local/lib/libopenblas.so.0"]
+    return next((path for path in candidates if os.path.exists(path)), None)
+
+
+def with_preloaded(library: str | None, env: dict[str, str]) -> dict[str, str]:
+    if library is None:
+        return env
+    return {**env, "LD_PRELOAD": library}
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# ---- the model -----------------------------------------------------------------------------
+
+
+def prepare_model(models_dir: Path, quantize: int | None, children: Children, logs: Logs) -> Path:
+    progress(f"building (or reusing) the benchmark model in {models_dir}")
+    fp32 = build_demo_model(models_dir / BENCH_MODEL_DIRNAME, BENCH_SHAPE)
+    if quantize is None:
+        return fp32
+    return quantized_copy(fp32, quantize, children, logs)
+
+
+def quantized_copy(source: Path, bits: int, children: Children, logs: Logs) -> Path:
+    """`mlx_lm convert -q` into a temporary sibling renamed into place: never half-written."""
+    dest = source.parent / f"{source.name}-{bits}bit"
+    if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file():
+        return dest
+    progress(f"quantizing to {bits} bits into {dest}")
+    tmp = source.parent / f".{dest.name}.tmp-{uuid.uuid4().hex}"
+    log = logs.open("mlx_lm-convert")
+    try:
+        process = children.spawn([sys.executable, "-m", "mlx_lm", "convert", "--hf-path",
+                                  str(source), "--mlx-path", str(tmp), "-q", "--q-bits",
+                                  str(bits)], stdout=log, stderr=log)
+        if process.wait() != 0:
+            raise RuntimeError(f"mlx_lm convert failed; see {log.name}")
+        os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def describe_model(model_dir: Path) -> str:
+    config = json.loads((model_dir / "config.json").read_text())
+    quantization = config.get("quantization")
+    precision = f"{quantization['bits']}-bit" if quantization else config.get("torch_dtype", "?")
+    size = "" if quantization else f"{parameter_count(model_dir / 'model.safetensors') / 1e6:.1f}M, "
+    return (f"{model_dir.name}: llama, {size}hidden {config['hidden_size']}, "
+            f"{config['num_hidden_layers']} layers, {precision}")
+
+
+def parameter_count(safetensors: Path) -> int:
+    with open(safetensors, "rb") as file:
+        header = json.loads(file.read(struct.unpack("<Q", file.read(8))[0]))
+    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+
+
+def corpus_words() -> list[str]:
+    return CORPUS_PATH.read_text(encoding="utf-8").split()
+
+
+def distinct_prompt(words: list[str], *key: Any, length: int = 30) -> str:
+    """A question no other request asks (its words depend on the key), same length for all."""
+    chooser = random.Random("/".join(map(str, key)))
+    start = chooser.randrange(len(words) - length)
+    return f"Question {'-'.join(map(str, key))}: " + " ".join(words[start:start + length])
+
+
+def long_system_text(words: list[str], tokenizer_path: Path, tag: str, tokens: int) -> str:
+    """Corpus text of about `tokens` tokens, opening with `tag` so no two share a prefix."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    start = random.Random(tag).randrange(len(words) // 2)
+    count = tokens // 2
+    while True:
+        text = f"Session {tag}. " + " ".join(words[start:start + count])
+        if len(tokenizer.encode(text).ids) >= tokens or start + count >= len(words):
+            return text
+        count += 50
+
+
+# ---- one streamed request, on either server ------------------------------------------------
+
+
+@dataclass
+class Completion:
+    sent_at: float
+    first_text_at: float | None
+    done_at: float
+    completion_tokens: int
+    chunk_times: list[float] = field(default_factory=list)
+    text: str = ""
+    cached_tokens: int | None = None
+    from_response_cache: bool | None = None
+    finish_reason: str | None = None
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return None if self.first_text_at is None else (self.first_text_at - self.sent_at) * 1000
+
+    @property
+    def total_ms(self) -> float:
+        return (self.done_at - self.sent_at) * 1000
+
+
+class ChunkLog:
+    """Arrival time and text of every `generate/chunk`, by request id (the client's reader
+    thread calls `record`, so the time is when the line was read)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._chunks: dict[Any, list[tuple[float, str]]] = {}
+
+    def record(self, message: dict[str, Any]) -> None:
+        if message.get("method") != "generate/chunk":
+            return
+        now = time.perf_counter()
+        params = message.get("params") or {}
+        with self._lock:
+            self._chunks.setdefault(id_key(params.get("requestId")), []).append(
+                (now, params.get("text", "")))
+
+    def take(self, request_id: Any) -> list[tuple[float, str]]:
+        with self._lock:
+            return self._chunks.pop(id_key(request_id), [])
+
+
+class SidecarUnderTest:
+    """A sidecar spawned over stdio, as Wooster spawns it."""
+
+    def __init__(self, env: dict[str, str], children: Children, log) -> None:
+        self.chunks = ChunkLog()
+        self.client = SidecarClient(sidecar_command(), env=sidecar_env(env),
+                                    on_notification=self.chunks.record, stderr=log.fileno())
+        children.track(self.client.process)
+        self.children = children
+        self.info = self.client.initialize(name="localmlx-bench")
+        capabilities = self.info.get("capabilities") or {}
+        self.sends_cache_flag = capabilities.get("responseCache") is True
+        self.model: str | None = None
+
+    @property
+    def blas(self) -> str:
+        blas = (self.info.get("serverInfo") or {}).get("blas")
+        return blas.get("name", "?") if isinstance(blas, dict) else "not reported"
+
+    def load(self, model: str) -> dict[str, Any]:
+        self.model = model
+        return self.client.request("models/load", {"model": model}, timeout=REQUEST_TIMEOUT_S)
+
+    def chat(self, messages: list[dict[str, str]], max_tokens: int,
+             response_cache: bool = False) -> Completion:
+        return self.stream("chat", {"messages": messages}, max_tokens, response_cache)
+
+    def generate(self, prompt: str, max_tokens: int) -> Completion:
+        return self.stream("generate", {"prompt": prompt}, max_tokens, False)
+
+    def stream(self, method: str, params: dict[str, Any], max_tokens: int,
+               response_cache: bool) -> Completion:
+        params = {**params, "model": self.model, "maxTokens": max_tokens, "temperature": 0,
+                  "stream": True}
+        if self.sends_cache_flag and not response_cache:
+            params["cache"] = False
+        sent_at = time.perf_counter()
+        request_id = self.client.start_request(method, params)
+        response = self.client.wait_response(request_id, REQUEST_TIMEOUT_S)
+        done_at = time.perf_counter()
+        chunks = self.chunks.take(request_id)
+        if "error" in response:
+            if self.refused_the_cache_flag(response["error"], params):
+                return self.stream(method, params, max_tokens, response_cache)
+            raise RpcCallError(response["error"])
+        result = response["result"]
+        usage = result.get("usage") or {}
+        return Completion(sent_at, chunks[0][0] if chunks else None, done_at,
+                          usage.get("completionTokens", 0), [t for t, _ in chunks],
+                          "".join(text for _, text in chunks), usage.get("cachedTokens"),
+                          result.get("cached"), result.get("finishReason"))
+
+    def refused_the_cache_flag(self, error: dict[str, Any], params: dict[str, Any]) -> bool:
+        """A sidecar that does not know `cache` rejects it (-32602): stop sending it."""
+        if error.get("code") != -32602 or "cache" not in params:
+            return False
+        self.sends_cache_flag = False
+        params.pop("cache")
+        return True
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            self.children.stop(self.client.process)
+
+
+def sidecar_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(extra)
+    if os.environ.get("LD_PRELOAD"):
+        env.setdefault("LD_PRELOAD", "")  # the sidecar picks its BLAS itself
+    return env
+
+
+class MlxLmServer:
+    """`python -m mlx_lm server` on loopback, driven over HTTP with streaming."""
+
+    def __init__(self, model_dir: Path, blas_library: str | None, children: Children,
+                 log) -> None:
+        self.port = free_loopback_port()
+        env = with_preloaded(blas_library, dict(os.environ))
+        self.children = children
+        self.connection_retries = 0
+        self._lock = threading.Lock()
+        self.process = children.spawn(
+            [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--host",
+             "127.0.0.1", "--port", str(self.port), "--log-level", "WARNING"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+        self.wait_until_healthy()
+
+    def wait_until_healthy(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlx_lm.server exited with code {self.process.returncode}")
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("mlx_lm.server did not become healthy")
+
+    def chat(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
+        """One streamed chat completion. Its accept backlog is 5 (socketserver's default):
+        with many clients connecting at once, a connection can be reset before the server
+        reads it. Like the OpenAI SDKs, retry those; the time lost stays in the TTFT."""
+        body = json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                           "stream": True, "stream_options": {"include_usage": True}})
+        sent_at = time.perf_counter()
+        for attempt in range(4):
+            connection = http.client.HTTPConnection("127.0.0.1", self.port,
+                                                    timeout=REQUEST_TIMEOUT_S)
+            try:
+                connection.request("POST", "/v1/chat/completions", body,
+                                   {"Content-Type": "application/json"})
+                response = connection.getresponse()
+            except (ConnectionResetError, ConnectionRefusedError,
+                    http.client.RemoteDisconnected):
+                connection.close()
+                if attempt == 3:
+                    raise
+                with self._lock:
+                    self.connection_retries += 1
+                time.sleep(0.05)
+                continue
+            try:
+                if response.status != 200:
+                    raise RuntimeError(f"mlx_lm.server: HTTP {response.status}: "
+                                       f"{response.read()[:500]!r}")
+                return read_event_stream(response, sent_at)
+            finally:
+                connection.close()
+        raise AssertionError("unreachable")
+
+
+def read_event_stream(response, sent_at: float) -> Completion:
+    """Server-sent events of an OpenAI chat completion, to the `[DONE]` line."""
+    times: list[float] = []
+    texts: list[str] = []
+    tokens = None
+    finish_reason = None
+    while True:
+        line = response.readline()
+        if not line:
+            break
+        if not line.startswith(b"data: "):
+            continue  # blank separators, ": keepalive" comments
+        payload = line[6:].strip()
+        if payload == b"[DONE]":
+            break
+        event = json.loads(payload)
+        if event.get("usage"):
+            tokens = event["usage"].get("completion_tokens")
+        for choice in event.get("choices") or []:
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                times.append(time.perf_counter())
+                texts.append(text)
+            finish_reason = choice.get("finish_reason") or finish_reason
+    done_at = time.perf_counter()
+    return Completion(sent_at, times[0] if times else None, done_at,
+                      tokens if tokens is not None else len(times), times, "".join(texts),
+                      finish_reason=finish_reason)
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ---- throughput: a closed loop at several concurrencies ------------------------------------
+
+
+@dataclass
+class LoopResult:
+    concurrency: int
+    requests: int
+    tokens: int
+    seconds: float
+    ttfts_ms: list[float]
+    errors: list[str]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"concurrency": self.concurrency, "requests": self.requests,
+                "tokens": self.tokens, "seconds": round(self.seconds, 3),
+                "tokensPerSecond": round(self.tokens_per_second, 2),
+                "ttftP50Ms": percentile(self.ttfts_ms, 0.5),
+                "ttftP95Ms": percentile(self.ttfts_ms, 0.95), "errors": self.errors[:5]}
+
+
+def run_closed_loop(chat: Callable[[list[dict[str, str]], int], Completion], concurrency: int,
+                    seconds: float, token_mix: tuple[int, ...], words: list[str],
+                    tag: str) -> LoopResult:
+    """`concurrency` streams, each sending its next request as soon as the last one ended,
+    until `seconds` have passed. Request j of stream i asks for token_mix[(i + j) % n]."""
+    completions: list[Completion] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    def one_stream(stream: int) -> None:
+        request = 0
+        while time.perf_counter() < deadline:
+            messages = [{"role": "user",
+                         "content": distinct_prompt(words, tag, concurrency, stream, request)}]
+            max_tokens = token_mix[(stream + request) % len(token_mix)]
+            try:
+                completion = chat(messages, max_tokens)
+            except Exception as exc:  # counted and shown; the stream goes on
+                with lock:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.1)
+                request += 1
+                continue
+            with lock:
+                completions.append(completion)
+            request += 1
+
+    threads = [threading.Thread(target=one_stream, args=(i,), daemon=True)
+               for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    end = max((c.done_at for c in completions), default=time.perf_counter())
+    return LoopResult(concurrency, len(completions), sum(c.completion_tokens for c in completions),
+                      end - start, [c.ttft_ms for c in completions if c.ttft_ms is not None],
+                      errors)
+
+
+def measure_throughput(report: Report, sidecar: SidecarUnderTest, server: MlxLmServer,
+                       scale: Scale, words: list[str]) -> None:
+    section = "throughput (closed loop, aggregate tokens/s; TTFT client-side)"
+    results: dict[str, list[LoopResult]] = {"sidecar": [], "mlx_lm.server": []}
+    sides = {"sidecar": sidecar.chat, "mlx_lm.server": server.chat}
+    for level, concurrency in enumerate(scale.concurrencies):
+        order = ["sidecar", "mlx_lm.server"][:: 1 if level % 2 == 0 else -1]
+        for side in order:
+            progress(f"throughput: {side}, {concurrency} streams, {scale.loop_seconds:g} s")
+            warm_up_at(sides[side], concurrency, words)
+            result = run_closed_loop(sides[side], concurrency, scale.loop_seconds,
+                                     scale.token_mix, words, f"load{level}")
+            results[side].append(result)
+            progress(f"  {result.tokens_per_second:.1f} tok/s over {result.requests} requests"
+                     + (f", {len(result.errors)} errors: {result.errors[0]}" if result.errors else ""))
+    report.raw["throughput"] = {side: [r.summary() for r in rs] for side, rs in results.items()}
+    report.raw["throughput"]["mlxLmServerConnectionRetries"] = server.connection_retries
+    for ours, theirs in zip(results["sidecar"], results["mlx_lm.server"]):
+        add_throughput_figures(report, section, ours, theirs)
+    report.add(section, "mlx_lm.server connections reset and retried", server.connection_retries)
+
+
+def add_throughput_figures(report: Report, section: str, ours: LoopResult,
+                           theirs: LoopResult) -> None:
+    streams = f"{ours.concurrency:>2} stream{'s' if ours.concurrency > 1 else ' '}"
+    for side, result in (("sidecar", ours), ("mlx_lm.server", theirs)):
+        report.add(section, f"{streams}: {side} aggregate", result.tokens_per_second, "tok/s")
+        report.add(section, f"{streams}: {side} TTFT p50 / p95",
+                   format_pair(percentile(result.ttfts_ms, 0.5),
+                               percentile(result.ttfts_ms, 0.95), "ms"))
+        if result.errors:
+            report.add(section, f"{streams}: {side} failed requests", len(result.errors),
+                       target="0", passed=False)
+    ratio = ratio_or_none(ours.tokens_per_second, theirs.tokens_per_second)
+    label = f"{streams}: sidecar / mlx_lm.server"
+    if ours.concurrency >= 4:
+        report.add_at_least(section, label, ratio, 1.2, "x")
+    else:
+        report.add(section, label, ratio, "x")
+
+
+def format_pair(a: float | None, b: float | None, unit: str) -> str:
+    if a is None or b is None:
+        return "n/a"
+    return f"{a:.0f} / {b:.0f} {unit}"
+
+
+def warm_up_at(chat: Callable[[list[dict[str, str]], int], Completion], concurrency: int,
+               words: list[str]) -> None:
+    """A short closed loop of short requests, not measured: the first batches of a new size
+    are slow on both servers (MLX allocates and compiles per shape)."""
+    run_closed_loop(chat, concurrency, 2.0, (16, 32), words, "warm-up")
+
+
+# ---- single stream vs in-process stream_generate -------------------------------------------
+
+
+def reference_decode(model, tokenizer, prompt: str, max_tokens: int) -> dict[str, float]:
+    """stream_generate, timed on visible text: TTFT ms, decode tokens/s, token span, text."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
     start = time.perf_counter()
-    events = [(time.perf_counter(), bool(r.text)) for r in stream_generate(
-        model, tokenizer, PROMPT, max_tokens=max_tokens, sampler=make_sampler(0.0))]
-    visible = [i for i, (_, has_text) in enumerate(events) if has_text]
+    events = [(time.perf_counter(), r.text) for r in stream_generate(
+        model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0))]
+    visible = [i for i, (_, text) in enumerate(events) if text]
     span = visible[-1] - visible[0]
     t0, t1 = events[visible[0]][0], events[visible[-1]][0]
-    return (t0 - start) * 1000, span / (t1 - t0), span
+    return {"ttftMs": (t0 - start) * 1000, "tokensPerSecond": span / (t1 - t0), "span": span,
+            "text": "".join(text for _, text in events)}
 
 
-class InProcessWorker:
-    """`in_process` in a child process, one run per line written to it."""
-
-    def __init__(self, model_path: Path) -> None:
-        code = ("import json, sys\n"
-                "sys.path.insert(0, %r)\n"
-                "from bench import in_process\n"
-                "from mlx_lm import load\n"
-                "model, tokenizer = load(%r)\n"
-                "for line in sys.stdin:\n"
-                "    print(json.dumps(in_process(model, tokenizer, int(line))), flush=True)\n"
-                ) % (str(Path(__file__).resolve().parent), str(model_path))
-        self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
-
-    def run(self, max_tokens: int) -> tuple[float, float, int]:
-        self.process.stdin.write(f"{max_tokens}\n")
-        self.process.stdin.flush()
-        return tuple(json.loads(self.process.stdout.readline()))
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(10)
-
-
-def through_sidecar(client: SidecarClient, max_tokens: int, span: int) -> tuple[float, float, float]:
-    before = len(client.received)
-    start = time.perf_counter()
-    id_ = client.start_request("generate", {"prompt": PROMPT, "maxTokens": max_tokens,
-                                            "temperature": 0, "stream": True})
-    result = client.wait_response(id_)["result"]
-    chunks = [r.at for r in client.received[before:] if r.message.get("method") == "generate/chunk"]
-    return ((chunks[0] - start) * 1000, span / (chunks[-1] - chunks[0]),
-            result["timings"]["tokensPerSecond"])
-
-
-def sidecar_writing_to_a_file(models_dir: str, runs: int, max_tokens: int) -> float:
-    """Streamed generations with stdout going to a file: no reading client competes with MLX
-    for the CPU. Returns the median of the sidecar's own decode tokens/s."""
-    with tempfile.TemporaryFile() as out:
-        process = subprocess.Popen(
-            sidecar_command(), stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL,
-            env={**os.environ, "LOCALMLX_MODELS_DIR": models_dir, "LOCALMLX_ENABLE_CACHE": "false"})
-        requests = [{"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": 1}},
-                    {"jsonrpc": "2.0", "id": 1, "method": "models/load", "params": {"model": "demo"}}]
-        requests += [{"jsonrpc": "2.0", "id": 2 + i, "method": "generate",
-                      "params": {"prompt": PROMPT, "maxTokens": max_tokens, "temperature": 0, "stream": True}}
-                     for i in range(runs + 1)]
-        process.stdin.write(b"".join(encode_message(r) for r in requests))
-        process.stdin.flush()
-        last_id = b'"id":%d,' % requests[-1]["id"]
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:  # EOF would cancel the queued work: wait for it first
-            out.seek(0)
-            if last_id in out.read():
-                break
-            time.sleep(0.2)
-        process.stdin.close()
-        process.wait(30)
-        out.seek(0)
-        rates = [m["result"]["timings"]["tokensPerSecond"] for m in map(json.loads, out)
-                 if isinstance(m.get("id"), int) and m["id"] > 2 and "result" in m]
-    return statistics.median(rates)
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=15)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    args = parser.parse_args()
-
+def serve_reference(model_dir: str) -> int:
+    """The worker's side: one JSON line in ({prompt, maxTokens}), one JSON line out."""
     from mlx_lm import load
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = build_demo_model(Path(tmp) / DEMO_MODEL_DIRNAME)
-        model, tokenizer = load(str(path))
-        client = SidecarClient(sidecar_command(), env={"LOCALMLX_MODELS_DIR": tmp,
-                                                       "LOCALMLX_ENABLE_CACHE": "false",
-                                                       "LOCALMLX_LOG_LEVEL": "WARNING"})
-        worker = InProcessWorker(path)
-        try:
-            client.initialize(name="bench")
-            client.request("models/load", {"model": "demo"})
-            span = in_process(model, tokenizer, args.max_tokens)[2]  # also warms every side
-            worker.run(args.max_tokens)
-            through_sidecar(client, args.max_tokens, span)
-            local, child, remote = [], [], []
-            sides = [lambda: local.append(in_process(model, tokenizer, args.max_tokens)),
-                     lambda: child.append(worker.run(args.max_tokens)),
-                     lambda: remote.append(through_sidecar(client, args.max_tokens, span))]
-            order = random.Random(0)
-            for _ in range(args.runs):  # interleaved, in a shuffled order: drift hits all alike
-                for side in order.sample(sides, len(sides)):
-                    side()
-        finally:
-            client.close()
-            worker.close()
-        unobserved = sidecar_writing_to_a_file(tmp, args.runs, args.max_tokens)
-
-    med = lambda xs: statistics.median(xs)
-    ttft_local, tps_local = med([r[0] for r in local]), med([r[1] for r in local])
-    ttft_remote, tps_remote = med([r[0] for r in remote]), med([r[1] for r in remote])
-    ttft_child, tps_child = med([r[0] for r in child]), med([r[1] for r in child])
-    tps_reported = med([r[2] for r in remote])
-    paired = med([r[1] / l[1] for r, l in zip(remote, local)])
-    paired_child = med([r[1] / c[1] for r, c in zip(remote, child)])
-    print(f"demo model, {args.max_tokens} tokens, {args.runs} interleaved runs, medians")
-    print(f"{'':28}{'reference':>12}{'sidecar':>12}{'sidecar / reference':>22}")
-    for label, ttft, tps in (("in this process", ttft_local, tps_local),
-                             ("in a worker process", ttft_child, tps_child)):
-        print(f"decode tokens/s, {label:<20}{tps:>8.1f}{tps_remote:12.1f}{tps_remote / tps:21.3f}x")
-        print(f"TTFT ms, {label:<28}{ttft:>8.2f}{ttft_remote:12.2f}{ttft_remote - ttft:+20.2f}ms")
-    print(f"decode ratio, median of paired runs: {paired:.3f}x vs this process, "
-          f"{paired_child:.3f}x vs the worker process")
-    print(f"sidecar streaming into a file (no client on the CPU), its own report: {unobserved:.1f} tokens/s "
-          f"= {unobserved / tps_local:.3f}x this process's reference")
-    print(f"sidecar's own tokens/s report: {tps_reported:.1f} (client-side / reported = "
-          f"{tps_remote / tps_reported:.3f}x)")
+    model, tokenizer = load(model_dir)
+    for line in sys.stdin:
+        request = json.loads(line)
+        result = reference_decode(model, tokenizer, request["prompt"], request["maxTokens"])
+        print(json.dumps(result), flush=True)
     return 0
+
+
+class ReferenceWorker:
+    """mlx_lm.stream_generate in a plain child process (its main thread, no sidecar code),
+    with the same BLAS as mlx_lm.server, sleeping on a pipe between runs like the sidecar."""
+
+    def __init__(self, model_dir: Path, blas_library: str | None, children: Children,
+                 log) -> None:
+        self.process = children.spawn(
+            [sys.executable, str(Path(__file__).resolve()), "--reference-worker", str(model_dir)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+            env=with_preloaded(blas_library, dict(os.environ)))
+        self.children = children
+
+    def run(self, prompt: str, max_tokens: int) -> dict[str, float]:
+        self.process.stdin.write(json.dumps({"prompt": prompt, "maxTokens": max_tokens}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the reference worker exited; see its log")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.children.stop(self.process)
+
+
+def sidecar_decode(completion: Completion, span: int) -> dict[str, Any]:
+    """The sidecar timed like the reference, over the reference's token span."""
+    times = completion.chunk_times
+    seconds = times[-1] - times[0] if len(times) > 1 else float("nan")
+    return {"ttftMs": completion.ttft_ms, "tokensPerSecond": span / seconds,
+            "text": completion.text}
+
+
+def one_pair_of_runs(sidecar: SidecarUnderTest, worker: ReferenceWorker, prompt: str,
+                     max_tokens: int, reference_first: bool) -> dict[str, dict[str, Any]]:
+    if reference_first:
+        reference = worker.run(prompt, max_tokens)
+        completion = sidecar.generate(prompt, max_tokens)
+    else:
+        completion = sidecar.generate(prompt, max_tokens)
+        reference = worker.run(prompt, max_tokens)
+    return {"reference": reference, "sidecar": sidecar_decode(completion, int(reference["span"]))}
+
+
+def measure_single_stream(report: Report, sidecar: SidecarUnderTest, worker: ReferenceWorker,
+                          scale: Scale) -> None:
+    section = "single stream vs in-process mlx_lm.stream_generate"
+    pairs = []
+    order = random.Random(0)
+    for run in range(scale.single_runs + 1):  # run 0 warms both up and is not counted
+        measured = one_pair_of_runs(sidecar, worker, f"Run {run}. {SINGLE_STREAM_PROMPT}",
+                                    scale.single_max_tokens, order.random() < 0.5)
+        if run > 0:
+            pairs.append(measured)
+        progress(f"single stream run {run}: reference {measured['reference']['tokensPerSecond']:.1f}"
+                 f" tok/s, sidecar {measured['sidecar']['tokensPerSecond']:.1f} tok/s")
+    report.raw["singleStream"] = pairs
+    reference_tps = median_or_none(p["reference"]["tokensPerSecond"] for p in pairs)
+    sidecar_tps = median_or_none(p["sidecar"]["tokensPerSecond"] for p in pairs)
+    report.add(section, "in-process decode (median)", reference_tps, "tok/s")
+    report.add(section, "sidecar decode, client-side (median)", sidecar_tps, "tok/s")
+    report.add(section, "in-process TTFT (median)",
+               median_or_none(p["reference"]["ttftMs"] for p in pairs), "ms")
+    report.add(section, "sidecar TTFT, client-side (median)",
+               median_or_none(p["sidecar"]["ttftMs"] for p in pairs), "ms")
+    paired = median_or_none(p["sidecar"]["tokensPerSecond"] / p["reference"]["tokensPerSecond"]
+                            for p in pairs)
+    report.add_at_least(section, "decode sidecar / in-process (median of pairs)", paired, 0.99, "x")
+    same = sum(p["sidecar"]["text"] == p["reference"]["text"] for p in pairs)
+    report.add(section, "runs with the same text on both sides", f"{same} of {len(pairs)}",
+               target="all", passed=same == len(pairs))
+
+
+# ---- prefix cache: the second turn of a conversation ---------------------------------------
+
+
+def measure_prefix_cache(report: Report, with_cache: SidecarUnderTest,
+                         without_cache: SidecarUnderTest, scale: Scale, words: list[str],
+                         tokenizer_path: Path) -> None:
+    section = f"prefix cache (second turn of a ~{scale.system_tokens}-token conversation)"
+    outcome = {}
+    for label, sidecar in (("on", with_cache), ("off", without_cache)):
+        turns = [two_turns(sidecar, words, tokenizer_path, f"{label}-{rep}", scale.system_tokens)
+                 for rep in range(scale.prefix_repeats)]
+        outcome[label] = turns
+        first = median_or_none(t["firstTtftMs"] for t in turns)
+        second = median_or_none(t["secondTtftMs"] for t in turns)
+        cached = median_or_none(t["secondCachedTokens"] or 0 for t in turns)
+        report.add(section, f"prefix cache {label}: turn 1 TTFT", first, "ms")
+        report.add(section, f"prefix cache {label}: turn 2 TTFT", second, "ms")
+        report.add(section, f"prefix cache {label}: turn 2 cachedTokens", cached, "count")
+        ratio = ratio_or_none(second, first)
+        percent = None if ratio is None else ratio * 100
+        if label == "on":
+            report.add_at_most(section, "prefix cache on: turn 2 / turn 1 TTFT", percent, 25, "%")
+        else:
+            report.add(section, "prefix cache off: turn 2 / turn 1 TTFT", percent, "%")
+    report.raw["prefixCache"] = outcome
+
+
+def two_turns(sidecar: SidecarUnderTest, words: list[str], tokenizer_path: Path, tag: str,
+              system_tokens: int) -> dict[str, Any]:
+    progress(f"prefix cache: conversation {tag}")
+    system = long_system_text(words, tokenizer_path, tag, system_tokens)
+    messages = [{"role": "system", "content": system},
+                {"role": "user", "content": "What did the sea tell the mountains?"}]
+    first = sidecar.chat(messages, 32)
+    messages += [{"role": "assistant", "content": first.text},
+                 {"role": "user", "content": "And what did the mountains answer?"}]
+    second = sidecar.chat(messages, 8)
+    return {"firstTtftMs": first.ttft_ms, "secondTtftMs": second.ttft_ms,
+            "firstCachedTokens": first.cached_tokens, "secondCachedTokens": second.cached_tokens}
+
+
+# ---- exact response cache ------------------------------------------------------------------
+
+
+def measure_response_cache(report: Report, sidecar: SidecarUnderTest, words: list[str]) -> None:
+    section = "response cache (the same deterministic request twice)"
+    progress("response cache: one request, twice")
+    messages = [{"role": "user", "content": distinct_prompt(words, "response-cache", time.time())}]
+    miss = sidecar.chat(messages, 64, response_cache=True)
+    hit = sidecar.chat(messages, 64, response_cache=True)
+    report.raw["responseCache"] = {
+        "miss": {"ttftMs": miss.ttft_ms, "totalMs": miss.total_ms, "cached": miss.from_response_cache},
+        "hit": {"ttftMs": hit.ttft_ms, "totalMs": hit.total_ms, "cached": hit.from_response_cache},
+        "sameText": miss.text == hit.text}
+    report.add(section, "first request: TTFT / total", format_pair(miss.ttft_ms, miss.total_ms, "ms"))
+    report.add(section, "second request: TTFT / total", format_pair(hit.ttft_ms, hit.total_ms, "ms"))
+    report.add(section, "second request answered with cached: true", hit.from_response_cache is True,
+               target="yes", passed=hit.from_response_cache is True)
+    report.add(section, "same text both times", miss.text == hit.text, target="yes",
+               passed=miss.text == hit.text)
+
+
+# ---- cold start ----------------------------------------------------------------------------
+
+
+def measure_cold_start(report: Report, base_env: dict[str, str], scale: Scale,
+                       children: Children, logs: Logs) -> None:
+    section = "cold start (spawn -> initialize answered)"
+    times: dict[str, list[float]] = {"auto": [], "bundled": []}
+    reported: dict[str, str] = {}
+    log = logs.open("sidecar-cold-start")
+    for run in range(scale.cold_starts):
+        for blas in ("auto", "bundled") if run % 2 == 0 else ("bundled", "auto"):
+            started = time.perf_counter()
+            sidecar = SidecarUnderTest({**base_env, "LOCALMLX_BLAS": blas}, children, log)
+            times[blas].append((time.perf_counter() - started) * 1000)
+            reported[blas] = sidecar.blas
+            sidecar.close()
+        progress(f"cold start run {run}: auto {times['auto'][-1]:.0f} ms, "
+                 f"bundled {times['bundled'][-1]:.0f} ms")
+    report.raw["coldStartMs"] = times
+    for blas, values in times.items():
+        report.add_below(section, f"LOCALMLX_BLAS={blas} (reports {reported[blas]}), median",
+                         median_or_none(values), 300, "ms")
+
+
+# ---- a reader that stalls ------------------------------------------------------------------
+
+
+def resident_kib(pid: int) -> tuple[int | None, int | None]:
+    """(VmRSS, VmHWM) in KiB from /proc; (RSS from `ps`, None) where there is no /proc."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        try:
+            out = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True,
+                                 text=True, timeout=5).stdout.strip()
+            return (int(out) if out else None), None
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            return None, None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+
+    def kib(name: str) -> int | None:
+        value = fields.get(name, "").split()
+        return int(value[0]) if value else None
+
+    return kib("VmRSS"), kib("VmHWM")
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int, every: float = 0.1) -> None:
+        super().__init__(daemon=True, name="rss-sampler")
+        self.pid, self.every = pid, every
+        self.samples: list[tuple[float, int]] = []
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            rss, _ = resident_kib(self.pid)
+            if rss is not None:
+                self.samples.append((time.monotonic(), rss))
+            self.stopped.wait(self.every)
+
+    def latest(self) -> int | None:
+        return self.samples[-1][1] if self.samples else None
+
+    def peak_between(self, start: float, end: float) -> int | None:
+        inside = [rss for at, rss in self.samples if start <= at <= end]
+        return max(inside) if inside else None
+
+
+class PausableReader(threading.Thread):
+    """Reads a sidecar's stdout on a raw pipe, unless paused; keeps every message in order."""
+
+    def __init__(self, stdout) -> None:
+        super().__init__(daemon=True, name="pausable-reader")
+        self.stdout = stdout
+        self.reading = threading.Event()
+        self.reading.set()
+        self.messages: list[dict[str, Any]] = []
+        self.changed = threading.Condition()
+
+    def run(self) -> None:
+        framer = LineFramer(1 << 30)
+        fd = self.stdout.fileno()
+        while True:
+            self.reading.wait()
+            try:
+                data = os.read(fd, 1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            lines = [line for line in framer.feed(data) if not isinstance(line, OversizedLine)]
+            with self.changed:
+                self.messages.extend(json.loads(line) for line in lines if line.strip())
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_for_responses(self, ids: set[int], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not ids <= {m.get("id") for m in self.messages if "method" not in m}:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.is_alive():
+                    return False
+                self.changed.wait(min(left, 1.0))
+        return True
+
+    def response(self, request_id: int) -> dict[str, Any] | None:
+        return next((m for m in self.messages if m.get("id") == request_id and "method" not in m),
+                    None)
+
+
+def measure_stalled_reader(report: Report, base_env: dict[str, str], model: str, scale: Scale,
+                           words: list[str], children: Children, logs: Logs) -> None:
+    section = f"stalled reader ({scale.stall_streams} streams, stdout unread for {scale.stall_seconds:g} s)"
+    log = logs.open("sidecar-stalled-reader")
+    process = children.spawn(sidecar_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=log, env={**os.environ, **sidecar_env(base_env)})
+    reader, sampler = PausableReader(process.stdout), RssSampler(process.pid)
+    reader.start()
+    sampler.start()
+    try:
+        outcome = stall_while_streaming(process, reader, sampler, model, scale, words)
+    finally:
+        sampler.stopped.set()
+        try:
+            process.stdin.close()  # EOF ends the sidecar
+        except OSError:
+            pass
+        children.stop(process, grace=10.0)
+    report.raw["stalledReader"] = outcome
+    growth = None if outcome["growthKib"] is None else outcome["growthKib"] / 1024
+    report.add(section, "RSS when the stall began", kib_to_mib(outcome["rssAtStallKib"]), "MiB")
+    report.add(section, "highest RSS during the stall", kib_to_mib(outcome["peakDuringStallKib"]), "MiB")
+    report.add_below(section, "RSS growth during the stall", growth, 64, "MiB")
+    report.add(section, "VmHWM (process lifetime peak)", kib_to_mib(outcome["vmHwmKib"]), "MiB")
+    complete = outcome["completeStreams"]
+    report.add(section, "streams complete after reading resumed",
+               f"{complete} of {scale.stall_streams}", target="all",
+               passed=complete == scale.stall_streams)
+
+
+def kib_to_mib(value: int | None) -> float | None:
+    return None if value is None else value / 1024
+
+
+def stall_while_streaming(process: subprocess.Popen, reader: PausableReader,
+                          sampler: RssSampler, model: str, scale: Scale,
+                          words: list[str]) -> dict[str, Any]:
+    """A first pass of the same streams, read normally, lets the sidecar reach the memory
+    that this workload needs (KV caches, MLX's buffer cache); the second pass stalls."""
+    def send(message: dict[str, Any]) -> None:
+        process.stdin.write(encode_message(message))
+        process.stdin.flush()
+
+    send({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+          "params": {"protocolVersion": 1, "clientInfo": {"name": "localmlx-bench"}}})
+    send({"jsonrpc": "2.0", "id": 2, "method": "models/load", "params": {"model": model}})
+    if not reader.wait_for_responses({1, 2}, REQUEST_TIMEOUT_S):
+        raise RuntimeError("the stalled-reader sidecar did not initialize and load")
+    capabilities = (reader.response(1).get("result") or {}).get("capabilities") or {}
+
+    def start_streams(first_id: int) -> list[int]:
+        ids = list(range(first_id, first_id + scale.stall_streams))
+        for request_id in ids:
+            params = {"model": model, "temperature": 0, "stream": True,
+                      "maxTokens": scale.stall_max_tokens,
+                      "messages": [{"role": "user",
+                                    "content": distinct_prompt(words, "stall", request_id)}]}
+            if capabilities.get("responseCache") is True:
+                params["cache"] = False
+            send({"jsonrpc": "2.0", "id": request_id, "method": "chat", "params": params})
+        return ids
+
+    progress(f"stalled reader: {scale.stall_streams} streams of {scale.stall_max_tokens} "
+             "tokens, read normally")
+    reader.wait_for_responses(set(start_streams(100)), REQUEST_TIMEOUT_S)
+    progress("stalled reader: the same again, with stdout unread for "
+             f"{scale.stall_seconds:g} s after 1.5 s")
+    rss_before_streams = sampler.latest()
+    stream_ids = start_streams(200)
+    time.sleep(1.5)  # streams in full swing, read normally
+    stall_began = time.monotonic()
+    rss_at_stall = sampler.latest()
+    reader.reading.clear()
+    time.sleep(scale.stall_seconds)
+    stall_ended = time.monotonic()
+    reader.reading.set()
+    finished = reader.wait_for_responses(set(stream_ids), REQUEST_TIMEOUT_S)
+    peak = sampler.peak_between(stall_began, stall_ended)
+    checks = {request_id: stream_is_complete(reader.messages, request_id, scale.stall_max_tokens)
+              for request_id in stream_ids}
+    return {"rssBeforeStreamsKib": rss_before_streams, "rssAtStallKib": rss_at_stall,
+            "peakDuringStallKib": peak,
+            "growthKib": None if peak is None or rss_at_stall is None else peak - rss_at_stall,
+            "vmHwmKib": resident_kib(process.pid)[1], "allResponded": finished,
+            "streams": checks, "completeStreams": sum(c["complete"] for c in checks.values())}
+
+
+def stream_is_complete(messages: list[dict[str, Any]], request_id: int,
+                       max_tokens: int) -> dict[str, Any]:
+    """Seq contiguous from 0, no chunk after the response, a result of the full length."""
+    seqs, response_at, chunk_after_response = [], None, False
+    for index, message in enumerate(messages):
+        if message.get("method") == "generate/chunk" and \
+                (message.get("params") or {}).get("requestId") == request_id:
+            seqs.append(message["params"].get("seq"))
+            chunk_after_response |= response_at is not None
+        elif message.get("id") == request_id and "method" not in message:
+            response_at = index
+    result = messages[response_at].get("result") if response_at is not None else None
+    usage = (result or {}).get("usage") or {}
+    full_length = result is not None and (result.get("finishReason") == "stop"
+                                          or usage.get("completionTokens") == max_tokens)
+    contiguous = seqs == list(range(len(seqs))) and len(seqs) > 0
+    return {"chunks": len(seqs), "contiguous": contiguous, "result": result is not None,
+            "fullLength": full_length, "chunkAfterResponse": chunk_after_response,
+            "complete": contiguous and full_length and not chunk_after_response}
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter runs, fewer repeats")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}")
+    parser.add_argument("--json", type=Path, help="write every figure and the raw numbers here")
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR,
+                        help=f"where the benchmark model is built and kept [{DEFAULT_MODELS_DIR}]")
+    parser.add_argument("--quantize", type=int, choices=(4, 8), metavar="BITS",
+                        help="bench a BITS-bit conversion of the model instead (mlx_lm convert)")
+    parser.add_argument("--concurrency", help="comma-separated stream counts [1,4,8,16]")
+    parser.add_argument("--seconds", type=float, help="closed-loop duration per level and server")
+    parser.add_argument("--sidecar-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for every sidecar (repeatable)")
+    parser.add_argument("--log-dir", type=Path, help="where server logs go [a new temp dir]")
+    parser.add_argument("--reference-worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    return args
+
+
+def scale_from(args: argparse.Namespace) -> Scale:
+    scale = QUICK if args.quick else FULL
+    changes: dict[str, Any] = {}
+    if args.concurrency:
+        changes["concurrencies"] = tuple(int(n) for n in args.concurrency.split(","))
+    if args.seconds:
+        changes["loop_seconds"] = args.seconds
+    return Scale(**{**asdict(scale), **changes})
+
+
+def run_sections(args: argparse.Namespace, report: Report, children: Children, logs: Logs) -> None:
+    sections = set(args.only.split(","))
+    scale = scale_from(args)
+    words = corpus_words()
+    model_dir = prepare_model(args.models_dir.expanduser(), args.quantize, children, logs)
+    base_env = {"LOCALMLX_MODELS_DIR": str(model_dir.parent), "LOCALMLX_LOG_LEVEL": "INFO",
+                **dict(kv.split("=", 1) for kv in args.sidecar_env)}
+    blas_library = optimized_blas_library()
+    report.context.update({
+        "model": describe_model(model_dir),
+        "machine": f"{platform.platform()}, {os.cpu_count()} cores",
+        "load average": f"{load_average()} (at start)",
+        "mlx_lm side": f"mlx_lm.server and the in-process reference, BLAS "
+                       f"{blas_library or 'as installed (none to preload)'}",
+        "scale": "quick" if args.quick else "full"})
+    report.raw["scale"] = asdict(scale)
+
+    if sections & {"single-stream", "throughput", "prefix-cache", "response-cache"}:
+        progress("starting the sidecar")
+        sidecar = SidecarUnderTest(base_env, children, logs.open("sidecar"))
+        try:
+            sidecar.load(model_dir.name)
+            report.context["sidecar"] = (f"BLAS {sidecar.blas}, response-cache flag "
+                                         f"{'sent' if sidecar.sends_cache_flag else 'not supported'}")
+            report.raw["sidecarInfo"] = sidecar.info
+            run_sidecar_sections(report, sidecar, sections, scale, words, model_dir, base_env,
+                                 blas_library, children, logs)
+        finally:
+            sidecar.close()
+    if "cold-start" in sections:
+        measure_cold_start(report, base_env, scale, children, logs)
+    if "stalled-reader" in sections:
+        measure_stalled_reader(report, base_env, model_dir.name, scale, words, children, logs)
+    report.context["load average"] += f", {load_average()} (at end)"
+
+
+def run_sidecar_sections(report: Report, sidecar: SidecarUnderTest, sections: set[str],
+                         scale: Scale, words: list[str], model_dir: Path,
+                         base_env: dict[str, str], blas_library: str | None,
+                         children: Children, logs: Logs) -> None:
+    if "single-stream" in sections:
+        progress("starting the in-process reference worker")
+        worker = ReferenceWorker(model_dir, blas_library, children, logs.open("reference-worker"))
+        try:
+            measure_single_stream(report, sidecar, worker, scale)
+        finally:
+            worker.close()
+    if "throughput" in sections:
+        progress("starting mlx_lm.server")
+        server = MlxLmServer(model_dir, blas_library, children, logs.open("mlx_lm-server"))
+        try:
+            measure_throughput(report, sidecar, server, scale, words)
+        finally:
+            children.stop(server.process)
+    if "prefix-cache" in sections:
+        progress("starting a sidecar without the prefix cache")
+        without = SidecarUnderTest({**base_env, "LOCALMLX_PREFIX_CACHE": "false",
+                                    "LOCALMLX_ENABLE_CACHE": "false"},
+                                   children, logs.open("sidecar-no-prefix-cache"))
+        try:
+            without.load(model_dir.name)
+            measure_prefix_cache(report, sidecar, without, scale, words,
+                                 model_dir / "tokenizer.json")
+        finally:
+            without.close()
+    if "response-cache" in sections:
+        measure_response_cache(report, sidecar, words)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.reference_worker:
+        return serve_reference(args.reference_worker)
+    interrupt_on_sigint_and_sigterm()
+    report, children = Report(), Children()
+    logs = Logs(args.log_dir or Path(tempfile.mkdtemp(prefix="localmlx-bench-logs-")))
+    progress(f"server logs in {logs.directory}")
+    try:
+        run_sections(args, report, children, logs)
+    except KeyboardInterrupt:
+        progress("interrupted: stopping everything started")
+        return 130
+    finally:
+        children.stop_all()
+        logs.close()
+        if report.figures:
+            print_table(report)
+        if args.json and report.figures:
+            write_json(report, args.json)
+    return 0 if all(f.passed is not False for f in report.figures) else 1
 
 
 if __name__ == "__main__":

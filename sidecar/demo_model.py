@@ -11,6 +11,9 @@ and the safetensors writer live here (so it does not drift with library
 versions), and weights come from numpy's ``default_rng``, which is
 platform independent unlike ``mx.random``.  Building needs only numpy and
 ``tokenizers`` (for its pre-tokenizer) and takes well under a second.
+
+The architecture's size is a ``ModelShape``: ``DEMO_SHAPE`` is the embedded
+model; ``scripts/bench.py`` builds a larger one the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import struct
 import tempfile
 import uuid
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +48,26 @@ SEED = 20240917
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]  # ids 0, 1, 2
 
-VOCAB_SIZE = 1024
-HIDDEN_SIZE = 256
-NUM_LAYERS = 4
-NUM_HEADS = 4
-NUM_KV_HEADS = 2
-INTERMEDIATE_SIZE = 512
-MAX_POSITIONS = 2048
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture's size.  Every shape shares the corpus, the tokenizer
+    recipe and the seed; only the demo's own shape is the embedded model."""
+
+    vocab_size: int = 1024  # the BPE's target size
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    max_positions: int = 2048
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+DEMO_SHAPE = ModelShape()
 
 # ChatML.  Content may also be a list of OpenAI-style parts; text parts are
 # concatenated so that such requests render instead of failing.
@@ -85,8 +102,9 @@ REQUIRED_FILES = (
 # --------------------------------------------------------------------------
 
 
-def is_complete(path) -> bool:
-    """True if ``path`` holds a finished demo model of the current version."""
+def is_complete(path, shape: ModelShape = DEMO_SHAPE) -> bool:
+    """True if ``path`` holds a finished model of the current version and of
+    ``shape`` (by default the demo model)."""
     path = Path(path)
     if not all((path / name).is_file() for name in REQUIRED_FILES):
         return False
@@ -94,7 +112,7 @@ def is_complete(path) -> bool:
         marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(marker, dict) and marker.get("build_version") == BUILD_VERSION
+    return isinstance(marker, dict) and marker == marker_contents(shape)
 
 
 def ensure_demo_model(models_dir: Path) -> Path:
@@ -102,23 +120,24 @@ def ensure_demo_model(models_dir: Path) -> Path:
     return build_demo_model(Path(models_dir) / DEMO_MODEL_DIRNAME)
 
 
-def build_demo_model(dest: Path) -> Path:
-    """Build the demo model at ``dest`` (unchanged if already complete).
+def build_demo_model(dest: Path, shape: ModelShape = DEMO_SHAPE) -> Path:
+    """Build the demo model (or a model of another ``shape``, made the same
+    way) at ``dest``, unchanged if already complete.
 
     Files are written to a temporary sibling directory that is renamed into
     place, so ``dest`` is never half-written and concurrent builders are
     safe: whoever renames first wins, the others discard their copy.
     """
     dest = Path(dest)
-    if is_complete(dest):
+    if is_complete(dest, shape):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the model is not secret
         log.info("building demo model in %s", dest)
-        write_model_files(tmp)
-        _install(tmp, dest)
+        write_model_files(tmp, shape)
+        _install(tmp, dest, shape)
     finally:
         # Gone after a successful rename; otherwise our losing/broken copy.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -130,7 +149,7 @@ def build_demo_model(dest: Path) -> Path:
 # --------------------------------------------------------------------------
 
 
-def _install(tmp: Path, dest: Path) -> None:
+def _install(tmp: Path, dest: Path, shape: ModelShape) -> None:
     """Rename the finished ``tmp`` onto ``dest``, racing other builders."""
     for _ in range(10):
         try:
@@ -138,7 +157,7 @@ def _install(tmp: Path, dest: Path) -> None:
             os.rename(tmp, dest)
             return
         except OSError:
-            if is_complete(dest):
+            if is_complete(dest, shape):
                 return  # another process won the race; tmp gets discarded
         # dest is stale or broken: move it aside (atomically) and retry.
         aside = dest.parent / f".{dest.name}.stale-{uuid.uuid4().hex}"
@@ -155,26 +174,33 @@ def _install(tmp: Path, dest: Path) -> None:
 # --------------------------------------------------------------------------
 
 
-def write_model_files(out: Path) -> None:
+def marker_contents(shape: ModelShape = DEMO_SHAPE) -> dict:
+    """What the marker file says; the demo's own shape is implied, others are
+    spelled out so that a model of another shape never passes for it."""
+    marker = {"build_version": BUILD_VERSION, "alias": DEMO_MODEL_ALIAS, "seed": SEED}
+    if shape != DEMO_SHAPE:
+        marker["shape"] = asdict(shape)
+    return marker
+
+
+def write_model_files(out: Path, shape: ModelShape = DEMO_SHAPE) -> None:
     """Write every file of the checkpoint into the existing directory ``out``."""
-    vocab, merges = train_bpe(CORPUS_PATH.read_text(encoding="utf-8"), VOCAB_SIZE)
+    vocab, merges = train_bpe(CORPUS_PATH.read_text(encoding="utf-8"), shape.vocab_size)
     im_end_id = vocab[IM_END]
     _write_json(out / "tokenizer.json", tokenizer_json(vocab, merges))
-    _write_json(out / "tokenizer_config.json", tokenizer_config())
+    _write_json(out / "tokenizer_config.json", tokenizer_config(shape))
     _write_json(out / "special_tokens_map.json", special_tokens_map())
-    _write_json(out / "config.json", model_config(len(vocab), im_end_id))
+    _write_json(out / "config.json", model_config(len(vocab), im_end_id, shape))
     _write_json(
         out / "generation_config.json",
         {"bos_token_id": None, "eos_token_id": im_end_id, "do_sample": False},
     )
     _write_safetensors(
-        out / "model.safetensors", random_weights(len(vocab), quiet_token_ids(vocab))
+        out / "model.safetensors",
+        random_weights(len(vocab), quiet_token_ids(vocab), shape),
     )
     # Written last: its presence (plus the others) means "complete".
-    _write_json(
-        out / MARKER_FILE,
-        {"build_version": BUILD_VERSION, "alias": DEMO_MODEL_ALIAS, "seed": SEED},
-    )
+    _write_json(out / MARKER_FILE, marker_contents(shape))
 
 
 def _write_json(path: Path, obj) -> None:
@@ -340,7 +366,7 @@ def tokenizer_json(vocab: dict[str, int], merges: list[Pair]) -> dict:
     }
 
 
-def tokenizer_config() -> dict:
+def tokenizer_config(shape: ModelShape = DEMO_SHAPE) -> dict:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": False,
@@ -353,7 +379,7 @@ def tokenizer_config() -> dict:
         "additional_special_tokens": [IM_START, IM_END],
         "clean_up_tokenization_spaces": False,
         "errors": "replace",
-        "model_max_length": MAX_POSITIONS,
+        "model_max_length": shape.max_positions,
         "chat_template": CHAT_TEMPLATE,
     }
 
@@ -371,20 +397,22 @@ def special_tokens_map() -> dict:
 # --------------------------------------------------------------------------
 
 
-def model_config(vocab_size: int, eos_token_id: int) -> dict:
+def model_config(
+    vocab_size: int, eos_token_id: int, shape: ModelShape = DEMO_SHAPE
+) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": HIDDEN_SIZE,
-        "num_hidden_layers": NUM_LAYERS,
-        "intermediate_size": INTERMEDIATE_SIZE,
-        "num_attention_heads": NUM_HEADS,
-        "num_key_value_heads": NUM_KV_HEADS,
-        "head_dim": HIDDEN_SIZE // NUM_HEADS,
+        "hidden_size": shape.hidden_size,
+        "num_hidden_layers": shape.num_layers,
+        "intermediate_size": shape.intermediate_size,
+        "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_kv_heads,
+        "head_dim": shape.head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
-        "max_position_embeddings": MAX_POSITIONS,
+        "max_position_embeddings": shape.max_positions,
         "vocab_size": vocab_size,
         "tie_word_embeddings": True,
         "attention_bias": False,
@@ -405,7 +433,9 @@ def quiet_token_ids(vocab: dict[str, int]) -> list[int]:
     return [vocab[t] for t in SPECIAL_TOKENS] + [vocab[byte_char[b]] for b in junk]
 
 
-def random_weights(vocab_size: int, quiet_ids: list[int]) -> dict[str, np.ndarray]:
+def random_weights(
+    vocab_size: int, quiet_ids: list[int], shape: ModelShape = DEMO_SHAPE
+) -> dict[str, np.ndarray]:
     """Seeded float32 weights under mlx-lm llama parameter names.
 
     float32 because mlx's CPU backend decodes it about twice as fast as
@@ -416,7 +446,7 @@ def random_weights(vocab_size: int, quiet_ids: list[int]) -> dict[str, np.ndarra
     well above it, so greedy decoding never picks them (sampling rarely).
     """
     rng = np.random.default_rng(SEED)
-    head_dim = HIDDEN_SIZE // NUM_HEADS
+    hidden, inter = shape.hidden_size, shape.intermediate_size
 
     def normal(shape, std):
         return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
@@ -424,22 +454,23 @@ def random_weights(vocab_size: int, quiet_ids: list[int]) -> dict[str, np.ndarra
     def linear(out_dim, in_dim):
         return normal((out_dim, in_dim), in_dim**-0.5)
 
-    emb = normal((vocab_size, HIDDEN_SIZE), 0.02)
+    emb = normal((vocab_size, hidden), 0.02)
     emb[quiet_ids] *= np.float32(0.01)
     weights = {"model.embed_tokens.weight": emb}
-    ones = np.ones(HIDDEN_SIZE, dtype=np.float32)
-    q_dim, kv_dim = NUM_HEADS * head_dim, NUM_KV_HEADS * head_dim
-    for i in range(NUM_LAYERS):
+    ones = np.ones(hidden, dtype=np.float32)
+    q_dim = shape.num_heads * shape.head_dim
+    kv_dim = shape.num_kv_heads * shape.head_dim
+    for i in range(shape.num_layers):
         p = f"model.layers.{i}."
         weights[p + "input_layernorm.weight"] = ones
-        weights[p + "self_attn.q_proj.weight"] = linear(q_dim, HIDDEN_SIZE)
-        weights[p + "self_attn.k_proj.weight"] = linear(kv_dim, HIDDEN_SIZE)
-        weights[p + "self_attn.v_proj.weight"] = linear(kv_dim, HIDDEN_SIZE)
-        weights[p + "self_attn.o_proj.weight"] = linear(HIDDEN_SIZE, q_dim)
+        weights[p + "self_attn.q_proj.weight"] = linear(q_dim, hidden)
+        weights[p + "self_attn.k_proj.weight"] = linear(kv_dim, hidden)
+        weights[p + "self_attn.v_proj.weight"] = linear(kv_dim, hidden)
+        weights[p + "self_attn.o_proj.weight"] = linear(hidden, q_dim)
         weights[p + "post_attention_layernorm.weight"] = ones
-        weights[p + "mlp.gate_proj.weight"] = linear(INTERMEDIATE_SIZE, HIDDEN_SIZE)
-        weights[p + "mlp.up_proj.weight"] = linear(INTERMEDIATE_SIZE, HIDDEN_SIZE)
-        weights[p + "mlp.down_proj.weight"] = linear(HIDDEN_SIZE, INTERMEDIATE_SIZE)
+        weights[p + "mlp.gate_proj.weight"] = linear(inter, hidden)
+        weights[p + "mlp.up_proj.weight"] = linear(inter, hidden)
+        weights[p + "mlp.down_proj.weight"] = linear(hidden, inter)
     weights["model.norm.weight"] = ones
     return weights
 

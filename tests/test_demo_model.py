@@ -11,6 +11,7 @@ import pytest
 from sidecar import demo_model
 from sidecar.demo_model import (
     DEMO_MODEL_DIRNAME,
+    ModelShape,
     build_demo_model,
     bytes_to_unicode,
     ensure_demo_model,
@@ -62,6 +63,19 @@ def test_incomplete_dir_is_replaced(tmp_path):
     assert is_complete(dest)
     assert json.loads((dest / "config.json").read_text())["model_type"] == "llama"
     assert [p.name for p in tmp_path.iterdir()] == [DEMO_MODEL_DIRNAME]
+
+
+def test_another_shape_never_passes_for_the_demo(tmp_path, model_dir):
+    shape = ModelShape(num_layers=2, intermediate_size=384)
+    dest = build_demo_model(tmp_path / "small", shape)
+    config = json.loads((dest / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["intermediate_size"]) == (2, 384)
+    assert is_complete(dest, shape) and not is_complete(dest)
+    assert not is_complete(model_dir, shape)
+    # Same corpus, so the same tokenizer.
+    assert (dest / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
+    assert build_demo_model(dest) == dest and is_complete(dest)  # rebuilt as the demo
+    assert _digests(dest) == _digests(model_dir)
 
 
 def test_concurrent_builders_agree(tmp_path, model_dir):
