@@ -29,8 +29,11 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +438,7 @@ def quiet_token_ids(vocab: dict[str, int]) -> list[int]:
 
 def random_weights(
     vocab_size: int, quiet_ids: list[int], shape: ModelShape = DEMO_SHAPE
-) -> dict[str, np.ndarray]:
+) -> dict[str, "np.ndarray"]:
     """Seeded float32 weights under mlx-lm llama parameter names.
 
     float32 because mlx's CPU backend decodes it about twice as fast as
@@ -445,6 +448,8 @@ def random_weights(
     embeddings their logits stay near 0 while the best ordinary token scores
     well above it, so greedy decoding never picks them (sampling rarely).
     """
+    import numpy as np  # here, not at the top: the sidecar imports this module at start-up
+
     rng = np.random.default_rng(SEED)
     hidden, inter = shape.hidden_size, shape.intermediate_size
 
@@ -475,9 +480,11 @@ def random_weights(
     return weights
 
 
-def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+def _write_safetensors(path: Path, tensors: dict[str, "np.ndarray"]) -> None:
     """Minimal safetensors writer (sorted keys, little-endian, 8-byte aligned
     header) so the file bytes do not depend on any library version."""
+    import numpy as np
+
     dtypes = {("f", 2): "F16", ("f", 4): "F32"}
     header: dict = {"__metadata__": {"format": "mlx"}}
     blobs, offset = [], 0
