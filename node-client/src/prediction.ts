@@ -257,7 +257,7 @@ function cancelledBeforeStart(model: string | undefined): PredictionResult {
     model: model ?? "",
     text: "",
     finishReason: "cancelled",
-    usage: { promptTokens: 0, completionTokens: 0, totalTokens: 0 },
+    usage: { promptTokens: 0, completionTokens: 0, totalTokens: 0, cachedTokens: 0 },
     timings: { ttftMs: 0, tokensPerSecond: 0, totalMs: 0 },
   };
 }

@@ -40,7 +40,7 @@ export interface Usage {
   /**
    * Prompt tokens whose KV cache came from the prefix cache instead of being computed (0 when none). Present in every chat and generate result.
    */
-  cachedTokens?: number;
+  cachedTokens: number;
 }
 
 export interface Timings {

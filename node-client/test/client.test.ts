@@ -87,7 +87,8 @@ describe("a started client", { timeout: 120_000 }, () => {
       ["demo"],
     );
     assert.ok(status.memory.activeBytes > 0);
-    assert.deepEqual(status.requests, { active: 0, queued: 0 });
+    assert.deepEqual(status.requests, { active: 0, queued: 0, paused: 0 });
+    assert.ok(status.caches.demo !== undefined, "the loaded model reports its caches");
     const models = await mlx.models.list();
     assert.ok(models.some((m) => m.model === "demo" && m.loaded));
     const demo = await mlx.models.status("demo");
