@@ -35,8 +35,10 @@ What is measured, and how:
   `cached: true`; its TTFT and total time are shown next to the first's.
 - **cold start**: spawn -> `initialize` answered, median of several spawns, with
   `LOCALMLX_BLAS=auto` and with `bundled`, interleaved.
-- **stalled reader**: a sidecar on a raw pipe runs several long streams, read normally (so
-  that it holds the memory this workload needs: KV caches, MLX's buffer cache); then the
+- **stalled reader**: a sidecar on a raw pipe (prefix cache off: the KV it keeps for later
+  requests is bounded by its own setting and is not what a stalled reader costs) runs several
+  long streams, read normally (so that it holds the memory this workload needs: KV caches,
+  MLX's buffer cache); then the
   same streams again, and 1.5 s in the client stops reading stdout for 10 s. RSS growth =
   the highest RSS sampled during the stall - the RSS when the stall began (sampled every
   100 ms from /proc, or `ps` on macOS). Afterwards every stream must be complete: seq
@@ -1013,8 +1015,11 @@ def measure_stalled_reader(report: Report, base_env: dict[str, str], model: str,
                            words: list[str], children: Children, logs: Logs) -> None:
     section = f"stalled reader ({scale.stall_streams} streams, stdout unread for {scale.stall_seconds:g} s)"
     log = logs.open("sidecar-stalled-reader")
+    # Without the prefix cache: the KV it keeps for later requests (bounded by its own
+    # settings) would show up here as growth, and it is not what a stalled reader costs.
+    env = {**os.environ, **sidecar_env({**base_env, "LOCALMLX_PREFIX_CACHE": "false"})}
     process = children.spawn(sidecar_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=log, env={**os.environ, **sidecar_env(base_env)})
+                             stderr=log, env=env)
     reader, sampler = PausableReader(process.stdout), RssSampler(process.pid)
     reader.start()
     sampler.start()

@@ -189,6 +189,27 @@ def test_a_client_that_stops_reading_does_not_stall_the_engine(sidecars) -> None
     assert client.close() == 0
 
 
+def test_a_load_reporting_progress_goes_on_while_the_client_is_not_reading(sidecars, models_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """Progress lines queue like everything else: neither the engine thread nor the event
+    loop ever waits on a full pipe."""
+    shutil.copytree(models_dir / "localmlx-demo", tmp_path / "models" / "localmlx-demo")
+    shutil.copytree(models_dir / "localmlx-demo", tmp_path / "models" / "second")
+    client = sidecars.spawn(LOCALMLX_MODELS_DIR=str(tmp_path / "models"))
+    client.pause_reading()
+    pings = fill_the_pipe(client)
+    load = client.start_request("models/load", {"model": "second", "_meta": {"progressToken": "p"}})
+    client.wait_for_log("loaded second")
+    tokenize = client.start_request("tokenize", {"model": "second", "text": "the sea"})
+    client.resume_reading()
+    [client.wait_response(id_) for id_ in pings]
+    assert client.wait_response(load)["result"]["alreadyLoaded"] is False
+    assert client.wait_response(tokenize)["result"]["tokens"]
+    progress = [r.message["params"] for r in client.received if r.message.get("method") == "$/progress"]
+    assert [p["phase"] for p in progress][-1] == "ready"
+    assert client.close() == 0
+
+
 def test_a_stream_over_its_buffer_pauses_alone_and_resumes_where_it_stopped(sidecars) -> None:
     client = sidecars.spawn(LOCALMLX_PREFIX_CACHE="false", LOCALMLX_STREAM_BUFFER_BYTES="64")
     sampled = {"temperature": 0.8, "seed": 5, "maxTokens": 200}
