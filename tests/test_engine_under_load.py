@@ -102,6 +102,22 @@ def test_a_request_joins_a_running_batch_without_disturbing_it(plain) -> None:
     assert streamed_text(plain, long_id) == long_alone and short["text"] == short_alone
 
 
+def test_a_sampled_generation_moves_into_the_batch_without_changing_a_token(sidecars) -> None:
+    """Alone, a generation runs on mlx-lm's single-stream path; when another arrives it moves
+    into the batch with its KV cache, its sampler's draws and its penalties' context."""
+    client = sidecars.spawn()  # prefix cache on: the mover's cache must come along intact
+    params = {"temperature": 0.8, "seed": 21, "presencePenalty": 0.5, "repetitionContextSize": 64,
+              "maxTokens": 300}
+    [expected] = alone(client, PROMPTS[:1], **params)
+    moving = client.start_request("chat", fresh(PROMPTS[0], stream=True, **params))
+    wait_for_chunks(client, moving, 30)
+    client.request("chat", fresh(PROMPTS[1], maxTokens=60))
+    assert not any(r.message.get("id") == moving for r in client.received), "joined while it ran"
+    client.wait_response(moving)
+    assert streamed_text(client, moving) == expected
+    assert client.close() == 0
+
+
 def test_cancelling_one_generation_leaves_the_others_untouched(plain) -> None:
     expected = alone(plain, PROMPTS[:3], maxTokens=200)
     ids = [plain.start_request("chat", fresh(p, maxTokens=200, stream=True)) for p in PROMPTS[:3]]

@@ -137,4 +137,6 @@ def test_a_sampler_failure_does_not_poison_later_sampling(demo_model_path) -> No
     with pytest.raises(RuntimeError):
         sample(temp=1.0)
     reset_global_random_state()
-    assert sample(temp=1.0) == 3
+    # Sampling works again (a poisoned key raises). How many tokens it takes is chance:
+    # the draw may pick the end-of-sequence token first, so only the range is certain.
+    assert 1 <= sample(temp=1.0) <= 3

@@ -53,6 +53,7 @@ class Engine:
         self.registry = ModelRegistry(settings)
         self._device: asyncio.Future = loop.create_future()
         self._loads: dict[str, asyncio.Task] = {}
+        self._background: set[asyncio.Task] = set()
         self._tokenizer_locks: dict[str, threading.Lock] = {}
         self.scheduler = Scheduler(settings, self.registry, on_start=self._start_engine_thread)
 
@@ -173,7 +174,9 @@ class Engine:
                 log.error("cannot preload %s: %s", ref, getattr(exc, "message", exc))
 
         for ref in refs:
-            self.loop.create_task(preload_one(ref))
+            task = self.loop.create_task(preload_one(ref))
+            self._background.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._background.discard)
 
     # ---- generation --------------------------------------------------------------------
 

@@ -1,16 +1,19 @@
 """Where a model's generations run, one step at a time, on the engine thread.
 
 `BatchLane` keeps one mlx-lm `BatchGenerator` per model: generations join and leave it
-between steps, and each step advances every one of them. `SoloLane` runs generations one
-after another, in order, for models whose caches cannot merge into a batch. Both route
-each sampled token to its `Generation` and hand back the ones that finished.
+between steps, and each step advances every one of them. A generation that is alone on its
+model runs as a `SoloRun` instead (mlx-lm's single-stream `generate_step`, a few percent
+faster than a batch of one) and moves into the batch, KV cache and all, when another
+arrives. `SoloLane` runs generations one after another, in order, for models whose caches
+cannot merge into a batch. Every lane routes each sampled token to its `Generation` and
+hands back the ones that finished.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from .generation import Generation
 from .registry import LoadedModel
@@ -40,23 +43,131 @@ def keep_prefix(loaded: LoadedModel, tokens: list[int], cache: Any) -> None:
         loaded.prefix_cache.insert_cache(0, list(tokens), cache)
 
 
+def _caches_step_back(loaded: LoadedModel) -> bool:
+    """Moving a running generation (into a batch, or out of it to pause) steps its cache
+    back one token: plain KV caches always can."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    return all(type(c) is KVCache for c in make_prompt_cache(loaded.model))
+
+
+def _step_back(generation: Generation, cache: Any) -> None:
+    """The cache holds the last emitted token, and the next token was already drawn from
+    it: drop that token from the cache and take the draw back, to recompute both."""
+    from mlx_lm.models.cache import trim_prompt_cache
+
+    trim_prompt_cache(cache, 1)
+    rewind = getattr(generation.sampler, "rewind", None)
+    if rewind is not None:
+        rewind()
+
+
+def _with_history(processors: list[Callable[[Any, Any], Any]], history: list[int]) -> list[Callable[[Any, Any], Any]]:
+    """`generate_step` shows logits processors only the tokens it was given; a batch shows
+    the whole prompt. Prepend the rest, so penalties see the same context either way."""
+    if not processors or not history:
+        return processors
+    import mlx.core as mx
+
+    before = mx.array(history, dtype=mx.uint32)
+
+    def seeing_history(process: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        return lambda tokens, logits: process(mx.concatenate([before, tokens.astype(mx.uint32)]), logits)
+
+    return [seeing_history(p) for p in processors]
+
+
+class SoloRun:
+    """One generation through mlx-lm's `generate_step`, its prompt processed in chunks
+    between steps (so control work and other models are served during a long prompt)."""
+
+    def __init__(self, loaded: LoadedModel, generation: Generation, prefill_step: int) -> None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self.loaded = loaded
+        self.generation = generation
+        self._prefill_step = prefill_step
+        cache, rest = fetch_prefix(loaded, generation.prompt)
+        generation.cached_tokens = len(generation.prompt) - len(rest)
+        self.cache = cache if cache is not None else make_prompt_cache(loaded.model)
+        self.history = list(generation.prompt[: generation.cached_tokens])  # the tokens in the cache
+        self._to_prefill = rest[:-1]
+        self._last_prompt_token = rest[-1]
+        self._steps: Any = None  # the generate_step generator, once the prompt is in
+
+    def step(self) -> bool:
+        """One prompt chunk or one token; True when the generation is done."""
+        generation = self.generation
+        if generation.job.cancelled:
+            generation.cancel_now()
+            return True
+        if self._to_prefill:
+            self._prefill_chunk()
+            return False
+        token, _ = next(self._decoding())  # never exhausted: the generation ends at max_tokens first
+        self.history.append(token)
+        last = generation.completion_tokens + 1 >= generation.max_tokens
+        eos = token in self.loaded.tokenizer.eos_token_ids
+        generation.on_token(token, "stop" if eos else ("length" if last else None))
+        return generation.done
+
+    def _prefill_chunk(self) -> None:
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+
+        chunk, self._to_prefill = self._to_prefill[: self._prefill_step], self._to_prefill[self._prefill_step:]
+        with mx.stream(generation_stream):
+            self.loaded.model(mx.array(chunk)[None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+        self.history.extend(chunk)
+
+    def _decoding(self) -> Any:
+        if self._steps is None:
+            import mlx.core as mx
+            from mlx_lm.generate import generate_step
+
+            generation = self.generation
+            processors = _with_history(generation.logits_processors, self.history)
+            self._steps = generate_step(
+                mx.array([self._last_prompt_token]), self.loaded.model, max_tokens=generation.max_tokens,
+                sampler=generation.sampler, logits_processors=processors, prompt_cache=self.cache)
+            self.history.append(self._last_prompt_token)
+            generation.on_prompt_done()
+        return self._steps
+
+    def close(self, keep: bool = True) -> None:
+        if self._steps is not None:
+            self._steps.close()
+        if keep:
+            keep_prefix(self.loaded, self.history, self.cache)
+
+    def hand_over(self) -> tuple[list[int], Any, list[int]]:
+        """Stop here and return (tokens to feed next, cache, tokens in the cache), so the
+        generation continues elsewhere exactly as it would have continued here."""
+        if self._steps is None:  # still in its prompt
+            return [*self._to_prefill, self._last_prompt_token], self.cache, self.history
+        self._steps.close()
+        _step_back(self.generation, self.cache)
+        return self.history[-1:], self.cache, self.history[:-1]
+
+
 class BatchLane:
     def __init__(self, loaded: LoadedModel, max_batch: int, prefill_step: int) -> None:
         from mlx_lm.generate import BatchGenerator
-        from mlx_lm.models.cache import KVCache, make_prompt_cache
 
         self.loaded = loaded
         self.max_batch = max_batch
+        self._prefill_step = prefill_step
         self._batch = BatchGenerator(loaded.model, completion_batch_size=max_batch,
                                      prefill_batch_size=min(8, max_batch), prefill_step_size=prefill_step)
         self._by_uid: dict[int, Generation] = {}
         self._parked: list[Generation] = []
-        # Parking steps a cache back one token: plain KV caches always can.
-        self._can_park = all(type(c) is KVCache for c in make_prompt_cache(loaded.model))
+        self._solo: SoloRun | None = None
+        self._can_move = _caches_step_back(loaded)
 
     @property
     def active(self) -> int:
-        return len(self._by_uid) + len(self._parked)
+        return len(self._by_uid) + len(self._parked) + (self._solo is not None)
 
     @property
     def free_slots(self) -> int:
@@ -64,20 +175,34 @@ class BatchLane:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._by_uid)
+        return bool(self._by_uid) or (self._solo is not None and not self._solo.generation.throttled)
 
     @property
     def paused(self) -> int:
-        return len(self._parked)
+        return len(self._parked) + int(self._solo is not None and self._solo.generation.throttled)
 
     def generations(self) -> list[Generation]:
-        return [*self._by_uid.values(), *self._parked]
+        solo = [self._solo.generation] if self._solo is not None else []
+        return [*self._by_uid.values(), *self._parked, *solo]
 
     def admit(self, generation: Generation) -> None:
+        if self._can_move and self.active == 0:
+            self._solo = SoloRun(self.loaded, generation, self._prefill_step)
+            return
+        self._move_solo_into_batch()
         cache, rest = fetch_prefix(self.loaded, generation.prompt)
         generation.cached_tokens = len(generation.prompt) - len(rest)
         self._insert(generation, rest, cache, generation.prompt[: generation.cached_tokens],
                      generation.max_tokens)
+
+    def _move_solo_into_batch(self) -> None:
+        solo, self._solo = self._solo, None
+        if solo is None:
+            return
+        generation = solo.generation
+        tokens, cache, history = solo.hand_over()
+        remaining = generation.max_tokens - generation.completion_tokens
+        self._insert(generation, tokens, cache, history, remaining)
 
     def _insert(self, generation: Generation, tokens: list[int], cache: Any, history: list[int],
                 max_tokens: int) -> None:
@@ -88,8 +213,15 @@ class BatchLane:
         self._by_uid[uid] = generation
 
     def step(self) -> list[Generation]:
-        """One decode step for the batch (and one prefill chunk for joiners). Returns the
-        generations that finished, their results ready to build."""
+        """One decode step for the batch (and one prefill chunk for joiners), or one step of
+        the generation running alone. Returns the generations that finished."""
+        solo = self._solo
+        if solo is not None:
+            if not solo.step():
+                return []
+            self._solo = None
+            solo.close()
+            return [solo.generation]
         prompt_done, tokens = self._batch.next()
         for response in prompt_done:
             if response.end_of_prompt and response.uid in self._by_uid:
@@ -124,22 +256,16 @@ class BatchLane:
 
     def _park_throttled(self) -> None:
         """Take out of the batch the generations whose client has not read their stream:
-        the others go on; a parked one keeps its KV cache and resumes where it stopped."""
-        from mlx_lm.models.cache import trim_prompt_cache
-
+        the others go on; a parked one keeps its KV cache and resumes where it stopped.
+        (A generation running alone is simply not stepped while throttled.)"""
         throttled = [uid for uid, g in self._by_uid.items() if g.throttled and g.first_token_at]
-        if not throttled or not self._can_park:
+        if not throttled or not self._can_move:
             return
         caches = self._batch.remove(throttled, return_prompt_caches=True)
         for uid in throttled:
             generation = self._by_uid.pop(uid)
             cache, tokens = caches[uid]
-            # The cache holds the last emitted token and a next token was already drawn
-            # from it: step back one token and take that draw back, then recompute it.
-            trim_prompt_cache(cache, 1)
-            rewind = getattr(generation.sampler, "rewind", None)
-            if rewind is not None:
-                rewind()
+            _step_back(generation, cache)
             generation.parked = (cache, list(tokens[:-1]), tokens[-1])
             self._parked.append(generation)
             log.info("request %r paused: its client has not read %d bytes of its stream",
@@ -155,7 +281,7 @@ class BatchLane:
             self._insert(generation, [last], cache, history, max(1, remaining))
 
     def take_cancelled(self) -> list[Generation]:
-        """Cancelled generations that no step will see (parked ones): finished now."""
+        """Cancelled generations that no step will see (paused ones): finished now."""
         done = [g for g in self._parked if g.job.cancelled]
         for generation in done:
             self._parked.remove(generation)
@@ -163,6 +289,12 @@ class BatchLane:
             keep_prefix(self.loaded, history, cache)
             generation.parked = None
             generation.cancel_now()
+        solo = self._solo
+        if solo is not None and solo.generation.throttled and solo.generation.job.cancelled:
+            self._solo = None
+            solo.close()
+            solo.generation.cancel_now()
+            done.append(solo.generation)
         return done
 
     def stop_all(self) -> list[Generation]:
@@ -172,28 +304,27 @@ class BatchLane:
             generation.cancel_now()
         stopped.extend(self._parked)
         self._parked.clear()
+        solo, self._solo = self._solo, None
+        if solo is not None:
+            solo.close()
+            solo.generation.cancel_now()
+            stopped.append(solo.generation)
         return stopped
 
     def close(self) -> None:
         self._batch.close()
 
 
-class _PrefillCancelled(Exception):
-    """Raised from mlx-lm's prompt-progress callback: a long prompt stops between chunks."""
-
-
 class SoloLane:
-    """One generation at a time through mlx-lm's `generate_step`, the rest waiting in order."""
+    """Generations one at a time, in arrival order: for models whose caches cannot merge
+    into a batch, and for every model when batching is off."""
 
     def __init__(self, loaded: LoadedModel, max_waiting: int, prefill_step: int) -> None:
         self.loaded = loaded
         self.max_batch = max_waiting
         self._prefill_step = prefill_step
         self._waiting: collections.deque[Generation] = collections.deque()
-        self._current: Generation | None = None
-        self._steps: Any = None
-        self._cache: Any = None
-        self._history: list[int] = []
+        self._current: SoloRun | None = None
 
     @property
     def active(self) -> int:
@@ -206,69 +337,30 @@ class SoloLane:
     @property
     def has_work(self) -> bool:
         current = self._current
-        return not current.throttled if current is not None else bool(self._waiting)
+        return not current.generation.throttled if current is not None else bool(self._waiting)
 
     @property
     def paused(self) -> int:
-        return int(self._current is not None and self._current.throttled)
+        return int(self._current is not None and self._current.generation.throttled)
 
     def generations(self) -> list[Generation]:
-        return [g for g in (self._current, *self._waiting) if g is not None]
+        current = [self._current.generation] if self._current is not None else []
+        return [*current, *self._waiting]
 
     def admit(self, generation: Generation) -> None:
         self._waiting.append(generation)
-
-    def _start_next(self) -> None:
-        import mlx.core as mx
-        from mlx_lm.generate import generate_step
-        from mlx_lm.models.cache import make_prompt_cache
-
-        generation = self._waiting.popleft()
-        cache, rest = fetch_prefix(self.loaded, generation.prompt)
-        generation.cached_tokens = len(generation.prompt) - len(rest)
-        self._cache = cache if cache is not None else make_prompt_cache(self.loaded.model)
-        self._history = list(generation.prompt)
-        self._current = generation
-
-        def stop_prefill_when_cancelled(processed: int, total: int) -> None:
-            if generation.job.cancelled:
-                raise _PrefillCancelled
-
-        self._steps = generate_step(
-            mx.array(rest), self.loaded.model, max_tokens=generation.max_tokens, sampler=generation.sampler,
-            logits_processors=generation.logits_processors, prompt_cache=self._cache,
-            prefill_step_size=self._prefill_step, prompt_progress_callback=stop_prefill_when_cancelled)
 
     def step(self) -> list[Generation]:
         if self._current is None:
             if not self._waiting:
                 return []
-            self._start_next()
-        generation = self._current
-        if generation.job.cancelled:
-            return [self._end(keep=True)]
-        try:
-            token, _ = next(self._steps)
-        except _PrefillCancelled:
-            return [self._end(keep=False)]
-        except StopIteration:  # max_tokens reached on the step before
-            generation.finish_reason = generation.finish_reason or "length"
-            return [self._end(keep=True)]
-        self._history.append(token)
-        last = generation.completion_tokens + 1 >= generation.max_tokens
-        reason = "stop" if token in self.loaded.tokenizer.eos_token_ids else ("length" if last else None)
-        generation.on_token(token, reason)
-        return [self._end(keep=True)] if generation.done else []
-
-    def _end(self, keep: bool) -> Generation:
-        generation = self._current
-        if self._steps is not None:
-            self._steps.close()
-        if keep:
-            keep_prefix(self.loaded, self._history, self._cache)
-        self._current, self._steps, self._cache, self._history = None, None, None, []
-        generation.cancel_now()
-        return generation
+            self._current = SoloRun(self.loaded, self._waiting.popleft(), self._prefill_step)
+        current = self._current
+        if not current.step():
+            return []
+        self._current = None
+        current.close()
+        return [current.generation]
 
     def resume_drained(self) -> None:
         pass  # a throttled generation simply is not stepped (see has_work)
@@ -280,17 +372,24 @@ class SoloLane:
             self._waiting.remove(generation)
             generation.cancel_now()
         current = self._current
-        if current is not None and current.throttled and current.job.cancelled:
-            done.append(self._end(keep=True))
+        if current is not None and current.generation.throttled and current.generation.job.cancelled:
+            self._current = None
+            current.close()
+            current.generation.cancel_now()
+            done.append(current.generation)
         return done
 
     def stop_all(self) -> list[Generation]:
-        stopped = [self._end(keep=True)] if self._current is not None else []
-        for generation in self._waiting:
+        current, self._current = self._current, None
+        stopped = [current.generation] if current is not None else []
+        if current is not None:
+            current.close()
+        for generation in [*stopped, *self._waiting]:
             generation.cancel_now()
         stopped.extend(self._waiting)
         self._waiting.clear()
         return stopped
 
     def close(self) -> None:
-        self._steps = None
+        if self._current is not None:
+            self._current.close(keep=False)
