@@ -21,13 +21,15 @@ def serve(args: argparse.Namespace) -> None:
     from .transport import claim_stdout
 
     wire_fd = claim_stdout()  # first: nothing imported below may print onto the wire
+    parent = os.getppid()  # as early as can be: the watchdog's reference
     settings = settings_from_args(args)
     _configure_logging(settings.log_level)
     from .blas import use_best_blas
 
     use_best_blas(settings.blas)  # before anything imports MLX: its CPU kernels bind to it on import
-    # The client owns our lifetime (stdin EOF, shutdown/exit, SIGTERM); a Ctrl-C meant for
-    # an interactive parent must not kill us.
+    # The client owns our lifetime (stdin EOF, shutdown/exit, SIGTERM, its own exit): a
+    # Ctrl-C meant for an interactive parent must not kill us. Run by hand at a terminal,
+    # Ctrl-C stops the sidecar gracefully instead (see Session).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     import asyncio
@@ -35,13 +37,13 @@ def serve(args: argparse.Namespace) -> None:
     from .session import Session
 
     async def run() -> int:
-        session = Session(settings, wire_fd)
+        session = Session(settings, wire_fd, parent_pid=parent)
         try:
             return await session.run()
         finally:
             await session.close()
 
-    code = asyncio.run(run())
+    code = asyncio.run(run())  # SIGTERM: a graceful stop, see Session.terminate
     logging.shutdown()
     sys.stderr.flush()
     # Skip interpreter teardown: a daemon thread may still be inside MLX.
@@ -106,4 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command is None:  # `python -m sidecar` alone serves, as Wooster spawns it
         args = parser.parse_args(["serve", *(argv or sys.argv[1:])])
-    args.func(args)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C at a terminal: no traceback
+        raise SystemExit(130) from None

@@ -43,6 +43,7 @@ class Received:
 
     message: Any
     at: float
+    line: bytes = b""  # as read, for tests of exact bytes
 
 
 @dataclass
@@ -62,11 +63,11 @@ _DONE = object()
 class SidecarClient:
     def __init__(self, args: list[str] | None = None, env: dict[str, str] | None = None,
                  on_notification: Callable[[dict[str, Any]], None] | None = None,
-                 stderr: int | None = None) -> None:
+                 stderr: int | None = None, preexec_fn: Callable[[], None] | None = None) -> None:
         self.process = subprocess.Popen(
             args or sidecar_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=stderr if stderr is not None else subprocess.PIPE,
-            env={**os.environ, **(env or {})}, start_new_session=True)
+            env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=preexec_fn)
         self._ids = itertools.count(1)
         self._pending: dict[Any, _Pending] = {}
         self._lock = threading.Lock()
@@ -111,11 +112,11 @@ class SidecarClient:
                     self.junk.append(line.head)
                     continue
                 try:
-                    message = parse_json(line)
+                    message = parse_json(line, exact_ids=False)
                 except RpcError:  # not protocol: recorded, so tests can insist there is none
                     self.junk.append(line)
                     continue
-                self._dispatch(Received(message, now))
+                self._dispatch(Received(message, now, line))
         with self._lock:
             for pending in self._pending.values():
                 pending.finish()

@@ -23,6 +23,12 @@ MESSAGE_TOO_LARGE = -32017
 FORBIDDEN = -32018
 
 
+def brief(exc: BaseException, limit: int = 200) -> str:
+    """An exception as an error message may show it: its first line, cut short."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 class RpcError(Exception):
     """An error answered on the wire. Subclasses fix the code; `data` is always an object."""
 

@@ -37,6 +37,14 @@ class ModelLocation:
     repo_id: str | None = None
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no file system path can hold it
+        return False
+    return True
+
+
 def hf_cache_dir() -> Path:
     from huggingface_hub import constants
 
@@ -75,8 +83,9 @@ class ModelLocator:
     def resolve(self, ref: str) -> ModelLocation:
         if ref == DEMO_MODEL_ALIAS:
             return ModelLocation(DEMO_MODEL_ALIAS, "embedded", self.demo_path())
-        if "\x00" in ref:
-            raise Forbidden("Model reference contains a NUL byte", model=ref)
+        if "\x00" in ref or not ref.isprintable() or not _encodable(ref):
+            raise Forbidden("Not a valid model reference: it contains control characters, a NUL "
+                            "byte or a lone surrogate", model=ref[:200])
         if ref.startswith(("/", "~", ".")) or os.sep in ref and not _REPO_ID.match(ref):
             return self._local_path(ref)
         if _DIR_NAME.match(ref) and ".." not in ref:

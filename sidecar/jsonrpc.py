@@ -17,13 +17,84 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_json(line: bytes) -> Any:
+class JsonNumber:
+    """A numeric id kept as the exact text the client sent: fractions and integers beyond
+    64 bits would otherwise come back changed (1.50 as 1.5, 2**100 as 1.2676506002282294e+30).
+    Echoed byte for byte; two ids match when their texts do."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, JsonNumber) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(("JsonNumber", self.text))
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _is_exact(value: Any) -> bool:
+    """Numbers a parse keeps exactly: integers in orjson's 64-bit range (but 0, which may
+    have been written -0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    return isinstance(value, int) and value != 0 and -(1 << 63) <= value < (1 << 64)
+
+
+def _id_places(message: Any) -> list[tuple[Any, ...]]:
+    """Where ids live in a message: its own `id`, and the `id` a $/cancelRequest names."""
+    places: list[tuple[Any, ...]] = [("id",)]
+    if isinstance(message, dict) and message.get("method") == "$/cancelRequest":
+        places.append(("params", "id"))
+    return places
+
+
+def _get(message: Any, place: tuple[Any, ...]) -> Any:
+    for key in place:
+        if not isinstance(message, dict) or key not in message:
+            return None
+        message = message[key]
+    return message
+
+
+def _keep_exact_ids(line: bytes, parsed: Any) -> Any:
+    """Replace inexact numeric ids with their text, read again from the line (rare)."""
+    items = parsed if isinstance(parsed, list) else [parsed]
+    if all(_is_exact(_get(item, place)) for item in items for place in _id_places(item)):
+        return parsed
+    try:
+        raw = json.loads(line.decode("utf-8"), parse_float=JsonNumber, parse_int=JsonNumber,
+                         parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return parsed
+    raw_items = raw if isinstance(raw, list) else [raw]
+    for item, raw_item in zip(items, raw_items):
+        for place in _id_places(item):
+            if not _is_exact(_get(item, place)):
+                holder = _get(item, place[:-1]) if len(place) > 1 else item
+                holder[place[-1]] = _get(raw_item, place)
+    return parsed
+
+
+def parse_json(line: bytes, exact_ids: bool = True) -> Any:
+    """One line as JSON. With `exact_ids` (the server's side), numeric ids that a float
+    would change are kept as `JsonNumber`s; a client matching its own ids does without."""
+    parsed = _parse_json(line)
+    return _keep_exact_ids(line, parsed) if exact_ids else parsed
+
+
+def _parse_json(line: bytes) -> Any:
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError:
         pass
     # orjson refuses lone surrogate escapes such as "\ud800", which Node's JSON.stringify
-    # emits for broken UTF-16; the stdlib parser accepts them. Invalid UTF-8 stays an error.
+    # emits for broken UTF-16, and numbers beyond a double (1e400); the stdlib parser
+    # accepts both. Invalid UTF-8, NaN and Infinity stay errors.
     try:
         return json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError as exc:
@@ -35,7 +106,7 @@ def parse_json(line: bytes) -> Any:
 
 
 def is_valid_id(value: Any) -> bool:
-    return value is None or isinstance(value, str) or (
+    return value is None or isinstance(value, (str, JsonNumber)) or (
         isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
@@ -119,6 +190,8 @@ def peek_id(head: bytes) -> Any:
                             parsed = json.loads(value.group(1))
                         except ValueError:
                             return None
+                        if not _is_exact(parsed):
+                            return JsonNumber(value.group(1).decode())
                         return parsed if is_valid_id(parsed) else None
             expect_key = False
             i = end

@@ -88,6 +88,8 @@ class Outbox:
         self._ready = threading.Condition()
         self.on_drain: Callable[[], None] | None = None
         self.broken = False
+        self._queued_bytes = 0  # encoded lines waiting (streams' text is bounded on its own)
+        self._written = threading.Condition(self._ready)
         self._thread = threading.Thread(target=self._drain, name="wire-writer", daemon=True)
         self._thread.start()
 
@@ -110,7 +112,15 @@ class Outbox:
     def _enqueue(self, item: bytes | ChunkStream | None) -> None:
         with self._ready:
             self._queue.append(item)
+            if isinstance(item, bytes):
+                self._queued_bytes += len(item)
             self._ready.notify()
+
+    def wait_until_below(self, limit: int) -> None:
+        """Block (the stdin reader) while more than `limit` bytes of answers wait unread."""
+        with self._ready:
+            while self._queued_bytes > limit and not self.broken:
+                self._written.wait()
 
     def _add_to_stream(self, stream: ChunkStream, text: str) -> None:
         with self._ready:
@@ -123,10 +133,12 @@ class Outbox:
 
     def _add_whole_chunk(self, stream: ChunkStream, text: str) -> None:
         with self._ready:
+            lines = [stream._encode(text)]
             if stream._queued:  # joined text waits in the queue: it goes first, as it came first
                 self._queue.remove(stream)
-                self._queue.append(stream._take_chunk())
-            self._queue.append(stream._encode(text))
+                lines.insert(0, stream._take_chunk())
+            self._queue.extend(lines)
+            self._queued_bytes += sum(map(len, lines))
             self._ready.notify()
 
     def _next_batch(self) -> tuple[list[bytes], bool, bool]:
@@ -142,6 +154,8 @@ class Outbox:
                     return lines, True, took_stream
                 if isinstance(item, ChunkStream):
                     item, took_stream = item._take_chunk(), True
+                else:
+                    self._queued_bytes -= len(item)
                 lines.append(item)
                 size += len(item)
             return lines, False, took_stream
@@ -153,6 +167,8 @@ class Outbox:
                 self.on_drain()
             if lines:
                 self._write(b"".join(lines))
+            with self._ready:
+                self._written.notify_all()
             if stop:
                 return
 

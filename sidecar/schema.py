@@ -40,26 +40,92 @@ def method_names() -> list[str]:
     return list(protocol_schema()["methods"])
 
 
+MAX_DEPTH = 64  # no params of the protocol nest deeper; validators recurse per level
+MAX_ERRORS = 16
+_SHORT = 48
+
+
 def _pointer(path: Any) -> str:
     return "".join(f"/{p}" for p in path)
 
 
+def _short(value: Any) -> str:
+    """A bad value as an error message shows it: never more than a short prefix."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= _SHORT else f"{value[:_SHORT]!r}… ({len(value)} characters)"
+    if isinstance(value, list):
+        return f"an array of {len(value)} items"
+    if isinstance(value, dict):
+        return f"an object of {len(value)} members"
+    text = repr(value)
+    return text if len(text) <= _SHORT else text[:_SHORT] + "…"
+
+
+def _message(error: Any) -> str:
+    """jsonschema's own message, unless it quotes a long value: then a short one."""
+    if len(error.message) <= 2 * _SHORT + 40:
+        return error.message
+    return f"{_short(error.instance)} does not satisfy {error.validator} {_short(error.validator_value)}"
+
+
+def _depth(value: Any) -> int:
+    """How deep arrays and objects nest, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (list, dict)):
+            deepest = max(deepest, depth)
+            if depth > MAX_DEPTH:
+                return depth
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def check(kind: str, name: str, part: str, instance: Any) -> None:
-    """Raise InvalidParams listing every offending path."""
+    """Raise InvalidParams listing the offending paths (at most MAX_ERRORS of them)."""
+    if _depth(instance) > MAX_DEPTH:
+        raise InvalidParams(f"Invalid params: nested more than {MAX_DEPTH} levels deep",
+                            errors=[{"path": "", "message": f"nested more than {MAX_DEPTH} levels deep"}])
     errors = sorted(_validator(kind, name, part).iter_errors(instance),
                     key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        details = [{"path": _pointer(e.absolute_path), "message": e.message} for e in errors]
+        details = [{"path": _pointer(e.absolute_path), "message": _message(e)} for e in errors[:MAX_ERRORS]]
         summary = "; ".join(f"{d['path'] or '/'}: {d['message']}" for d in details[:3])
         raise InvalidParams(f"Invalid params: {summary}", errors=details)
 
 
 def check_params(method: str, params: Any) -> dict[str, Any]:
-    """Params are named (an object); absent params are an empty object."""
+    """Params are named (an object); absent params are an empty object. Integral floats
+    where the schema wants an integer (JSON Schema accepts 2.0 as one) become ints."""
     if params is None:
         params = {}
     if not isinstance(params, dict):
         raise InvalidParams("Invalid params: params must be an object of named parameters",
                             errors=[{"path": "", "message": "expected an object"}])
     check("methods", method, "params", params)
-    return params
+    return _integers_as_ints(params, _resolve(protocol_schema()["methods"][method]["params"]))
+
+
+def _resolve(node: Any) -> Any:
+    while isinstance(node, dict) and "$ref" in node:
+        node = protocol_schema()["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def _integers_as_ints(value: Any, node: Any) -> Any:
+    node = _resolve(node)
+    if not isinstance(node, dict):
+        return value
+    if isinstance(value, float) and node.get("type") == "integer" and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        properties = node.get("properties") or {}
+        extra = node.get("additionalProperties")
+        for key, child in value.items():
+            schema = properties.get(key, extra if isinstance(extra, dict) else None)
+            if schema is not None:
+                value[key] = _integers_as_ints(child, schema)
+    elif isinstance(value, list) and isinstance(node.get("items"), dict):
+        for index, child in enumerate(value):
+            value[index] = _integers_as_ints(child, node["items"])
+    return value

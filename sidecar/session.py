@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,15 +22,18 @@ from oslash.either import Left
 from . import jsonrpc, schema
 from .jsonrpc import id_key
 from .engine import CancelReason, Engine, GenerationRequest, GenerationResult, Job
-from .errors import (InternalError, InvalidRequest, MessageTooLarge, MethodNotFound,
+from .errors import (Busy, InternalError, InvalidRequest, MessageTooLarge, MethodNotFound,
                      NotInitialized, RequestCancelled, RpcError)
 from .settings import Settings
 from .outbox import Outbox
-from .transport import LineFramer, OversizedLine, start_line_reader
+from .transport import InputGate, LineFramer, OversizedLine, start_line_reader
 
 log = logging.getLogger("localmlx.session")
 
 PROGRESS_INTERVAL_S = 0.05
+READ_AHEAD_LINES = 64  # lines read but not yet dispatched; past it, stdin is not read
+# Served whatever else is in flight: they are how a client regains control.
+CONTROL_METHODS = ("initialize", "ping", "shutdown", "server/status")
 GENERATION_METHODS = ("generate", "chat")
 
 
@@ -106,8 +110,9 @@ class Lifecycle:
 
 
 class Session:
-    def __init__(self, settings: Settings, wire_fd: int, read_fd: int = 0) -> None:
+    def __init__(self, settings: Settings, wire_fd: int, read_fd: int = 0, parent_pid: int | None = None) -> None:
         self.settings = settings
+        self._parent_pid = os.getppid() if parent_pid is None else parent_pid
         self.started_at = time.monotonic()
         self.lifecycle = Lifecycle()
         self._wire_fd = wire_fd
@@ -129,9 +134,11 @@ class Session:
         self.engine = Engine(self.settings, self.loop)
         self.writer.on_drain = self.engine.scheduler.poke
         register_all(self._methods)
-        start_line_reader(self._read_fd, LineFramer(self.settings.max_line_bytes),
+        gate = InputGate(READ_AHEAD_LINES, self.settings.max_pending_bytes, self.writer)
+        start_line_reader(self._read_fd, LineFramer(self.settings.max_line_bytes), gate,
                           self._from_thread(self._on_frame, stamp=True),
                           self._from_thread(self._on_eof))
+        self._watch_signals_and_parent()
         self.engine.preload(self.settings.preload_models)
         log.info("serving (models dir %s)", self.settings.models_dir)
         await self._exit.wait()
@@ -152,9 +159,15 @@ class Session:
 
     # ---- frames --------------------------------------------------------------------------
 
-    def _on_frame(self, frame: bytes | OversizedLine, received_at: float) -> None:
-        if self.exit_code is not None:
-            return  # exiting: nothing more is read or answered
+    def _on_frame(self, frame: bytes | OversizedLine, release: Callable[[], None], received_at: float) -> None:
+        """One line read; `release` gives its place in the input gate back once dispatched."""
+        try:
+            if self.exit_code is None:  # exiting: nothing more is read or answered
+                self._dispatch(frame, received_at)
+        finally:
+            release()
+
+    def _dispatch(self, frame: bytes | OversizedLine, received_at: float) -> None:
         if isinstance(frame, OversizedLine):
             error = MessageTooLarge(f"Message too large: lines are limited to {frame.limit} bytes",
                                     limit=frame.limit)
@@ -213,6 +226,12 @@ class Session:
             reply(jsonrpc.error_message(call.id, InvalidRequest(
                 "Invalid Request: this id is already in use by a request in flight", id=call.id)), None)
             return
+        limit = self.settings.max_pending_requests
+        if len(self._inflight) >= limit and call.method not in CONTROL_METHODS:
+            reply(jsonrpc.error_message(call.id, Busy(
+                f"Busy: {limit} requests are already in flight", inFlight=len(self._inflight),
+                maxPendingRequests=limit)), None)
+            return
         meta = call.params.get("_meta") if isinstance(call.params, dict) else None
         token = meta.get("progressToken") if isinstance(meta, dict) else None
         context = RequestContext(self, call.id, received_at, call.method, ProgressReporter(token, self.writer))
@@ -263,7 +282,7 @@ class Session:
         _, result = await dispatch_request(self._methods, context, Request(call.method, params, call.id))
         if isinstance(result, Left):
             error = result._error
-            data = error.data if isinstance(error.data, dict) else {"detail": str(error.data)}
+            data = error.data if isinstance(error.data, dict) else {"method": call.method}
             raise RpcError(error.message, error.code, **data)
         return result._value.result
 
@@ -274,7 +293,8 @@ class Session:
         try:
             if call.method == "$/cancelRequest":
                 params = call.params if isinstance(call.params, dict) else {}
-                schema.check("notifications", "$/cancelRequest", "params", params)
+                exact = isinstance(params.get("id"), jsonrpc.JsonNumber)  # any number: valid
+                schema.check("notifications", "$/cancelRequest", "params", dict(params, id=0) if exact else params)
                 self.cancel(params["id"])
             elif call.method == "exit":
                 self._finish(0 if self.lifecycle.shutdown_requested else 1)
@@ -335,17 +355,43 @@ class Session:
     def _on_peer_gone(self) -> None:
         self._finish(0)
 
-    def _finish(self, code: int) -> None:
+    def terminate(self, signum: int) -> None:
+        """SIGTERM (or SIGINT at a terminal): work in flight is answered -32802, then exit 0."""
+        log.info("signal %d: stopping", signum)
+        self._finish(0, CancelReason.SHUTDOWN)
+
+    def _finish(self, code: int, reason: CancelReason = CancelReason.EXIT) -> None:
         if self.exit_code is not None:
             return
         self.exit_code = code
         self.lifecycle.shutting_down = True
-        self._cancel_all(CancelReason.EXIT)
+        self._cancel_all(reason)
         self._exit.set()
 
-    async def close(self, grace_s: float = 3.0) -> None:
-        """Give running generations a moment to see their cancel flag, then flush the wire."""
+    def _watch_signals_and_parent(self) -> None:
+        import signal
+        import sys
+
+        from .watchdog import watch_parent
+
+        watch_parent(self._parent_pid, self._from_thread(self._on_peer_gone))
+        signals = [signal.SIGTERM]
+        if sys.stdin is not None and sys.stdin.isatty():
+            signals.append(signal.SIGINT)  # run by hand: Ctrl-C stops it; spawned, the client decides
+        for signum in signals:
+            try:
+                self.loop.add_signal_handler(signum, self.terminate, signum)
+            except (NotImplementedError, RuntimeError):  # no signal handlers on this platform
+                pass
+
+    async def close(self, grace_s: float = 1.5) -> None:
+        """Give running generations a moment to see their cancel flag and answer, then
+        flush the wire. Whatever is still running then is answered as cancelled."""
+        deadline = time.monotonic() + grace_s
         await self.engine.close(grace_s)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=max(0.05, deadline - time.monotonic()))
         for task in list(self._tasks):
             task.cancel()
+        await asyncio.sleep(0)  # let the cancelled tasks post their answers
         self.writer.close()

@@ -115,6 +115,13 @@ class Settings:
     max_line_bytes: int = _setting(
         16 << 20, "LOCALMLX_MAX_LINE_BYTES",
         "longest accepted request line; longer ones get -32017", int)
+    max_pending_requests: int = _setting(
+        1024, "LOCALMLX_MAX_PENDING_REQUESTS",
+        "lines read from stdin and not yet answered; past it the sidecar stops reading until "
+        "answers are written (the client's writes then wait in the pipe)", _positive_int)
+    max_pending_bytes: int = _setting(
+        64 << 20, "LOCALMLX_MAX_PENDING_BYTES",
+        "bytes of those lines; past it reading stops the same way", _positive_int)
     max_queue: int = _setting(
         32, "LOCALMLX_MAX_QUEUE",
         "requests waiting for the engine before new ones get -32015 busy", int)
@@ -129,6 +136,11 @@ class Settings:
         "auto", "LOCALMLX_BLAS",
         "BLAS for MLX on a Linux CPU: auto (an optimized one such as OpenBLAS when installed, else "
         "the wheel's bundled one), bundled, or an absolute path to a BLAS shared library", _blas_choice)
+    inject_faults: tuple[str, ...] = _setting(
+        (), "LOCALMLX_INJECT_FAULTS",
+        "for tests of failure handling only: comma-separated faults to cause once each "
+        "('generation': the next generation raises inside mlx-lm's decode step)",
+        lambda s: tuple(f.strip() for f in s.split(",") if f.strip()))
     log_level: str = _setting(
         "INFO", "LOCALMLX_LOG_LEVEL", "stderr log level (DEBUG, INFO, WARNING, ERROR)", str)
 

@@ -88,31 +88,95 @@ class LineFramer:
             frames.append(line)
 
 
+def _exact_number(value: Any) -> Any:
+    """orjson's hook for the types it does not know: a JsonNumber id goes out as its text."""
+    text = getattr(value, "text", None)
+    if type(value).__name__ == "JsonNumber" and isinstance(text, str):
+        return orjson.Fragment(text)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
 def encode_message(message: Any) -> bytes:
     """One wire line. Lone surrogates (which a JS client may send and we may echo) are
     not valid UTF-8, so those messages fall back to ASCII-escaped JSON."""
     try:
-        return orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
+        return orjson.dumps(message, default=_exact_number, option=orjson.OPT_APPEND_NEWLINE)
     except TypeError:
-        return (json.dumps(message, ensure_ascii=True, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        pass
+    numbers: list[str] = []
+
+    def placeholder(value: Any) -> str:
+        numbers.append(value.text)
+        return f"\x00{len(numbers) - 1}\x00"
+
+    text = json.dumps(message, ensure_ascii=True, separators=(",", ":"), allow_nan=False, default=placeholder)
+    for index, number in enumerate(numbers):
+        text = text.replace(f'"\\u0000{index}\\u0000"', number)
+    return (text + "\n").encode()
+
+
+class InputGate:
+    """Bounds what is read from stdin ahead of being handled: lines handed to the session
+    but not yet dispatched (a few dozen, up to `max_bytes`), and answers the client has not
+    read yet (`output` backlog). Past either bound the reader stops reading, and the
+    client's writes wait in the OS pipe instead of piling up in our memory."""
+
+    OUTPUT_BACKLOG_BYTES = 16 << 20
+
+    def __init__(self, max_lines: int, max_bytes: int, output: Any = None) -> None:
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self._output = output  # an Outbox: `wait_until_below(bytes)`
+        self._changed = threading.Condition()
+        self.lines = 0
+        self.bytes = 0
+
+    def enter(self, size: int) -> Callable[[], None]:
+        """Wait for a place (one line of `size` bytes); returns its release, callable once."""
+        if self._output is not None:
+            self._output.wait_until_below(self.OUTPUT_BACKLOG_BYTES)
+        with self._changed:
+            while self.lines and (self.lines >= self.max_lines or self.bytes + size > self.max_bytes):
+                self._changed.wait()
+            self.lines += 1
+            self.bytes += size
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._changed:
+                if released:
+                    return
+                released = True
+                self.lines -= 1
+                self.bytes -= size
+                self._changed.notify()
+
+        return release
+
+
+def _frame_size(frame: bytes | OversizedLine) -> int:
+    return len(frame.head) if isinstance(frame, OversizedLine) else len(frame)
 
 
 def start_line_reader(
     fd: int,
     framer: LineFramer,
-    on_frame: Callable[[bytes | OversizedLine], None],
+    gate: InputGate,
+    on_frame: Callable[[bytes | OversizedLine, Callable[[], None]], None],
     on_eof: Callable[[], None],
 ) -> threading.Thread:
     """Blocking reads on a daemon thread: works for pipes, files and ttys alike, and
-    never stalls the event loop. Callbacks run on this thread; callers hop to their loop."""
+    never stalls the event loop. Each frame is handed over with its place in `gate`, to
+    release once answered. Callbacks run on this thread; callers hop to their loop."""
 
     def run() -> None:
         try:
             while chunk := os.read(fd, 1 << 16):
                 for frame in framer.feed(chunk):
-                    on_frame(frame)
+                    on_frame(frame, gate.enter(_frame_size(frame)))
             for frame in framer.finish():
-                on_frame(frame)
+                on_frame(frame, gate.enter(_frame_size(frame)))
         except OSError as exc:
             log.warning("stdin read failed: %s", exc)
         except RuntimeError:  # the loop closed under us: the process is ending

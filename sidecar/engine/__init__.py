@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..errors import ModelLoadFailed, ModelLoading, ModelNotLoaded, RpcError
+from ..errors import ModelLoadFailed, ModelLoading, ModelNotLoaded, RpcError, brief
 from ..hub import ModelLocation, ModelLocator
 from ..settings import Settings
 from .generation import (GenerationOrder, GenerationRequest, GenerationResult, PreparedGeneration,
@@ -90,8 +90,13 @@ class Engine:
         return loaded[-1].name if loaded else self.settings.default_model
 
     async def resolve(self, ref: str | None) -> ModelLocation:
-        """Resolving may look at the disk and the Hugging Face cache: done on a worker thread."""
-        return await asyncio.to_thread(self.locator.resolve, self.default_model() if ref is None else ref)
+        """A loaded model by its name (its files may have gone since); anything else may
+        look at the disk and the Hugging Face cache: done on a worker thread."""
+        ref = self.default_model() if ref is None else ref
+        loaded = self.registry.peek(ref)
+        if loaded is not None:
+            return loaded.location
+        return await asyncio.to_thread(self.locator.resolve, ref)
 
     def is_loading(self, name: str) -> bool:
         return name in self._loads
@@ -128,12 +133,12 @@ class Engine:
             raise
         except Exception as exc:
             log.exception("preparing the files of %s failed", location.name)
-            raise ModelLoadFailed(f"Model load failed for {location.name}: {exc}",
+            raise ModelLoadFailed(f"Model load failed for {location.name}: {brief(exc)}",
                                   model=location.name, reason=type(exc).__name__) from exc
         scheduler = self.scheduler
 
         def run(job: Job) -> LoadedModel:
-            return self.registry.load(location.name, path, progress, scheduler.make_room)[0]
+            return self.registry.load(location, path, progress, scheduler.make_room)[0]
 
         job = Job("load", self.loop, model=location.name, run=run)
         scheduler.submit_control(job)

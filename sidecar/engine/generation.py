@@ -28,6 +28,10 @@ class GenerationRequest:
     stream: bool
     use_response_cache: bool = True
 
+    @property
+    def method(self) -> str:
+        return "chat" if self.messages is not None else "generate"
+
 
 def clean_text(text: str) -> str:
     """Lone surrogates (legal in JSON, not in UTF-8) become U+FFFD before tokenizing."""

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import ModelLoadFailed, OutOfMemory
+from ..errors import ModelLoadFailed, OutOfMemory, brief
+from ..hub import ModelLocation
 from ..settings import Settings
 from .memory import is_out_of_memory
 from .response_cache import ResponseCache
@@ -94,6 +95,7 @@ class LoadedModel:
     tokenizer: Any  # mlx_lm TokenizerWrapper
     config: dict[str, Any]
     description: dict[str, Any]
+    location: ModelLocation  # where it was loaded from (its files may since be gone)
     batchable: bool
     prefix_cache: Any  # mlx_lm LRUPromptCache, or None when disabled
     response_cache: ResponseCache | None
@@ -140,9 +142,10 @@ class ModelRegistry:
     def describe_all(self) -> list[dict[str, Any]]:
         return [m.description for m in list(self._models.values())]
 
-    def load(self, name: str, path: Path, progress: Progress,
+    def load(self, location: ModelLocation, path: Path, progress: Progress,
              make_room: Callable[[], None]) -> tuple[LoadedModel, bool]:
         """On the engine thread, with the files already in place. Returns (model, already_loaded)."""
+        name = location.name
         existing = self.get(name)
         if existing is not None:
             return existing, True
@@ -155,12 +158,12 @@ class ModelRegistry:
             model, tokenizer, config = load(str(path), return_config=True)
             progress("warmup", 2, 3, "step")
             _warm_up(model, tokenizer)
-            loaded = self._wrap(name, path, model, tokenizer, config)
+            loaded = self._wrap(location, path, model, tokenizer, config)
         except Exception as exc:
             if is_out_of_memory(exc):
-                raise OutOfMemory(f"Out of memory loading {name}: {exc}", model=name) from exc
+                raise OutOfMemory(f"Out of memory loading {name}: {brief(exc)}", model=name) from exc
             log.exception("load of %s failed", name)
-            raise ModelLoadFailed(f"Model load failed for {name}: {exc}",
+            raise ModelLoadFailed(f"Model load failed for {name}: {brief(exc)}",
                                   model=name, reason=type(exc).__name__) from exc
         loaded.description["loadTimeMs"] = round((time.perf_counter() - started) * 1000, 3)
         self._models[name] = loaded
@@ -169,7 +172,8 @@ class ModelRegistry:
                  "batched" if loaded.batchable else "one request at a time")
         return loaded, False
 
-    def _wrap(self, name: str, path: Path, model: Any, tokenizer: Any, config: dict[str, Any]) -> LoadedModel:
+    def _wrap(self, location: ModelLocation, path: Path, model: Any, tokenizer: Any,
+              config: dict[str, Any]) -> LoadedModel:
         from mlx_lm.generate import make_stop_sequences
         from mlx_lm.models.cache import LRUPromptCache
 
@@ -178,7 +182,8 @@ class ModelRegistry:
                         if settings.prefix_cache else None)
         response_cache = (ResponseCache(settings.response_cache_entries, settings.response_cache_bytes)
                           if settings.enable_cache else None)
-        return LoadedModel(name, path, model, tokenizer, config, describe(name, path, model, config),
+        name = location.name
+        return LoadedModel(name, path, model, tokenizer, config, describe(name, path, model, config), location,
                            batchable=_caches_can_merge(model), prefix_cache=prefix_cache,
                            response_cache=response_cache, eos_stops=make_stop_sequences(tokenizer))
 

@@ -44,6 +44,7 @@ class Scheduler:
         self._poked = False
         self._stopping = False
         self._started = False
+        self._faults = set(settings.inject_faults)
         self.running_control: Job | None = None
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
         self._thread.start()
@@ -184,11 +185,14 @@ class Scheduler:
         order = job.payload
         try:
             generation = Generation(job, loaded, order.prepared, order.stream)
+            if "generation" in self._faults:  # a test asked for a failure inside mlx-lm
+                self._faults.discard("generation")
+                generation.logits_processors.append(_injected_fault)
             generation.admitted_at = time.perf_counter()
             lane.admit(generation)
         except Exception as exc:
             log.exception("could not start a generation on %s", loaded.name)
-            job.settle(_engine_error(exc, loaded.name), failed=True)
+            job.settle(_engine_error(exc, loaded.name, order.request.method), failed=True)
 
     def _settle_unstepped(self) -> None:
         """Cancelled work no step will see, and parked work whose client caught up."""
@@ -235,9 +239,8 @@ class Scheduler:
         """A step failed (out of memory, or a bug): its requests get the error, the model stays."""
         lane = self._lanes.pop(name)
         log.error("generation on %s failed: %s", name, exc, exc_info=not is_out_of_memory(exc))
-        error = _engine_error(exc, name)
         for generation in lane.generations():
-            generation.job.settle(error, failed=True)
+            generation.job.settle(_engine_error(exc, name, generation.request.method), failed=True)
         try:
             lane.stop_all()
             lane.close()
@@ -284,6 +287,10 @@ class Scheduler:
             self.cancel(job, reason)
 
 
+def _injected_fault(tokens: Any, logits: Any) -> Any:
+    raise RuntimeError("injected fault (LOCALMLX_INJECT_FAULTS=generation)")
+
+
 def _cancel_error(reason: CancelReason) -> Exception:
     from ..errors import RequestCancelled, ServerCancelled
 
@@ -292,13 +299,14 @@ def _cancel_error(reason: CancelReason) -> Exception:
     return ServerCancelled(f"Cancelled by the server ({reason.value})", reason=reason.value)
 
 
-def _engine_error(exc: Exception, model: str) -> Exception:
+def _engine_error(exc: Exception, model: str, method: str) -> Exception:
+    """What the request is answered: never the exception's text (it stays in the log)."""
     from ..errors import RpcError
 
     if isinstance(exc, RpcError):
         return exc
     if is_out_of_memory(exc):
         return OutOfMemory(f"Out of memory while generating on {model}", model=model)
-    return InternalError(f"Internal error: {type(exc).__name__}", method="generate")
+    return InternalError(f"Internal error: {type(exc).__name__}", method=method)
 
 

@@ -3,11 +3,14 @@ registered under its wire name; params arrive already checked against the schema
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Awaitable, Callable
 
 from jsonrpcserver import Error, Success
 
-from ..errors import RpcError
+from ..errors import INTERNAL_ERROR, RpcError
+
+log = logging.getLogger("localmlx.methods")
 
 Handler = Callable[[Any, dict[str, Any]], Awaitable[Any]]
 _registry: dict[str, Handler] = {}
@@ -20,6 +23,9 @@ def rpc_method(name: str) -> Callable[[Handler], Handler]:
                 return Success(await fn(context, params))
             except RpcError as error:  # typed errors keep their code and data object
                 return Error(error.code, error.message, error.data)
+            except Exception as exc:  # a bug: the traceback goes to stderr, never to the wire
+                log.exception("internal error in %s", name)
+                return Error(INTERNAL_ERROR, f"Internal error: {type(exc).__name__}", {"method": name})
 
         dispatched.__name__ = fn.__name__
         _registry[name] = dispatched
