@@ -65,6 +65,7 @@ function installExitHook(): void {
 
 const STDERR_LINE_BYTES = 64 * 1024;
 const STDIO_DRAIN_GRACE_MS = 250;
+const STDERR_GRACE_MS = 20;
 
 export class SidecarProcess {
   readonly child: ChildProcess;
@@ -90,6 +91,9 @@ export class SidecarProcess {
         if (this.exitInfo) return;
         live.delete(this.child);
         this.exitInfo = { pid: this.child.pid, code, signal, stderrTail: this.tail.toString() };
+        // Let go of pipes another process may still hold (see below): they would keep the host
+        // alive, and a process still reading our end of stdin gets EOF and ends.
+        for (const stream of [this.child.stdin, this.child.stdout, this.child.stderr]) stream?.destroy();
         resolveExit(this.exitInfo);
       };
       this.child.once("error", (error) => {
@@ -99,13 +103,25 @@ export class SidecarProcess {
         }
       });
       this.child.once("exit", (code, signal) => {
-        // Let the last stdout and stderr bytes arrive first, but do not wait on a pipe that a
-        // grandchild might keep open.
-        const timer = setTimeout(() => finish(code, signal), STDIO_DRAIN_GRACE_MS);
-        this.child.once("close", () => {
-          clearTimeout(timer);
+        // Pending calls fail when this resolves, so it must come fast. Let the last stdout bytes
+        // (responses, chunks) and stderr lines arrive first: normally every pipe closes with the
+        // process, and "close" follows within milliseconds. But any child of the sidecar inherits
+        // stderr (its fd 1 and 2 both point there), and may hold it open long after a kill -9:
+        // once the wire (stdout) has closed, stderr gets only a short grace. A pipe still open
+        // after the longer grace (the wire held by a wrapper's child) is not waited for either.
+        const timers: NodeJS.Timeout[] = [];
+        const done = (): void => {
+          for (const timer of timers) clearTimeout(timer);
           finish(code, signal);
-        });
+        };
+        timers.push(setTimeout(done, STDIO_DRAIN_GRACE_MS));
+        this.child.once("close", done);
+        const stdout = this.child.stdout!;
+        const wireClosed = (): void => {
+          if (!this.exitInfo) timers.push(setTimeout(done, STDERR_GRACE_MS));
+        };
+        if (stdout.closed) wireClosed();
+        else stdout.once("close", wireClosed);
       });
     });
   }

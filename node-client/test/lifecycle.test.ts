@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { join } from "node:path";
 import { describe, test } from "node:test";
+import { performance } from "node:perf_hooks";
 import {
   ClientClosedError,
   ErrorCode,
@@ -18,6 +19,23 @@ import {
 import { fixtures, messages, modelsDir, packageRoot, processGone, python, sleep, startClient, waitFor } from "./helpers";
 
 const T = { timeout: 60_000 };
+
+/** Records when (performance.now()) and how a promise settled; `at` stays undefined while it is pending. */
+function settled(promise: Promise<unknown>): Promise<{ at?: number; error?: unknown }> & { at?: number } {
+  const state: { at?: number; error?: unknown } = {};
+  const done = promise.then(
+    () => {
+      state.at = performance.now();
+      return state;
+    },
+    (error: unknown) => {
+      state.at = performance.now();
+      state.error = error;
+      return state;
+    },
+  );
+  return Object.defineProperty(done, "at", { get: () => state.at });
+}
 
 /** Kills the sidecar with SIGKILL and waits until the client has seen it die. */
 async function crash(mlx: LocalMLX): Promise<void> {
@@ -143,51 +161,122 @@ describe("close", () => {
 });
 
 describe("crashes", () => {
-  test("kill -9 mid-stream: pending calls fail at once with the exit facts; the next call restarts and reloads", T, async () => {
-    const mlx = await startClient();
+  test("kill -9 mid-stream: every pending call rejects within 100 ms; the next call restarts (after the backoff) and reloads", T, async (t) => {
+    const initialDelayMs = 500;
+    const mlx = await startClient({ restart: { initialDelayMs } });
     const events: string[] = [];
     const restarts: RestartInfo[] = [];
+    let crashedAt = 0;
+    let respawnedAt = 0;
     mlx.on("exit", (info) => events.push(`exit:${info.signal}:${info.expected}`));
-    mlx.on("crash", () => events.push("crash"));
+    mlx.on("crash", () => {
+      crashedAt = Date.now();
+      events.push("crash");
+    });
+    mlx.on("spawn", () => (respawnedAt = Date.now()));
     mlx.on("restart", (info) => {
       events.push("restart");
       restarts.push(info);
     });
     try {
       const firstPid = mlx.pid!;
-      const prediction = mlx.chat({ messages, maxTokens: 2000, temperature: 0 });
-      let killedAt = 0;
-      const thrown = await (async () => {
-        try {
-          for await (const _chunk of prediction) {
-            if (!killedAt) {
-              killedAt = Date.now();
-              process.kill(firstPid, "SIGKILL");
-            }
-          }
-        } catch (error) {
-          return error;
-        }
-        return undefined;
-      })();
-      assert.ok(thrown instanceof SidecarCrashError, `got ${String(thrown)}`);
-      assert.equal(thrown.signal, "SIGKILL");
-      assert.equal(thrown.code, null);
-      assert.equal(thrown.pid, firstPid);
-      assert.match(thrown.stderrTail, /serving/);
-      assert.ok(Date.now() - killedAt < 2_000, "pending calls fail at once, not at their timeout");
-      await assert.rejects(prediction.result, SidecarCrashError);
-      assert.deepEqual(events, ["exit:SIGKILL:false", "crash"]);
+      const stream = mlx.chat({ messages, maxTokens: 1500, temperature: 0 });
+      const unstreamed = settled(mlx.request("chat", { model: "demo", messages, maxTokens: 1500, temperature: 0, stream: false }));
+      const iterator = stream[Symbol.asyncIterator]();
+      for (let i = 0; i < 3; i++) assert.equal((await iterator.next()).done, false, "the stream is running");
+      const iterated = settled(
+        (async () => {
+          for (;;) if ((await iterator.next()).done) throw new Error("the stream ended before the kill");
+        })(),
+      );
+      const result = settled(stream.result);
+      assert.equal(unstreamed.at, undefined, "the unstreamed chat is still pending");
 
-      const result = await mlx.chat({ messages, maxTokens: 8, temperature: 0 }).result;
-      assert.equal(result.usage.completionTokens, 8);
-      assert.notEqual(mlx.pid, firstPid);
+      const killedAt = performance.now();
+      process.kill(firstPid, "SIGKILL");
+      const outcomes = { iterator: await iterated, result: await result, unstreamed: await unstreamed };
+      const latencies = Object.entries(outcomes).map(([name, outcome]) => `${name} ${(outcome.at! - killedAt).toFixed(1)} ms`);
+      t.diagnostic(`rejected after the kill: ${latencies.join(", ")}`);
+      for (const [name, outcome] of Object.entries(outcomes)) {
+        const { error } = outcome;
+        assert.ok(error instanceof SidecarCrashError, `${name}: got ${String(error)}`);
+        assert.equal(error.signal, "SIGKILL");
+        assert.equal(error.code, null);
+        assert.equal(error.pid, firstPid);
+        assert.match(error.stderrTail, /serving/);
+        assert.ok(outcome.at! - killedAt < 100, `${name} rejected ${(outcome.at! - killedAt).toFixed(1)} ms after the kill`);
+      }
+      assert.deepEqual(events, ["exit:SIGKILL:false", "crash"]);
+      assert.equal(mlx.pid, undefined, "no sidecar runs until the next call");
+
+      const reply = await mlx.chat({ messages, maxTokens: 8, temperature: 0 }).result;
+      assert.equal(reply.usage.completionTokens, 8);
+      assert.ok(respawnedAt - crashedAt >= initialDelayMs, `restarted ${respawnedAt - crashedAt} ms after the crash`);
       assert.deepEqual(events, ["exit:SIGKILL:false", "crash", "restart"]);
-      assert.deepEqual(restarts[0]!.reloaded, ["demo"]);
+      assert.notEqual(mlx.pid, undefined);
+      assert.notEqual(mlx.pid, firstPid);
+      assert.deepEqual(restarts, [{ pid: mlx.pid, start: 2, reloaded: ["demo"], failed: [] }]);
       assert.deepEqual(
         (await mlx.status()).models.map((m) => m.model),
         ["demo"],
       );
+    } finally {
+      await mlx.close();
+    }
+  });
+
+  test("kill -9 while idle is noticed at once; the next call restarts, reloads and succeeds", T, async (t) => {
+    const mlx = await startClient();
+    const restarts: RestartInfo[] = [];
+    mlx.on("restart", (info) => restarts.push(info));
+    try {
+      const firstPid = mlx.pid!;
+      const noticed = new Promise<number>((resolve) => mlx.once("crash", () => resolve(performance.now())));
+      const holdLoopOpen = setInterval(() => undefined, 1_000); // an idle sidecar does not (keepAlive: false)
+      const killedAt = performance.now();
+      process.kill(firstPid, "SIGKILL");
+      const latency = (await noticed) - killedAt;
+      clearInterval(holdLoopOpen);
+      t.diagnostic(`crash noticed ${latency.toFixed(1)} ms after the kill`);
+      assert.ok(latency < 100, `noticed ${latency.toFixed(1)} ms after the kill`);
+      assert.equal(mlx.pid, undefined);
+
+      const reply = await mlx.chat({ messages, maxTokens: 8, temperature: 0 }).result;
+      assert.equal(reply.usage.completionTokens, 8);
+      assert.notEqual(mlx.pid, undefined);
+      assert.notEqual(mlx.pid, firstPid);
+      assert.deepEqual(restarts, [{ pid: mlx.pid, start: 2, reloaded: ["demo"], failed: [] }]);
+    } finally {
+      await mlx.close();
+    }
+  });
+
+  test("kill -9 while a child of the sidecar holds its stderr open: pending calls still reject within 100 ms", T, async (t) => {
+    // Every child of the sidecar inherits its stderr; this one outlives it by 3 s.
+    const mlx = await startClient({ args: [join(fixtures, "stderr_heir.py")] });
+    try {
+      const firstPid = mlx.pid!;
+      const stream = mlx.chat({ messages, maxTokens: 1500, temperature: 0 });
+      const iterator = stream[Symbol.asyncIterator]();
+      assert.equal((await iterator.next()).done, false);
+      const iterated = settled(
+        (async () => {
+          for (;;) if ((await iterator.next()).done) throw new Error("the stream ended before the kill");
+        })(),
+      );
+      const result = settled(stream.result);
+      const killedAt = performance.now();
+      process.kill(firstPid, "SIGKILL");
+      const outcomes = { iterator: await iterated, result: await result };
+      const latencies = Object.entries(outcomes).map(([name, outcome]) => `${name} ${(outcome.at! - killedAt).toFixed(1)} ms`);
+      t.diagnostic(`rejected after the kill: ${latencies.join(", ")}`);
+      for (const [name, { error, at }] of Object.entries(outcomes)) {
+        assert.ok(error instanceof SidecarCrashError, `${name}: got ${String(error)}`);
+        assert.equal(error.signal, "SIGKILL");
+        assert.ok(at! - killedAt < 100, `${name} rejected ${(at! - killedAt).toFixed(1)} ms after the kill`);
+      }
+      await mlx.ping();
+      assert.notEqual(mlx.pid, firstPid);
     } finally {
       await mlx.close();
     }
