@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .demo_model import DEMO_MODEL_ALIAS, DEMO_MODEL_DIRNAME, ensure_demo_model
-from .errors import Forbidden, ModelNotFound
+from .errors import Forbidden, InvalidParams, ModelNotFound
 from .settings import Settings
 
 log = logging.getLogger("localmlx.hub")
@@ -71,6 +71,7 @@ class ModelLocator:
         self.models_dir = settings.models_dir
         self.auto_download = settings.auto_download
         self._extra_roots = settings.allowed_roots
+        self.allowed_orgs = settings.allowed_orgs
 
     @functools.cached_property
     def allowed_roots(self) -> tuple[Path, ...]:
@@ -98,6 +99,18 @@ class ModelLocator:
             return self._repo(ref)
         raise Forbidden(f"Not a valid model reference: {ref!r}", model=ref)
 
+    def check_download_allowed(self, repo_id: str) -> None:
+        """A repo may be fetched from the Hub only if its id is plain (no path tricks) and its
+        owner is in LOCALMLX_ALLOWED_ORGS. Repos already on disk were put there by the user."""
+        if not _REPO_ID.match(repo_id) or ".." in repo_id or repo_id.split("/")[1] in (".", ".."):
+            raise InvalidParams(f"Not a Hub repo id: {repo_id[:200]!r} (expected owner/name)",
+                                errors=[{"path": "/model", "message": "expected a repo id owner/name"}])
+        owner = repo_id.split("/", 1)[0]
+        if "*" not in self.allowed_orgs and owner not in self.allowed_orgs:
+            raise Forbidden(f"Downloads from {owner!r} are not allowed (LOCALMLX_ALLOWED_ORGS: "
+                            f"{', '.join(self.allowed_orgs) or 'none'})", model=repo_id,
+                            allowedOrgs=list(self.allowed_orgs))
+
     def _local_path(self, ref: str) -> ModelLocation:
         path = Path(ref).expanduser().resolve()
         roots = [r.expanduser().resolve() for r in self.allowed_roots]
@@ -117,6 +130,7 @@ class ModelLocator:
         if cached is not None:
             return ModelLocation(repo_id, "hf-cache", cached, repo_id)
         if self.auto_download:
+            self.check_download_allowed(repo_id)
             return ModelLocation(repo_id, "hub", None, repo_id)
         raise ModelNotFound(
             f"Model not found locally: {repo_id}. Download it first "

@@ -29,6 +29,52 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _quantization(text: str) -> str:
+    value = text.strip().lower()
+    if value in ("", "none", "false", "off"):
+        return "none"
+    if value in ("4bit", "4", "8bit", "8"):
+        return value.rstrip("bit") + "bit"
+    raise ValueError("expected 4bit, 8bit or none")
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _bytes(text: str) -> int:
+    value = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    number = float(value[: len(value) - len(unit)])
+    if number < 0:
+        raise ValueError("must not be negative")
+    return int(number * _UNITS[unit])
+
+
+def parse_duration(value: str | float | int) -> float:
+    """keepAlive as Ollama reads it: seconds, or "1h30m", "5m", "30s", "250ms"; -1 forever."""
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        if text in ("-1", "0") or text.replace(".", "", 1).lstrip("-").isdigit():
+            seconds = float(text)
+        else:
+            import re
+
+            parts = re.fullmatch(r"((\d+(\.\d+)?)(ms|s|m|h))+", text)
+            if parts is None:
+                raise ValueError(f"not a duration: {value!r}")
+            factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+            seconds = sum(float(n) * factor[u] for n, _, u in re.findall(r"(\d+(\.\d+)?)(ms|s|m|h)", text))
+    if seconds < 0 and seconds != -1:
+        raise ValueError("a negative duration other than -1")
+    return seconds
+
+
+def _duration(text: str) -> float:
+    return parse_duration(text)
+
+
 def _paths(text: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser() for p in text.split(os.pathsep) if p.strip())
 
@@ -128,6 +174,25 @@ class Settings:
     max_loaded_models: int = _setting(
         2, "LOCALMLX_MAX_LOADED_MODELS",
         "models kept in memory; loading one more unloads the least recently used", int)
+    allowed_orgs: tuple[str, ...] = _setting(
+        ("mlx-community",), "LOCALMLX_ALLOWED_ORGS",
+        "comma-separated Hub owners whose repos may be downloaded and loaded ('*': any)",
+        lambda s: tuple(o.strip() for o in s.split(",") if o.strip()))
+    quantization: str = _setting(
+        "none", "LOCALMLX_QUANTIZATION",
+        "after a download, convert a repo that is not MLX at this width with mlx-lm's converter: "
+        "4bit, 8bit or none (MLX repos are used as they are)", _quantization)
+    keep_originals: bool = _setting(
+        False, "LOCALMLX_KEEP_ORIGINALS",
+        "keep the downloaded originals of a converted model in the Hugging Face cache", _bool)
+    memory_budget: int = _setting(
+        0, "LOCALMLX_MEMORY_BUDGET",
+        "bytes all loaded models may take together (suffixes K, M, G; 0: 70%% of physical "
+        "memory); loading past it unloads idle models, least recently used first", _bytes)
+    offload_inactive: float = _setting(
+        -1.0, "LOCALMLX_OFFLOAD_INACTIVE",
+        "how long a model stays loaded after its last use, as keepAlive ('5m', '1h', seconds; "
+        "-1: until unloaded; 0: right after each reply)", _duration)
     allowed_roots: tuple[Path, ...] = _setting(
         (), "LOCALMLX_ALLOWED_ROOTS",
         f"extra directories ('{os.pathsep}'-separated) a local model path may live "

@@ -105,14 +105,44 @@ export interface ModelDescription {
   bytes: number;
   loadTimeMs?: number;
   alreadyLoaded?: boolean;
+  /**
+   * Seconds this model stays loaded after its last use; -1: until unloaded.
+   */
+  keepAlive?: number;
+  /**
+   * When it will be unloaded if unused (ISO 8601, UTC); null: never.
+   */
+  expiresAt?: string | null;
+  /**
+   * Its default KV-cache quantization, or null.
+   */
+  kvBits?: number | null;
+  /**
+   * Its default KV-cache size limit, or null.
+   */
+  maxKvSize?: number | null;
 }
 
 export interface LocalModel {
   model: string;
   path: string;
-  source: "embedded" | "models-dir" | "hf-cache";
+  source: "embedded" | "models-dir" | "hf-cache" | "local-path";
   bytes: number;
   loaded: boolean;
+  /**
+   * Architecture (config model_type); null when the config cannot be read.
+   */
+  type: string | null;
+  quantization: Quantization;
+  contextLength: number | null;
+  /**
+   * When it was last used by a request in this session (ISO 8601, UTC), else null.
+   */
+  lastUsed: string | null;
+  /**
+   * The Hub repo it came from, when known.
+   */
+  repo?: string | null;
 }
 
 /**
@@ -128,6 +158,21 @@ export interface BlasInUse {
    */
   library?: string;
 }
+
+/**
+ * How long a model stays loaded after its last use (Ollama's semantics): a duration such as "30s", "5m", "1h", "1h30m", or a number of seconds; -1 (or "-1") keeps it loaded until unloaded; 0 unloads it once the reply is sent. Default LOCALMLX_OFFLOAD_INACTIVE.
+ */
+export type KeepAlive = number | string;
+
+/**
+ * Quantize the KV cache to this many bits (mlx-lm's QuantizedKVCache): less memory for long contexts, a little less accuracy. Requests with their own kvBits run one at a time on their model.
+ */
+export type KvBits = 2 | 3 | 4 | 6 | 8;
+
+/**
+ * Keep at most this many tokens of KV cache (a rotating cache: the oldest tokens, after the first 4, are dropped), for long chats in bounded memory. Requests with their own maxKvSize run one at a time on their model.
+ */
+export type MaxKvSize = number;
 
 // ---- Methods: params and result of each request ----
 
@@ -176,6 +221,10 @@ export interface InitializeResult {
      * Unsent text one stream may hold while its client reads slowly before that request pauses (LOCALMLX_STREAM_BUFFER_BYTES).
      */
     streamBufferBytes?: number;
+    /**
+     * Bytes all loaded models may take together (LOCALMLX_MEMORY_BUDGET); loading past it unloads idle models, least recently used first, or fails with -32014.
+     */
+    memoryBudgetBytes?: number;
   };
   defaults: {
     model: string;
@@ -207,9 +256,69 @@ export interface ModelsListResult {
   models: LocalModel[];
 }
 
+export interface ModelsDownloadParams {
+  /**
+   * A Hub repo id (owner/name).
+   */
+  model: string;
+  /**
+   * A branch, tag or commit (default main).
+   */
+  revision?: string;
+  _meta?: Meta;
+}
+
+export interface ModelsDownloadResult {
+  model: string;
+  /**
+   * Where it is now (the Hugging Face cache snapshot, or the models dir after a conversion).
+   */
+  path: string;
+  /**
+   * The commit downloaded.
+   */
+  revision: string | null;
+  /**
+   * Size on disk.
+   */
+  bytes: number;
+  /**
+   * Bytes transferred by this call (0 when everything was already there).
+   */
+  downloadedBytes: number;
+  files: number;
+  /**
+   * Converted to MLX (and quantized per LOCALMLX_QUANTIZATION) after the download.
+   */
+  converted: boolean;
+  quantization: Quantization;
+}
+
+export interface ModelsDeleteParams {
+  model: ModelRef;
+  /**
+   * Unload it first if loaded (its requests get -32802); without it a loaded model is refused.
+   */
+  force?: boolean;
+  _meta?: Meta;
+}
+
+export interface ModelsDeleteResult {
+  model: string;
+  deleted: boolean;
+  bytesFreed: number;
+  /**
+   * It was loaded and was unloaded first.
+   */
+  unloaded: boolean;
+}
+
 export interface ModelsLoadParams {
   model: ModelRef;
   _meta?: Meta;
+  keepAlive?: KeepAlive;
+  kvBits?: KvBits;
+  maxKvSize?: MaxKvSize;
 }
 
 export type ModelsLoadResult = ModelDescription;
@@ -272,6 +381,14 @@ export interface ServerStatusResult {
      * Bytes of KV kept by every loaded model's prefix cache (dropped with its model).
      */
     promptCacheBytes: number;
+    /**
+     * The memory budget of loaded models.
+     */
+    budgetBytes?: number;
+    /**
+     * Bytes the loaded models take, as counted against the budget.
+     */
+    modelBytes?: number;
   };
   blas: BlasInUse;
   /**
@@ -366,6 +483,9 @@ export interface GenerateParams {
    */
   stream?: boolean;
   _meta?: Meta;
+  keepAlive?: KeepAlive;
+  kvBits?: KvBits;
+  maxKvSize?: MaxKvSize;
 }
 
 export type GenerateResult = GenerationResult;
@@ -439,6 +559,9 @@ export interface ChatParams {
    */
   stream?: boolean;
   _meta?: Meta;
+  keepAlive?: KeepAlive;
+  kvBits?: KvBits;
+  maxKvSize?: MaxKvSize;
 }
 
 export type ChatResult = GenerationResult;
@@ -469,6 +592,18 @@ export interface ProgressParams {
   total: number | null;
   unit: string;
   message?: string;
+  /**
+   * The file being transferred (downloads).
+   */
+  file?: string;
+  /**
+   * Recent transfer rate (downloads).
+   */
+  bytesPerSecond?: number;
+  /**
+   * Estimated seconds left (downloads), when known.
+   */
+  etaSeconds?: number | null;
 }
 
 export interface CancelRequestParams {
@@ -488,6 +623,8 @@ export interface Methods {
   "ping": { params: PingParams; result: PingResult };
   "shutdown": { params: ShutdownParams; result: ShutdownResult };
   "models/list": { params: ModelsListParams; result: ModelsListResult };
+  "models/download": { params: ModelsDownloadParams; result: ModelsDownloadResult };
+  "models/delete": { params: ModelsDeleteParams; result: ModelsDeleteResult };
   "models/load": { params: ModelsLoadParams; result: ModelsLoadResult };
   "models/unload": { params: ModelsUnloadParams; result: ModelsUnloadResult };
   "models/status": { params: ModelsStatusParams; result: ModelsStatusResult };
@@ -511,4 +648,4 @@ export interface Notifications {
 
 export type NotificationName = keyof Notifications;
 
-export const METHOD_NAMES = ["initialize","ping","shutdown","models/list","models/load","models/unload","models/status","server/status","generate","chat","tokenize"] as const;
+export const METHOD_NAMES = ["initialize","ping","shutdown","models/list","models/download","models/delete","models/load","models/unload","models/status","server/status","generate","chat","tokenize"] as const;
