@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -200,3 +202,46 @@ class ModelLocator:
                                                 repo.repo_id), repo.size_on_disk))
                     break
         return found
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under `path`, each counted once (links not followed)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                stat = (Path(root) / name).lstat()
+            except OSError:
+                continue
+            if not (stat.st_mode & 0o170000 == 0o120000):  # not a symlink
+                total += stat.st_size
+    return total
+
+
+def delete_model_files(locator: ModelLocator, location: ModelLocation) -> int | None:
+    """Delete a model's files: its folder in the models dir, or its whole repo (blobs and
+    all) in the Hugging Face cache. Returns the bytes freed, None when nothing was there.
+    Refuses anything outside those two places. The folder is first renamed to a hidden
+    name, so a crash half-way never leaves a half model that looks complete."""
+    if location.path is None or not location.path.exists():
+        return None
+    path = location.path.resolve()
+    models_dir = locator.models_dir.expanduser().resolve()
+    cache = hf_cache_dir().expanduser().resolve()
+    if path.is_relative_to(cache) and path != cache:
+        repo = cache / path.relative_to(cache).parts[0]  # models--owner--name
+        target = repo if repo.name.startswith("models--") else path
+    elif path.is_relative_to(models_dir) and path != models_dir:
+        target = path
+    else:
+        raise Forbidden(f"Only models in the models dir or the Hugging Face cache can be deleted: {path}",
+                        model=location.name)
+    freed = _tree_bytes(target)
+    aside = target.with_name(f".{target.name}.deleting-{uuid.uuid4().hex[:8]}")
+    os.rename(target, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+    parent = target.parent
+    if parent != models_dir and parent.is_relative_to(models_dir) and not any(parent.iterdir()):
+        parent.rmdir()  # an owner folder left empty (models dir layout owner/name)
+    log.info("deleted %s (%d bytes)", target, freed)
+    return freed

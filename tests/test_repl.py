@@ -380,7 +380,7 @@ def test_completion_candidates():
     state = ReplState(methods=["chat", "models/list", "models/load"], model_names=["demo", "tiny"])
     assert matching(*candidates("/lo", state)) == ["/load", "/log"]
     assert matching(*candidates("/load t", state)) == ["tiny"]
-    assert matching(*candidates("/set max", state)) == ["maxTokens"]
+    assert matching(*candidates("/set maxT", state)) == ["maxTokens"]
     assert matching(*candidates('{"id":1,"method": "models/l', state)) == ["models/list", "models/load"]
     assert matching(*candidates("/raw ", state)) == ["off", "on"]
     assert candidates("hello /lo", state) == ("", [])

@@ -8,10 +8,11 @@ cancellation goes through `Engine.cancel(job, reason)`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import ModelLoadFailed, ModelLoading, ModelNotLoaded, RpcError, brief
 from ..hub import ModelLocation, ModelLocator
@@ -20,7 +21,9 @@ from .generation import (GenerationOrder, GenerationRequest, GenerationResult, P
                          clean_text, prepare)
 from .jobs import CancelReason, Job
 from .memory import memory_snapshot
-from .registry import LoadedModel, ModelRegistry, Progress
+from .budget import weight_bytes
+from .registry import LoadedModel, ModelOptions, ModelRegistry, Progress
+from .residency import Residency
 from .response_cache import CachedResponse, response_key
 from .scheduler import Scheduler
 
@@ -56,12 +59,17 @@ class Engine:
         self._background: set[asyncio.Task] = set()
         self._tokenizer_locks: dict[str, threading.Lock] = {}
         self.scheduler = Scheduler(settings, self.registry, on_start=self._start_engine_thread)
+        self.residency = Residency(settings, self.registry, self.scheduler)
+        self.scheduler.housekeeping = self.residency.expire_idle
+        self.scheduler.start()  # last: its thread uses all of the above
 
     def _start_engine_thread(self) -> None:
-        """First thing on the engine thread: ask MLX for the device (what `initialize`
-        waits for), then import mlx-lm, which takes seconds, while the client proceeds."""
+        """First thing on the engine thread: ask MLX for the device and the memory budget
+        (what `initialize` waits for), then import mlx-lm, which takes seconds, while the
+        client proceeds."""
         try:
             device, failed = _describe_device(), False
+            self.residency.budget  # noqa: B018 (asked now, on this thread)
         except BaseException as exc:
             device, failed = exc, True
         self._settle(self._device, device, failed)
@@ -108,40 +116,57 @@ class Engine:
             return "loading"
         return "downloadable" if location.path is None else "available"
 
-    async def load(self, location: ModelLocation, progress: Progress = _no_progress) -> tuple[LoadedModel, bool]:
+    async def load(self, location: ModelLocation, progress: Progress = _no_progress,
+                   options: ModelOptions | None = None) -> tuple[LoadedModel, bool]:
         """Returns (model, already_loaded). Concurrent loads of one model share one load,
-        which goes on even when the request that started it is cancelled."""
+        which goes on even when the request that started it is cancelled. Options given for
+        a loaded model replace its own (its keep-alive starts again)."""
         loaded = self.registry.get(location.name)
         if loaded is not None:
+            if options is not None:
+                self._change_options(loaded, options)
             return loaded, True
         task = self._loads.get(location.name)
         if task is None:
-            task = self.loop.create_task(self._load(location, progress))
+            task = self.loop.create_task(self._load(location, progress, options or self.default_options()))
             self._loads[location.name] = task
             task.add_done_callback(lambda t, name=location.name: self._load_ended(name, t))
         return await asyncio.shield(task), False
+
+    def default_options(self) -> ModelOptions:
+        return ModelOptions(keep_alive=self.settings.offload_inactive)
+
+    def _change_options(self, loaded: LoadedModel, options: ModelOptions) -> None:
+        kv_changed = (options.kv_bits, options.max_kv_size) != (loaded.options.kv_bits, loaded.options.max_kv_size)
+        loaded.options = options
+        if kv_changed and loaded.response_cache is not None:
+            loaded.response_cache.clear()  # its answers were computed with the other KV cache
+        self.scheduler.poke()  # a keep-alive may now run out sooner
 
     def _load_ended(self, name: str, task: asyncio.Task) -> None:
         self._loads.pop(name, None)
         if not task.cancelled() and task.exception() is not None:
             log.info("load of %s failed: %s", name, task.exception())
 
-    async def _load(self, location: ModelLocation, progress: Progress) -> LoadedModel:
+    async def _load(self, location: ModelLocation, progress: Progress, options: ModelOptions) -> LoadedModel:
+        def files_and_size() -> tuple[Any, int]:
+            path = self.locator.materialize(location, progress)
+            return path, weight_bytes(path)
+
         try:
-            path = await asyncio.to_thread(self.locator.materialize, location, progress)
+            path, required = await asyncio.to_thread(files_and_size)
         except RpcError:
             raise
         except Exception as exc:
             log.exception("preparing the files of %s failed", location.name)
             raise ModelLoadFailed(f"Model load failed for {location.name}: {brief(exc)}",
                                   model=location.name, reason=type(exc).__name__) from exc
-        scheduler = self.scheduler
 
         def run(job: Job) -> LoadedModel:
-            return self.registry.load(location, path, progress, scheduler.make_room)[0]
+            return self.residency.load(location, path, required, options, progress)
 
         job = Job("load", self.loop, model=location.name, run=run)
-        scheduler.submit_control(job)
+        self.scheduler.submit_control(job)
         return await job.future
 
     async def ensure_loaded(self, location: ModelLocation, progress: Progress = _no_progress) -> LoadedModel:
@@ -156,15 +181,27 @@ class Engine:
                                  model=location.name)
         return (await self.load(location, progress))[0]
 
+    @contextlib.contextmanager
+    def leased(self, loaded: LoadedModel) -> Iterator[LoadedModel]:
+        """Hold a model for a request, from resolving it to answering: it is not unloaded to
+        make room or for its keep-alive meanwhile."""
+        loaded.leases += 1
+        try:
+            yield loaded
+        finally:
+            loaded.leases -= 1
+            loaded.touch()
+            self.scheduler.poke()  # keep-alive 0: it may go now
+
     def submit_unload(self, name: str) -> Job:
-        job = Job("unload", self.loop, model=name, run=lambda job: self.scheduler.unload_model(name))
+        job = Job("unload", self.loop, model=name, run=lambda job: self.residency.unload(name))
         self.scheduler.submit_control(job)
         return job
 
     async def unload_all(self, reason: CancelReason = CancelReason.SHUTDOWN) -> None:
         def run(job: Job) -> None:
             for name in self.registry.names():
-                self.scheduler.unload_model(name, reason)
+                self.residency.unload(name, reason)
 
         job = Job("unload", self.loop, run=run)
         self.scheduler.submit_control(job)
@@ -228,12 +265,17 @@ class Engine:
         memory = memory_snapshot() if self._device.done() else dict.fromkeys(
             ("activeBytes", "peakBytes", "cacheBytes", "rssBytes"), 0)  # MLX is still being imported
         memory["promptCacheBytes"] = sum(m.prefix_cache_bytes for m in models)
+        memory["modelBytes"] = sum(m.bytes for m in models)
+        memory["budgetBytes"] = self.memory_budget()
         return {
             "models": self.registry.describe_all(),
             "requests": self.scheduler.counts(),
             "memory": memory,
             "caches": {m.name: self._describe_caches(m) for m in models},
         }
+
+    def memory_budget(self) -> int:
+        return self.settings.memory_budget or (self.residency.budget if self._device.done() else 0)
 
     @staticmethod
     def _describe_caches(loaded: LoadedModel) -> dict[str, Any]:

@@ -27,6 +27,9 @@ class GenerationRequest:
     stop: list[str]
     stream: bool
     use_response_cache: bool = True
+    keep_alive: float | None = None  # seconds; becomes its model's keep-alive
+    kv_bits: int | None = None  # else the model's default
+    max_kv_size: int | None = None  # else the model's default
 
     @property
     def method(self) -> str:
@@ -209,6 +212,19 @@ class Generation:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def kv_options(self) -> tuple[int | None, int | None]:
+        """(kvBits, maxKvSize) for this request: its own, else its model's; (None, None) is a
+        plain KV cache, the only kind that batches and goes into the prefix cache."""
+        options = self.loaded.options
+        request = self.request
+        return (request.kv_bits if request.kv_bits is not None else options.kv_bits,
+                request.max_kv_size if request.max_kv_size is not None else options.max_kv_size)
+
+    @property
+    def plain_kv(self) -> bool:
+        return self.kv_options == (None, None)
 
     @property
     def drained(self) -> bool:

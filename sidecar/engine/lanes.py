@@ -20,6 +20,8 @@ from .registry import LoadedModel
 
 log = logging.getLogger("localmlx.engine")
 
+KV_GROUP_SIZE = 64  # mlx-lm's default group size for a quantized KV cache
+
 
 def fetch_prefix(loaded: LoadedModel, prompt: list[int]) -> tuple[Any, list[int]]:
     """The longest cached prefix of `prompt` (a private copy) and the tokens left to compute.
@@ -87,9 +89,13 @@ class SoloRun:
         self.loaded = loaded
         self.generation = generation
         self._prefill_step = prefill_step
-        cache, rest = fetch_prefix(loaded, generation.prompt)
+        self._kv_bits, max_kv_size = generation.kv_options
+        if generation.plain_kv:
+            cache, rest = fetch_prefix(loaded, generation.prompt)
+        else:  # its own kind of cache: none from the prefix cache (plain KV only) fits it
+            cache, rest = None, generation.prompt
         generation.cached_tokens = len(generation.prompt) - len(rest)
-        self.cache = cache if cache is not None else make_prompt_cache(loaded.model)
+        self.cache = cache if cache is not None else make_prompt_cache(loaded.model, max_kv_size=max_kv_size)
         self.history = list(generation.prompt[: generation.cached_tokens])  # the tokens in the cache
         self._to_prefill = rest[:-1]
         self._last_prompt_token = rest[-1]
@@ -118,8 +124,16 @@ class SoloRun:
         chunk, self._to_prefill = self._to_prefill[: self._prefill_step], self._to_prefill[self._prefill_step:]
         with mx.stream(generation_stream):
             self.loaded.model(mx.array(chunk)[None], cache=self.cache)
+            self._quantize_cache()
             mx.eval([c.state for c in self.cache])
         self.history.extend(chunk)
+
+    def _quantize_cache(self) -> None:
+        if self._kv_bits is not None:
+            from mlx_lm.generate import maybe_quantize_kv_cache
+
+            maybe_quantize_kv_cache(self.cache, quantized_kv_start=0, kv_group_size=KV_GROUP_SIZE,
+                                    kv_bits=self._kv_bits)
 
     def _decoding(self) -> Any:
         if self._steps is None:
@@ -130,7 +144,8 @@ class SoloRun:
             processors = _with_history(generation.logits_processors, self.history)
             self._steps = generate_step(
                 mx.array([self._last_prompt_token]), self.loaded.model, max_tokens=generation.max_tokens,
-                sampler=generation.sampler, logits_processors=processors, prompt_cache=self.cache)
+                sampler=generation.sampler, logits_processors=processors, prompt_cache=self.cache,
+                kv_bits=self._kv_bits, kv_group_size=KV_GROUP_SIZE, quantized_kv_start=0)
             self.history.append(self._last_prompt_token)
             generation.on_prompt_done()
         return self._steps
@@ -138,7 +153,7 @@ class SoloRun:
     def close(self, keep: bool = True) -> None:
         if self._steps is not None:
             self._steps.close()
-        if keep:
+        if keep and self.generation.plain_kv:
             keep_prefix(self.loaded, self.history, self.cache)
 
     def hand_over(self) -> tuple[list[int], Any, list[int]]:
@@ -164,10 +179,14 @@ class BatchLane:
         self._parked: list[Generation] = []
         self._solo: SoloRun | None = None
         self._can_move = _caches_step_back(loaded)
+        # Requests that want their own kind of KV cache (quantized, bounded) cannot join the
+        # batch: they run one at a time beside it, a step each in turn.
+        self._apart = SoloLane(loaded, max_batch, prefill_step)
+        self._apart_turn = False
 
     @property
     def active(self) -> int:
-        return len(self._by_uid) + len(self._parked) + (self._solo is not None)
+        return len(self._by_uid) + len(self._parked) + (self._solo is not None) + self._apart.active
 
     @property
     def free_slots(self) -> int:
@@ -175,18 +194,26 @@ class BatchLane:
 
     @property
     def has_work(self) -> bool:
+        return self._batch_has_work or self._apart.has_work
+
+    @property
+    def _batch_has_work(self) -> bool:
         return bool(self._by_uid) or (self._solo is not None and not self._solo.generation.throttled)
 
     @property
     def paused(self) -> int:
-        return len(self._parked) + int(self._solo is not None and self._solo.generation.throttled)
+        solo_paused = int(self._solo is not None and self._solo.generation.throttled)
+        return len(self._parked) + solo_paused + self._apart.paused
 
     def generations(self) -> list[Generation]:
         solo = [self._solo.generation] if self._solo is not None else []
-        return [*self._by_uid.values(), *self._parked, *solo]
+        return [*self._by_uid.values(), *self._parked, *solo, *self._apart.generations()]
 
     def admit(self, generation: Generation) -> None:
-        if self._can_move and self.active == 0:
+        if not generation.plain_kv:
+            self._apart.admit(generation)
+            return
+        if self._can_move and not self._by_uid and not self._parked and self._solo is None:
             self._solo = SoloRun(self.loaded, generation, self._prefill_step)
             return
         self._move_solo_into_batch()
@@ -214,7 +241,10 @@ class BatchLane:
 
     def step(self) -> list[Generation]:
         """One decode step for the batch (and one prefill chunk for joiners), or one step of
-        the generation running alone. Returns the generations that finished."""
+        the generation running alone, or of one running apart. Returns those that finished."""
+        self._apart_turn = not self._apart_turn
+        if self._apart.has_work and (self._apart_turn or not self._batch_has_work):
+            return self._apart.step()
         solo = self._solo
         if solo is not None:
             if not solo.step():
@@ -272,6 +302,7 @@ class BatchLane:
                      generation.request.request_id, generation.stream.pending_bytes)
 
     def resume_drained(self) -> None:
+        self._apart.resume_drained()
         for generation in [g for g in self._parked if g.drained and not g.job.cancelled]:
             self._parked.remove(generation)
             cache, history, last = generation.parked
@@ -295,7 +326,7 @@ class BatchLane:
             solo.close()
             solo.generation.cancel_now()
             done.append(solo.generation)
-        return done
+        return done + self._apart.take_cancelled()
 
     def stop_all(self) -> list[Generation]:
         stopped = self._remove(list(self._by_uid))
@@ -309,9 +340,10 @@ class BatchLane:
             solo.close()
             solo.generation.cancel_now()
             stopped.append(solo.generation)
-        return stopped
+        return stopped + self._apart.stop_all()
 
     def close(self) -> None:
+        self._apart.close()
         self._batch.close()
 
 

@@ -12,10 +12,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable  # noqa: F401
 
 from ..errors import ModelLoadFailed, OutOfMemory, brief
 from ..hub import ModelLocation
+from ..model_config import context_length as _context_length
+from ..model_config import quantization as _quantization
+from ..model_config import vocab_size as _vocab_size
 from ..settings import Settings
 from .memory import is_out_of_memory
 from .response_cache import ResponseCache
@@ -23,36 +26,6 @@ from .response_cache import ResponseCache
 log = logging.getLogger("localmlx.registry")
 
 Progress = Callable[[str, float, float | None, str], None]
-
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
-                 "seq_length", "n_ctx", "model_max_length")
-
-
-def _context_length(config: dict[str, Any]) -> int | None:
-    for source in (config, config.get("text_config") or {}):
-        for key in _CONTEXT_KEYS:
-            value = source.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
-
-
-def _quantization(config: dict[str, Any]) -> dict[str, Any] | None:
-    q = config.get("quantization") or config.get("quantization_config")
-    if not isinstance(q, dict) or "bits" not in q:
-        return None
-    out = {"bits": q["bits"]}
-    if "group_size" in q:
-        out["groupSize"] = q["group_size"]
-    if "mode" in q:
-        out["mode"] = q["mode"]
-    return out
-
-
-def _vocab_size(config: dict[str, Any]) -> int | None:
-    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-    return size if isinstance(size, int) else None
-
 
 def _warm_up(model: Any, tokenizer: Any) -> None:
     """Run two decode steps once, so kernel compilation is paid at load time and not in
@@ -87,6 +60,21 @@ def describe(name: str, path: Path, model: Any, config: dict[str, Any]) -> dict[
     }
 
 
+def _iso(wall: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class ModelOptions:
+    """How a loaded model is kept and what its requests get by default."""
+
+    keep_alive: float = -1.0  # seconds after its last use; -1: until unloaded; 0: after each reply
+    kv_bits: int | None = None
+    max_kv_size: int | None = None
+
+
 @dataclass(eq=False)
 class LoadedModel:
     name: str
@@ -100,7 +88,32 @@ class LoadedModel:
     prefix_cache: Any  # mlx_lm LRUPromptCache, or None when disabled
     response_cache: ResponseCache | None
     eos_stops: Any  # mlx_lm StopSequences of the end-of-sequence tokens
+    options: "ModelOptions"
     last_used: float = field(default_factory=time.monotonic)
+    last_used_at: float = field(default_factory=time.time)  # wall clock, for listings
+    leases: int = 0  # requests holding it (resolved to it, not yet answered): not idle
+
+    def touch(self) -> None:
+        self.last_used, self.last_used_at = time.monotonic(), time.time()
+
+    @property
+    def bytes(self) -> int:
+        return int(self.description["bytes"])
+
+    @property
+    def expires_in(self) -> float | None:
+        """Seconds until its keep-alive runs out (never while leased); None: kept for ever."""
+        if self.options.keep_alive < 0:
+            return None
+        if self.leases:
+            return self.options.keep_alive
+        return max(0.0, self.last_used + self.options.keep_alive - time.monotonic())
+
+    def describe(self) -> dict[str, Any]:
+        expires = self.expires_in
+        return dict(self.description, keepAlive=self.options.keep_alive, kvBits=self.options.kv_bits,
+                    maxKvSize=self.options.max_kv_size,
+                    expiresAt=None if expires is None else _iso(time.time() + expires))
 
     @property
     def context_length(self) -> int | None:
@@ -123,7 +136,7 @@ class ModelRegistry:
     def get(self, name: str) -> LoadedModel | None:
         loaded = self._models.get(name)
         if loaded is not None:
-            loaded.last_used = time.monotonic()
+            loaded.touch()
         return loaded
 
     def peek(self, name: str) -> LoadedModel | None:
@@ -140,25 +153,20 @@ class ModelRegistry:
         return list(self._models.values())
 
     def describe_all(self) -> list[dict[str, Any]]:
-        return [m.description for m in list(self._models.values())]
+        return [m.describe() for m in list(self._models.values())]
 
-    def load(self, location: ModelLocation, path: Path, progress: Progress,
-             make_room: Callable[[], None]) -> tuple[LoadedModel, bool]:
-        """On the engine thread, with the files already in place. Returns (model, already_loaded)."""
+    def load(self, location: ModelLocation, path: Path, options: ModelOptions, progress: Progress) -> LoadedModel:
+        """On the engine thread, with the files in place and room made for it."""
         name = location.name
-        existing = self.get(name)
-        if existing is not None:
-            return existing, True
         started = time.perf_counter()
         try:
-            make_room()
             progress("weights", 1, 3, "step")
             from mlx_lm import load
 
             model, tokenizer, config = load(str(path), return_config=True)
             progress("warmup", 2, 3, "step")
             _warm_up(model, tokenizer)
-            loaded = self._wrap(location, path, model, tokenizer, config)
+            loaded = self._wrap(location, path, model, tokenizer, config, options)
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise OutOfMemory(f"Out of memory loading {name}: {brief(exc)}", model=name) from exc
@@ -170,10 +178,10 @@ class ModelRegistry:
         progress("ready", 3, 3, "step")
         log.info("loaded %s from %s in %.0f ms (%s)", name, path, loaded.description["loadTimeMs"],
                  "batched" if loaded.batchable else "one request at a time")
-        return loaded, False
+        return loaded
 
     def _wrap(self, location: ModelLocation, path: Path, model: Any, tokenizer: Any,
-              config: dict[str, Any]) -> LoadedModel:
+              config: dict[str, Any], options: ModelOptions) -> LoadedModel:
         from mlx_lm.generate import make_stop_sequences
         from mlx_lm.models.cache import LRUPromptCache
 
@@ -185,7 +193,8 @@ class ModelRegistry:
         name = location.name
         return LoadedModel(name, path, model, tokenizer, config, describe(name, path, model, config), location,
                            batchable=_caches_can_merge(model), prefix_cache=prefix_cache,
-                           response_cache=response_cache, eos_stops=make_stop_sequences(tokenizer))
+                           response_cache=response_cache, eos_stops=make_stop_sequences(tokenizer),
+                           options=options)
 
     def unload(self, name: str) -> bool:
         loaded = self._models.pop(name, None)
@@ -196,9 +205,8 @@ class ModelRegistry:
         log.info("unloaded %s", name)
         return True
 
-    def least_recently_used(self, exclude: set[str]) -> LoadedModel | None:
-        idle = [m for m in self._models.values() if m.name not in exclude]
-        return min(idle, key=lambda m: m.last_used) if idle else None
+    def bytes_loaded(self) -> int:
+        return sum(m.bytes for m in list(self._models.values()))
 
     @staticmethod
     def _release_memory() -> None:

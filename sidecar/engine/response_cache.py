@@ -40,7 +40,7 @@ def response_key(request: Any) -> bytes | None:
         for name in ("seed", "top_p", "top_k", "min_p"):
             sampling_key.pop(name)
     described = {"messages": request.messages, "prompt": request.prompt, "maxTokens": request.max_tokens,
-                 "stop": request.stop, "sampling": sampling_key}
+                 "stop": request.stop, "sampling": sampling_key, "kv": [request.kv_bits, request.max_kv_size]}
     return orjson.dumps(described, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
 
 
@@ -76,6 +76,11 @@ class ResponseCache:
             while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= evicted.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
 
     def describe(self) -> dict[str, int]:
         with self._lock:

@@ -45,8 +45,11 @@ class Scheduler:
         self._stopping = False
         self._started = False
         self._faults = set(settings.inject_faults)
+        self.housekeeping: Callable[[], float | None] | None = None  # keep-alive expiry, set by the engine
         self.running_control: Job | None = None
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     # ---- from the event loop ---------------------------------------------------------------
@@ -107,18 +110,22 @@ class Scheduler:
         jobs = [self.running_control, *list(self._control)]
         return any(j is not None and j.kind == kind and j.model == model for j in jobs)
 
-    def models_generating(self) -> set[str]:
-        return {name for name, lane in list(self._lanes.items()) if lane.active}
+    def models_with_work(self) -> set[str]:
+        """Models with generations admitted or waiting, or a load or unload queued."""
+        busy = {name for name, lane in list(self._lanes.items()) if lane.active}
+        busy.update(job.model for job in [*list(self._waiting), *list(self._control)] if job.model)
+        return busy
 
     # ---- the engine thread ---------------------------------------------------------------
 
     def _run(self) -> None:
         self._on_start()
         self._started = True
+        wake_in: float | None = None
         while True:
             with self._ready:
-                while not self._stopping and not self._has_work():
-                    self._ready.wait()
+                if not self._stopping and not self._has_work():
+                    self._ready.wait(wake_in)  # a keep-alive may run out: wake for it
                 if self._stopping:
                     break
                 self._poked = False
@@ -126,6 +133,7 @@ class Scheduler:
                 self._control.clear()
             for job in control:
                 self._run_control(job)
+            wake_in = self.housekeeping() if self.housekeeping is not None else None
             self._admit()
             self._settle_unstepped()
             self._step_lanes()
@@ -183,6 +191,8 @@ class Scheduler:
         import time
 
         order = job.payload
+        if order.request.keep_alive is not None:  # as Ollama: a request's keepAlive becomes the model's
+            loaded.options.keep_alive = order.request.keep_alive
         try:
             generation = Generation(job, loaded, order.prepared, order.stream)
             if "generation" in self._faults:  # a test asked for a failure inside mlx-lm
@@ -223,6 +233,7 @@ class Scheduler:
                 self._finish(generation)
 
     def _finish(self, generation: Generation) -> None:
+        generation.loaded.touch()  # its keep-alive counts from the end of its last reply
         result = generation.result()
         recording = generation.recording
         cache = generation.loaded.response_cache
@@ -249,20 +260,6 @@ class Scheduler:
         reset_global_random_state()
 
     # ---- model lifecycle, called from control jobs on this thread ---------------------------
-
-    def unload_model(self, name: str, reason: CancelReason = CancelReason.UNLOAD) -> bool:
-        self.stop_model(name, reason)
-        return self.registry.unload(name)
-
-    def make_room(self) -> None:
-        """Unload least-recently-used models until one more fits; idle ones go first."""
-        while len(self.registry.names()) >= self.settings.max_loaded_models:
-            victim = (self.registry.least_recently_used(exclude=self.models_generating())
-                      or self.registry.least_recently_used(exclude=set()))
-            if victim is None:
-                return
-            log.info("unloading %s to make room (max %d loaded)", victim.name, self.settings.max_loaded_models)
-            self.unload_model(victim.name)
 
     def stop_model(self, name: str, reason: CancelReason) -> None:
         """Everything running or waiting on a model ends now (it is being unloaded)."""

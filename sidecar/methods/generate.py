@@ -10,6 +10,7 @@ from ..engine.generation import GenerationOrder
 from ..engine.response_cache import CachedResponse
 from ..engine.sampling import SamplingParams
 from ..errors import ServerCancelled
+from ..settings import parse_duration
 from . import rpc_method
 
 
@@ -26,11 +27,14 @@ def _sampling(context: Any, params: dict[str, Any]) -> SamplingParams:
 
 def _generation_request(context: Any, params: dict[str, Any], *, messages: Any = None,
                         prompt: str | None = None) -> GenerationRequest:
+    keep_alive = params.get("keepAlive")
     return GenerationRequest(
         request_id=context.id, received_at=context.received_at, messages=messages, prompt=prompt,
         max_tokens=params.get("maxTokens", context.settings.max_tokens), sampling=_sampling(context, params),
         stop=list(params.get("stop", [])), stream=bool(params.get("stream", False)),
-        use_response_cache=params.get("cache", True))
+        use_response_cache=params.get("cache", True),
+        keep_alive=None if keep_alive is None else parse_duration(keep_alive),
+        kv_bits=params.get("kvBits"), max_kv_size=params.get("maxKvSize"))
 
 
 def _replay(context: Any, model: str, request: GenerationRequest, hit: CachedResponse) -> GenerationResult:
@@ -52,17 +56,17 @@ async def _run_generation(context: Any, params: dict[str, Any], request: Generat
     engine = context.engine
     location = await engine.resolve(params.get("model"))
     context.model = location.name
-    loaded = await engine.ensure_loaded(location, context.progress)
-    hit = engine.cached_response(loaded, request)
-    if hit is not None:
-        return _replay(context, loaded.name, request, hit).to_wire()
-    prepared = await engine.prepare(loaded, request)
-    stream = context.session.writer.open_stream(context.id) if request.stream else None
-    job = engine.submit_generation(GenerationOrder(prepared, stream), loaded.name)
-    context.job = job
-    if context.cancel_reason is not None:  # cancelled while it was being prepared
-        engine.cancel(job, context.cancel_reason)
-    result: GenerationResult = await job.future
+    with engine.leased(await engine.ensure_loaded(location, context.progress)) as loaded:
+        hit = engine.cached_response(loaded, request)
+        if hit is not None:
+            return _replay(context, loaded.name, request, hit).to_wire()
+        prepared = await engine.prepare(loaded, request)
+        stream = context.session.writer.open_stream(context.id) if request.stream else None
+        job = engine.submit_generation(GenerationOrder(prepared, stream), loaded.name)
+        context.job = job
+        if context.cancel_reason is not None:  # cancelled while it was being prepared
+            engine.cancel(job, context.cancel_reason)
+        result: GenerationResult = await job.future
     if result.cancel_reason not in (None, CancelReason.CLIENT):
         raise ServerCancelled(f"Generation cancelled by the server ({result.cancel_reason.value})",
                               reason=result.cancel_reason.value, usage=result.usage)
@@ -83,6 +87,6 @@ async def chat(context: Any, params: dict[str, Any]) -> dict[str, Any]:
 async def tokenize(context: Any, params: dict[str, Any]) -> dict[str, Any]:
     engine = context.engine
     location = await engine.resolve(params.get("model"))
-    loaded = await engine.ensure_loaded(location)
-    tokens = await engine.tokenize(loaded, params["text"], params.get("addSpecialTokens", False))
+    with engine.leased(await engine.ensure_loaded(location)) as loaded:
+        tokens = await engine.tokenize(loaded, params["text"], params.get("addSpecialTokens", False))
     return {"model": location.name, "tokens": tokens}

@@ -38,7 +38,8 @@ async def initialize(context: Any, params: dict[str, Any]) -> dict[str, Any]:
                          "methods": schema.method_names()},
         "limits": {"maxLineBytes": settings.max_line_bytes, "maxQueue": settings.max_queue,
                    "maxLoadedModels": settings.max_loaded_models, "maxBatchSize": settings.max_batch_size,
-                   "streamBufferBytes": settings.stream_buffer_bytes},
+                   "streamBufferBytes": settings.stream_buffer_bytes,
+                   "memoryBudgetBytes": context.engine.memory_budget()},
         "defaults": {"model": settings.default_model, "maxTokens": settings.max_tokens,
                      "temperature": settings.temperature},
     }

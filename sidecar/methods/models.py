@@ -1,28 +1,56 @@
-"""models/list, models/load, models/unload, models/status."""
+"""models/list, models/load, models/unload, models/status, models/delete."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 from typing import Any
 
+from .. import model_config
+from ..engine.registry import ModelOptions
+from ..errors import InvalidParams, ModelLoading
+from ..hub import delete_model_files
+from ..settings import parse_duration
 from . import rpc_method
+
+
+def _iso(wall: float) -> str:
+    return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @rpc_method("models/list")
 async def list_models(context: Any, params: dict[str, Any]) -> dict[str, Any]:
     engine = context.engine
-    found = await asyncio.to_thread(engine.locator.list_local)  # walks directories
-    loaded = set(engine.registry.names())
-    return {"models": [{"model": loc.name, "path": str(loc.path), "source": loc.source,
-                        "bytes": size, "loaded": loc.name in loaded} for loc, size in found]}
+
+    def on_disk() -> list[dict[str, Any]]:  # walks directories and reads configs
+        return [{"model": loc.name, "path": str(loc.path), "source": loc.source, "bytes": size,
+                 "repo": loc.repo_id, **model_config.summary(loc.path)}
+                for loc, size in engine.locator.list_local()]
+
+    models = await asyncio.to_thread(on_disk)
+    for entry in models:
+        loaded = engine.registry.peek(entry["model"])
+        entry["loaded"] = loaded is not None
+        entry["lastUsed"] = _iso(loaded.last_used_at) if loaded is not None else None
+    return {"models": models}
+
+
+def _options(context: Any, params: dict[str, Any]) -> ModelOptions | None:
+    """The options a models/load names; None when it names none (a loaded model keeps its own)."""
+    if not any(key in params for key in ("keepAlive", "kvBits", "maxKvSize")):
+        return None
+    keep_alive = params.get("keepAlive")
+    return ModelOptions(
+        keep_alive=context.settings.offload_inactive if keep_alive is None else parse_duration(keep_alive),
+        kv_bits=params.get("kvBits"), max_kv_size=params.get("maxKvSize"))
 
 
 @rpc_method("models/load")
 async def load_model(context: Any, params: dict[str, Any]) -> dict[str, Any]:
     location = await context.engine.resolve(params["model"])
     context.model = location.name
-    loaded, already = await context.engine.load(location, context.progress)
-    return dict(loaded.description, alreadyLoaded=already)
+    loaded, already = await context.engine.load(location, context.progress, _options(context, params))
+    return dict(loaded.describe(), alreadyLoaded=already)
 
 
 @rpc_method("models/unload")
@@ -35,6 +63,25 @@ async def unload_model(context: Any, params: dict[str, Any]) -> dict[str, Any]:
     return {"model": location.name, "unloaded": bool(unloaded)}
 
 
+@rpc_method("models/delete")
+async def delete_model(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """Only files under the models dir or in the Hugging Face cache are ever deleted."""
+    engine = context.engine
+    location = await engine.resolve(params["model"])
+    if engine.is_loading(location.name):
+        raise ModelLoading(f"Model is loading: {location.name} (retry later)", model=location.name)
+    unloaded = False
+    if engine.registry.is_loaded(location.name):
+        if not params.get("force", False):
+            raise InvalidParams(f"Model {location.name} is loaded: unload it first, or pass force: true",
+                                errors=[{"path": "/force", "message": "the model is loaded"}],
+                                model=location.name, loaded=True)
+        context.job = engine.submit_unload(location.name)
+        unloaded = bool(await context.job.future)
+    freed = await asyncio.to_thread(delete_model_files, engine.locator, location)
+    return {"model": location.name, "deleted": freed is not None, "bytesFreed": freed or 0, "unloaded": unloaded}
+
+
 @rpc_method("models/status")
 async def model_status(context: Any, params: dict[str, Any]) -> dict[str, Any]:
     engine = context.engine
@@ -44,5 +91,5 @@ async def model_status(context: Any, params: dict[str, Any]) -> dict[str, Any]:
                               "state": engine.model_state(location)}
     loaded = engine.registry.peek(location.name)
     if loaded is not None:
-        status["description"] = loaded.description
+        status["description"] = loaded.describe()
     return status

@@ -1,0 +1,107 @@
+"""Which models are in memory: loads within the one memory budget, keep-alive expiry, and
+unloads. Runs on the engine thread (it is called from control jobs and from the
+scheduler's loop); other threads only read counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..hub import ModelLocation
+from ..settings import Settings
+from .budget import default_budget_bytes, models_to_unload
+from .jobs import CancelReason
+from .registry import LoadedModel, ModelOptions, ModelRegistry, Progress
+
+log = logging.getLogger("localmlx.residency")
+
+
+def _quiet(*_: Any) -> None:
+    pass
+
+
+class Residency:
+    def __init__(self, settings: Settings, registry: ModelRegistry, scheduler: Any) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.scheduler = scheduler
+        self._budget = settings.memory_budget or None  # asked of MLX on first use
+
+    @property
+    def budget(self) -> int:
+        if self._budget is None:
+            self._budget = default_budget_bytes()
+        return self._budget
+
+    def busy(self) -> set[str]:
+        """Models with work on them or requests holding them: never unloaded to make room."""
+        leased = {m.name for m in self.registry.loaded_models() if m.leases}
+        return leased | self.scheduler.models_with_work()
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    def load(self, location: ModelLocation, path: Path, required: int, options: ModelOptions,
+             progress: Progress) -> LoadedModel:
+        """Make room for `required` bytes (idle models go, least recently used first), load,
+        and if the load fails, bring back what was unloaded for it."""
+        existing = self.registry.get(location.name)
+        if existing is not None:
+            return existing
+        evicted = models_to_unload(required, self.budget, self.registry.loaded_models(), self.busy())
+        for model in evicted:
+            log.info("unloading %s to make room for %s (%d bytes needed, budget %d)",
+                     model.name, location.name, required, self.budget)
+            self.unload(model.name)
+        try:
+            loaded = self.registry.load(location, path, options, progress)
+        except Exception:
+            self._bring_back(evicted)
+            raise
+        self._keep_count(loaded.name)
+        return loaded
+
+    def _bring_back(self, models: list[LoadedModel]) -> None:
+        for model in models:
+            try:
+                self.registry.load(model.location, model.path, model.options, _quiet)
+                log.info("reloaded %s after the failed load that had unloaded it", model.name)
+            except Exception as exc:  # its files changed meanwhile: it stays unloaded
+                log.warning("could not reload %s: %s", model.name, exc)
+
+    def _keep_count(self, keep: str) -> None:
+        """LOCALMLX_MAX_LOADED_MODELS: once a load has succeeded, idle models beyond it go."""
+        while len(self.registry.names()) > self.settings.max_loaded_models:
+            busy = self.busy() | {keep}
+            idle = sorted((m for m in self.registry.loaded_models() if m.name not in busy),
+                          key=lambda m: m.last_used)
+            if not idle:
+                return
+            log.info("unloading %s (at most %d models loaded)", idle[0].name, self.settings.max_loaded_models)
+            self.unload(idle[0].name)
+
+    def unload(self, name: str, reason: CancelReason = CancelReason.UNLOAD) -> bool:
+        self.scheduler.stop_model(name, reason)
+        return self.registry.unload(name)
+
+    # ---- keep-alive ------------------------------------------------------------------------
+
+    def expire_idle(self) -> float | None:
+        """Unload models whose keep-alive ran out; seconds until the next one might, or None."""
+        busy = self.busy()
+        next_due: float | None = None
+        for model in self.registry.loaded_models():
+            due = model.expires_in
+            if due is None or model.name in busy:
+                continue
+            if due <= 0:
+                log.info("unloading %s: unused for its keep-alive of %g s", model.name, model.options.keep_alive)
+                self.unload(model.name)
+            else:
+                next_due = due if next_due is None else min(next_due, due)
+        return next_due
+
+    def bytes_loaded(self) -> int:
+        return self.registry.bytes_loaded()
+
