@@ -71,6 +71,12 @@ def repl(args: argparse.Namespace) -> None:
     raise SystemExit(run(args))
 
 
+def models(args: argparse.Namespace) -> None:
+    from .models_cli import run as run_models
+
+    raise SystemExit(run_models(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="localmlx", description=__doc__)
     commands = parser.add_subparsers(dest="command")
@@ -96,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_repl_arguments(repl_cmd)
     repl_cmd.set_defaults(func=repl)
 
+    from .models_cli import add_arguments as add_models_arguments
+
+    models_cmd = commands.add_parser("models", help="list, pull, rm or check local models",
+                                     description="The local model cache, through a sidecar.")
+    add_models_arguments(models_cmd)
+    models_cmd.set_defaults(func=models)
+
     model_cmd = commands.add_parser("demo-model", help="build the embedded demo model")
     add_setting_flags(model_cmd)
     model_cmd.add_argument("--out", default=None, help="directory to build into")
@@ -112,3 +125,6 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except KeyboardInterrupt:  # Ctrl-C at a terminal: no traceback
         raise SystemExit(130) from None
+    except BrokenPipeError:  # `localmlx models list | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None

@@ -82,6 +82,36 @@ def load_model(session: ReplSession, arg: str) -> None:
             session.state.model_names.append(result["model"])
 
 
+def pull_model(session: ReplSession, arg: str) -> None:
+    model = arg.strip()
+    if not model:
+        session.failed("usage: /pull OWNER/NAME (a Hub repo)")
+        return
+    result = session.request("models/download", {"model": model})
+    if result is not None:
+        fetched = fmt.size(result["downloadedBytes"]) if result["downloadedBytes"] else "nothing new"
+        session.output.info(f"{result['model']}: {fmt.size(result['bytes'])} on disk ({fetched} downloaded)")
+        if result["model"] not in session.state.model_names:
+            session.state.model_names.append(result["model"])
+
+
+def remove_model(session: ReplSession, arg: str) -> None:
+    words = arg.split()
+    force = "--force" in words
+    names = [w for w in words if w != "--force"]
+    if len(names) != 1:
+        session.failed("usage: /rm MODEL [--force]")
+        return
+    result = session.request("models/delete", {"model": names[0], "force": force})
+    if result is not None:
+        if result["deleted"]:
+            session.output.info(f"deleted {result['model']}: {fmt.size(result['bytesFreed'])} freed")
+            if result["model"] in session.state.model_names:
+                session.state.model_names.remove(result["model"])
+        else:
+            session.output.info(f"{result['model']}: nothing to delete")
+
+
 def unload_model(session: ReplSession, arg: str) -> None:
     model = arg.strip() or session.state.model
     result = session.request("models/unload", {"model": model})
@@ -214,6 +244,9 @@ COMMANDS: list[Command] = [
     Command("load", "/load [MODEL]", "load a model and chat with it from now on (models/load)",
             load_model, "model"),
     Command("unload", "/unload [MODEL]", "unload a model (models/unload)", unload_model, "model"),
+    Command("pull", "/pull OWNER/NAME", "download a model from the Hub, with progress (models/download)",
+            pull_model),
+    Command("rm", "/rm MODEL [--force]", "delete a model's files (models/delete)", remove_model, "model"),
     Command("status", "/status", "memory, requests and loaded models (server/status)", show_status),
     Command("chat", "/chat [TEXT|off]", "conversation mode: plain lines are turns of one chat",
             chat_mode, ("off",)),

@@ -99,9 +99,13 @@ Table = tuple[list[str], list[list[str]]]
 
 
 def models_table(models: list[dict[str, Any]]) -> Table:
-    rows = [[m["model"], m.get("source", ""), size(m.get("bytes")), "yes" if m.get("loaded") else "",
-             m.get("path", "")] for m in models]
-    return ["model", "source", "size", "loaded", "path"], rows
+    def quant(m: dict[str, Any]) -> str:
+        q = m.get("quantization")
+        return f"{q.get('bits')}-bit" if q else ""
+
+    rows = [[m["model"], m.get("source", ""), size(m.get("bytes")), m.get("type") or "", quant(m),
+             str(m.get("contextLength") or ""), "yes" if m.get("loaded") else ""] for m in models]
+    return ["model", "source", "size", "type", "quant", "context", "loaded"], rows
 
 
 def loaded_models_table(models: list[dict[str, Any]]) -> Table:
