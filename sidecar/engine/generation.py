@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ContextLengthExceeded, InvalidParams
+from ..errors import ContextLengthExceeded, InvalidParams, brief
 from .jobs import CancelReason, Job
 from .sampling import SamplingParams, check_logit_bias, make_logits_processors, make_sampler
 
@@ -47,7 +47,13 @@ def prompt_tokens(tokenizer: Any, request: GenerationRequest) -> list[int]:
         if getattr(tokenizer, "chat_template", None) is None:
             raise InvalidParams("This model has no chat template: use generate with a raw prompt",
                                 errors=[{"path": "/messages", "message": "model has no chat template"}])
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # the template refused these messages (jinja's raise_exception, ...)
+            if type(exc).__module__.split(".")[0] != "jinja2":
+                raise
+            raise InvalidParams(f"The model's chat template refused these messages: {brief(exc)}",
+                                errors=[{"path": "/messages", "message": brief(exc)}]) from None
         return list(tokenizer.encode(text, add_special_tokens=False))
     prompt = clean_text(request.prompt or "")
     bos = tokenizer.bos_token

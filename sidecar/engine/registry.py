@@ -36,11 +36,21 @@ def _warm_up(model: Any, tokenizer: Any) -> None:
         pass
 
 
+# Architectures whose batched attention is wrong in mlx-lm 0.32: gemma2 lines the padding
+# mask's batch axis up with its kv-head axis (wrong tokens, or a broadcast error). They run
+# one request at a time until that is fixed upstream.
+_UNBATCHABLE_TYPES = frozenset({"gemma2"})
+
+
 def _caches_can_merge(model: Any) -> bool:
     """mlx-lm's BatchGenerator merges per-request caches into one batch cache."""
     from mlx_lm.models.cache import make_prompt_cache
 
     return all(hasattr(c, "merge") for c in make_prompt_cache(model))
+
+
+def can_batch(model: Any, config: dict[str, Any]) -> bool:
+    return config.get("model_type") not in _UNBATCHABLE_TYPES and _caches_can_merge(model)
 
 
 def describe(name: str, path: Path, model: Any, config: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +202,7 @@ class ModelRegistry:
                           if settings.enable_cache else None)
         name = location.name
         return LoadedModel(name, path, model, tokenizer, config, describe(name, path, model, config), location,
-                           batchable=_caches_can_merge(model), prefix_cache=prefix_cache,
+                           batchable=can_batch(model, config), prefix_cache=prefix_cache,
                            response_cache=response_cache, eos_stops=make_stop_sequences(tokenizer),
                            options=options)
 
