@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from .demo_model import DEMO_MODEL_ALIAS, DEMO_MODEL_DIRNAME, ensure_demo_model
+from .downloads import converted_dir, is_complete_snapshot, pull
 from .errors import Forbidden, InvalidParams, ModelNotFound
 from .settings import Settings
 
@@ -74,6 +75,8 @@ class ModelLocator:
         self.auto_download = settings.auto_download
         self._extra_roots = settings.allowed_roots
         self.allowed_orgs = settings.allowed_orgs
+        self.quantization = settings.quantization
+        self._settings = settings  # for downloads
 
     @functools.cached_property
     def allowed_roots(self) -> tuple[Path, ...]:
@@ -128,6 +131,9 @@ class ModelLocator:
         local = self.models_dir / repo_id
         if _is_model_dir(local):
             return ModelLocation(repo_id, "models-dir", local)
+        converted = converted_dir(self.models_dir, repo_id, self.quantization)
+        if converted is not None and _is_model_dir(converted):  # downloaded, then converted
+            return ModelLocation(repo_id, "models-dir", converted)
         cached = self._hf_snapshot(repo_id)
         if cached is not None:
             return ModelLocation(repo_id, "hf-cache", cached, repo_id)
@@ -149,7 +155,7 @@ class ModelLocator:
                                           allow_patterns=DEFAULT_ALLOW_PATTERNS))
         except Exception:  # not cached (or an incomplete snapshot)
             return None
-        return path if _is_model_dir(path) else None
+        return path if is_complete_snapshot(path) else None
 
     def materialize(self, location: ModelLocation, progress: Progress) -> Path:
         """The model's files on disk: built, downloaded or checked. File work only, run off
@@ -157,12 +163,8 @@ class ModelLocator:
         if location.source == "embedded":
             progress("build", 0, 3, "step")
             return ensure_demo_model(self.models_dir)
-        if location.path is None:  # a Hub repo, auto-download on
-            progress("download", 0, 3, "step")
-            from huggingface_hub import snapshot_download
-            from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
-
-            return Path(snapshot_download(location.repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+        if location.path is None:  # a Hub repo, auto-download on: as models/download does it
+            return pull(location.repo_id, None, self._settings, progress).path
         progress("resolve", 0, 3, "step")
         with open(location.path / "config.json", "rb") as f:
             json.load(f)  # fail early and clearly on a broken config
@@ -197,7 +199,7 @@ class ModelLocator:
             if repo.repo_type != "model":
                 continue
             for revision in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
-                if _is_model_dir(revision.snapshot_path):
+                if is_complete_snapshot(revision.snapshot_path):
                     found.append((ModelLocation(repo.repo_id, "hf-cache", revision.snapshot_path,
                                                 repo.repo_id), repo.size_on_disk))
                     break

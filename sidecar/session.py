@@ -52,9 +52,11 @@ class ProgressReporter:
         self._completed = 0.0
 
     def __call__(self, phase: str, completed: float, total: float | None, unit: str,
-                 message: str | None = None) -> None:
+                 message: str | None = None, **details: Any) -> None:
+        """`details`: more fields of `$/progress` (a download's file, bytesPerSecond, etaSeconds);
+        those that are None are left out. `completed` never decreases within a phase."""
         with self._lock:
-            if self._closed or completed < self._completed:
+            if self._closed or phase == self._last_phase and completed < self._completed:
                 return
             now = time.monotonic()
             final = total is not None and completed >= total
@@ -65,6 +67,7 @@ class ProgressReporter:
                       "total": total, "unit": unit}
             if message:
                 params["message"] = message
+            params.update((key, value) for key, value in details.items() if value is not None)
             self._writer.post(jsonrpc.notification("$/progress", params))
 
     def close_then(self, send: Callable[[], None]) -> None:

@@ -32,7 +32,7 @@ __all__ = ["CancelReason", "Engine", "GenerationRequest", "GenerationResult", "J
 log = logging.getLogger("localmlx.engine")
 
 
-def _no_progress(*_: Any) -> None:
+def _no_progress(*_: Any, **__: Any) -> None:
     pass
 
 
