@@ -25,17 +25,9 @@ MODELS = [pytest.param(f, q, id=f.dirname(q)) for f in FAMILIES for q in QUANTIZ
 
 # mlx-lm 0.32.2's gemma2 attention (mlx_lm/models/gemma2.py, Attention.__call__) groups the query
 # heads as (B, n_kv_heads, repeats, L, D) but adds the batch's (B, 1, L, S) padding mask unchanged,
-# so the mask's batch axis lines up with the kv-head axis: with as many sequences as kv heads
-# every sequence gets another one's mask (wrong tokens, silently); with any other batch size > 1
-# the decode step raises ValueError [broadcast_shapes] and the sidecar answers every request in
-# the batch -32603. The sidecar batches gemma2 because its KV caches merge. (The test passes
-# once the sidecar runs gemma2 one request at a time, or mlx-lm is fixed.)
-GEMMA2_BATCH_BUG = pytest.mark.xfail(strict=True, reason=(
-    "mlx-lm gemma2 attention broadcasts the batch padding mask over the kv-head axis: batched "
-    "generations differ from alone (or raise when the batch size is neither 1 nor n_kv_heads); "
-    "the sidecar batches gemma2 all the same"))
-BATCH_MODELS = [pytest.param(f, q, id=f.dirname(q), marks=GEMMA2_BATCH_BUG if f.model_type == "gemma2" else ())
-                for f in FAMILIES for q in QUANTIZATIONS]
+# so batched gemma2 gives other sequences' masks (wrong tokens) or raises: the sidecar runs gemma2
+# one request at a time (sidecar/engine/registry.py), which this test checks like any other family.
+BATCH_MODELS = [pytest.param(f, q, id=f.dirname(q)) for f in FAMILIES for q in QUANTIZATIONS]
 
 # Distinct prompts of different lengths: batched, they are padded differently.
 PROMPTS = ["Tell me about the sea.",
@@ -330,10 +322,6 @@ def test_qwen3_template_renders_with_and_without_thinking(sidecar, family_models
 # ---- a template that refuses the messages ------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a chat template's own exception (Gemma 2: raise_exception('System role not supported')) comes "
-    "back as -32603 'Internal error: TemplateError' without its message; it is the client's input "
-    "this model cannot take: -32602 with the template's message"))
 def test_a_template_that_refuses_the_messages_is_a_clear_invalid_params_error(sidecar) -> None:
     model = load(sidecar, FAMILIES_BY_NAME["gemma2"], "4bit")["model"]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
