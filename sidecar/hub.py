@@ -117,7 +117,10 @@ class ModelLocator:
                             allowedOrgs=list(self.allowed_orgs))
 
     def _local_path(self, ref: str) -> ModelLocation:
-        path = Path(ref).expanduser().resolve()
+        try:
+            path = Path(ref).expanduser().resolve()
+        except RuntimeError:  # "~someone/x" where no user someone exists
+            raise ModelNotFound(f"Model not found: {ref[:200]!r} names no home directory", model=ref[:200]) from None
         roots = [r.expanduser().resolve() for r in self.allowed_roots]
         if not any(path == root or path.is_relative_to(root) for root in roots):
             raise Forbidden(f"Path is outside the allowed model roots: {ref}", model=ref,

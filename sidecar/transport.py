@@ -65,7 +65,7 @@ class LineFramer:
         del self._buffer[:start]
         if self._discarding:
             self._buffer.clear()
-        elif len(self._buffer) > self.max_line_bytes:
+        elif len(self._buffer) > self.max_line_bytes + self._buffer.endswith(b"\r"):  # \r\n may be split
             frames.append(OversizedLine(bytes(self._buffer[: self.HEAD_BYTES]), self.max_line_bytes))
             self._buffer.clear()
             self._discarding = True

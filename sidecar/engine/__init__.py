@@ -8,6 +8,7 @@ cancellation goes through `Engine.cancel(job, reason)`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import threading
@@ -58,8 +59,9 @@ class Engine:
         self._loads: dict[str, asyncio.Task] = {}
         self._background: set[asyncio.Task] = set()
         self._tokenizer_locks: dict[str, threading.Lock] = {}
+        self._holds: collections.Counter[str] = collections.Counter()  # on the loop thread only
         self.scheduler = Scheduler(settings, self.registry, on_start=self._start_engine_thread)
-        self.residency = Residency(settings, self.registry, self.scheduler)
+        self.residency = Residency(settings, self.registry, self.scheduler, held=self.held_models)
         self.scheduler.housekeeping = self.residency.expire_idle
         self.scheduler.start()  # last: its thread uses all of the above
 
@@ -182,16 +184,25 @@ class Engine:
         return (await self.load(location, progress))[0]
 
     @contextlib.contextmanager
-    def leased(self, loaded: LoadedModel) -> Iterator[LoadedModel]:
-        """Hold a model for a request, from resolving it to answering: it is not unloaded to
-        make room or for its keep-alive meanwhile."""
-        loaded.leases += 1
+    def holding(self, name: str) -> Iterator[None]:
+        """A request holds its model from before it is loaded to its answer: meanwhile the
+        model is not unloaded to make room nor for its keep-alive (an explicit unload still
+        cancels the request's work)."""
+        self._holds[name] += 1
         try:
-            yield loaded
+            yield
         finally:
-            loaded.leases -= 1
-            loaded.touch()
+            self._holds[name] -= 1
+            if not self._holds[name]:
+                del self._holds[name]
+            loaded = self.registry.peek(name)
+            if loaded is not None:
+                loaded.touch()  # its keep-alive counts from here
             self.scheduler.poke()  # keep-alive 0: it may go now
+
+    def held_models(self) -> set[str]:
+        """Read from the engine thread: a copy, made in one step."""
+        return set(self._holds.copy())
 
     def submit_unload(self, name: str) -> Job:
         job = Job("unload", self.loop, model=name, run=lambda job: self.residency.unload(name))

@@ -101,7 +101,6 @@ class LoadedModel:
     options: "ModelOptions"
     last_used: float = field(default_factory=time.monotonic)
     last_used_at: float = field(default_factory=time.time)  # wall clock, for listings
-    leases: int = 0  # requests holding it (resolved to it, not yet answered): not idle
 
     def touch(self) -> None:
         self.last_used, self.last_used_at = time.monotonic(), time.time()
@@ -112,11 +111,9 @@ class LoadedModel:
 
     @property
     def expires_in(self) -> float | None:
-        """Seconds until its keep-alive runs out (never while leased); None: kept for ever."""
+        """Seconds until its keep-alive runs out, counted from its last use; None: for ever."""
         if self.options.keep_alive < 0:
             return None
-        if self.leases:
-            return self.options.keep_alive
         return max(0.0, self.last_used + self.options.keep_alive - time.monotonic())
 
     def describe(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..hub import ModelLocation
 from ..settings import Settings
@@ -23,10 +23,12 @@ def _quiet(*_: Any) -> None:
 
 
 class Residency:
-    def __init__(self, settings: Settings, registry: ModelRegistry, scheduler: Any) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry, scheduler: Any,
+                 held: Callable[[], set[str]] = set) -> None:
         self.settings = settings
         self.registry = registry
         self.scheduler = scheduler
+        self._held = held
         self._budget = settings.memory_budget or None  # asked of MLX on first use
 
     @property
@@ -37,8 +39,7 @@ class Residency:
 
     def busy(self) -> set[str]:
         """Models with work on them or requests holding them: never unloaded to make room."""
-        leased = {m.name for m in self.registry.loaded_models() if m.leases}
-        return leased | self.scheduler.models_with_work()
+        return self._held() | self.scheduler.models_with_work()
 
     # ---- loading ---------------------------------------------------------------------------
 

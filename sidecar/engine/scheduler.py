@@ -15,7 +15,7 @@ import logging
 import threading
 from typing import Any, Callable
 
-from ..errors import Busy, InternalError, ModelNotLoaded, OutOfMemory
+from ..errors import Busy, InternalError, OutOfMemory
 from ..settings import Settings
 from .generation import Generation, GenerationResult
 from .jobs import CancelReason, Job
@@ -175,9 +175,9 @@ class Scheduler:
                 if job not in self._waiting:
                     continue  # cancelled meanwhile: already answered
                 self._waiting.remove(job)
-            if loaded is None:
-                job.settle(ModelNotLoaded(f"Model not loaded: {job.model} (it was unloaded)",
-                                          model=job.model), failed=True)
+            if loaded is None:  # unloaded while the request was being prepared: as its work would be
+                job.settle(GenerationResult.cancelled_before_start(job.model, job.payload.request,
+                                                                   CancelReason.UNLOAD))
                 continue
             self._start_generation(job, loaded, lane)
 

@@ -56,7 +56,8 @@ async def _run_generation(context: Any, params: dict[str, Any], request: Generat
     engine = context.engine
     location = await engine.resolve(params.get("model"))
     context.model = location.name
-    with engine.leased(await engine.ensure_loaded(location, context.progress)) as loaded:
+    with engine.holding(location.name):
+        loaded = await engine.ensure_loaded(location, context.progress)
         hit = engine.cached_response(loaded, request)
         if hit is not None:
             return _replay(context, loaded.name, request, hit).to_wire()
@@ -87,6 +88,7 @@ async def chat(context: Any, params: dict[str, Any]) -> dict[str, Any]:
 async def tokenize(context: Any, params: dict[str, Any]) -> dict[str, Any]:
     engine = context.engine
     location = await engine.resolve(params.get("model"))
-    with engine.leased(await engine.ensure_loaded(location)) as loaded:
+    with engine.holding(location.name):
+        loaded = await engine.ensure_loaded(location)
         tokens = await engine.tokenize(loaded, params["text"], params.get("addSpecialTokens", False))
     return {"model": location.name, "tokens": tokens}
