@@ -28,10 +28,38 @@ export interface Meta {
  */
 export type ModelRef = string;
 
-export interface Message {
+/**
+ * A conversation turn. `content` may be null (or absent) only on an assistant turn that carries toolCalls.
+ */
+export type Message = (
+  | {
+      content: string;
+    }
+  | {
+      role?: "assistant";
+    }
+) & {
   role: "system" | "user" | "assistant" | "tool";
-  content: string;
-}
+  content?: string | null;
+  /**
+   * An assistant turn's tool calls, rendered back into the template.
+   *
+   * @maxItems 128
+   */
+  toolCalls?: ToolCall[];
+  /**
+   * A tool turn: the id of the call it answers.
+   */
+  toolCallId?: string;
+  /**
+   * A tool turn: the tool's name.
+   */
+  name?: string;
+  /**
+   * An assistant turn's reasoning, given to templates that render it (reasoning_content).
+   */
+  reasoning?: string;
+};
 
 export interface Usage {
   promptTokens: number;
@@ -41,6 +69,10 @@ export interface Usage {
    * Prompt tokens whose KV cache came from the prefix cache instead of being computed (0 when none). Present in every chat and generate result.
    */
   cachedTokens: number;
+  /**
+   * Of completionTokens, those spent reasoning (present for reasoning models).
+   */
+  reasoningTokens?: number;
 }
 
 export interface Timings {
@@ -61,9 +93,13 @@ export interface Timings {
   tokensPerSecond: number;
   totalMs: number;
   peakMemoryBytes?: number;
+  /**
+   * Constrained requests (responseFormat, toolChoice required or named): mean milliseconds per generated token spent computing the token mask.
+   */
+  maskMsPerToken?: number;
 }
 
-export type FinishReason = "stop" | "length" | "stop_sequence" | "cancelled";
+export type FinishReason = "stop" | "length" | "stop_sequence" | "tool_calls" | "cancelled";
 
 export interface GenerationResult {
   model: string;
@@ -78,6 +114,14 @@ export interface GenerationResult {
    * Present, and true, only when the result was served from the exact response cache (an identical deterministic request answered before); absent otherwise.
    */
   cached?: boolean;
+  /**
+   * The model's reasoning (<think>…</think> and the like), never part of `text`; absent when streamed or when there was none.
+   */
+  reasoning?: string;
+  /**
+   * The tool calls the model made (chat with tools), finishReason tool_calls; absent when streamed (they arrive in chunks) or when there were none.
+   */
+  toolCalls?: ToolCall[];
 }
 
 export type Quantization = null | {
@@ -121,6 +165,10 @@ export interface ModelDescription {
    * Its default KV-cache size limit, or null.
    */
   maxKvSize?: number | null;
+  /**
+   * What the model can serve: chat (has a chat template), generate, embed, tools (its template takes tools), thinking (it reasons in <think>-style blocks).
+   */
+  capabilities?: ("chat" | "generate" | "embed" | "tools" | "thinking")[];
 }
 
 export interface LocalModel {
@@ -173,6 +221,89 @@ export type KvBits = 2 | 3 | 4 | 6 | 8;
  * Keep at most this many tokens of KV cache (a rotating cache: the oldest tokens, after the first 4, are dropped), for long chats in bounded memory. Requests with their own maxKvSize run one at a time on their model.
  */
 export type MaxKvSize = number;
+
+/**
+ * A JSON Schema (draft 2020-12; the subset llguidance compiles: types, properties, required, items, enum, const, anyOf/oneOf, $ref/$defs, string/number/array bounds, pattern, format).
+ */
+export type JsonSchema = {} | boolean;
+
+/**
+ * A tool in OpenAI's function shape.
+ */
+export interface Tool {
+  type: "function";
+  function: {
+    name: string;
+    description?: string;
+    parameters?: JsonSchema;
+    /**
+     * Accepted for OpenAI compatibility; arguments are always validated.
+     */
+    strict?: boolean;
+  };
+}
+
+/**
+ * A call the model made, in OpenAI's shape. `error` is present when the call is invalid: an unknown tool, arguments that are not JSON, or arguments that do not match the tool's parameters; such a call is reported, never passed on as valid.
+ */
+export interface ToolCall {
+  id: string;
+  type: "function";
+  function: {
+    name: string;
+    /**
+     * The arguments as a JSON text (OpenAI's shape).
+     */
+    arguments: string;
+  };
+  error?: string;
+}
+
+/**
+ * A complete tool call sent in a chunk as soon as the model has finished it; `index` counts the request's calls from 0.
+ */
+export interface StreamedToolCall {
+  index: number;
+  id: string;
+  type: "function";
+  function: {
+    name: string;
+    /**
+     * The arguments as a JSON text (OpenAI's shape).
+     */
+    arguments: string;
+  };
+  error?: string;
+}
+
+/**
+ * none: no tools offered; auto (default with tools): the model decides; required: it must call one (enforced by constraining its output); {type: function, function: {name}}: it must call that one.
+ */
+export type ToolChoice =
+  | ("none" | "auto" | "required")
+  | {
+      type: "function";
+      function: {
+        name: string;
+      };
+    };
+
+/**
+ * text (default); json_object: the output is one JSON object; json_schema: the output is JSON valid against `schema`. Enforced by masking tokens at each step, so the output always parses unless maxTokens runs out first (finishReason length).
+ */
+export type ResponseFormat =
+  | {
+      type: "text";
+    }
+  | {
+      type: "json_object";
+    }
+  | {
+      type: "json_schema";
+      schema: JsonSchema;
+      name?: string;
+      strict?: boolean;
+    };
 
 // ---- Methods: params and result of each request ----
 
@@ -486,6 +617,7 @@ export interface GenerateParams {
   keepAlive?: KeepAlive;
   kvBits?: KvBits;
   maxKvSize?: MaxKvSize;
+  responseFormat?: ResponseFormat;
 }
 
 export type GenerateResult = GenerationResult;
@@ -562,6 +694,22 @@ export interface ChatParams {
   keepAlive?: KeepAlive;
   kvBits?: KvBits;
   maxKvSize?: MaxKvSize;
+  responseFormat?: ResponseFormat;
+  /**
+   * Tools the model may call, rendered with the model's own chat template.
+   *
+   * @maxItems 128
+   */
+  tools?: Tool[];
+  toolChoice?: ToolChoice;
+  /**
+   * Reasoning models: true/false switches the template's thinking mode (enable_thinking and the like); absent leaves the template's default.
+   */
+  thinking?: boolean;
+  /**
+   * Reasoning models: the most tokens to spend reasoning; then the block is closed and the answer follows.
+   */
+  thinkingBudget?: number;
 }
 
 export type ChatResult = GenerationResult;
@@ -577,13 +725,61 @@ export interface TokenizeResult {
   tokens: number[];
 }
 
+export interface EmbedParams {
+  model?: ModelRef;
+  /**
+   * Texts to embed, in order.
+   *
+   * @minItems 1
+   * @maxItems 2048
+   */
+  input: string[];
+  /**
+   * Keep the first n dimensions (Matryoshka), renormalized when normalize is true; at most the model's size.
+   */
+  dimensions?: number;
+  /**
+   * Unit-length vectors (default true).
+   */
+  normalize?: boolean;
+  keepAlive?: KeepAlive;
+  _meta?: Meta;
+}
+
+export interface EmbedResult {
+  model: string;
+  vectors: number[][];
+  dimensions: number;
+  usage: {
+    promptTokens: number;
+    totalTokens: number;
+  };
+  timings: {
+    queueMs?: number;
+    totalMs: number;
+  };
+}
+
 // ---- Notifications ----
 
-export interface GenerateChunkParams {
+export type GenerateChunkParams = {
+  [k: string]: unknown | undefined;
+} & {
   requestId: RequestId;
   seq: number;
-  text: string;
-}
+  /**
+   * Answer text (never empty when present).
+   */
+  text?: string;
+  /**
+   * Reasoning text, apart from the answer (never empty when present).
+   */
+  reasoning?: string;
+  /**
+   * @minItems 1
+   */
+  toolCalls?: StreamedToolCall[];
+};
 
 export interface ProgressParams {
   token: ProgressToken;
@@ -632,6 +828,7 @@ export interface Methods {
   "generate": { params: GenerateParams; result: GenerateResult };
   "chat": { params: ChatParams; result: ChatResult };
   "tokenize": { params: TokenizeParams; result: TokenizeResult };
+  "embed": { params: EmbedParams; result: EmbedResult };
 }
 
 export type MethodName = keyof Methods;
@@ -648,4 +845,4 @@ export interface Notifications {
 
 export type NotificationName = keyof Notifications;
 
-export const METHOD_NAMES = ["initialize","ping","shutdown","models/list","models/download","models/delete","models/load","models/unload","models/status","server/status","generate","chat","tokenize"] as const;
+export const METHOD_NAMES = ["initialize","ping","shutdown","models/list","models/download","models/delete","models/load","models/unload","models/status","server/status","generate","chat","tokenize","embed"] as const;
