@@ -1,7 +1,9 @@
 """A small synchronous Python client: spawns the sidecar as a child and talks NDJSON to it.
 
 Used by `localmlx demo`, the REPL, the benchmarks and the tests: the same process boundary
-and protocol that Wooster's TypeScript client uses.
+and protocol that Wooster's TypeScript client uses. Besides the raw calls (`request`,
+`stream`), `generation` streams a `chat`/`generate` and puts its channels back together
+(text, reasoning, tool calls: see `Channels`), and `embed` returns vectors.
 """
 
 from __future__ import annotations
@@ -58,6 +60,39 @@ class _Pending:
 
 
 _DONE = object()
+
+
+@dataclass
+class Channels:
+    """A streamed `chat`/`generate` put back together from its `generate/chunk`s: the answer
+    `text`, the `reasoning` (never part of the text) and the `tool_calls` by index."""
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        """One chunk's params, in `seq` order (as `SidecarClient.stream` yields them)."""
+        self.reasoning += chunk.get("reasoning") or ""
+        self.text += chunk.get("text") or ""
+        for call in chunk.get("toolCalls") or ():
+            self.tool_calls[call["index"]] = call
+
+    @property
+    def calls(self) -> list[dict[str, Any]]:
+        """The tool calls in OpenAI's shape (`index` dropped), in order; `error` when invalid."""
+        return [{k: v for k, v in call.items() if k != "index"}
+                for _, call in sorted(self.tool_calls.items())]
+
+    def result(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The response's result with `text`, and `reasoning`/`toolCalls` when there were any,
+        as an unstreamed request would have them."""
+        whole = {**result, "text": self.text}
+        if self.reasoning or result.get("reasoning"):
+            whole["reasoning"] = self.reasoning or result["reasoning"]
+        if self.tool_calls or result.get("toolCalls"):
+            whole["toolCalls"] = self.calls or result["toolCalls"]
+        return whole
 
 
 class SidecarClient:
@@ -214,6 +249,29 @@ class SidecarClient:
                 yield self.wait_response(id_, 0)
                 return
             yield item.message["params"]
+
+    def generation(self, method: str, params: dict[str, Any], timeout: float = 120.0,
+                   on_chunk: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Streams a `chat` or `generate` (each chunk's params to `on_chunk`) and returns its
+        result with the channels put back together: `text`, `reasoning`, `toolCalls`.
+        Raises RpcCallError when it fails."""
+        channels = Channels()
+        for item in self.stream(method, params, timeout):
+            if "requestId" in item:
+                channels.add(item)
+                if on_chunk is not None:
+                    on_chunk(item)
+            elif "error" in item:
+                raise RpcCallError(item["error"])
+            elif "result" in item:
+                return channels.result(item["result"])
+        raise SidecarExited(f"sidecar exited (code {self.process.poll()}) during {method}")
+
+    def embed(self, input: str | list[str], timeout: float = 120.0, **params: Any) -> dict[str, Any]:
+        """`embed`: {model, vectors, dimensions, usage, timings} for one text or several
+        (`model`, `dimensions`, `normalize`, `keepAlive` as keyword arguments)."""
+        return self.request("embed", {**params, "input": [input] if isinstance(input, str) else list(input)},
+                            timeout)
 
     def cancel(self, id_: Any) -> None:
         self.send({"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": id_}})

@@ -513,3 +513,61 @@ def random_model(family: Family, config: dict, quiet: list[int]):
     model.update(tree_unflatten(weights))
     mx.eval(model.parameters())
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# A decoder embedding model (tests/test_embeddings.py)
+# --------------------------------------------------------------------------------------------
+
+EMBEDDING_FAMILY_NAME = "qwen3-embedding"
+
+
+def build_embedding_model(models_dir: Path) -> Path:
+    """A tiny Qwen3-Embedding: the qwen3 family's architecture and vocabulary with its own random
+    weights, stored as the real checkpoint is (the inner model only: no ``model.`` prefix, no
+    lm_head), its tokenizer appending ``<|endoftext|>`` to every text, and sentence-transformers'
+    modules.json and 1_Pooling/config.json (last-token pooling)."""
+    import dataclasses
+
+    import mlx.core as mx
+
+    family = dataclasses.replace(FAMILIES_BY_NAME["qwen3"], name=EMBEDDING_FAMILY_NAME,
+                                 real_model="Qwen/Qwen3-Embedding-0.6B")
+    dest = Path(models_dir) / family.dirname("bf16")
+    digest = build_digest(family, "bf16")
+    if _is_complete(dest, digest):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        _write_bf16(tmp, family)
+        for file in tmp.glob("model*.safetensors"):
+            inner = {name.removeprefix("model."): value for name, value in mx.load(str(file)).items()
+                     if not name.startswith("lm_head.")}
+            mx.save_safetensors(str(file), inner, metadata={"format": "pt"})
+        (tmp / "model.safetensors.index.json").unlink(missing_ok=True)
+        tokenizer = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
+        eos = "<|endoftext|>"
+        eos_id = next(t["id"] for t in tokenizer["added_tokens"] if t["content"] == eos)
+        tokenizer["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": eos, "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
+                     {"SpecialToken": {"id": eos, "type_id": 1}}],
+            "special_tokens": {eos: {"id": eos, "ids": [eos_id], "tokens": [eos]}}}
+        _write_json(tmp / "tokenizer.json", tokenizer)
+        _write_json(tmp / "modules.json", [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+        (tmp / "1_Pooling").mkdir()
+        _write_json(tmp / "1_Pooling" / "config.json", {
+            "word_embedding_dimension": 64, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+            "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": True, "include_prompt": True})
+        (tmp / MARKER_FILE).write_text(json.dumps({"digest": digest, "family": family.name,
+                                                   "quantization": "bf16"}) + "\n")
+        _install(tmp, dest, digest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -429,3 +429,183 @@ def test_formatting():
     assert fmt.error_lines(error) == ["error -32602: Invalid params", "  /x: bad"]
     assert fmt.plain_table((["a", "bb"], [["xyz", "1"]])) == ["a    bb", "xyz  1"]
     assert fmt.visible("a\tb\nc\rd\x1b[2J\x9b") == "a\tb\nc\u240dd\u241b[2J\ufffd"
+
+
+# ---- tools, JSON output, reasoning, embeddings -----------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="session")
+def family_models(models_dir) -> dict[str, str]:
+    """Tiny real-family checkpoints in the REPL's models dir: Qwen3 (tool calls), the same with
+    a thinking template (the generation prompt opens `<think>`, as Qwen3-Thinking-2507's does),
+    and a Qwen3-Embedding."""
+    import shutil
+
+    from tests.families import FAMILIES_BY_NAME, build, build_embedding_model
+
+    qwen = build(models_dir, FAMILIES_BY_NAME["qwen3"], "bf16")
+    thinking = models_dir / "qwen3-thinking-bf16"
+    if not thinking.exists():
+        shutil.copytree(qwen, thinking)
+        config_path = thinking / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        closed = "{{- '<think>\\n\\n</think>\\n\\n' }}\n"
+        assert closed in config["chat_template"]
+        config["chat_template"] = config["chat_template"].replace(
+            closed, closed + "    {%- else %}\n        {{- '<think>\\n' }}\n")
+        config_path.write_text(json.dumps(config))
+    return {"qwen": qwen.name, "thinking": thinking.name, "embedding": build_embedding_model(models_dir).name}
+
+
+def sent_messages(stdout: str) -> list[dict]:
+    return [json.loads(line[2:]) for line in stdout.splitlines() if line.startswith("→ ")]
+
+
+def streamed_text(stdout: str, request_id: int) -> str:
+    """The text of one request's chunks, as `/raw on` showed them."""
+    received = [json.loads(line[2:]) for line in stdout.splitlines() if line.startswith("← ")]
+    return "".join(m["params"].get("text", "") for m in received
+                   if m.get("method") == "generate/chunk" and m["params"]["requestId"] == request_id)
+
+
+def test_script_json_output_parses(env):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    done = script(env, ["/set maxTokens 200", "/raw on", "/json", "hello", f"/json {json.dumps(schema)}",
+                        "/generate The", "/raw off", "/json off", "/json {not json"])
+    assert done.returncode == 1  # the last line
+    assert "JSON output: one JSON object per reply" in done.stderr
+    assert "JSON output: replies follow the schema" in done.stderr
+    assert "JSON output off: free text" in done.stderr
+    assert "error: /json: neither JSON" in done.stderr
+    sent = sent_messages(done.stdout)
+    chat = next(m for m in sent if m.get("method") == "chat")
+    generate = next(m for m in sent if m.get("method") == "generate")
+    assert chat["params"]["responseFormat"] == {"type": "json_object"}
+    assert generate["params"]["responseFormat"] == {"type": "json_schema", "schema": schema}
+    first, second = json.loads(streamed_text(done.stdout, chat["id"])), json.loads(streamed_text(done.stdout, generate["id"]))
+    assert isinstance(first, dict)
+    assert set(second) == {"n", "ok"} and isinstance(second["n"], int) and isinstance(second["ok"], bool)
+    assert re.search(SUMMARY + r".* · mask [\d.]+ ms/token", done.stderr)
+
+
+def test_script_tools_are_sent_with_chat_only_and_calls_are_shown(env, family_models, tmp_path):
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text(json.dumps([WEATHER_TOOL]))
+    done = script(env, [f"/tools {tools_file}", "/set toolChoice required", "/tools", "/set maxTokens 200",
+                        "/raw on", "/generate The", "What is the weather in Paris?", "/raw off",
+                        "/tools off", "/tools", '/tools {"name": "bad name!"}'], "--model", family_models["qwen"])
+    assert done.returncode == 1  # the bad tool
+    assert "tools for the following chat turns: get_weather" in done.stderr
+    assert "tools: get_weather (toolChoice \"required\")" in done.stderr
+    assert "tools off" in done.stderr and "tools: none" in done.stderr
+    assert "error: /tools: tools/0/function/name" in done.stderr
+    sent = sent_messages(done.stdout)
+    generate = next(m["params"] for m in sent if m.get("method") == "generate")
+    chat = next(m["params"] for m in sent if m.get("method") == "chat")
+    assert "tools" not in generate and "toolChoice" not in generate  # chat's params only
+    assert chat["tools"] == [WEATHER_TOOL] and chat["toolChoice"] == "required"
+    # The call, on a line of its own, as the model made it; the summary counts it.
+    call = re.search(r"^tool call get_weather (\{.*\}) \((\S+)\)$", done.stdout, re.M)
+    assert call, done.stdout
+    assert isinstance(json.loads(call.group(1))["city"], str)
+    assert re.search(r"\[tool_calls\] .* · 1 tool call · ", done.stderr)
+
+
+def test_script_reasoning_is_apart_from_the_answer(env, family_models):
+    done = script(env, ["/think 6", "/set maxTokens 30", "/raw on", "Tell me about the sea.", "/raw off",
+                        "Tell me about the sea.", "/think off", "/think default", "/think sometimes"],
+                  "--model", family_models["thinking"])
+    assert done.returncode == 1  # /think sometimes
+    assert "thinking on, at most 6 tokens" in done.stderr
+    assert "thinking off" in done.stderr and "thinking the template's default" in done.stderr
+    assert "error: usage: /think on|off|TOKENS|default" in done.stderr
+    chat = next(m["params"] for m in sent_messages(done.stdout) if m.get("method") == "chat")
+    assert chat["thinking"] is True and chat["thinkingBudget"] == 6
+    # Unraw, the reasoning is on stderr, each line marked, and never in the answer on stdout.
+    reasoning = [line for line in done.stderr.splitlines() if line.startswith("[reasoning] ")]
+    assert reasoning, done.stderr
+    answer = done.stdout.splitlines()[-1]
+    assert answer.strip() and "<think>" not in answer and "</think>" not in answer
+    assert re.search(SUMMARY.replace(r"generated tokens", r"generated tokens · \d+ reasoning"), done.stderr)
+
+
+def test_script_embed_shows_vectors_and_similarities(env, family_models):
+    done = script(env, [f"/embed --model {family_models['embedding']} the sea | the ocean | mountains",
+                        "/embed just one", "/embed", "/embed a |  | b"], "--no-load")
+    assert done.returncode == 1  # the usage errors
+    lines = done.stdout.splitlines()
+    for i, text in enumerate(["the sea", "the ocean", "mountains", "just one"]):
+        assert any(re.match(rf'\[{1 if i == 3 else i + 1}\] "{text}": 64 dimensions · norm 1\.0000 · \[-?0\.\d{{4}}, ', line)
+                   for line in lines), (text, done.stdout)
+    pairs = [line for line in lines if line.startswith("cos(")]
+    assert [p.split()[0] for p in pairs] == ["cos(1,2)", "cos(1,3)", "cos(2,3)"]
+    assert all(-1 <= float(p.split()[1]) <= 1 for p in pairs)
+    assert done.stderr.count("error: usage: /embed") == 2
+    assert re.search(rf"{family_models['embedding']} · \d+ tokens · [\d.]+ ms", done.stderr)
+
+
+def test_help_lists_the_new_commands(env):
+    done = script(env, ["/help", "/help think"], "--no-load")
+    assert done.returncode == 0, done.stderr
+    for usage in ("/tools [FILE|JSON|off]", "/json [SCHEMA|FILE|off]", "/think on|off|TOKENS", "/embed TEXT [| TEXT…]"):
+        assert usage in done.stdout
+    assert re.search(r"^/think on\|off\|TOKENS\s+reasoning models", done.stdout, re.M)
+
+
+def test_tool_calls_reasoning_and_embeddings_formatting():
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}
+    assert fmt.tool_call_line(call) == 'tool call f {"a":1} (call_1)'
+    assert fmt.tool_call_line({**call, "error": "unknown tool"}) == 'tool call f {"a":1} (call_1): invalid: unknown tool'
+    result = {"finishReason": "tool_calls", "usage": {"promptTokens": 5, "completionTokens": 7, "reasoningTokens": 3},
+              "timings": {"ttftMs": 1, "tokensPerSecond": 2, "maskMsPerToken": 0.25}, "toolCalls": [call]}
+    assert fmt.generation_summary(result) == ("[tool_calls] 5 prompt + 7 generated tokens · 3 reasoning · 1 tool call"
+                                              " · TTFT 1.0 ms · 2.0 tokens/s · mask 0.25 ms/token")
+    lines = fmt.embedding_lines(["a", "b\nc"], {"vectors": [[1.0, 0.0], [0.6, 0.8]]}, shown=1)
+    assert lines == ['[1] "a": 2 dimensions · norm 1.0000 · [1.0000, …]',
+                     '[2] "b c": 2 dimensions · norm 1.0000 · [0.6000, …]',
+                     'cos(1,2) 0.6000  "a" ~ "b c"']
+
+
+def test_channels_and_plain_output_keep_reasoning_apart():
+    import io
+
+    from sidecar.client import Channels
+    from sidecar.repl.output import PlainOutput
+
+    channels = Channels()
+    call = {"index": 0, "id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for chunk in ({"reasoning": "hm"}, {"reasoning": "m", "text": "Hi"}, {"toolCalls": [call]}, {"text": "!"}):
+        channels.add(chunk)
+    whole = channels.result({"finishReason": "tool_calls"})
+    assert whole == {"finishReason": "tool_calls", "text": "Hi!", "reasoning": "hmm",
+                     "toolCalls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    assert Channels().result({"finishReason": "stop"}) == {"finishReason": "stop", "text": ""}
+
+    out, err = io.StringIO(), io.StringIO()
+    output = PlainOutput(out, err)
+    output.reasoning("first\nsec")
+    output.reasoning("ond")
+    output.text("The answer")
+    output.end_text()
+    assert err.getvalue() == "[reasoning] first\n[reasoning] second\n"
+    assert out.getvalue() == "The answer\n"
+
+
+def test_chat_only_settings_stay_out_of_generate():
+    state = ReplState()
+    state.settings.update({"tools": [WEATHER_TOOL], "thinking": True, "responseFormat": {"type": "json_object"},
+                           "maxTokens": 5})
+    assert set(state.generation_params("generate")) == {"model", "responseFormat", "maxTokens"}
+    assert set(state.chat_params("hi", keep_history=False)) == {"model", "tools", "thinking", "responseFormat",
+                                                               "maxTokens", "messages"}
+    state.conversation.add("hi", "", [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}])
+    assert state.conversation.turns[1] == {"role": "assistant", "content": None, "toolCalls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    assert parse_setting("toolChoice", "required") == "required"
+    assert parse_setting("tools", json.dumps([WEATHER_TOOL])) == [WEATHER_TOOL]

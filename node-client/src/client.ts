@@ -11,6 +11,8 @@ import { Prediction, type PredictionResult } from "./prediction";
 import { DEFAULT_SIDECAR_ARGS, defaultSidecarCwd, packageRoot, resolvePython } from "./process";
 import type {
   ChatParams,
+  EmbedParams,
+  EmbedResult,
   GenerateParams,
   InitializeResult,
   LocalModel,
@@ -91,6 +93,8 @@ export interface LoadOptions extends CallOptions {
 type StreamingKeys = "stream" | "_meta";
 export type ChatOptions = Omit<ChatParams, StreamingKeys> & CallOptions;
 export type GenerateOptions = Omit<GenerateParams, StreamingKeys> & CallOptions;
+/** `embed` options: `model` (default: the sidecar's choice), `dimensions`, `normalize`, `keepAlive`. */
+export type EmbedOptions = Omit<EmbedParams, "input" | "_meta"> & CallOptions;
 
 export interface RestartInfo {
   pid: number | undefined;
@@ -273,6 +277,18 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
   }
 
   // ---- other calls ---------------------------------------------------------------------
+
+  /**
+   * Embedding vectors of one text or several (one vector per text, in order): `{ model, vectors,
+   * dimensions, usage, timings }`. Unit length unless `normalize: false`; `dimensions` keeps the
+   * first n components. Without `model`, the sidecar chooses (see PROTOCOL.md, `embed`).
+   */
+  async embed(input: string | string[], options: EmbedOptions = {}): Promise<EmbedResult> {
+    const { signal, timeoutMs, ...params } = options;
+    const result = await this.request("embed", { ...params, input: typeof input === "string" ? [input] : input }, { signal, timeoutMs });
+    this.touchModel(result.model, params.model ?? result.model);
+    return result;
+  }
 
   /** Server state: loaded models, active and queued requests, memory. */
   status(options: CallOptions = {}): Promise<ServerStatusResult> {

@@ -292,7 +292,7 @@ export class Connection {
   private notification(method: string, params: unknown): void {
     if (method === "generate/chunk" && isRecord(params)) {
       const call = this.route(params.requestId, "generate/chunk");
-      if (call?.handlers.onChunk && typeof params.seq === "number" && typeof params.text === "string") {
+      if (call?.handlers.onChunk && typeof params.seq === "number" && isChunkBody(params)) {
         call.handlers.onChunk(params as unknown as GenerateChunkParams);
       }
       return;
@@ -348,4 +348,14 @@ export class Connection {
       );
     }
   }
+}
+
+/** A chunk's channels have their types: `text` and `reasoning` strings, `toolCalls` an array (each optional). */
+function isChunkBody(params: Record<string, unknown>): boolean {
+  const { text, reasoning, toolCalls } = params;
+  return (
+    (text === undefined || typeof text === "string") &&
+    (reasoning === undefined || typeof reasoning === "string") &&
+    (toolCalls === undefined || (Array.isArray(toolCalls) && toolCalls.every(isRecord)))
+  );
 }

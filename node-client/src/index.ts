@@ -2,6 +2,7 @@ export {
   LocalMLX,
   type CallOptions,
   type ChatOptions,
+  type EmbedOptions,
   type GenerateOptions,
   type LoadOptions,
   type LoadProgress,
@@ -10,7 +11,13 @@ export {
   type Logger,
   type RestartInfo,
 } from "./client";
-export { Prediction, type PredictionChunk, type PredictionResult } from "./prediction";
+export {
+  Prediction,
+  type PredictionChunk,
+  type PredictionEvents,
+  type PredictionFragment,
+  type PredictionResult,
+} from "./prediction";
 export type { CloseResult, StopTimeouts } from "./session";
 export type { RestartPolicy } from "./supervisor";
 export type { WireWarning } from "./connection";
@@ -31,3 +38,4 @@ export {
 } from "./errors";
 export { resolvePython } from "./process";
 export * from "./protocol";
+export * from "./openai";

@@ -1,26 +1,52 @@
 /**
  * One generation (`chat` or `generate`): an async iterator of text chunks and, at the same
  * time, a promise of the final result. Chunks are put back in `seq` order for their own
- * request id. Flow control is this prediction's own: a consumer that falls behind never pauses
- * the wire; its unread chunks wait here, joined into fewer chunks past `highWaterMark`.
+ * request id. A chunk has up to three channels: answer text, reasoning, and finished tool calls;
+ * iterating the prediction yields the text, `fragments()` yields all three, and the result
+ * carries each one assembled. Flow control is this prediction's own: a consumer that falls
+ * behind never pauses the wire; its unread chunks wait here, joined into fewer chunks past
+ * `highWaterMark`.
  */
 import type { Connection, WireWarning } from "./connection";
 import { TimeoutError } from "./errors";
-import type { GenerateChunkParams, GenerationResult } from "./protocol";
+import { TypedEmitter } from "./events";
+import type { GenerateChunkParams, GenerationResult, StreamedToolCall, ToolCall } from "./protocol";
 
-/** One piece of generated text, in order. */
+/** One piece of generated answer text, in order. */
 export interface PredictionChunk {
   text: string;
   /**
    * 0, 1, 2, … counting the chunks this iterator yields, with no gaps. It is the sidecar's `seq`
-   * until a lagging consumer gets chunks joined together; from then on it counts the joined ones.
+   * until a lagging consumer gets chunks joined together (or a chunk carried no answer text);
+   * from then on it counts the chunks yielded.
    */
   seq: number;
 }
 
-/** The final result: the sidecar's response, with `text` (every chunk joined). */
+/**
+ * One piece of a prediction on any channel, in the order the model produced them: answer
+ * `text`, `reasoning` (a thinking model's, never part of the text), or a `toolCall` the model
+ * has finished (whole, its arguments a JSON text; `error` when it is invalid). `seq` counts the
+ * fragments yielded: 0, 1, 2, … with no gaps.
+ */
+export type PredictionFragment =
+  | { type: "text"; text: string; seq: number }
+  | { type: "reasoning"; text: string; seq: number }
+  | { type: "toolCall"; toolCall: StreamedToolCall; seq: number };
+
+/**
+ * The final result: the sidecar's response, with `text` (every text chunk joined), and, when
+ * there were any, `reasoning` (every reasoning chunk joined) and `toolCalls` (in `index` order).
+ */
 export interface PredictionResult extends GenerationResult {
   text: string;
+}
+
+/** Events of a prediction, each as its chunk arrives (wire order), whether or not it is iterated. */
+export interface PredictionEvents {
+  text: [text: string];
+  reasoning: [text: string];
+  toolCall: [toolCall: StreamedToolCall];
 }
 
 export interface PredictionOptions {
@@ -35,11 +61,17 @@ export interface PredictionOptions {
 }
 
 type State = "waiting" | "running" | "done" | "failed";
-type Waiter = { resolve(result: IteratorResult<PredictionChunk>): void; reject(error: unknown): void };
+/** A fragment not yet handed out (its `seq` is given when it is). */
+type Piece = { type: "text" | "reasoning"; text: string } | { type: "toolCall"; toolCall: StreamedToolCall };
+type Yielded = PredictionChunk | PredictionFragment;
+type Waiter = { resolve(result: IteratorResult<Yielded>): void; reject(error: unknown): void };
 
 const DONE: IteratorReturnResult<undefined> = { done: true, value: undefined };
 
-export class Prediction implements AsyncIterable<PredictionChunk>, PromiseLike<PredictionResult> {
+export class Prediction
+  extends TypedEmitter<PredictionEvents>
+  implements AsyncIterable<PredictionChunk>, PromiseLike<PredictionResult>
+{
   /** The final result. Aborting does not reject it: it resolves with finishReason "cancelled". */
   readonly result: Promise<PredictionResult>;
   private resolveResult!: (result: PredictionResult) => void;
@@ -47,16 +79,23 @@ export class Prediction implements AsyncIterable<PredictionChunk>, PromiseLike<P
   private state: State = "waiting";
   private connection: Connection | undefined;
   private requestId: number | undefined;
-  /** All the text so far (for `text` and `result.text`). */
+  /** All the text so far (for `text` and `result.text`), the reasoning, the tool calls by index. */
   private received = "";
-  /** Chunks not yet yielded: at most `highWaterMark`, the last one taking whatever comes after. */
-  private readonly unread: PredictionChunk[] = [];
+  private receivedReasoning = "";
+  private readonly calls = new Map<number, StreamedToolCall>();
+  /**
+   * Fragments not yet yielded: about `highWaterMark`, the last one taking whatever comes after on
+   * its channel. Iterating the prediction itself keeps only text here.
+   */
+  private readonly unread: Piece[] = [];
   /** The `seq` of the next chunk for the consumer. */
   private nextChunkSeq = 0;
   /** The sidecar's `seq` expected next, and chunks that came before their turn. */
   private nextWireSeq = 0;
-  private readonly early = new Map<number, string>();
+  private readonly early = new Map<number, GenerateChunkParams>();
   private iteration: "none" | "active" | "ended" = "none";
+  /** What the iteration yields: text chunks (iterating the prediction) or every fragment. */
+  private yields: "text" | "fragments" = "text";
   private waiter: Waiter | undefined;
   private error: unknown;
   private cancelRequested = false;
@@ -65,6 +104,7 @@ export class Prediction implements AsyncIterable<PredictionChunk>, PromiseLike<P
 
   /** @internal Created by `LocalMLX.chat()` / `LocalMLX.generate()`. */
   constructor(private readonly options: PredictionOptions) {
+    super();
     this.result = new Promise<PredictionResult>((resolve, reject) => {
       this.resolveResult = resolve;
       this.rejectResult = reject;
@@ -91,6 +131,16 @@ export class Prediction implements AsyncIterable<PredictionChunk>, PromiseLike<P
     return this.received;
   }
 
+  /** The reasoning received so far (a thinking model's; never part of `text`). */
+  get reasoning(): string {
+    return this.receivedReasoning;
+  }
+
+  /** The tool calls received so far, in `index` order, in OpenAI's shape (`error` when invalid). */
+  get toolCalls(): ToolCall[] {
+    return [...this.calls.values()].sort((a, b) => a.index - b.index).map(({ index: _index, ...call }) => call);
+  }
+
   /** Stops the generation: sends `$/cancelRequest` and ends the iterator; `result` resolves "cancelled". */
   cancel(): void {
     if (this.state === "done" || this.state === "failed") return;
@@ -110,9 +160,26 @@ export class Prediction implements AsyncIterable<PredictionChunk>, PromiseLike<P
     return this.result.then(onFulfilled, onRejected);
   }
 
+  /** Yields the answer text, chunk by chunk (reasoning and tool calls are in `fragments()`). */
   [Symbol.asyncIterator](): AsyncIterator<PredictionChunk> {
+    return this.iterate("text") as AsyncIterator<PredictionChunk>;
+  }
+
+  /**
+   * Yields every channel in order: `{type: "text" | "reasoning", text, seq}` and
+   * `{type: "toolCall", toolCall, seq}`. Either this or the prediction itself can be iterated, once.
+   */
+  fragments(): AsyncIterable<PredictionFragment> {
+    return { [Symbol.asyncIterator]: () => this.iterate("fragments") as AsyncIterator<PredictionFragment> };
+  }
+
+  private iterate(yields: "text" | "fragments"): AsyncIterator<Yielded> {
     if (this.iteration === "active") throw new Error("A prediction can be iterated only once");
-    if (this.iteration === "none") this.iteration = "active";
+    if (this.iteration === "none") {
+      this.iteration = "active";
+      this.yields = yields;
+      if (yields === "text") this.keepText();
+    }
     return {
       next: () => this.next(),
       return: async () => {
@@ -162,39 +229,78 @@ export class Prediction implements AsyncIterable<PredictionChunk>, PromiseLike<P
   private accept(chunk: GenerateChunkParams): void {
     if (this.state !== "running") return;
     if (chunk.seq === this.nextWireSeq) {
-      this.push(chunk.text);
+      this.push(chunk);
       while (this.early.has(this.nextWireSeq)) {
-        const text = this.early.get(this.nextWireSeq)!;
+        const next = this.early.get(this.nextWireSeq)!;
         this.early.delete(this.nextWireSeq);
-        this.push(text);
+        this.push(next);
       }
     } else if (chunk.seq > this.nextWireSeq && !this.early.has(chunk.seq)) {
-      this.early.set(chunk.seq, chunk.text);
+      this.early.set(chunk.seq, chunk);
     } else {
       this.options.onWarning({ kind: "unexpected", message: `duplicate chunk seq ${chunk.seq} for request ${this.requestId}` });
     }
   }
 
-  /** Text in wire order: handed to a waiting consumer, else kept unread (joined past the mark). */
-  private push(text: string): void {
+  /** A chunk in wire order: its reasoning, then its text, then its tool calls. */
+  private push(chunk: GenerateChunkParams): void {
     this.nextWireSeq++;
-    this.received += text;
-    if (this.iteration === "ended") return;
-    if (this.waiter) {
-      const waiter = this.waiter;
-      this.waiter = undefined;
-      waiter.resolve({ value: { text, seq: this.nextChunkSeq++ }, done: false });
-    } else if (this.unread.length >= this.options.highWaterMark) {
-      this.unread[this.unread.length - 1]!.text += text; // memory grows with the text, not the chunk count
-    } else {
-      this.unread.push({ text, seq: this.nextChunkSeq++ });
+    if (chunk.reasoning) {
+      this.receivedReasoning += chunk.reasoning;
+      this.emit("reasoning", chunk.reasoning);
+      this.offer({ type: "reasoning", text: chunk.reasoning });
+    }
+    if (chunk.text) {
+      this.received += chunk.text;
+      this.emit("text", chunk.text);
+      this.offer({ type: "text", text: chunk.text });
+    }
+    for (const toolCall of chunk.toolCalls ?? []) {
+      this.calls.set(toolCall.index, toolCall);
+      this.emit("toolCall", toolCall);
+      this.offer({ type: "toolCall", toolCall });
     }
   }
 
-  private next(): Promise<IteratorResult<PredictionChunk>> {
+  /** Handed to a waiting consumer, else kept unread (joined past the mark, on its own channel). */
+  private offer(piece: Piece): void {
+    if (this.iteration === "ended") return;
+    if (this.iteration === "active" && this.yields === "text" && piece.type !== "text") return;
+    if (this.waiter) {
+      const waiter = this.waiter;
+      this.waiter = undefined;
+      waiter.resolve({ value: this.handOut(piece), done: false });
+      return;
+    }
+    const last = this.unread[this.unread.length - 1];
+    if (this.unread.length >= this.options.highWaterMark && piece.type !== "toolCall" && last?.type === piece.type) {
+      (last as { text: string }).text += piece.text; // memory grows with the text, not the chunk count
+    } else {
+      this.unread.push(piece);
+    }
+  }
+
+  /** Iterating the prediction itself: drop what came before on the other channels. */
+  private keepText(): void {
+    const text = this.unread.filter((piece): piece is Piece & { type: "text" } => piece.type === "text");
+    this.unread.length = 0;
+    for (const piece of text) {
+      const last = this.unread[this.unread.length - 1] as { text: string } | undefined;
+      if (this.unread.length >= this.options.highWaterMark && last) last.text += piece.text;
+      else this.unread.push(piece);
+    }
+  }
+
+  private handOut(piece: Piece): Yielded {
+    const seq = this.nextChunkSeq++;
+    if (this.yields === "text") return { text: (piece as { text: string }).text, seq };
+    return { ...piece, seq };
+  }
+
+  private next(): Promise<IteratorResult<Yielded>> {
     if (this.iteration === "ended") return Promise.resolve(DONE);
-    const value = this.unread.shift();
-    if (value) return Promise.resolve({ value, done: false });
+    const piece = this.unread.shift();
+    if (piece) return Promise.resolve({ value: this.handOut(piece), done: false });
     if (this.state === "done") {
       this.iteration = "ended";
       return Promise.resolve(DONE);
@@ -216,8 +322,12 @@ export class Prediction implements AsyncIterable<PredictionChunk>, PromiseLike<P
       for (const seq of [...this.early.keys()].sort((a, b) => a - b)) this.push(this.early.get(seq)!);
       this.early.clear();
     }
-    const { text: _unused, ...rest } = response;
+    const { text: _text, reasoning, toolCalls, ...rest } = response;
     const result: PredictionResult = { ...rest, text: this.text };
+    // Streamed, they came in chunks; a response that carries them anyway is taken as it is.
+    if (this.receivedReasoning || reasoning) result.reasoning = this.receivedReasoning || reasoning;
+    if (this.calls.size > 0) result.toolCalls = this.toolCalls;
+    else if (toolCalls?.length) result.toolCalls = toolCalls;
     this.state = "done";
     this.cleanUp();
     this.resolveResult(result);

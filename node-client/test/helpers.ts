@@ -1,6 +1,7 @@
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import { cpSync, existsSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { basename, join, resolve } from "node:path";
 import { LocalMLX, resolvePython, type LocalMLXOptions, type Message } from "../src/index";
 
 export const packageRoot = resolve(__dirname, "..");
@@ -53,4 +54,47 @@ export function processGone(pid: number): boolean {
 
 export function sleep(ms: number): Promise<void> {
   return new Promise((resolveSleep) => setTimeout(resolveSleep, ms));
+}
+
+/**
+ * A tiny checkpoint of a real model family, built offline by `tests/families.py` into the run's
+ * models dir (cached by content): "qwen3" (Qwen3's real template, tool calls and thinking) or
+ * "qwen3-embedding" (a Qwen3-Embedding). Returns the model's name for `model`.
+ */
+export function buildFamilyModel(family: "qwen3" | "qwen3-embedding"): string {
+  const code =
+    family === "qwen3"
+      ? "from tests.families import build, FAMILIES_BY_NAME as F; print(build(D, F['qwen3'], 'bf16'))"
+      : "from tests.families import build_embedding_model; print(build_embedding_model(D))";
+  const built = spawnSync(python, ["-c", `import sys; from pathlib import Path; D = Path(sys.argv[1]); ${code}`, modelsDir], {
+    cwd: repositoryRoot,
+    encoding: "utf8",
+  });
+  if (built.status !== 0) throw new Error(`could not build ${family}: ${built.stderr}`);
+  return basename(built.stdout.trim());
+}
+
+/**
+ * The qwen3 checkpoint with a thinking model's template: the generation prompt opens the
+ * reasoning block (`<think>\n`, as Qwen3-Thinking-2507's does) unless `enable_thinking` is false.
+ */
+export function buildThinkingModel(): string {
+  const source = join(modelsDir, buildFamilyModel("qwen3"));
+  const name = "qwen3-thinking-bf16";
+  const dest = join(modelsDir, name);
+  if (existsSync(join(dest, "config.json"))) return name;
+  const tmp = mkdtempSync(join(modelsDir, `.${name}-`));
+  cpSync(source, tmp, { recursive: true });
+  const configPath = join(tmp, "tokenizer_config.json");
+  const config = JSON.parse(readFileSync(configPath, "utf8")) as { chat_template: string };
+  const closed = "{{- '<think>\\n\\n</think>\\n\\n' }}\n";
+  if (!config.chat_template.includes(closed)) throw new Error("the qwen3 template changed: no empty think block to patch");
+  config.chat_template = config.chat_template.replace(closed, `${closed}    {%- else %}\n        {{- '<think>\\n' }}\n`);
+  writeFileSync(configPath, JSON.stringify(config, null, 2));
+  try {
+    renameSync(tmp, dest);
+  } catch {
+    rmSync(tmp, { recursive: true, force: true }); // another test file built it first
+  }
+  return name;
 }

@@ -15,7 +15,9 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from ..errors import ModelLoadFailed, ModelLoading, ModelNotLoaded, RpcError, brief
+from ..embeddings.work import EmbeddingWork
+from ..embeddings.work import tokenize as embedding_tokens
+from ..errors import InvalidParams, ModelLoadFailed, ModelLoading, ModelNotLoaded, RpcError, brief
 from ..hub import ModelLocation, ModelLocator
 from ..settings import Settings
 from .generation import (GenerationOrder, GenerationRequest, GenerationResult, PreparedGeneration,
@@ -235,12 +237,32 @@ class Engine:
 
     async def prepare(self, loaded: LoadedModel, request: GenerationRequest) -> PreparedGeneration:
         """Tokenize and check on a worker thread: the engine thread only runs the model."""
+        if loaded.embedder is not None:
+            raise InvalidParams(f"Model {loaded.name} is an embedding model: it serves embed, not {request.method}",
+                                errors=[{"path": "/model", "message": "an embedding model cannot generate"}],
+                                model=loaded.name, capabilities=["embed"])
         with_lock = self._with_tokenizer_lock(loaded)
         return await asyncio.to_thread(with_lock, prepare, loaded, request)
 
     def submit_generation(self, order: GenerationOrder, model: str) -> Job:
         job = Job("generate", self.loop, model=model, payload=order)
         self.scheduler.submit_generation(job)
+        return job
+
+    # ---- embeddings --------------------------------------------------------------------
+
+    async def prepare_embedding(self, loaded: LoadedModel, texts: list[str], dimensions: int,
+                                normalize: bool, progress: Progress = _no_progress) -> EmbeddingWork:
+        """Tokenize and check on a worker thread: the engine thread only runs the model."""
+        def tokens() -> list[list[int]]:
+            return embedding_tokens(loaded.tokenizer, texts, loaded.embedder.max_tokens)
+
+        rows = await asyncio.to_thread(self._with_tokenizer_lock(loaded), tokens)
+        return EmbeddingWork(loaded, rows, dimensions, normalize, progress)
+
+    def submit_embedding(self, work: EmbeddingWork, model: str) -> Job:
+        job = Job("embed", self.loop, model=model, payload=work)
+        self.scheduler.submit_embedding(job)
         return job
 
     def cached_response(self, loaded: LoadedModel, request: GenerationRequest) -> CachedResponse | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ContextLengthExceeded, InvalidParams, brief
+from .constraints import compile_constraint, response_format_grammar
 from .jobs import CancelReason, Job
 from .sampling import SamplingParams, check_logit_bias, make_logits_processors, make_sampler
 
@@ -30,6 +31,7 @@ class GenerationRequest:
     keep_alive: float | None = None  # seconds; becomes its model's keep-alive
     kv_bits: int | None = None  # else the model's default
     max_kv_size: int | None = None  # else the model's default
+    response_format: dict[str, Any] | None = None  # responseFormat; None or type text: free text
 
     @property
     def method(self) -> str:
@@ -67,6 +69,7 @@ class PreparedGeneration:
     request: GenerationRequest
     prompt: list[int]
     max_tokens: int  # clipped to the context
+    constraint: Any = None  # constraints.Constraint: the token mask of a structured output
 
 
 def prepare(loaded: Any, request: GenerationRequest) -> PreparedGeneration:
@@ -84,7 +87,9 @@ def prepare(loaded: Any, request: GenerationRequest) -> PreparedGeneration:
                 f"Prompt has {len(prompt)} tokens; the model's context is {context}",
                 promptTokens=len(prompt), contextLength=context)
         max_tokens = min(max_tokens, context - len(prompt))
-    return PreparedGeneration(request, prompt, max_tokens)
+    grammar = response_format_grammar(request.response_format)
+    constraint = compile_constraint(loaded.tokenizer, loaded.vocab_size, grammar) if grammar else None
+    return PreparedGeneration(request, prompt, max_tokens, constraint)
 
 
 @dataclass
@@ -198,6 +203,8 @@ class Generation:
         sampling = self.request.sampling
         self.sampler = make_sampler(sampling, self.loaded.vocab_size)
         self.logits_processors = make_logits_processors(sampling)
+        if self.prepared.constraint is not None:  # last: it sees the logits the others made
+            self.logits_processors.append(self.prepared.constraint.processor(len(self.prompt)))
         self._detokenizer = self.loaded.tokenizer.detokenizer
         self._stops = StopMatcher(self.request.stop)
         if self.request.use_response_cache and sampling.deterministic and self.loaded.response_cache is not None:
@@ -305,6 +312,8 @@ class Generation:
             "totalMs": _ms(ended - received),
             "peakMemoryBytes": self.peak_memory,
         }
+        if self.prepared.constraint is not None:
+            timings["maskMsPerToken"] = self.prepared.constraint.mask_ms_per_token
         return GenerationResult(
             self.loaded.name, self.finish_reason or "cancelled", len(self.prompt), self.completion_tokens,
             self.cached_tokens, timings, text=None if self.request.stream else "".join(self._parts),

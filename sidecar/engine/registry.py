@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable  # noqa: F401
 
+from ..embeddings.detect import embedding_kind
 from ..errors import ModelLoadFailed, OutOfMemory, brief
 from ..hub import ModelLocation
 from ..model_config import context_length as _context_length
@@ -70,6 +71,11 @@ def describe(name: str, path: Path, model: Any, config: dict[str, Any]) -> dict[
     }
 
 
+def capabilities(tokenizer: Any) -> list[str]:
+    """What a text-generation model serves (tools and thinking are added where known)."""
+    return (["chat"] if getattr(tokenizer, "chat_template", None) is not None else []) + ["generate"]
+
+
 def _iso(wall: float) -> str:
     import datetime
 
@@ -99,6 +105,7 @@ class LoadedModel:
     response_cache: ResponseCache | None
     eos_stops: Any  # mlx_lm StopSequences of the end-of-sequence tokens
     options: "ModelOptions"
+    embedder: Any = None  # sidecar.embeddings Embedder for an embedding model (it then only embeds)
     last_used: float = field(default_factory=time.monotonic)
     last_used_at: float = field(default_factory=time.time)  # wall clock, for listings
 
@@ -168,12 +175,16 @@ class ModelRegistry:
         started = time.perf_counter()
         try:
             progress("weights", 1, 3, "step")
-            from mlx_lm import load
+            kind = embedding_kind(path, name)
+            if kind is not None:
+                loaded = self._load_embedder(location, path, kind, options, progress)
+            else:
+                from mlx_lm import load
 
-            model, tokenizer, config = load(str(path), return_config=True)
-            progress("warmup", 2, 3, "step")
-            _warm_up(model, tokenizer)
-            loaded = self._wrap(location, path, model, tokenizer, config, options)
+                model, tokenizer, config = load(str(path), return_config=True)
+                progress("warmup", 2, 3, "step")
+                _warm_up(model, tokenizer)
+                loaded = self._wrap(location, path, model, tokenizer, config, options)
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise OutOfMemory(f"Out of memory loading {name}: {brief(exc)}", model=name) from exc
@@ -198,10 +209,26 @@ class ModelRegistry:
         response_cache = (ResponseCache(settings.response_cache_entries, settings.response_cache_bytes)
                           if settings.enable_cache else None)
         name = location.name
-        return LoadedModel(name, path, model, tokenizer, config, describe(name, path, model, config), location,
+        description = dict(describe(name, path, model, config), capabilities=capabilities(tokenizer))
+        return LoadedModel(name, path, model, tokenizer, config, description, location,
                            batchable=can_batch(model, config), prefix_cache=prefix_cache,
                            response_cache=response_cache, eos_stops=make_stop_sequences(tokenizer),
                            options=options)
+
+    def _load_embedder(self, location: ModelLocation, path: Path, kind: str, options: ModelOptions,
+                       progress: Progress) -> LoadedModel:
+        """An embedding model: no lane, no prefix or response cache; warmed up by one embedding."""
+        from ..embeddings.embedder import load_embedder, load_tokenizer
+
+        embedder, config = load_embedder(path, kind)
+        tokenizer = load_tokenizer(path)
+        progress("warmup", 2, 3, "step")
+        embedder.embed([[0]])
+        description = describe(location.name, path, embedder.network, config)
+        description["capabilities"] = ["embed"]
+        return LoadedModel(location.name, path, embedder.network, tokenizer, config, description, location,
+                           batchable=False, prefix_cache=None, response_cache=None, eos_stops=None,
+                           options=options, embedder=embedder)
 
     def unload(self, name: str) -> bool:
         loaded = self._models.pop(name, None)

@@ -40,11 +40,17 @@ def response_key(request: Any) -> bytes | None:
         for name in ("seed", "top_p", "top_k", "min_p"):
             sampling_key.pop(name)
     described = {"messages": request.messages, "prompt": request.prompt, "maxTokens": request.max_tokens,
-                 "stop": request.stop, "sampling": sampling_key, "kv": [request.kv_bits, request.max_kv_size]}
+                 "stop": request.stop, "sampling": sampling_key, "kv": [request.kv_bits, request.max_kv_size],
+                 "responseFormat": _constraint_key(request.response_format)}
     try:
         return orjson.dumps(described, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
     except TypeError:  # a lone surrogate in the text: rare enough not to cache
         return None
+
+
+def _constraint_key(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """responseFormat as it shapes the text: type text is the same as none."""
+    return None if (response_format or {}).get("type", "text") == "text" else response_format
 
 
 class ResponseCache:

@@ -3,7 +3,8 @@
 Each turn of the loop: run queued control work (load, unload) in order; admit waiting
 generations into their model's lane; then advance every lane that has work by one step,
 round robin, so several models share the thread fairly and a new request never waits for
-another to finish. The loop sleeps on a condition when there is nothing to do: no polling.
+another to finish; then run one micro-batch of one embed request (round robin too), so a big
+embedding batch and streaming generations take turns. The loop sleeps on a condition when there is nothing to do: no polling.
 
 The event loop only submits jobs, asks for cancellation, and awaits futures.
 """
@@ -15,7 +16,7 @@ import logging
 import threading
 from typing import Any, Callable
 
-from ..errors import Busy, InternalError, OutOfMemory
+from ..errors import Busy, InternalError, OutOfMemory, RpcError
 from ..settings import Settings
 from .generation import Generation, GenerationResult
 from .jobs import CancelReason, Job
@@ -40,6 +41,7 @@ class Scheduler:
         self._control: collections.deque[Job] = collections.deque()
         self._waiting: collections.deque[Job] = collections.deque()  # generations not yet admitted
         self._lanes: dict[str, Lane] = {}
+        self._embeds: collections.deque[Job] = collections.deque()  # embed requests, one micro-batch a turn
         self._turn = 0
         self._poked = False
         self._stopping = False
@@ -67,6 +69,14 @@ class Scheduler:
             self._waiting.append(job)
             self._ready.notify()
 
+    def submit_embedding(self, job: Job) -> None:
+        with self._ready:
+            if len(self._embeds) >= self.settings.max_queue:
+                raise Busy(f"Busy: {len(self._embeds)} embed requests already queued",
+                           queued=len(self._embeds), maxQueue=self.settings.max_queue)
+            self._embeds.append(job)
+            self._ready.notify()
+
     def cancel(self, job: Job, reason: CancelReason) -> None:
         """Work not started is answered at once; running work stops at its next step."""
         with self._ready:
@@ -75,6 +85,10 @@ class Scheduler:
             if job in self._waiting:
                 self._waiting.remove(job)
                 job.settle(GenerationResult.cancelled_before_start(job.model, job.payload.request, reason))
+            elif job in self._embeds:  # between micro-batches (the running one checks after its step)
+                self._embeds.remove(job)
+                _log_embed_stopped(job, reason)
+                job.settle(_cancel_error(reason), failed=True)
             elif job in self._control:
                 self._control.remove(job)
                 job.settle(_cancel_error(reason), failed=True)
@@ -102,7 +116,7 @@ class Scheduler:
 
     def counts(self) -> dict[str, int]:
         lanes = list(self._lanes.values())
-        return {"active": sum(lane.active for lane in lanes) + (self.running_control is not None),
+        return {"active": sum(lane.active for lane in lanes) + (self.running_control is not None) + len(self._embeds),
                 "queued": len(self._waiting) + len(self._control),
                 "paused": sum(lane.paused for lane in lanes)}
 
@@ -113,7 +127,8 @@ class Scheduler:
     def models_with_work(self) -> set[str]:
         """Models with generations admitted or waiting, or a load or unload queued."""
         busy = {name for name, lane in list(self._lanes.items()) if lane.active}
-        busy.update(job.model for job in [*list(self._waiting), *list(self._control)] if job.model)
+        busy.update(job.model for job in [*list(self._waiting), *list(self._control), *list(self._embeds)]
+                    if job.model)
         return busy
 
     # ---- the engine thread ---------------------------------------------------------------
@@ -137,10 +152,11 @@ class Scheduler:
             self._admit()
             self._settle_unstepped()
             self._step_lanes()
+            self._step_embedding()
         self._stop_everything(CancelReason.EXIT)
 
     def _has_work(self) -> bool:
-        return bool(self._control or self._poked or self._admissible()
+        return bool(self._control or self._poked or self._embeds or self._admissible()
                     or any(lane.has_work for lane in self._lanes.values()))
 
     def _admissible(self) -> bool:
@@ -232,6 +248,35 @@ class Scheduler:
                 generation.peak_memory = max(generation.peak_memory, memory)
                 self._finish(generation)
 
+    def _step_embedding(self) -> None:
+        """One micro-batch of the embed request whose turn it is; it goes to the back of the queue."""
+        with self._ready:
+            if not self._embeds:
+                return
+            job = self._embeds.popleft()
+        work = job.payload
+        try:
+            if job.cancelled:
+                raise _cancel_error(job.cancel_reason)
+            if self.registry.peek(job.model) is not work.loaded:  # unloaded since it was prepared
+                raise _cancel_error(CancelReason.UNLOAD)
+            done = work.step()
+            if job.cancelled:
+                raise _cancel_error(job.cancel_reason)
+        except Exception as exc:
+            if job.cancelled:
+                _log_embed_stopped(job, job.cancel_reason)
+            elif not isinstance(exc, RpcError):
+                log.error("embedding on %s failed: %s", job.model, exc, exc_info=not is_out_of_memory(exc))
+            job.settle(_engine_error(exc, job.model or "", "embed"), failed=True)
+            return
+        if done:
+            work.loaded.touch()
+            job.settle(work.result(job.queued_at))
+            return
+        with self._ready:
+            self._embeds.append(job)
+
     def _finish(self, generation: Generation) -> None:
         generation.loaded.touch()  # its keep-alive counts from the end of its last reply
         result = generation.result()
@@ -271,7 +316,7 @@ class Scheduler:
                 self._finish(generation)
             lane.close()
         with self._ready:
-            doomed = [job for job in self._waiting if job.model == name]
+            doomed = [job for job in [*self._waiting, *self._embeds] if job.model == name]
         for job in doomed:
             self.cancel(job, reason)
 
@@ -279,9 +324,15 @@ class Scheduler:
         for name in list(self._lanes):
             self.stop_model(name, reason)
         with self._ready:
-            pending = list(self._waiting) + list(self._control)
+            pending = list(self._waiting) + list(self._control) + list(self._embeds)
         for job in pending:
             self.cancel(job, reason)
+
+
+def _log_embed_stopped(job: Job, reason: Any) -> None:
+    work = job.payload
+    log.info("embed request on %s stopped (%s) after %d of %d inputs", job.model,
+             getattr(reason, "value", reason), work.finished, len(work.tokens))
 
 
 def _injected_fault(tokens: Any, logits: Any) -> Any:

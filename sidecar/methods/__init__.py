@@ -35,6 +35,6 @@ def rpc_method(name: str) -> Callable[[Handler], Handler]:
 
 
 def register_all(methods: dict[str, Any]) -> None:
-    from . import downloads, generate, lifecycle, models  # noqa: F401  (registration by import)
+    from . import downloads, embed, generate, lifecycle, models  # noqa: F401  (registration by import)
 
     methods.update(_registry)

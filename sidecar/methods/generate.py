@@ -34,7 +34,8 @@ def _generation_request(context: Any, params: dict[str, Any], *, messages: Any =
         stop=list(params.get("stop", [])), stream=bool(params.get("stream", False)),
         use_response_cache=params.get("cache", True),
         keep_alive=None if keep_alive is None else parse_duration(keep_alive),
-        kv_bits=params.get("kvBits"), max_kv_size=params.get("maxKvSize"))
+        kv_bits=params.get("kvBits"), max_kv_size=params.get("maxKvSize"),
+        response_format=params.get("responseFormat"))
 
 
 def _replay(context: Any, model: str, request: GenerationRequest, hit: CachedResponse) -> GenerationResult:

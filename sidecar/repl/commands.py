@@ -11,11 +11,12 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 from . import formatting as fmt
 from .session import ReplSession
-from .state import SYSTEM, canonical_setting, parse_setting, setting_help, setting_names
+from .state import SYSTEM, canonical_setting, check_setting, parse_setting, setting_help, setting_names
 
 
 class QuitRepl(Exception):
@@ -147,14 +148,132 @@ def chat_turn(session: ReplSession, text: str) -> None:
     keep = state.chat_mode
     outcome = session.generate("chat", state.chat_params(text, keep_history=keep))
     if outcome is not None and keep:
-        state.conversation.add(text, outcome[0])
+        state.conversation.add(text, outcome[0], outcome[1].get("toolCalls"))
 
 
 def generate(session: ReplSession, arg: str) -> None:
     if not arg.strip():
         session.failed("usage: /generate TEXT (a raw prompt: no chat template)")
         return
-    session.generate("generate", {**session.state.generation_params(), "prompt": arg})
+    session.generate("generate", {**session.state.generation_params("generate"), "prompt": arg})
+
+
+def _json_argument(text: str) -> Any:
+    """JSON typed inline, or the JSON in the file it names; ValueError when neither."""
+    try:
+        return json.loads(text)
+    except ValueError as inline:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ValueError(f"neither JSON ({inline}) nor a file") from None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _as_tools(value: Any) -> Any:
+    """A list of tools, one tool, `{"tools": [...]}`, or bare functions ({name, parameters})."""
+    if isinstance(value, dict):
+        value = value["tools"] if isinstance(value.get("tools"), list) else [value]
+    if isinstance(value, list):
+        return [{"type": "function", "function": t} if isinstance(t, dict) and "type" not in t and "name" in t else t
+                for t in value]
+    return value
+
+
+def set_tools(session: ReplSession, arg: str) -> None:
+    settings, text = session.state.settings, arg.strip()
+    if not text:
+        tools = settings.get("tools") or []
+        names = ", ".join(t["function"]["name"] for t in tools) or "none"
+        session.output.info(f"tools: {names}" + (f" (toolChoice {fmt.compact_json(settings['toolChoice'])})"
+                                                 if "toolChoice" in settings else ""))
+        return
+    if text.lower() == "off":
+        settings.pop("tools", None)
+        settings.pop("toolChoice", None)
+        session.output.info("tools off")
+        return
+    try:
+        settings["tools"] = check_setting("tools", _as_tools(_json_argument(text)))
+    except ValueError as exc:
+        session.failed(f"/tools: {exc}")
+        return
+    names = ", ".join(t["function"]["name"] for t in settings["tools"])
+    session.output.info(f"tools for the following chat turns: {names} "
+                        "(calls are shown as they are made; /set toolChoice required forces one)")
+
+
+_RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def set_json(session: ReplSession, arg: str) -> None:
+    settings, text = session.state.settings, arg.strip()
+    if text.lower() == "off":
+        settings.pop("responseFormat", None)
+        session.output.info("JSON output off: free text")
+        return
+    try:
+        if not text:
+            value: Any = {"type": "json_object"}
+        else:
+            schema = _json_argument(text)
+            is_format = isinstance(schema, dict) and schema.get("type") in _RESPONSE_FORMATS
+            value = schema if is_format else {"type": "json_schema", "schema": schema}
+        settings["responseFormat"] = check_setting("responseFormat", value)
+    except ValueError as exc:
+        session.failed(f"/json: {exc}")
+        return
+    kind = settings["responseFormat"]["type"]
+    session.output.info({"json_object": "JSON output: one JSON object per reply",
+                         "json_schema": "JSON output: replies follow the schema",
+                         "text": "JSON output off: free text"}[kind])
+
+
+def set_thinking(session: ReplSession, arg: str) -> None:
+    settings, word = session.state.settings, arg.strip().lower()
+    if word in ("on", "off"):
+        settings["thinking"] = word == "on"
+        if word == "off":
+            settings.pop("thinkingBudget", None)
+    elif word.isdigit():
+        try:
+            settings["thinkingBudget"] = check_setting("thinkingBudget", int(word))
+        except ValueError as exc:
+            session.failed(str(exc))
+            return
+        settings["thinking"] = True
+    elif word == "default":
+        settings.pop("thinking", None)
+        settings.pop("thinkingBudget", None)
+    elif word:
+        session.failed("usage: /think on|off|TOKENS|default")
+        return
+    thinking = settings.get("thinking")
+    state = "the template's default" if thinking is None else ("on" if thinking else "off")
+    budget = f", at most {settings['thinkingBudget']} tokens" if "thinkingBudget" in settings else ""
+    session.output.info(f"thinking {state}{budget} (reasoning models; shown apart from the answer)")
+
+
+def embed_texts(session: ReplSession, arg: str) -> None:
+    state, text = session.state, arg.strip()
+    if text.startswith("--model"):
+        _, _, rest = text.partition(" ")
+        model, _, text = rest.strip().partition(" ")
+        if not model:
+            session.failed("usage: /embed [--model MODEL] TEXT [| TEXT ...]")
+            return
+        state.embed_model = model
+    texts = [t.strip() for t in text.split(" | ")] if text else []
+    if not texts or not all(texts):
+        session.failed("usage: /embed [--model MODEL] TEXT [| TEXT ...]")
+        return
+    result = session.request("embed", {"model": state.embed_model or state.model, "input": texts})
+    if result is not None:
+        session.output.lines(fmt.embedding_lines(texts, result))
+        session.output.summary(f"{result['model']} · {result['usage']['promptTokens']} tokens · "
+                               f"{result['timings']['totalMs']:.1f} ms")
 
 
 def set_setting(session: ReplSession, arg: str) -> None:
@@ -254,6 +373,16 @@ COMMANDS: list[Command] = [
             generate),
     Command("set", "/set [NAME [VALUE]]", "set a generation param (temperature, maxTokens, ...) "
             f"or {SYSTEM}; no value: default (/help set lists them)", set_setting, "setting"),
+    Command("tools", "/tools [FILE|JSON|off]", "tools the model may call in the following chat turns "
+            "(OpenAI function tools; calls are shown as made)", set_tools, ("off",)),
+    Command("json", "/json [SCHEMA|FILE|off]", "JSON output for the following turns: one object, "
+            "or valid against a JSON schema (responseFormat)", set_json, ("off",)),
+    Command("think", "/think on|off|TOKENS", "reasoning models: thinking on or off, or a budget of "
+            "reasoning tokens (reasoning is shown dimmed, apart from the answer)", set_thinking,
+            ("on", "off", "default")),
+    Command("embed", "/embed TEXT [| TEXT…]", "embedding vectors (dimensions, norm, first components) and "
+            "the cosine similarities of texts separated by ' | ' (embed; --model M first picks the model)",
+            embed_texts),
     Command("reset", "/reset", "forget the conversation", reset),
     Command("raw", "/raw [on|off]", "show the JSON-RPC traffic both ways (streamed text is in the chunks)", raw_mode, ("on", "off")),
     Command("call", "/call METHOD [JSON]", "send any request with these params; show the result",

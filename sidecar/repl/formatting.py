@@ -5,6 +5,7 @@ Pure functions of protocol data, shared by the coloured and the plain output.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -48,15 +49,59 @@ def generation_summary(result: dict[str, Any]) -> str:
     usage, timings = result.get("usage", {}), result.get("timings", {})
     parts = [f"[{result.get('finishReason', '?')}] {usage.get('promptTokens', '?')} prompt + "
              f"{usage.get('completionTokens', '?')} generated tokens"]
+    if usage.get("reasoningTokens"):
+        parts.append(f"{usage['reasoningTokens']} reasoning")
     if usage.get("cachedTokens"):
         parts.append(f"{usage['cachedTokens']} cached")
+    if result.get("toolCalls"):
+        calls = len(result["toolCalls"])
+        parts.append(f"{calls} tool call{'s' if calls != 1 else ''}")
     if result.get("cached"):
         parts.append("from the response cache")
     parts.append(f"TTFT {timings.get('ttftMs', 0):.1f} ms")
     parts.append(f"{timings.get('tokensPerSecond', 0):.1f} tokens/s")
     if "peakMemoryBytes" in timings:
         parts.append(f"peak memory {size(timings['peakMemoryBytes'])}")
+    if timings.get("maskMsPerToken") is not None:
+        parts.append(f"mask {timings['maskMsPerToken']:.2f} ms/token")
     return " · ".join(parts)
+
+
+def tool_call_line(call: dict[str, Any]) -> str:
+    """`tool call get_weather {"city":"Paris"} (call_1)`, then `: invalid: …` for a bad one."""
+    function = call.get("function") or {}
+    line = f"tool call {function.get('name')} {visible(str(function.get('arguments', '')))} ({call.get('id')})"
+    return f"{line}: invalid: {call['error']}" if call.get("error") else line
+
+
+def norm(vector: list[float]) -> float:
+    return math.sqrt(sum(x * x for x in vector))
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    denominator = norm(a) * norm(b)
+    return sum(x * y for x, y in zip(a, b, strict=True)) / denominator if denominator else 0.0
+
+
+def embedding_lines(texts: list[str], result: dict[str, Any], shown: int = 6) -> list[str]:
+    """Per text: dimensions, norm, the first components; with two or more, their cosine
+    similarities (`cos(1,2) 0.8123  "the sea" ~ "the ocean"`)."""
+    vectors = result["vectors"]
+    lines = []
+    for i, (text, vector) in enumerate(zip(texts, vectors, strict=True), 1):
+        head = ", ".join(f"{x:.4f}" for x in vector[:shown])
+        more = ", …" if len(vector) > shown else ""
+        lines.append(f"[{i}] {_quoted(text)}: {len(vector)} dimensions · norm {norm(vector):.4f} · [{head}{more}]")
+    for i in range(len(vectors)):
+        for j in range(i + 1, len(vectors)):
+            lines.append(f"cos({i + 1},{j + 1}) {cosine(vectors[i], vectors[j]):.4f}  "
+                         f"{_quoted(texts[i])} ~ {_quoted(texts[j])}")
+    return lines
+
+
+def _quoted(text: str, width: int = 40) -> str:
+    text = visible(text.replace("\n", " "))
+    return orjson.dumps(text if len(text) <= width else text[:width - 1] + "…").decode()
 
 
 def loaded_summary(description: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """What the REPL prints: coloured with rich on a terminal, plain text when scripted.
 
-Both outputs have the same methods. The plain one writes the answers (model text, JSON,
-tables) to stdout and everything about them (notes, summaries, progress, errors) to
-stderr, so `... | localmlx repl > out.txt` keeps just the answers.
+Both outputs have the same methods. The plain one writes the answers (model text, tool
+calls, JSON, tables) to stdout and everything about them (notes, summaries, progress,
+errors, a model's reasoning) to stderr, so `... | localmlx repl > out.txt` keeps just the
+answers. On a terminal reasoning is dimmed and set apart from the answer that follows.
 """
 
 from __future__ import annotations
@@ -22,12 +23,20 @@ class PlainOutput:
         self.err = err or sys.stderr
         self._phase: str | None = None
         self._mid_line = False
+        self._mid_reasoning = False  # streamed reasoning on stderr, its line not ended yet
 
-    def _write(self, stream: TextIO, text: str) -> None:
+    def _end_lines(self) -> None:
         if self._mid_line:  # never glue a note onto streamed text
             self.out.write("\n")
             self.out.flush()
             self._mid_line = False
+        if self._mid_reasoning:
+            self.err.write("\n")
+            self.err.flush()
+            self._mid_reasoning = False
+
+    def _write(self, stream: TextIO, text: str) -> None:
+        self._end_lines()
         stream.write(text + "\n")
         stream.flush()
 
@@ -45,13 +54,28 @@ class PlainOutput:
             self._write(self.err, line)
 
     def text(self, chunk: str) -> None:
+        if self._mid_reasoning:
+            self._end_lines()
         self.out.write(chunk)
         self.out.flush()
         self._mid_line = not chunk.endswith("\n")
 
+    def reasoning(self, chunk: str) -> None:
+        """Streamed reasoning, on stderr, each of its lines after `[reasoning] `."""
+        for piece in chunk.splitlines(keepends=True):
+            if not self._mid_reasoning:
+                self._end_lines()
+                self.err.write("[reasoning] ")
+            self.err.write(piece)
+            self._mid_reasoning = not piece.endswith("\n")
+        self.err.flush()
+
+    def tool_call(self, call: dict[str, Any]) -> None:
+        self._write(self.out, fmt.tool_call_line(call))
+
     def end_text(self) -> None:
-        if self._mid_line:
-            self._write(self.out, "")
+        if self._mid_line or self._mid_reasoning:
+            self._end_lines()
 
     def value(self, value: Any) -> None:
         self._write(self.out, json.dumps(value, indent=2, ensure_ascii=False))
@@ -88,11 +112,13 @@ class RichOutput:
         self._progress: Any = None
         self._task: Any = None
         self._mid_line = False
+        self._reasoning = False  # the streamed text on screen is reasoning
 
     def _print(self, *renderables: Any, **kwargs: Any) -> None:
         if self._mid_line:
             self.console.file.write("\n")
             self._mid_line = False
+        self._reasoning = False
         self.console.print(*renderables, **kwargs)
 
     def info(self, text: str) -> None:
@@ -112,9 +138,28 @@ class RichOutput:
 
     def text(self, chunk: str) -> None:
         self.progress_done()
+        if self._reasoning:  # the answer starts on a line of its own, below the reasoning
+            self._print("")
         self.console.file.write(fmt.visible(chunk))
         self.console.file.flush()
         self._mid_line = not chunk.endswith("\n")
+
+    def reasoning(self, chunk: str) -> None:
+        """Streamed reasoning: dimmed, after a `thinking:` label, apart from the answer."""
+        from rich.text import Text
+
+        self.progress_done()
+        if not self._reasoning:
+            self._print(Text("thinking:", style="dim bold"))
+            self._reasoning = True
+        self.console.print(Text(fmt.visible(chunk), style="dim italic"), end="", soft_wrap=True)
+        self._mid_line = not chunk.endswith("\n")
+
+    def tool_call(self, call: dict[str, Any]) -> None:
+        from rich.text import Text
+
+        self.progress_done()
+        self._print(Text(fmt.tool_call_line(call), style="bold red" if call.get("error") else "bold yellow"))
 
     def end_text(self) -> None:
         if self._mid_line:

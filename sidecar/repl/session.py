@@ -1,8 +1,9 @@
 """One exchange at a time with the sidecar, shown as it happens.
 
 Requests the REPL builds (`request`, `generate`) and lines typed as raw JSON (`send_line`)
-all wait the same way: messages are drawn as they arrive (streamed text, progress bar,
-JSON), Ctrl-C cancels the request in flight, and a failed call is shown, not raised.
+all wait the same way: messages are drawn as they arrive (streamed text, reasoning dimmed
+and apart, tool calls as they are made, progress bar, JSON), Ctrl-C cancels the request in
+flight, and a failed call is shown, not raised.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from typing import Any
 
 from . import formatting as fmt
-from ..client import SidecarExited
+from ..client import Channels, SidecarExited
 from .state import ReplState, accepts_progress
 from .wire import ReplClient, Reply
 
@@ -70,15 +71,16 @@ class ReplSession:
         return None if reply is None else reply["result"]
 
     def generate(self, method: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-        """Stream a `chat` or `generate`: text as it arrives, then the summary line."""
-        parts: list[str] = []
-        reply = self._exchange(method, self._with_progress(method, dict(params, stream=True)), parts)
+        """Stream a `chat` or `generate`: text (and reasoning, tool calls) as it arrives, then
+        the summary line. The text and the result, with `reasoning` and `toolCalls` put back."""
+        channels = Channels()
+        reply = self._exchange(method, self._with_progress(method, dict(params, stream=True)), channels)
         self.output.end_text()
         if reply is None:
             return None
-        result = reply["result"]
+        result = channels.result(reply["result"])
         self.output.summary(fmt.generation_summary(result))
-        return "".join(parts), result
+        return channels.text, result
 
     def _with_progress(self, method: str, params: dict[str, Any] | None) -> dict[str, Any] | None:
         """Ask for `$/progress` wherever the method takes a token (loads, downloads, and
@@ -88,7 +90,7 @@ class ReplSession:
         return {**(params or {}), "_meta": {"progressToken": f"repl-{next(self._tokens)}"}}
 
     def _exchange(self, method: str, params: dict[str, Any] | None,
-                  parts: list[str] | None = None) -> dict[str, Any] | None:
+                  parts: Channels | None = None) -> dict[str, Any] | None:
         id_ = self.client.start_request(method, params)
         meta = (params or {}).get("_meta")
         token = meta.get("progressToken") if isinstance(meta, dict) else None
@@ -116,7 +118,7 @@ class ReplSession:
             return None
         return message
 
-    def _show(self, message: Any, id_: Any, token: Any, parts: list[str] | None) -> None:
+    def _show(self, message: Any, id_: Any, token: Any, parts: Channels | None) -> None:
         if self.state.raw:
             self.output.traffic("in", message)
         if not isinstance(message, dict) or "method" not in message:
@@ -126,11 +128,20 @@ class ReplSession:
         params = message.get("params") or {}
         if message["method"] == "generate/chunk" and _same_id(params.get("requestId"), id_):
             if parts is not None:
-                parts.append(params.get("text", ""))
+                parts.add(params)
             if not self.state.raw:
-                self.output.text(params.get("text", ""))
+                self._show_chunk(params)
         elif message["method"] == "$/progress" and token is not None and params.get("token") == token:
             self.output.progress(params)
+
+    def _show_chunk(self, params: dict[str, Any]) -> None:
+        """A chunk's channels in the order the model made them: reasoning, text, tool calls."""
+        if params.get("reasoning"):
+            self.output.reasoning(params["reasoning"])
+        if params.get("text"):
+            self.output.text(params["text"])
+        for call in params.get("toolCalls") or ():
+            self.output.tool_call(call)
 
     def _show_stray(self, message: Any) -> None:
         """A response nobody is waiting for: most likely the late reply to an abandoned request."""

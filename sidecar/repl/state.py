@@ -4,6 +4,8 @@ Settings (`/set temperature 0.2`) are the `chat`/`generate` params named in the 
 schema and are checked against it as they are set; `system` is the REPL's own (a system
 message put before the conversation). A value is JSON (`/set logitBias {"12": -100}`), else a
 bare word: a string, `on`/`off` for a boolean (`/set cache off`), one stop string for `stop`.
+Settings only one method takes (`tools`, `thinking` are `chat`'s) are sent to that method only.
+`/tools`, `/json` and `/think` are shorthands that set `tools`, `responseFormat`, `thinking`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ def setting_schemas() -> dict[str, dict[str, Any]]:
     """Each settable generation param and its schema, by wire name (camelCase)."""
     props = protocol_schema()["methods"]["chat"]["params"]["properties"]
     return {name: spec for name, spec in props.items() if name not in _NOT_SETTINGS}
+
+
+def method_params(method: str) -> set[str]:
+    """The params a method takes (from the schema)."""
+    return set(protocol_schema()["methods"].get(method, {}).get("params", {}).get("properties", {}))
 
 
 def accepts_progress(method: str) -> bool:
@@ -53,11 +60,13 @@ _BOOLEAN_WORDS = {"on": True, "yes": True, "true": True, "off": False, "no": Fal
 
 def parse_setting(name: str, text: str) -> Any:
     """The value typed after `/set NAME`, as the schema wants it; ValueError if it does not fit."""
-    from jsonschema import Draft202012Validator
-
     if name == SYSTEM:
         return text
     spec = setting_schemas()[name]
+    return check_setting(name, _parsed(spec, name, text))
+
+
+def _parsed(spec: dict[str, Any], name: str, text: str) -> Any:
     try:
         value = json.loads(text)
     except ValueError:
@@ -68,7 +77,16 @@ def parse_setting(name: str, text: str) -> Any:
         value = _BOOLEAN_WORDS[value.lower()]  # `/set cache off`
     if spec.get("type") == "array" and isinstance(value, str):
         value = [value]  # `/set stop END` means ["END"]
-    errors = sorted(Draft202012Validator(spec).iter_errors(value), key=lambda e: list(map(str, e.path)))
+    return value
+
+
+def check_setting(name: str, value: Any) -> Any:
+    """`value` if the schema takes it for setting `name`, else ValueError (the first problem)."""
+    from jsonschema import Draft202012Validator
+
+    spec = setting_schemas()[name]
+    defs = {"$defs": protocol_schema()["$defs"]}  # for the settings that are `$ref`s (tools, ...)
+    errors = sorted(Draft202012Validator({**spec, **defs}).iter_errors(value), key=lambda e: list(map(str, e.path)))
     if errors:
         where = "/".join(map(str, errors[0].path))  # inside an object: `logitBias/5: ...`
         raise ValueError(f"{name}{'/' + where if where else ''}: {errors[0].message}")
@@ -111,14 +129,19 @@ def _kind(spec: dict[str, Any]) -> str:
 
 @dataclass
 class Conversation:
-    turns: list[dict[str, str]] = field(default_factory=list)
+    turns: list[dict[str, Any]] = field(default_factory=list)
 
-    def messages(self, system: str | None, user_text: str) -> list[dict[str, str]]:
+    def messages(self, system: str | None, user_text: str) -> list[dict[str, Any]]:
         head = [{"role": "system", "content": system}] if system else []
         return [*head, *self.turns, {"role": "user", "content": user_text}]
 
-    def add(self, user_text: str, reply: str) -> None:
-        self.turns += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
+    def add(self, user_text: str, reply: str, tool_calls: list[dict[str, Any]] | None = None) -> None:
+        """A user turn and the reply; a reply that called tools keeps its calls (content null
+        when it said nothing besides)."""
+        answer: dict[str, Any] = {"role": "assistant", "content": reply}
+        if tool_calls:
+            answer = {"role": "assistant", "content": reply or None, "toolCalls": tool_calls}
+        self.turns += [{"role": "user", "content": user_text}, answer]
 
     @property
     def exchanges(self) -> int:
@@ -139,14 +162,17 @@ class ReplState:
     methods: list[str] = field(default_factory=list)
     model_names: list[str] = field(default_factory=list)
     had_errors: bool = False
+    embed_model: str | None = None  # `/embed --model NAME` (else the chat model)
 
-    def generation_params(self) -> dict[str, Any]:
-        params = {k: v for k, v in self.settings.items() if k != SYSTEM}
+    def generation_params(self, method: str = "generate") -> dict[str, Any]:
+        """The model and the settings `method` takes (`tools` and `thinking` only go to chat)."""
+        takes = method_params(method)
+        params = {k: v for k, v in self.settings.items() if k != SYSTEM and k in takes}
         return {"model": self.model, **params}
 
     def chat_params(self, user_text: str, keep_history: bool) -> dict[str, Any]:
         history = self.conversation if keep_history else Conversation()
-        return {**self.generation_params(),
+        return {**self.generation_params("chat"),
                 "messages": history.messages(self.settings.get(SYSTEM), user_text)}
 
     def prompt_label(self) -> str:

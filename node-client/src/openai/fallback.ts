@@ -1,0 +1,345 @@
+/**
+ * Fallback to a remote OpenAI-compatible server when the local sidecar cannot serve: it is not
+ * installed or failed to start, its crash budget is spent, the model is missing (and not
+ * downloadable), it stayed busy past a deadline, or memory ran out. After a failure of the whole
+ * sidecar, requests go straight to the remote for a cool-down; the first request after it tries
+ * local again.
+ *
+ * Small and reusable: the OpenAI endpoint uses it for every route, and `chatWithFallback()` /
+ * `embedWithFallback()` give the same behaviour to code that calls models directly (the Wooster
+ * plugin's tools).
+ */
+import { ErrorCode, RpcError } from "../errors";
+import { isFallbackWorthy, isSidecarDown, OpenAIHttpError } from "./errors";
+import type { LocalMLX } from "../client";
+import { LocalBackend, embedLocal, gather, resolveModel, startChat, type ModelRouting } from "./local";
+import {
+  chatCompletionOf,
+  chatParamsOf,
+  embedParamsOf,
+  embeddingsOf,
+  requestedModel,
+  requireObject,
+  responseMeta,
+  type ChatCompletion,
+  type EmbeddingsResponse,
+  type JsonObject,
+} from "./translate";
+
+/** Who answered: the local sidecar, or the remote OpenAI-compatible server. */
+export type ServedBy = "local" | "remote";
+
+export interface FallbackOptions {
+  /** The remote's base URL, `/v1` included. Default `OPENAI_BASE_URL`, else `https://api.openai.com/v1`. */
+  baseURL?: string;
+  /** Sent as `Authorization: Bearer …`. Default `OPENAI_API_KEY`. */
+  apiKey?: string;
+  /**
+   * The model to ask the remote for: a name, or a function of the name the client asked for.
+   * Default `LOCALMLX_FALLBACK_MODEL`, else the name the client asked for.
+   */
+  model?: string | ((requested: string | undefined) => string | undefined);
+  /** After the sidecar failed as a whole, requests go to the remote for this long. Default 30000. */
+  cooldownMs?: number;
+  /** A busy sidecar (-32015) is retried until this deadline, then the remote serves. Default 10000. */
+  busyDeadlineMs?: number;
+  /** Timeout of a remote request (until its headers arrive). Default 600000. */
+  timeoutMs?: number;
+  /** Extra headers for the remote. */
+  headers?: Record<string, string>;
+  /** The fetch to use. Default: node's global `fetch`. */
+  fetch?: typeof fetch;
+}
+
+const TRUE = new Set(["1", "true", "yes", "on"]);
+
+/**
+ * Fallback settings from the environment: enabled by `LOCALMLX_FALLBACK_TO_OPENAI=true`, with
+ * `OPENAI_API_KEY`, `OPENAI_BASE_URL`, `LOCALMLX_FALLBACK_MODEL` and
+ * `LOCALMLX_FALLBACK_COOLDOWN_MS`. Undefined when it is off.
+ */
+export function fallbackOptionsFromEnv(env: NodeJS.ProcessEnv = process.env): FallbackOptions | undefined {
+  if (!TRUE.has((env.LOCALMLX_FALLBACK_TO_OPENAI ?? "").trim().toLowerCase())) return undefined;
+  const options: FallbackOptions = {};
+  if (env.OPENAI_BASE_URL) options.baseURL = env.OPENAI_BASE_URL;
+  if (env.OPENAI_API_KEY) options.apiKey = env.OPENAI_API_KEY;
+  if (env.LOCALMLX_FALLBACK_MODEL) options.model = env.LOCALMLX_FALLBACK_MODEL;
+  const cooldown = Number(env.LOCALMLX_FALLBACK_COOLDOWN_MS);
+  if (env.LOCALMLX_FALLBACK_COOLDOWN_MS && Number.isFinite(cooldown) && cooldown >= 0) options.cooldownMs = cooldown;
+  return options;
+}
+
+/** The remote could not be reached (network, DNS, refused): the request fails with 502. */
+export class RemoteUnreachableError extends OpenAIHttpError {
+  override name = "RemoteUnreachableError";
+
+  constructor(baseURL: string, cause: unknown) {
+    super(502, `The fallback server ${baseURL} could not be reached: ${(cause as Error)?.message ?? String(cause)}`, "server_error", null, "fallback_unreachable");
+  }
+}
+
+/**
+ * The fallback's state (the cool-down) and the remote's address. Share one instance between
+ * calls so the cool-down holds across them.
+ */
+export class Fallback {
+  readonly baseURL: string;
+  readonly cooldownMs: number;
+  readonly busyDeadlineMs: number;
+  private downUntil = 0;
+
+  constructor(readonly options: FallbackOptions = {}) {
+    this.baseURL = (options.baseURL ?? process.env.OPENAI_BASE_URL ?? "https://api.openai.com/v1").replace(/\/+$/, "");
+    this.cooldownMs = options.cooldownMs ?? 30_000;
+    this.busyDeadlineMs = options.busyDeadlineMs ?? 10_000;
+  }
+
+  /** True while the sidecar is cooling down after failing as a whole: requests go straight to the remote. */
+  get coolingDown(): boolean {
+    return Date.now() < this.downUntil;
+  }
+
+  /** The remote may serve a request that failed locally this way. */
+  canServe(error: unknown): boolean {
+    return isFallbackWorthy(error);
+  }
+
+  /** A local failure: one of the whole sidecar starts the cool-down. */
+  noteLocalFailure(error: unknown): void {
+    if (isSidecarDown(error)) this.downUntil = Date.now() + this.cooldownMs;
+  }
+
+  /** Local served: the cool-down is over. */
+  noteLocalSuccess(): void {
+    this.downUntil = 0;
+  }
+
+  /** Ends the cool-down now: the next request tries local. */
+  reset(): void {
+    this.downUntil = 0;
+  }
+
+  /** The model name to send the remote. */
+  remoteModel(requested: string | undefined): string | undefined {
+    const model = this.options.model ?? process.env.LOCALMLX_FALLBACK_MODEL;
+    if (typeof model === "function") return model(requested);
+    return model || requested;
+  }
+
+  /** A request to the remote (`path` under the base URL, e.g. `/chat/completions`). Rejects only when it is unreachable. */
+  async request(method: "GET" | "POST", path: string, body?: JsonObject, signal?: AbortSignal): Promise<Response> {
+    const headers: Record<string, string> = { accept: "application/json, text/event-stream", ...this.options.headers };
+    const apiKey = this.options.apiKey ?? process.env.OPENAI_API_KEY;
+    if (apiKey) headers.authorization = `Bearer ${apiKey}`;
+    if (body !== undefined) headers["content-type"] = "application/json";
+    const timeout = AbortSignal.timeout(this.options.timeoutMs ?? 600_000);
+    const fetchImpl = this.options.fetch ?? fetch;
+    try {
+      return await fetchImpl(`${this.baseURL}${path}`, {
+        method,
+        headers,
+        body: body === undefined ? null : JSON.stringify(body),
+        signal: signal ? anySignal(signal, timeout) : timeout,
+      });
+    } catch (error) {
+      if (signal?.aborted) throw error;
+      throw new RemoteUnreachableError(this.baseURL, error);
+    }
+  }
+
+  /** A body for the remote: the client's own, with the remote's model name. */
+  remoteBody(body: JsonObject): JsonObject {
+    const model = this.remoteModel(requestedModel(body));
+    return model === undefined ? body : { ...body, model };
+  }
+}
+
+/** The default fallback of `chatWithFallback()`: from the environment, one per process (so its cool-down holds). */
+let envFallback: Fallback | false | undefined;
+function defaultFallback(): Fallback | undefined {
+  if (envFallback === undefined) {
+    const options = fallbackOptionsFromEnv();
+    envFallback = options ? new Fallback(options) : false;
+  }
+  return envFallback || undefined;
+}
+
+/** `Fallback`, options for one, `false` (off), or undefined (from the environment). */
+export type FallbackSetting = Fallback | FallbackOptions | false | undefined;
+
+export function fallbackOf(setting: FallbackSetting): Fallback | undefined {
+  if (setting === false) return undefined;
+  if (setting === undefined) return defaultFallback();
+  return setting instanceof Fallback ? setting : new Fallback(setting);
+}
+
+/** `AbortSignal.any` (Node 20.3+), with a fallback for older Node 20 releases. */
+function anySignal(a: AbortSignal, b: AbortSignal): AbortSignal {
+  if (typeof AbortSignal.any === "function") return AbortSignal.any([a, b]);
+  const controller = new AbortController();
+  for (const signal of [a, b]) {
+    if (signal.aborted) controller.abort(signal.reason);
+    else signal.addEventListener("abort", () => controller.abort(signal.reason), { once: true });
+  }
+  return controller.signal;
+}
+
+function isBusy(error: unknown): boolean {
+  return error instanceof RpcError && error.code === ErrorCode.Busy;
+}
+
+function delay(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    function done(): void {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", done);
+      resolve();
+    }
+    signal?.addEventListener("abort", done, { once: true });
+  });
+}
+
+/**
+ * Runs `local`, and `remote` instead when local cannot serve and a fallback is set. A busy
+ * sidecar is retried (with backoff) until the fallback's `busyDeadlineMs`. Errors that a remote
+ * could not fix either (bad requests) are thrown as they are.
+ */
+export async function runWithFallback<T>(options: {
+  fallback: Fallback | undefined;
+  backend?: LocalBackend;
+  local: () => Promise<T>;
+  remote: () => Promise<T>;
+  signal?: AbortSignal;
+}): Promise<{ servedBy: ServedBy; value: T; localError?: unknown }> {
+  const { fallback, backend } = options;
+  if (fallback?.coolingDown) return { servedBy: "remote", value: await options.remote() };
+  const deadline = Date.now() + (fallback?.busyDeadlineMs ?? 0);
+  let wait = 100;
+  for (;;) {
+    try {
+      const value = await options.local();
+      fallback?.noteLocalSuccess();
+      backend?.noteSuccess();
+      return { servedBy: "local", value };
+    } catch (error) {
+      backend?.noteFailure(error);
+      if (!fallback || options.signal?.aborted) throw error;
+      if (isBusy(error) && Date.now() + wait < deadline) {
+        await delay(wait, options.signal);
+        wait = Math.min(wait * 2, 2_000);
+        continue;
+      }
+      if (!fallback.canServe(error)) throw error;
+      fallback.noteLocalFailure(error);
+      return { servedBy: "remote", value: await options.remote(), localError: error };
+    }
+  }
+}
+
+/** A remote answer that is not 2xx, as the error the client gets (its status and message kept). */
+export async function remoteError(response: Response): Promise<OpenAIHttpError> {
+  const text = await response.text().catch(() => "");
+  let message = `The fallback server answered ${response.status}`;
+  let type = response.status >= 500 ? "server_error" : "invalid_request_error";
+  let param: string | null = null;
+  let code: string | null = null;
+  try {
+    const body = JSON.parse(text) as { error?: { message?: unknown; type?: unknown; param?: unknown; code?: unknown } | string };
+    const error = body.error;
+    if (typeof error === "string") message = error;
+    else if (error && typeof error === "object") {
+      if (typeof error.message === "string") message = error.message;
+      if (typeof error.type === "string") type = error.type;
+      if (typeof error.param === "string") param = error.param;
+      if (typeof error.code === "string") code = error.code;
+    }
+  } catch {
+    // not JSON: keep the generic message
+  }
+  return new OpenAIHttpError(response.status, message, type, param, code);
+}
+
+export interface WithFallbackOptions extends ModelRouting {
+  /** The local sidecar: a running client, or a `LocalBackend` (which also brings a failed sidecar back). */
+  local: LocalMLX | LocalBackend;
+  /** The fallback: an instance (share one so its cool-down holds), options, `false`, or undefined: from the environment. */
+  fallback?: FallbackSetting;
+  signal?: AbortSignal;
+  /** Timeout of the local call. */
+  timeoutMs?: number;
+}
+
+export interface ChatWithFallbackResult {
+  servedBy: ServedBy;
+  completion: ChatCompletion;
+  /** Why local did not serve, when the remote did. */
+  localError?: unknown;
+}
+
+export interface EmbedWithFallbackResult {
+  servedBy: ServedBy;
+  response: EmbeddingsResponse;
+  localError?: unknown;
+}
+
+function backendOf(local: LocalMLX | LocalBackend): LocalBackend {
+  return local instanceof LocalBackend ? local : new LocalBackend(local);
+}
+
+/**
+ * One chat completion (an OpenAI Chat Completions request body, `stream` ignored), served locally
+ * or, when the sidecar cannot serve it, by the remote. Rejects with `OpenAIHttpError` (status,
+ * OpenAI error body) for bad requests and for errors neither side could get past.
+ */
+export async function chatWithFallback(request: JsonObject, options: WithFallbackOptions): Promise<ChatWithFallbackResult> {
+  const body = requireObject(request);
+  const requested = requestedModel(body);
+  const params = chatParamsOf(body);
+  const model = resolveModel(requested, options);
+  const backend = backendOf(options.local);
+  const fallback = fallbackOf(options.fallback);
+  const { servedBy, value, localError } = await runWithFallback<ChatCompletion>({
+    fallback,
+    backend,
+    signal: options.signal,
+    local: async () => {
+      const client = await backend.acquire();
+      const started = await startChat(client, { ...params, ...(model !== undefined ? { model } : {}) }, options);
+      const result = await gather(started.prediction, started.iterator, started.first);
+      return chatCompletionOf(result, responseMeta("chatcmpl", requested ?? result.model));
+    },
+    remote: async () => {
+      const response = await fallback!.request("POST", "/chat/completions", { ...fallback!.remoteBody(body), stream: false }, options.signal);
+      if (!response.ok) throw await remoteError(response);
+      return (await response.json()) as ChatCompletion;
+    },
+  });
+  return { servedBy, completion: value, ...(localError !== undefined ? { localError } : {}) };
+}
+
+/** Embeddings (an OpenAI Embeddings request body), served locally or by the remote. */
+export async function embedWithFallback(request: JsonObject, options: WithFallbackOptions): Promise<EmbedWithFallbackResult> {
+  const body = requireObject(request);
+  const requested = requestedModel(body);
+  const { params, encoding } = embedParamsOf(body);
+  const model = resolveModel(requested, options);
+  const backend = backendOf(options.local);
+  const fallback = fallbackOf(options.fallback);
+  const { servedBy, value, localError } = await runWithFallback<EmbeddingsResponse>({
+    fallback,
+    backend,
+    signal: options.signal,
+    local: async () => {
+      const client = await backend.acquire();
+      const result = await embedLocal(client, { ...params, ...(model !== undefined ? { model } : {}) }, options);
+      return embeddingsOf(result, encoding, requested ?? result.model);
+    },
+    remote: async () => {
+      const response = await fallback!.request("POST", "/embeddings", fallback!.remoteBody(body), options.signal);
+      if (!response.ok) throw await remoteError(response);
+      return (await response.json()) as EmbeddingsResponse;
+    },
+  });
+  return { servedBy, response: value, ...(localError !== undefined ? { localError } : {}) };
+}

@@ -1,0 +1,41 @@
+/** The OpenAI-compatible endpoint and the remote fallback (see README: "OpenAI-compatible endpoint"). */
+export {
+  OpenAIServer,
+  startOpenAIServer,
+  type OpenAIAddress,
+  type OpenAIListen,
+  type OpenAIRequestInfo,
+  type OpenAIServerEvents,
+  type OpenAIServerOptions,
+} from "./server";
+export {
+  Fallback,
+  RemoteUnreachableError,
+  chatWithFallback,
+  embedWithFallback,
+  fallbackOf,
+  fallbackOptionsFromEnv,
+  runWithFallback,
+  type ChatWithFallbackResult,
+  type EmbedWithFallbackResult,
+  type FallbackOptions,
+  type FallbackSetting,
+  type ServedBy,
+  type WithFallbackOptions,
+} from "./fallback";
+export { LocalBackend, resolveModel, type LocalSource, type ModelRouting } from "./local";
+export { OpenAIHttpError, isFallbackWorthy, isSidecarDown, toOpenAIError, type OpenAIErrorBody } from "./errors";
+export {
+  chatCompletionOf,
+  chatParamsOf,
+  completionParamsOf,
+  embedParamsOf,
+  embeddingsOf,
+  type ChatCompletion,
+  type ChatCompletionChunk,
+  type ChatCompletionMessage,
+  type Completion,
+  type EmbeddingsResponse,
+  type OpenAIToolCall,
+  type OpenAIUsage,
+} from "./translate";

@@ -1,0 +1,607 @@
+/**
+ * A local OpenAI-compatible HTTP endpoint (node's `http` only), backed by one sidecar: `/v1/models`,
+ * `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, streamed (SSE) or not. It can
+ * listen on several ports at once (Wooster's tiers), each with its own model routing, all served
+ * by the one sidecar under its one memory budget. A client that disconnects cancels its
+ * generation. Errors use OpenAI's shape. With a fallback, requests the sidecar cannot serve go to
+ * a remote OpenAI-compatible server (`x-localmlx-served-by: local | remote`).
+ */
+import { timingSafeEqual } from "node:crypto";
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import type { AddressInfo } from "node:net";
+import type { Readable } from "node:stream";
+import type { LocalMLX, LocalMLXOptions, Logger } from "../client";
+import { TypedEmitter } from "../events";
+import type { Prediction } from "../prediction";
+import type { EmbedResult, FinishReason } from "../protocol";
+import { OpenAIHttpError, badRequest, toOpenAIError } from "./errors";
+import { Fallback, fallbackOf, remoteError, runWithFallback, type FallbackSetting, type ServedBy } from "./fallback";
+import { LocalBackend, embedLocal, gather, pieceOf, resolveModel, startChat, startGenerate, type ModelRouting } from "./local";
+import {
+  ChatDeltaStream,
+  chatCompletionOf,
+  chatParamsOf,
+  chatUsageChunkOf,
+  completionChunkOf,
+  completionOf,
+  completionParamsOf,
+  embedParamsOf,
+  embeddingsOf,
+  includeUsage,
+  isStreaming,
+  requestedModel,
+  requireObject,
+  responseMeta,
+  type JsonObject,
+} from "./translate";
+
+/** One listening address. */
+export interface OpenAIListen extends ModelRouting {
+  port: number;
+  /** Default: the server's `host` (127.0.0.1). */
+  host?: string;
+}
+
+export interface OpenAIServerOptions extends ModelRouting {
+  /** A running client to serve with (left open by `close()`). Default: one is started with `localmlx`. */
+  client?: LocalMLX;
+  /** Options of the client started when `client` is not given (it is closed by `close()`). */
+  localmlx?: LocalMLXOptions;
+  /** The port (0: any free one). Default 8080. Ignored when `listen` is given. */
+  port?: number;
+  /** Several ports at once, each with its own routing (merged over the server's). */
+  listen?: Array<number | OpenAIListen>;
+  /** The interface to bind. Default `127.0.0.1` (loopback only). */
+  host?: string;
+  /** Require `Authorization: Bearer <apiKey>` (401 otherwise). Default: no key. */
+  apiKey?: string;
+  /** The largest request body accepted (413 past it). Default 16 MiB. */
+  maxBodyBytes?: number;
+  /** Timeout of one local call (a generation, an embedding). Default: the client's `requestTimeoutMs`. */
+  requestTimeoutMs?: number;
+  /** Remote fallback: an instance, options, `false` (off), or undefined: `LOCALMLX_FALLBACK_TO_OPENAI` and friends. */
+  fallback?: FallbackSetting;
+  /** One line per request (method, path, status, model, who served it, duration); never prompt text. */
+  logger?: Logger;
+}
+
+/** What the `request` event reports for each request (never any prompt or output text). */
+export interface OpenAIRequestInfo {
+  method: string;
+  path: string;
+  port: number;
+  status: number;
+  model?: string;
+  servedBy?: ServedBy;
+  stream?: boolean;
+  /** The sidecar's finish reason (`"cancelled"` when the client went away). */
+  finishReason?: FinishReason;
+  /** The OpenAI error code, for failures. */
+  errorCode?: string | null;
+  durationMs: number;
+}
+
+export interface OpenAIServerEvents {
+  request: [info: OpenAIRequestInfo];
+}
+
+/** Where one listener is: `url` is the base URL for OpenAI clients (with `/v1`). */
+export interface OpenAIAddress {
+  host: string;
+  port: number;
+  url: string;
+}
+
+const DEFAULT_PORT = 8080;
+const DEFAULT_HOST = "127.0.0.1";
+const DEFAULT_MAX_BODY = 16 * 1024 * 1024;
+
+interface Listener {
+  server: Server;
+  spec: OpenAIListen;
+  routing: ModelRouting;
+  address?: OpenAIAddress;
+}
+
+interface RequestContext {
+  req: IncomingMessage;
+  res: ServerResponse;
+  routing: ModelRouting;
+  port: number;
+  signal: AbortSignal;
+  info: OpenAIRequestInfo;
+}
+
+/** A local generation that has produced its first chunk (or ended). */
+type Started = Awaited<ReturnType<typeof startChat>>;
+
+/** Starts the endpoint: `await startOpenAIServer({ port: 8080 })`. */
+export function startOpenAIServer(options: OpenAIServerOptions = {}): Promise<OpenAIServer> {
+  return OpenAIServer.start(options);
+}
+
+export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
+  /** The sidecar side (the client, started and brought back as needed). */
+  readonly local: LocalBackend;
+  /** The remote fallback, when one is set. */
+  readonly fallback: Fallback | undefined;
+  private readonly listeners: Listener[];
+  private readonly options: OpenAIServerOptions;
+  private closing: Promise<void> | undefined;
+  private readonly open = new Set<ServerResponse>();
+
+  /**
+   * Starts the client (unless given one) and listens. When the sidecar cannot start, it rejects,
+   * unless a fallback is set: then it serves through the remote and tries local again later.
+   */
+  static async start(options: OpenAIServerOptions = {}): Promise<OpenAIServer> {
+    const server = new OpenAIServer(options);
+    try {
+      try {
+        await server.local.acquire();
+      } catch (error) {
+        server.local.noteFailure(error);
+        if (!server.fallback) throw error;
+        server.fallback.noteLocalFailure(error);
+        options.logger?.warn?.(`localmlx openai: the sidecar did not start, serving through the fallback: ${(error as Error).message.split("\n")[0]}`);
+      }
+      await server.listen();
+    } catch (error) {
+      await server.close();
+      throw error;
+    }
+    return server;
+  }
+
+  private constructor(options: OpenAIServerOptions) {
+    super();
+    this.options = options;
+    this.local = new LocalBackend(options.client ?? options.localmlx ?? {});
+    this.fallback = fallbackOf(options.fallback);
+    const base: ModelRouting = { aliases: options.aliases ?? {}, ...(options.defaultModel !== undefined ? { defaultModel: options.defaultModel } : {}) };
+    const specs = options.listen ?? [options.port ?? DEFAULT_PORT];
+    this.listeners = specs.map((spec) => {
+      const listen: OpenAIListen = typeof spec === "number" ? { port: spec } : spec;
+      const routing: ModelRouting = {
+        aliases: { ...base.aliases, ...listen.aliases },
+        ...((listen.defaultModel ?? base.defaultModel) !== undefined ? { defaultModel: listen.defaultModel ?? base.defaultModel } : {}),
+      };
+      const listener: Listener = { server: createServer(), spec: listen, routing };
+      listener.server.on("request", (req, res) => void this.handle(req, res, listener));
+      listener.server.on("clientError", (_error, socket) => socket.destroy());
+      return listener;
+    });
+  }
+
+  private async listen(): Promise<void> {
+    for (const listener of this.listeners) {
+      const spec = listener.spec;
+      const host = spec.host ?? this.options.host ?? DEFAULT_HOST;
+      await new Promise<void>((resolve, reject) => {
+        listener.server.once("error", reject);
+        listener.server.listen(spec.port, host, () => {
+          listener.server.off("error", reject);
+          resolve();
+        });
+      });
+      const address = listener.server.address() as AddressInfo;
+      const urlHost = address.family === "IPv6" ? `[${address.address}]` : address.address;
+      listener.address = { host: address.address, port: address.port, url: `http://${urlHost}:${address.port}/v1` };
+    }
+  }
+
+  /** Every listener's address, in the order given. */
+  get addresses(): OpenAIAddress[] {
+    return this.listeners.flatMap((listener) => (listener.address ? [listener.address] : []));
+  }
+
+  /** The first listener's base URL (`http://127.0.0.1:8080/v1`), for OpenAI clients' `baseURL`. */
+  get url(): string {
+    return this.addresses[0]?.url ?? "";
+  }
+
+  /** Stops listening, ends open responses, and closes the client if this server started it. */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      await Promise.all(
+        this.listeners.map(
+          (listener) =>
+            new Promise<void>((resolve) => {
+              if (!listener.server.listening) return resolve();
+              listener.server.close(() => resolve());
+              listener.server.closeIdleConnections();
+            }),
+        ),
+      );
+      for (const res of this.open) res.destroy();
+      for (const listener of this.listeners) listener.server.closeAllConnections();
+      await this.local.close();
+    })();
+    return this.closing;
+  }
+
+  // ---- requests -------------------------------------------------------------------------
+
+  private async handle(req: IncomingMessage, res: ServerResponse, listener: Listener): Promise<void> {
+    const started = Date.now();
+    const url = new URL(req.url ?? "/", "http://localhost");
+    const path = url.pathname.replace(/\/+$/, "") || "/";
+    const port = listener.address?.port ?? 0;
+    const controller = new AbortController();
+    this.open.add(res);
+    res.on("close", () => {
+      this.open.delete(res);
+      if (!res.writableFinished) controller.abort();
+    });
+    const info: OpenAIRequestInfo = { method: req.method ?? "GET", path, port, status: 0, durationMs: 0 };
+    const context: RequestContext = { req, res, routing: listener.routing, port, signal: controller.signal, info };
+    try {
+      if (!this.authorized(req)) {
+        throw new OpenAIHttpError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", "invalid_request_error", null, "invalid_api_key");
+      }
+      const route = path.startsWith("/v1/") ? path.slice(3) : path;
+      if (req.method === "GET" && route === "/models") await this.listModels(context);
+      else if (req.method === "GET" && route.startsWith("/models/")) await this.getModel(context, decodeURIComponent(route.slice("/models/".length)));
+      else if (req.method === "GET" && route === "/health") this.sendJson(context, 200, { status: "ok" });
+      else if (req.method === "POST" && route === "/chat/completions") await this.chat(context, await this.readJson(req));
+      else if (req.method === "POST" && route === "/completions") await this.completions(context, await this.readJson(req));
+      else if (req.method === "POST" && route === "/embeddings") await this.embeddings(context, await this.readJson(req));
+      else if (["/models", "/chat/completions", "/completions", "/embeddings", "/health"].includes(route) || route.startsWith("/models/")) {
+        throw new OpenAIHttpError(405, `${req.method} is not allowed on ${path}`, "invalid_request_error", null, "method_not_allowed");
+      } else {
+        throw new OpenAIHttpError(404, `Unknown path ${path}`, "invalid_request_error", null, "unknown_url");
+      }
+    } catch (error) {
+      this.fail(context, error);
+    } finally {
+      info.durationMs = Date.now() - started;
+      if (info.status === 0) info.status = res.statusCode;
+      this.log(info);
+      this.emit("request", info);
+    }
+  }
+
+  private authorized(req: IncomingMessage): boolean {
+    const key = this.options.apiKey;
+    if (!key) return true;
+    const header = req.headers.authorization ?? "";
+    const match = /^Bearer\s+(.+)$/i.exec(header);
+    if (!match) return false;
+    const given = Buffer.from(match[1]!.trim());
+    const expected = Buffer.from(key);
+    return given.length === expected.length && timingSafeEqual(given, expected);
+  }
+
+  private readJson(req: IncomingMessage): Promise<JsonObject> {
+    const limit = this.options.maxBodyBytes ?? DEFAULT_MAX_BODY;
+    return new Promise((resolve, reject) => {
+      const declared = Number(req.headers["content-length"]);
+      if (Number.isFinite(declared) && declared > limit) {
+        reject(tooLarge(limit));
+        req.resume();
+        return;
+      }
+      const parts: Buffer[] = [];
+      let size = 0;
+      let failed = false;
+      req.on("data", (chunk: Buffer) => {
+        if (failed) return;
+        size += chunk.length;
+        if (size > limit) {
+          failed = true;
+          parts.length = 0;
+          reject(tooLarge(limit));
+          return;
+        }
+        parts.push(chunk);
+      });
+      req.on("error", (error) => {
+        if (!failed) reject(error);
+        failed = true;
+      });
+      req.on("end", () => {
+        if (failed) return;
+        const text = Buffer.concat(parts).toString("utf8");
+        try {
+          resolve(requireObject(JSON.parse(text)));
+        } catch (error) {
+          reject(error instanceof OpenAIHttpError ? error : badRequest("The request body is not valid JSON", null, "invalid_json"));
+        }
+      });
+    });
+  }
+
+  private timeoutOptions(signal: AbortSignal): { signal: AbortSignal; timeoutMs?: number } {
+    return this.options.requestTimeoutMs !== undefined ? { signal, timeoutMs: this.options.requestTimeoutMs } : { signal };
+  }
+
+  // ---- /v1/models -----------------------------------------------------------------------
+
+  private async localModelIds(context: RequestContext): Promise<string[]> {
+    const client = await this.local.acquire();
+    const models = await client.models.list({ signal: context.signal });
+    const ids = new Set<string>();
+    for (const name of Object.keys(context.routing.aliases ?? {})) if (name !== "*") ids.add(name);
+    for (const model of models) ids.add(model.model);
+    return [...ids];
+  }
+
+  private async listModels(context: RequestContext): Promise<void> {
+    const { servedBy, value } = await runWithFallback<{ status: number; body: unknown }>({
+      fallback: this.fallback,
+      backend: this.local,
+      signal: context.signal,
+      local: async () => ({
+        status: 200,
+        body: { object: "list", data: (await this.localModelIds(context)).map((id) => modelObject(id)) },
+      }),
+      remote: async () => this.remoteJson(context, "GET", "/models"),
+    });
+    context.info.servedBy = servedBy;
+    this.sendJson(context, value.status, value.body, servedBy);
+  }
+
+  private async getModel(context: RequestContext, id: string): Promise<void> {
+    const { servedBy, value } = await runWithFallback<{ status: number; body: unknown }>({
+      fallback: this.fallback,
+      backend: this.local,
+      signal: context.signal,
+      local: async () => {
+        if (Object.hasOwn(context.routing.aliases ?? {}, id)) return { status: 200, body: modelObject(id) };
+        const client = await this.local.acquire();
+        const target = resolveModel(id, context.routing) ?? id;
+        await client.models.status(target, { signal: context.signal }); // -32010: 404
+        return { status: 200, body: modelObject(id) };
+      },
+      remote: async () => this.remoteJson(context, "GET", `/models/${encodeURIComponent(id)}`),
+    });
+    context.info.servedBy = servedBy;
+    this.sendJson(context, value.status, value.body, servedBy);
+  }
+
+  // ---- /v1/chat/completions -------------------------------------------------------------
+
+  private async chat(context: RequestContext, body: JsonObject): Promise<void> {
+    const requested = requestedModel(body);
+    const params = chatParamsOf(body);
+    const model = resolveModel(requested, context.routing);
+    const stream = isStreaming(body);
+    const usage = stream && includeUsage(body);
+    context.info.stream = stream;
+    if (model !== undefined) context.info.model = model;
+    const fullParams = { ...params, ...(model !== undefined ? { model } : {}) };
+    const { servedBy, value } = await runWithFallback<Started | Response>({
+      fallback: this.fallback,
+      backend: this.local,
+      signal: context.signal,
+      local: async () => startChat(await this.local.acquire(), fullParams, this.timeoutOptions(context.signal)),
+      remote: async () => this.remote(context, "/chat/completions", body),
+    });
+    context.info.servedBy = servedBy;
+    if (value instanceof Response) return this.relay(context, value);
+    const { prediction, iterator, first } = value;
+    if (!stream) {
+      const result = await gather(prediction, iterator, first);
+      context.info.finishReason = result.finishReason;
+      context.info.model = result.model;
+      this.sendJson(context, 200, chatCompletionOf(result, responseMeta("chatcmpl", requested ?? result.model)), "local");
+      return;
+    }
+    const deltas = new ChatDeltaStream(responseMeta("chatcmpl", requested ?? model ?? "localmlx"));
+    this.startEvents(context, "local");
+    this.sendEvent(context, deltas.start());
+    await this.streamPieces(context, prediction, iterator, first, (piece) => {
+      for (const chunk of deltas.piece(piece)) this.sendEvent(context, chunk);
+    }, (result) => {
+      this.sendEvent(context, deltas.finish(result.finishReason));
+      if (usage) this.sendEvent(context, chatUsageChunkOf(deltas.meta, result.usage));
+    });
+  }
+
+  // ---- /v1/completions ------------------------------------------------------------------
+
+  private async completions(context: RequestContext, body: JsonObject): Promise<void> {
+    const requested = requestedModel(body);
+    const { params, echo } = completionParamsOf(body);
+    const model = resolveModel(requested, context.routing);
+    const stream = isStreaming(body);
+    const usage = stream && includeUsage(body);
+    context.info.stream = stream;
+    if (model !== undefined) context.info.model = model;
+    const fullParams = { ...params, ...(model !== undefined ? { model } : {}) };
+    const { servedBy, value } = await runWithFallback<Started | Response>({
+      fallback: this.fallback,
+      backend: this.local,
+      signal: context.signal,
+      local: async () => startGenerate(await this.local.acquire(), fullParams, this.timeoutOptions(context.signal)),
+      remote: async () => this.remote(context, "/completions", body),
+    });
+    context.info.servedBy = servedBy;
+    if (value instanceof Response) return this.relay(context, value);
+    const { prediction, iterator, first } = value;
+    if (!stream) {
+      const result = await gather(prediction, iterator, first);
+      context.info.finishReason = result.finishReason;
+      context.info.model = result.model;
+      const text = (echo ? params.prompt : "") + result.text;
+      this.sendJson(context, 200, completionOf(text, result, responseMeta("cmpl", requested ?? result.model)), "local");
+      return;
+    }
+    const meta = responseMeta("cmpl", requested ?? model ?? "localmlx");
+    this.startEvents(context, "local");
+    if (echo && params.prompt) this.sendEvent(context, completionChunkOf(meta, params.prompt));
+    await this.streamPieces(context, prediction, iterator, first, (piece) => {
+      if (piece.text) this.sendEvent(context, completionChunkOf(meta, piece.text));
+    }, (result) => {
+      this.sendEvent(context, completionChunkOf(meta, "", result.finishReason === "length" ? "length" : "stop"));
+      if (usage) this.sendEvent(context, completionChunkOf(meta, "", null, result.usage));
+    });
+  }
+
+  // ---- /v1/embeddings -------------------------------------------------------------------
+
+  private async embeddings(context: RequestContext, body: JsonObject): Promise<void> {
+    const requested = requestedModel(body);
+    const { params, encoding } = embedParamsOf(body);
+    const model = resolveModel(requested, context.routing);
+    if (model !== undefined) context.info.model = model;
+    const { servedBy, value } = await runWithFallback<EmbedResult | Response>({
+      fallback: this.fallback,
+      backend: this.local,
+      signal: context.signal,
+      local: async () =>
+        embedLocal(await this.local.acquire(), { ...params, ...(model !== undefined ? { model } : {}) }, this.timeoutOptions(context.signal)),
+      remote: async () => this.remote(context, "/embeddings", body),
+    });
+    context.info.servedBy = servedBy;
+    if (value instanceof Response) return this.relay(context, value);
+    context.info.model = value.model;
+    this.sendJson(context, 200, embeddingsOf(value, encoding, requested ?? value.model), "local");
+  }
+
+  // ---- streaming --------------------------------------------------------------------------
+
+  /** Pieces to `onPiece`, then the result to `onEnd` and `[DONE]`; an error mid-stream is an SSE error event. */
+  private async streamPieces(
+    context: RequestContext,
+    prediction: Prediction,
+    iterator: AsyncIterator<unknown>,
+    first: IteratorResult<unknown>,
+    onPiece: (piece: ReturnType<typeof pieceOf>) => void,
+    onEnd: (result: Awaited<Prediction["result"]>) => void,
+  ): Promise<void> {
+    try {
+      let next = first;
+      while (!next.done) {
+        onPiece(pieceOf(next.value));
+        next = await iterator.next();
+      }
+      const result = await prediction.result;
+      context.info.finishReason = result.finishReason;
+      context.info.model = result.model;
+      if (context.signal.aborted) return;
+      onEnd(result);
+      context.res.end("data: [DONE]\n\n");
+    } catch (error) {
+      const failure = toOpenAIError(error);
+      context.info.status = failure.status;
+      context.info.errorCode = failure.code;
+      if (!context.res.destroyed) {
+        this.sendEvent(context, failure.body);
+        context.res.end();
+      }
+    }
+  }
+
+  private startEvents(context: RequestContext, servedBy: ServedBy): void {
+    context.res.writeHead(200, {
+      "content-type": "text/event-stream; charset=utf-8",
+      "cache-control": "no-cache",
+      connection: "keep-alive",
+      "x-accel-buffering": "no",
+      "x-localmlx-served-by": servedBy,
+    });
+    context.res.flushHeaders();
+  }
+
+  private sendEvent(context: RequestContext, data: unknown): void {
+    if (!context.res.destroyed && !context.res.writableEnded) context.res.write(`data: ${JSON.stringify(data)}\n\n`);
+  }
+
+  // ---- remote -------------------------------------------------------------------------
+
+  private remote(context: RequestContext, path: string, body: JsonObject): Promise<Response> {
+    return this.fallback!.request("POST", path, this.fallback!.remoteBody(body), context.signal);
+  }
+
+  private async remoteJson(context: RequestContext, method: "GET" | "POST", path: string): Promise<{ status: number; body: unknown }> {
+    const response = await this.fallback!.request(method, path, undefined, context.signal);
+    if (!response.ok) throw await remoteError(response);
+    try {
+      return { status: response.status, body: await response.json() };
+    } catch {
+      throw new OpenAIHttpError(502, `The fallback server ${this.fallback!.baseURL} sent a broken answer to ${method} ${path}`, "server_error", null, "bad_gateway");
+    }
+  }
+
+  /** The remote's answer, passed through (status, content type, body streamed as it comes). */
+  private async relay(context: RequestContext, response: Response): Promise<void> {
+    const { res } = context;
+    context.info.status = response.status;
+    if (!response.ok) {
+      const error = await remoteError(response);
+      context.info.errorCode = error.code;
+      this.sendJson(context, error.status, error.body, "remote");
+      return;
+    }
+    res.writeHead(response.status, {
+      "content-type": response.headers.get("content-type") ?? "application/json",
+      "cache-control": "no-cache",
+      "x-localmlx-served-by": "remote",
+    });
+    res.flushHeaders();
+    if (response.body) {
+      try {
+        for await (const chunk of response.body as unknown as Readable) {
+          if (res.destroyed) break;
+          res.write(chunk);
+        }
+      } catch (error) {
+        if (!context.signal.aborted) this.options.logger?.warn?.(`localmlx openai: the fallback's stream broke: ${(error as Error).message}`);
+      }
+    }
+    if (!res.destroyed) res.end();
+  }
+
+  // ---- responses ------------------------------------------------------------------------
+
+  private sendJson(context: RequestContext, status: number, body: unknown, servedBy?: ServedBy, headers: Record<string, string> = {}): void {
+    const { res } = context;
+    if (res.headersSent || res.destroyed) return;
+    const text = JSON.stringify(body);
+    res.writeHead(status, {
+      "content-type": "application/json",
+      "content-length": Buffer.byteLength(text),
+      ...(servedBy ? { "x-localmlx-served-by": servedBy } : {}),
+      ...headers,
+    });
+    res.end(text);
+    context.info.status = status;
+  }
+
+  private fail(context: RequestContext, error: unknown): void {
+    const failure = toOpenAIError(error);
+    if (!(error instanceof OpenAIHttpError) && failure.status >= 500) {
+      this.options.logger?.error?.(`localmlx openai: ${context.info.method} ${context.info.path}: ${(error as Error)?.message?.split("\n")[0] ?? String(error)}`);
+    }
+    context.info.errorCode = failure.code;
+    context.info.status = failure.status;
+    if (context.res.headersSent) {
+      if (!context.res.destroyed) {
+        this.sendEvent(context, failure.body);
+        context.res.end();
+      }
+      return;
+    }
+    this.sendJson(context, failure.status, failure.body, context.info.servedBy, failure.headers);
+  }
+
+  private log(info: OpenAIRequestInfo): void {
+    const parts = [`${info.method} ${info.path}`, `${info.status}`, `port=${info.port}`];
+    if (info.model) parts.push(`model=${info.model}`);
+    if (info.servedBy) parts.push(`served-by=${info.servedBy}`);
+    if (info.stream) parts.push("stream");
+    if (info.finishReason) parts.push(`finish=${info.finishReason}`);
+    if (info.errorCode) parts.push(`error=${info.errorCode}`);
+    parts.push(`${info.durationMs}ms`);
+    this.options.logger?.info?.(`localmlx openai: ${parts.join(" ")}`);
+  }
+}
+
+function modelObject(id: string): { id: string; object: "model"; created: number; owned_by: string } {
+  return { id, object: "model", created: 0, owned_by: "localmlx" };
+}
+
+function tooLarge(limit: number): OpenAIHttpError {
+  return new OpenAIHttpError(413, `The request body is larger than ${limit} bytes`, "invalid_request_error", null, "request_too_large");
+}
