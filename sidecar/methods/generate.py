@@ -34,7 +34,9 @@ def _generation_request(context: Any, params: dict[str, Any], *, messages: Any =
         stop=list(params.get("stop", [])), stream=bool(params.get("stream", False)),
         use_response_cache=params.get("cache", True),
         keep_alive=None if keep_alive is None else parse_duration(keep_alive),
-        kv_bits=params.get("kvBits"), max_kv_size=params.get("maxKvSize"))
+        kv_bits=params.get("kvBits"), max_kv_size=params.get("maxKvSize"),
+        tools=params.get("tools"), tool_choice=params.get("toolChoice"),
+        thinking=params.get("thinking"), thinking_budget=params.get("thinkingBudget"))
 
 
 def _replay(context: Any, model: str, request: GenerationRequest, hit: CachedResponse) -> GenerationResult:
