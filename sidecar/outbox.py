@@ -24,20 +24,29 @@ CHUNK_METHOD = "generate/chunk"
 
 
 class ChunkStream:
-    """`generate/chunk` notifications for one request, coalesced while the wire is busy."""
+    """`generate/chunk` notifications for one request, coalesced while the wire is busy.
+
+    A chunk carries one channel: `text` (the answer), `reasoning`, or `toolCalls`. Pieces of
+    the same channel in a row join into one chunk; a change of channel starts the next, so
+    the order of answer, reasoning and calls survives coalescing."""
 
     def __init__(self, outbox: "Outbox", request_id: Any, limit_bytes: int) -> None:
         self._outbox = outbox
         self.request_id = request_id
         self.limit_bytes = limit_bytes
-        self._pending: list[str] = []
+        self._pending: list[tuple[str, list[Any]]] = []  # runs of (channel, pieces)
         self._pending_bytes = 0
         self._queued = False
         self.seq = 0  # chunks taken by the writer so far
 
-    def write(self, text: str) -> None:
+    def write(self, text: str, channel: str = "text") -> None:
         if text:
-            self._outbox._add_to_stream(self, text)
+            self._outbox._add_to_stream(self, channel, [text], len(text))
+
+    def write_tool_calls(self, calls: list[dict[str, Any]]) -> None:
+        if calls:
+            size = sum(len(c["function"]["arguments"]) + len(c["function"]["name"]) + 64 for c in calls)
+            self._outbox._add_to_stream(self, "toolCalls", calls, size)
 
     def write_whole(self, text: str) -> None:
         """One chunk exactly as given, never joined with others (replaying recorded chunks)."""
@@ -57,15 +66,16 @@ class ChunkStream:
         return self._pending_bytes <= self.limit_bytes // 2
 
     def _take_chunk(self) -> bytes:
-        """Called with the outbox lock held."""
-        text = "".join(self._pending)
-        self._pending.clear()
+        """Called with the outbox lock held: one chunk line per run of one channel."""
+        lines = [self._encode("".join(pieces) if channel != "toolCalls" else pieces, channel)
+                 for channel, pieces in self._pending]
+        self._pending = []
         self._pending_bytes = 0
         self._queued = False
-        return self._encode(text)
+        return b"".join(lines)
 
-    def _encode(self, text: str) -> bytes:
-        params = {"requestId": self.request_id, "seq": self.seq, "text": text}
+    def _encode(self, payload: Any, channel: str = "text") -> bytes:
+        params = {"requestId": self.request_id, "seq": self.seq, channel: payload}
         self.seq += 1
         return encode_message({"jsonrpc": "2.0", "method": CHUNK_METHOD, "params": params})
 
@@ -122,10 +132,13 @@ class Outbox:
             while self._queued_bytes > limit and not self.broken:
                 self._written.wait()
 
-    def _add_to_stream(self, stream: ChunkStream, text: str) -> None:
+    def _add_to_stream(self, stream: ChunkStream, channel: str, pieces: list[Any], size: int) -> None:
         with self._ready:
-            stream._pending.append(text)
-            stream._pending_bytes += len(text)
+            if stream._pending and stream._pending[-1][0] == channel:
+                stream._pending[-1][1].extend(pieces)
+            else:
+                stream._pending.append((channel, list(pieces)))
+            stream._pending_bytes += size
             if not stream._queued:
                 stream._queued = True
                 self._queue.append(stream)

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ContextLengthExceeded, InvalidParams, brief
-from .constraints import compile_constraint, response_format_grammar
+from .channels import ANSWER, REASONING, TOOL, OutputChannels, starts_in_reasoning
+from .constraints import compile_constraint, compile_tool_call, response_format_grammar
 from .jobs import CancelReason, Job
+from .reasoning import ThinkingBudget
 from .sampling import SamplingParams, check_logit_bias, make_logits_processors, make_sampler
+from .tools import ToolCallReader, check_tool_schemas, offered_tools, template_message
 
 
 @dataclass
@@ -32,6 +35,10 @@ class GenerationRequest:
     kv_bits: int | None = None  # else the model's default
     max_kv_size: int | None = None  # else the model's default
     response_format: dict[str, Any] | None = None  # responseFormat; None or type text: free text
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
+    thinking: bool | None = None  # None: the template's default
+    thinking_budget: int | None = None
 
     @property
     def method(self) -> str:
@@ -45,12 +52,18 @@ def clean_text(text: str) -> str:
 
 def prompt_tokens(tokenizer: Any, request: GenerationRequest) -> list[int]:
     if request.messages is not None:
-        messages = [{"role": m["role"], "content": clean_text(m["content"])} for m in request.messages]
+        messages = [template_message(m, clean_text) for m in request.messages]
         if getattr(tokenizer, "chat_template", None) is None:
             raise InvalidParams("This model has no chat template: use generate with a raw prompt",
                                 errors=[{"path": "/messages", "message": "model has no chat template"}])
+        options: dict[str, Any] = {}
+        tools = offered_tools(request.tools, request.tool_choice)
+        if tools:
+            options["tools"] = tools
+        if request.thinking is not None:
+            options["enable_thinking"] = request.thinking
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **options)
         except Exception as exc:  # the template refused these messages (jinja's raise_exception, ...)
             if type(exc).__module__.split(".")[0] != "jinja2":
                 raise
@@ -69,11 +82,20 @@ class PreparedGeneration:
     request: GenerationRequest
     prompt: list[int]
     max_tokens: int  # clipped to the context
-    constraint: Any = None  # constraints.Constraint: the token mask of a structured output
+    tools: list[dict[str, Any]] = field(default_factory=list)  # offered to the model
+    reasoning_first: bool = False  # the template opened a think block
+
+    @property
+    def reads_tool_calls(self) -> bool:
+        return bool(self.tools)
+    constraint: Any = None  # constraints.Constraint: the token mask of a structured output or forced call
 
 
 def prepare(loaded: Any, request: GenerationRequest) -> PreparedGeneration:
     """Tokenize and check a request against its model (runs on a worker thread)."""
+    if request.tools:
+        check_tool_schemas(request.tools)
+    tools = offered_tools(request.tools, request.tool_choice) if request.messages is not None else []
     prompt = prompt_tokens(loaded.tokenizer, request)
     if not prompt:
         raise InvalidParams("Prompt is empty after tokenization",
@@ -87,9 +109,29 @@ def prepare(loaded: Any, request: GenerationRequest) -> PreparedGeneration:
                 f"Prompt has {len(prompt)} tokens; the model's context is {context}",
                 promptTokens=len(prompt), contextLength=context)
         max_tokens = min(max_tokens, context - len(prompt))
-    grammar = response_format_grammar(request.response_format)
-    constraint = compile_constraint(loaded.tokenizer, loaded.vocab_size, grammar) if grammar else None
-    return PreparedGeneration(request, prompt, max_tokens, constraint)
+    reasoning_first = request.messages is not None and starts_in_reasoning(loaded.tokenizer, prompt)
+    constraint = _tool_call_constraint(loaded, request, tools, reasoning_first)
+    if constraint is None:
+        grammar = response_format_grammar(request.response_format)
+        constraint = compile_constraint(loaded.tokenizer, loaded.vocab_size, grammar) if grammar else None
+    return PreparedGeneration(request, prompt, max_tokens, tools, reasoning_first, constraint)
+
+
+def _tool_call_constraint(loaded: Any, request: GenerationRequest, tools: list[dict[str, Any]],
+                          reasoning_first: bool) -> Any:
+    """toolChoice "required" or a named tool: the output is made to be one call in the
+    model's own format (a reasoning block may come first, unless thinking is off)."""
+    choice = request.tool_choice
+    if not tools or choice in (None, "auto", "none"):
+        return None
+    tokenizer = loaded.tokenizer
+    framed = getattr(tokenizer, "has_tool_calling", False) and tokenizer.tool_parser is not None
+    parser = tokenizer.tool_parser.__module__.rsplit(".", 1)[-1] if framed else None
+    thinks = getattr(tokenizer, "has_thinking", False) and request.thinking is not False and not reasoning_first
+    return compile_tool_call(
+        tokenizer, loaded.vocab_size, tools, "required" if choice == "required" else choice["function"]["name"],
+        start=tokenizer.tool_call_start if framed else None, end=tokenizer.tool_call_end if framed else None,
+        parser=parser, reasoning=(tokenizer.think_start, tokenizer.think_end) if thinks else None)
 
 
 @dataclass
@@ -102,31 +144,6 @@ class GenerationOrder:
     @property
     def request(self) -> GenerationRequest:
         return self.prepared.request
-
-
-class StopMatcher:
-    """Text-level stop strings on mlx-lm's TextStateMachine: matched strings end the
-    generation; possible partial matches are held back until resolved."""
-
-    def __init__(self, stop: list[str]) -> None:
-        from mlx_lm.generate import TextStateMachine
-
-        self._machine = TextStateMachine
-        self._state = TextStateMachine({"normal": [(s, None) for s in stop]}).make_state() if stop else None
-        self.matched = False
-
-    def feed(self, text: str) -> str:
-        if self._state is None or not text:
-            return text
-        self._state, safe, state_name = self._machine.step(self._state, text)
-        self.matched = state_name is None
-        return safe
-
-    def flush(self) -> str:
-        if self._state is None or self.matched:
-            return ""
-        self._state, held, _ = self._machine.flush(self._state)
-        return held
 
 
 def _ms(seconds: float) -> float:
@@ -150,21 +167,31 @@ class GenerationResult:
     text: str | None = None  # unstreamed requests only
     cached: bool = False  # served from the exact response cache
     cancel_reason: CancelReason | None = None
+    reasoning: str | None = None  # unstreamed requests only, when there was some
+    tool_calls: list[dict[str, Any]] | None = None  # unstreamed requests only, when there were some
+    reasoning_tokens: int | None = None  # models that reason
 
     def to_wire(self) -> dict[str, Any]:
         result: dict[str, Any] = {"model": self.model, "finishReason": self.finish_reason,
                                   "usage": self.usage, "timings": self.timings}
         if self.text is not None:
             result["text"] = self.text
+        if self.reasoning:
+            result["reasoning"] = self.reasoning
+        if self.tool_calls:
+            result["toolCalls"] = self.tool_calls
         if self.cached:
             result["cached"] = True
         return result
 
     @property
     def usage(self) -> dict[str, int]:
-        return {"promptTokens": self.prompt_tokens, "completionTokens": self.completion_tokens,
-                "totalTokens": self.prompt_tokens + self.completion_tokens,
-                "cachedTokens": self.cached_tokens}
+        usage = {"promptTokens": self.prompt_tokens, "completionTokens": self.completion_tokens,
+                 "totalTokens": self.prompt_tokens + self.completion_tokens,
+                 "cachedTokens": self.cached_tokens}
+        if self.reasoning_tokens is not None:
+            usage["reasoningTokens"] = self.reasoning_tokens
+        return usage
 
     @classmethod
     def cancelled_before_start(cls, model: str, request: GenerationRequest,
@@ -192,6 +219,9 @@ class Generation:
     parked: Any = None  # (cache, tokens, last_token) while parked for back-pressure
     peak_memory: int = 0
     _parts: list[str] = field(default_factory=list)
+    _reasoning: list[str] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    reasoning_tokens: int = 0
     _recorded: list[str] | None = None
     admitted_at: float = 0.0
     prompt_done_at: float | None = None
@@ -203,12 +233,39 @@ class Generation:
         sampling = self.request.sampling
         self.sampler = make_sampler(sampling, self.loaded.vocab_size)
         self.logits_processors = make_logits_processors(sampling)
-        if self.prepared.constraint is not None:  # last: it sees the logits the others made
+        tokenizer = self.loaded.tokenizer
+        self._detokenizer = tokenizer.detokenizer
+        self._channels = OutputChannels(tokenizer, self.request.stop, reasoning=self.request.method == "chat",
+                                        tool_calls=self.prepared.reads_tool_calls,
+                                        initial=self._first_channel(tokenizer))
+        self._tool_calls = (ToolCallReader(tokenizer.tool_parser if self._marks_tool_calls(tokenizer) else None,
+                                           self.prepared.tools) if self.prepared.reads_tool_calls else None)
+        if self.prepared.constraint is not None:  # after the others: it sees the logits they made
             self.logits_processors.append(self.prepared.constraint.processor(len(self.prompt)))
-        self._detokenizer = self.loaded.tokenizer.detokenizer
-        self._stops = StopMatcher(self.request.stop)
+        budget = self.request.thinking_budget
+        if budget is not None and getattr(tokenizer, "has_thinking", False):
+            self.logits_processors.append(
+                ThinkingBudget(tokenizer, len(self.prompt), budget, self.prepared.reasoning_first))
         if self.request.use_response_cache and sampling.deterministic and self.loaded.response_cache is not None:
             self._recorded = []
+
+    @property
+    def _counts_reasoning(self) -> bool:
+        return self.request.method == "chat" and getattr(self.loaded.tokenizer, "has_thinking", False)
+
+    def _marks_tool_calls(self, tokenizer: Any) -> bool:
+        return bool(getattr(tokenizer, "has_tool_calling", False) and tokenizer.tool_parser is not None)
+
+    def _first_channel(self, tokenizer: Any) -> str:
+        """Where the first text goes: reasoning when the template opened a think block; the
+        tool call itself when a call is forced on a model without tool-call markers (its
+        whole output is the call, as one JSON object)."""
+        if self.prepared.reasoning_first:
+            return REASONING
+        forced = self.request.tool_choice not in (None, "auto", "none")
+        if self.prepared.reads_tool_calls and forced and not self._marks_tool_calls(tokenizer):
+            return TOOL
+        return ANSWER
 
     @property
     def request(self) -> GenerationRequest:
@@ -263,15 +320,17 @@ class Generation:
         self.first_token_at = self.first_token_at or now
         self.last_token_at = now
         self.completion_tokens += 1
+        if self._channels.channel == REASONING:
+            self.reasoning_tokens += 1
         if finish_reason != "stop":
             self._detokenizer.add_token(token)
         if finish_reason is not None:
             self._detokenizer.finalize()
-        self._emit(self._stops.feed(self._detokenizer.last_segment))
-        if self._stops.matched:
+        self._route(self._channels.feed(self._detokenizer.last_segment))
+        if self._channels.stopped:
             self.finish_reason = "stop_sequence"
         elif finish_reason is not None:
-            self._emit(self._stops.flush())
+            self._route(self._channels.flush())
             self.finish_reason = finish_reason
         elif self.job.cancelled:
             self.finish_reason = "cancelled"
@@ -280,6 +339,15 @@ class Generation:
         """Stopped between steps (cancelled, its model unloaded, or the engine closing)."""
         if self.finish_reason is None:
             self.finish_reason = "cancelled"
+
+    def _route(self, pieces: list[tuple[str, str]]) -> None:
+        for channel, text in pieces:
+            if channel == ANSWER:
+                self._emit(text)
+            elif channel == REASONING:
+                self._emit_reasoning(text)
+            elif self._tool_calls is not None:
+                self._emit_tool_calls(self._tool_calls.read(text, unfinished=channel != TOOL))
 
     def _emit(self, text: str) -> None:
         if not text:
@@ -291,6 +359,22 @@ class Generation:
             self.stream.write(text)
         else:
             self._parts.append(text)
+
+    def _emit_reasoning(self, text: str) -> None:
+        self.first_text_at = self.first_text_at or time.perf_counter()
+        self._recorded = None  # the response cache replays plain text only
+        if self.stream is not None:
+            self.stream.write(text, channel="reasoning")
+        else:
+            self._reasoning.append(text)
+
+    def _emit_tool_calls(self, calls: list[dict[str, Any]]) -> None:
+        self.first_text_at = self.first_text_at or time.perf_counter()
+        self._recorded = None
+        first = len(self.tool_calls)
+        self.tool_calls.extend(calls)
+        if self.stream is not None:
+            self.stream.write_tool_calls([{"index": first + i, **call} for i, call in enumerate(calls)])
 
     # ---- finish --------------------------------------------------------------------------
 
@@ -314,10 +398,17 @@ class Generation:
         }
         if self.prepared.constraint is not None:
             timings["maskMsPerToken"] = self.prepared.constraint.mask_ms_per_token
+        finish = self.finish_reason or "cancelled"
+        if finish == "stop" and self.tool_calls:
+            finish = "tool_calls"
+        streamed = self.request.stream
         return GenerationResult(
-            self.loaded.name, self.finish_reason or "cancelled", len(self.prompt), self.completion_tokens,
-            self.cached_tokens, timings, text=None if self.request.stream else "".join(self._parts),
-            cancel_reason=self.job.cancel_reason if self.finish_reason == "cancelled" else None)
+            self.loaded.name, finish, len(self.prompt), self.completion_tokens,
+            self.cached_tokens, timings, text=None if streamed else "".join(self._parts),
+            cancel_reason=self.job.cancel_reason if self.finish_reason == "cancelled" else None,
+            reasoning=None if streamed else "".join(self._reasoning) or None,
+            tool_calls=None if streamed else self.tool_calls or None,
+            reasoning_tokens=self.reasoning_tokens if self._counts_reasoning else None)
 
     @property
     def recording(self) -> list[str] | None:

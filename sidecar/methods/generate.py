@@ -35,7 +35,9 @@ def _generation_request(context: Any, params: dict[str, Any], *, messages: Any =
         use_response_cache=params.get("cache", True),
         keep_alive=None if keep_alive is None else parse_duration(keep_alive),
         kv_bits=params.get("kvBits"), max_kv_size=params.get("maxKvSize"),
-        response_format=params.get("responseFormat"))
+        response_format=params.get("responseFormat"),
+        tools=params.get("tools"), tool_choice=params.get("toolChoice"),
+        thinking=params.get("thinking"), thinking_budget=params.get("thinkingBudget"))
 
 
 def _replay(context: Any, model: str, request: GenerationRequest, hit: CachedResponse) -> GenerationResult:
