@@ -30,7 +30,8 @@ WEATHER = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"},
                                                     "days": {"type": "integer", "minimum": 1}},
                    "required": ["city"], "additionalProperties": False}}}
-CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {},
+                                                                              "additionalProperties": False}}}
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +264,59 @@ def test_mistral_calls_are_read_with_its_own_parser(models, tmp_path) -> None:
     assert pieces[-1][0] == TOOL  # a format that ends at end-of-sequence
     (call,) = ToolCallReader(tok.tool_parser, [WEATHER]).read(pieces[-1][1])
     assert "error" not in call and call["function"]["name"] == "get_weather"
+
+
+# ---- forced calls, end to end (the tool-call grammar on random weights) -----------------------
+
+
+def forced(model: str, choice: Any = "required", **extra: Any) -> dict[str, Any]:
+    return chat(model=model, tools=[WEATHER, CLOCK], toolChoice=choice, maxTokens=96, seed=7, **extra)
+
+
+def assert_valid_call(call: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    import jsonschema
+
+    assert "error" not in call, call
+    tool = {"get_weather": WEATHER, "get_time": CLOCK}[call["function"]["name"]]
+    arguments = json.loads(call["function"]["arguments"])
+    jsonschema.validate(arguments, tool["function"]["parameters"])
+    assert name is None or call["function"]["name"] == name
+    return arguments
+
+
+@pytest.mark.parametrize("model, choice", [
+    ("qwen2.5", "required"),
+    # no tool-call markers: the call is the whole output, one JSON object (a tool without
+    # arguments, so random weights cannot wander in a free string until maxTokens)
+    ("demo", {"type": "function", "function": {"name": "get_time"}})])
+def test_a_required_call_is_made_in_the_models_format_and_checked(sidecar, model, choice) -> None:
+    result = sidecar.request("chat", forced(model, choice, temperature=0.9))
+    assert result["finishReason"] == "tool_calls", result
+    (call,) = result["toolCalls"]
+    assert_valid_call(call)
+    assert result["text"] == ""  # the call is not text, and nothing follows it
+
+
+def test_a_named_tool_is_the_one_called_and_a_streamed_call_arrives_on_its_channel(sidecar) -> None:
+    params = forced("qwen2.5", {"type": "function", "function": {"name": "get_weather"}})
+    whole = sidecar.request("chat", params)
+    assert assert_valid_call(whole["toolCalls"][0], "get_weather")["city"] is not None
+    order, response = chunks_by_channel(list(sidecar.stream("chat", params)))
+    calls = [value for key, value in order if key == "toolCalls"]
+    assert [key for key, _ in order] == ["toolCalls"] and calls[0][0]["index"] == 0
+    streamed = calls[0][0]
+    assert streamed["function"] == whole["toolCalls"][0]["function"]
+    result = response["result"]
+    assert result["finishReason"] == "tool_calls" and "toolCalls" not in result
+
+
+def test_a_forced_call_on_a_thinking_model_with_thinking_off(sidecar) -> None:
+    result = sidecar.request("chat", forced("qwen3", thinking=False, temperature=0))
+    assert result["finishReason"] == "tool_calls"
+    assert_valid_call(result["toolCalls"][0])
+    assert "reasoning" not in result
+
+
+def test_auto_leaves_a_model_that_does_not_call_answering_in_text(sidecar) -> None:
+    result = sidecar.request("chat", chat(model="qwen2.5", tools=[WEATHER], toolChoice="auto"))
+    assert result["finishReason"] == "length" and "toolCalls" not in result and result["text"]
