@@ -153,6 +153,15 @@ def conversation_with_a_call() -> list[dict[str, Any]]:
             {"role": "tool", "toolCallId": "call_1", "name": "get_weather", "content": "{\"sky\": \"clear\"}"}]
 
 
+def test_capabilities_say_which_models_call_tools_and_think(sidecar) -> None:
+    def capabilities(model: str) -> list[str]:
+        return sidecar.request("models/load", {"model": model})["capabilities"]
+
+    assert capabilities("qwen3") == ["chat", "generate", "tools", "thinking"]
+    assert capabilities("qwen2.5") == ["chat", "generate", "tools"]
+    assert capabilities("demo") == ["chat", "generate"]
+
+
 def test_tools_and_earlier_calls_render_through_the_models_template(sidecar, models) -> None:
     messages = conversation_with_a_call()
     result = sidecar.request("chat", {"model": "qwen2.5", "messages": messages, "tools": [WEATHER, CLOCK],
@@ -264,6 +273,8 @@ def test_mistral_calls_are_read_with_its_own_parser(models, tmp_path) -> None:
     assert pieces[-1][0] == TOOL  # a format that ends at end-of-sequence
     (call,) = ToolCallReader(tok.tool_parser, [WEATHER]).read(pieces[-1][1])
     assert "error" not in call and call["function"]["name"] == "get_weather"
+    cut = OutputChannels(tok, [], reasoning=True, tool_calls=True)
+    assert (cut.feed('[TOOL_CALLS]get_weather[ARGS]{"ci') + cut.flush(complete=False))[-1][0] == UNFINISHED_TOOL
 
 
 # ---- forced calls, end to end (the tool-call grammar on random weights) -----------------------

@@ -70,8 +70,9 @@ class OutputChannels:
         self._state, segments = self._machine.split(self._state, text)
         return self._route(segments)
 
-    def flush(self) -> list[tuple[str, str]]:
-        """The end of generation: release held-back text, and any tool call still open."""
+    def flush(self, complete: bool = True) -> list[tuple[str, str]]:
+        """The end of generation (`complete`: by end-of-sequence, not cut off by maxTokens):
+        release held-back text, and any tool call still open."""
         pieces: list[tuple[str, str]] = []
         if not self.stopped:
             channel = self.channel
@@ -79,7 +80,7 @@ class OutputChannels:
             pieces = self._route([(channel, held)], closing=False)
         if self._tool_text is not None:
             text, self._tool_text = "".join(self._tool_text), None
-            pieces.append((UNFINISHED_TOOL if self._ends_with_marker else TOOL, text))
+            pieces.append((TOOL if complete and not self._ends_with_marker else UNFINISHED_TOOL, text))
         return pieces
 
     def _route(self, segments: list[tuple[str | None, str]], closing: bool = True) -> list[tuple[str, str]]:

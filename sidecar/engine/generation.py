@@ -330,7 +330,7 @@ class Generation:
         if self._channels.stopped:
             self.finish_reason = "stop_sequence"
         elif finish_reason is not None:
-            self._route(self._channels.flush())
+            self._route(self._channels.flush(complete=finish_reason == "stop"))
             self.finish_reason = finish_reason
         elif self.job.cancelled:
             self.finish_reason = "cancelled"

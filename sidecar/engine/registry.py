@@ -72,8 +72,12 @@ def describe(name: str, path: Path, model: Any, config: dict[str, Any]) -> dict[
 
 
 def capabilities(tokenizer: Any) -> list[str]:
-    """What a text-generation model serves (tools and thinking are added where known)."""
-    return (["chat"] if getattr(tokenizer, "chat_template", None) is not None else []) + ["generate"]
+    """What a text-generation model serves: tools when mlx-lm knows its tool-call format (from
+    its template or vocabulary), thinking when it has think markers."""
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    return ((["chat"] if chat else []) + ["generate"]
+            + (["tools"] if chat and getattr(tokenizer, "tool_parser", None) is not None else [])
+            + (["thinking"] if chat and getattr(tokenizer, "has_thinking", False) else []))
 
 
 def _iso(wall: float) -> str:
