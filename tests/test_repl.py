@@ -499,7 +499,7 @@ def test_script_tools_are_sent_with_chat_only_and_calls_are_shown(env, family_mo
     tools_file.write_text(json.dumps([WEATHER_TOOL]))
     done = script(env, [f"/tools {tools_file}", "/set toolChoice required", "/tools", "/set maxTokens 200",
                         "/raw on", "/generate The", "What is the weather in Paris?", "/raw off",
-                        "/tools off", "/tools", '/tools {"name": "bad name!"}'], "--model", family_models["qwen"])
+                        "What is the weather in Paris?", "/tools off", "/tools", '/tools {"name": "bad name!"}'], "--model", family_models["qwen"])
     assert done.returncode == 1  # the bad tool
     assert "tools for the following chat turns: get_weather" in done.stderr
     assert "tools: get_weather (toolChoice \"required\")" in done.stderr
@@ -510,7 +510,7 @@ def test_script_tools_are_sent_with_chat_only_and_calls_are_shown(env, family_mo
     chat = next(m["params"] for m in sent if m.get("method") == "chat")
     assert "tools" not in generate and "toolChoice" not in generate  # chat's params only
     assert chat["tools"] == [WEATHER_TOOL] and chat["toolChoice"] == "required"
-    # The call, on a line of its own, as the model made it; the summary counts it.
+    # Unraw, the call is on a line of its own, as the model made it; the summary counts it.
     call = re.search(r"^tool call get_weather (\{.*\}) \((\S+)\)$", done.stdout, re.M)
     assert call, done.stdout
     assert isinstance(json.loads(call.group(1))["city"], str)

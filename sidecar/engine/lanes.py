@@ -380,7 +380,13 @@ class SoloLane:
         return [*current, *self._waiting]
 
     def admit(self, generation: Generation) -> None:
-        self._waiting.append(generation)
+        """Queued by when its request line was read: requests are tokenized on worker threads
+        and can reach the engine out of order, but they run in the order they were sent."""
+        arrived = generation.request.received_at
+        position = len(self._waiting)
+        while position > 0 and self._waiting[position - 1].request.received_at > arrived:
+            position -= 1
+        self._waiting.insert(position, generation)
 
     def step(self) -> list[Generation]:
         if self._current is None:
