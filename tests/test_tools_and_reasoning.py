@@ -331,3 +331,18 @@ def test_a_forced_call_on_a_thinking_model_with_thinking_off(sidecar) -> None:
 def test_auto_leaves_a_model_that_does_not_call_answering_in_text(sidecar) -> None:
     result = sidecar.request("chat", chat(model="qwen2.5", tools=[WEATHER], toolChoice="auto"))
     assert result["finishReason"] == "length" and "toolCalls" not in result and result["text"]
+
+
+def test_a_reasoning_model_reasons_first_then_answers_in_the_schema_or_calls(sidecar) -> None:
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"sky": {"enum": ["clear", "cloudy"]}}, "required": ["sky"],
+              "additionalProperties": False}
+    params = chat(model="qwen3-thinking", thinkingBudget=3, maxTokens=64,
+                  responseFormat={"type": "json_schema", "schema": schema})
+    result = sidecar.request("chat", params)
+    assert result["finishReason"] == "stop" and result["reasoning"]
+    jsonschema.validate(json.loads(result["text"]), schema)
+    called = sidecar.request("chat", forced("qwen3-thinking", thinkingBudget=3, temperature=0))
+    assert called["finishReason"] == "tool_calls" and called["reasoning"]
+    assert_valid_call(called["toolCalls"][0])

@@ -161,7 +161,7 @@ def compile_constraint(tokenizer: Any, vocab_size: int | None, grammar: str,
 
 def compile_tool_call(tokenizer: Any, vocab_size: int | None, tools: list[dict[str, Any]], choice: str, *,
                       start: str | None, end: str | None, parser: str | None = None,
-                      reasoning: tuple[str, str] | None = None) -> Constraint:
+                      reasoning: tuple[str, str] | None = None, opened: bool = False) -> Constraint:
     """A constraint that makes the model call a tool (toolChoice "required" or a tool's name).
 
     `tools`: OpenAI function tools, [{"type": "function", "function": {"name", "description"?,
@@ -169,7 +169,8 @@ def compile_tool_call(tokenizer: Any, vocab_size: int | None, tools: list[dict[s
     model's tool-call framing (`tokenizer.tool_call_start` / `tool_call_end`; None when it has
     none). `parser`: the model's mlx-lm tool parser module name (`tokenizer.tool_parser.__module__`
     tail: "json_tools", "mistral", ...), None when unknown. `reasoning`: (start, end) to allow
-    one free-text reasoning block (e.g. ("<think>", "</think>")) before the call, else None.
+    one free-text reasoning block (e.g. ("<think>", "</think>")) before the call, else None;
+    `opened`: the prompt already opened that block, so the output starts inside it.
 
     The output is then exactly:
       [reasoning start, free text, reasoning end]  (optional, only when `reasoning` is given)
@@ -200,21 +201,51 @@ def compile_tool_call(tokenizer: Any, vocab_size: int | None, tools: list[dict[s
         call.insert(0, grammars.literal(start))
         if end:
             call.append(grammars.literal(end))
-    rules = [f"call: {' '.join(call)}"]
-    if reasoning is None:
-        rules.insert(0, "start: call")
-    else:
-        think_start, think_end = grammars.literal(reasoning[0]), grammars.literal(reasoning[1])
-        rules.insert(0, "start: think? call")
-        # Then a blank line or two, as models write it before the call.
-        if think_end.startswith("<["):  # a special token: free text cannot contain it
-            rules.append(f"think: {think_start} /(?s:.*)/ {think_end} /\\n{{1,2}}/?")
-        else:  # plain text: the block ends at the first end string
-            rules.append(f"think: {think_start} think_text /\\n{{1,2}}/?\n"
-                         f"think_text[lazy]: /(?s:.*){_regex_escape(reasoning[1])}/")
+    rules = [f"start: {_reasoning_prefix(reasoning, opened)}call", f"call: {' '.join(call)}",
+             *_reasoning_rules(grammars, reasoning, opened)]
     from llguidance import LLMatcher
 
     return Constraint(grammars.matcher(LLMatcher.grammar_from_lark("\n".join(rules)), "/tools"), grammars)
+
+
+def _reasoning_prefix(reasoning: tuple[str, str] | None, opened: bool) -> str:
+    return "" if reasoning is None else "think " if opened else "think? "
+
+
+def _reasoning_rules(grammars: _ModelGrammars, reasoning: tuple[str, str] | None, opened: bool) -> list[str]:
+    """The free-text reasoning block that may come before the constrained part (or must, when
+    the template opened it), then a blank line or two, as models write it."""
+    if reasoning is None:
+        return []
+    think_start, think_end = grammars.literal(reasoning[0]), grammars.literal(reasoning[1])
+    opening = "" if opened else f"{think_start} "
+    if think_end.startswith("<["):  # a special token: free text cannot contain it
+        return [f"think: {opening}/(?s:.*)/ {think_end} /\\n{{1,2}}/?"]
+    # plain text: the block ends at the first end string
+    return [f"think: {opening}think_text /\\n{{1,2}}/?",
+            f"think_text[lazy]: /(?s:.*){_regex_escape(reasoning[1])}/"]
+
+
+def compile_response_format(tokenizer: Any, vocab_size: int | None, response_format: dict[str, Any] | None, *,
+                            reasoning: tuple[str, str] | None = None, opened: bool = False) -> Constraint | None:
+    """The constraint for a `responseFormat` (None for plain text). With `reasoning`, the
+    model may reason first (`opened`: it already is) and the JSON is its answer."""
+    grammar = response_format_grammar(response_format)
+    if grammar is None:
+        return None
+    if reasoning is None:
+        return compile_constraint(tokenizer, vocab_size, grammar)
+    from llguidance import LLMatcher
+
+    grammars = _grammars(tokenizer, vocab_size)
+    kind = response_format["type"]
+    schema = {"type": "object"} if kind == "json_object" else response_format["schema"]
+    if isinstance(schema, dict) and "x-guidance" not in schema:
+        schema = {**schema, "x-guidance": JSON_OPTIONS}
+    rules = [f"start: {_reasoning_prefix(reasoning, opened)}answer", f"answer: %json {json.dumps(schema)}",
+             *_reasoning_rules(grammars, reasoning, opened)]
+    return Constraint(grammars.matcher(LLMatcher.grammar_from_lark("\n".join(rules)), "/responseFormat/schema"),
+                      grammars)
 
 
 def _regex_escape(text: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ContextLengthExceeded, InvalidParams, brief
 from .channels import ANSWER, REASONING, TOOL, OutputChannels, starts_in_reasoning
-from .constraints import compile_constraint, compile_tool_call, response_format_grammar
+from .constraints import compile_response_format, compile_tool_call
 from .jobs import CancelReason, Job
 from .reasoning import ThinkingBudget
 from .sampling import SamplingParams, check_logit_bias, make_logits_processors, make_sampler
@@ -110,28 +110,36 @@ def prepare(loaded: Any, request: GenerationRequest) -> PreparedGeneration:
                 promptTokens=len(prompt), contextLength=context)
         max_tokens = min(max_tokens, context - len(prompt))
     reasoning_first = request.messages is not None and starts_in_reasoning(loaded.tokenizer, prompt)
-    constraint = _tool_call_constraint(loaded, request, tools, reasoning_first)
+    reasoning = _reasoning_markers(loaded.tokenizer, request)
+    constraint = _tool_call_constraint(loaded, request, tools, reasoning, reasoning_first)
     if constraint is None:
-        grammar = response_format_grammar(request.response_format)
-        constraint = compile_constraint(loaded.tokenizer, loaded.vocab_size, grammar) if grammar else None
+        constraint = compile_response_format(loaded.tokenizer, loaded.vocab_size, request.response_format,
+                                             reasoning=reasoning, opened=reasoning_first)
     return PreparedGeneration(request, prompt, max_tokens, tools, reasoning_first, constraint)
 
 
+def _reasoning_markers(tokenizer: Any, request: GenerationRequest) -> tuple[str, str] | None:
+    """A chat with a model that reasons (thinking not switched off): a constrained output
+    lets the reasoning block come first, and constrains the answer after it."""
+    if request.messages is None or request.thinking is False or not getattr(tokenizer, "has_thinking", False):
+        return None
+    return tokenizer.think_start, tokenizer.think_end
+
+
 def _tool_call_constraint(loaded: Any, request: GenerationRequest, tools: list[dict[str, Any]],
-                          reasoning_first: bool) -> Any:
+                          reasoning: tuple[str, str] | None, reasoning_first: bool) -> Any:
     """toolChoice "required" or a named tool: the output is made to be one call in the
-    model's own format (a reasoning block may come first, unless thinking is off)."""
+    model's own format (after the reasoning block, for a model that reasons)."""
     choice = request.tool_choice
     if not tools or choice in (None, "auto", "none"):
         return None
     tokenizer = loaded.tokenizer
     framed = getattr(tokenizer, "has_tool_calling", False) and tokenizer.tool_parser is not None
     parser = tokenizer.tool_parser.__module__.rsplit(".", 1)[-1] if framed else None
-    thinks = getattr(tokenizer, "has_thinking", False) and request.thinking is not False and not reasoning_first
     return compile_tool_call(
         tokenizer, loaded.vocab_size, tools, "required" if choice == "required" else choice["function"]["name"],
         start=tokenizer.tool_call_start if framed else None, end=tokenizer.tool_call_end if framed else None,
-        parser=parser, reasoning=(tokenizer.think_start, tokenizer.think_end) if thinks else None)
+        parser=parser, reasoning=reasoning, opened=reasoning_first)
 
 
 @dataclass
