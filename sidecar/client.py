@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 from .errors import RpcError
 from .jsonrpc import id_key, parse_json
+from .protocol_defs import PROTOCOL_VERSION
 from .transport import LineFramer, OversizedLine, encode_message
 
 
@@ -277,7 +278,7 @@ class SidecarClient:
         self.send({"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": id_}})
 
     def initialize(self, **client_info: Any) -> dict[str, Any]:
-        return self.request("initialize", {"protocolVersion": 1,
+        return self.request("initialize", {"protocolVersion": PROTOCOL_VERSION,
                                            "clientInfo": client_info or {"name": "localmlx-py"}})
 
     # ---- lifetime --------------------------------------------------------------------------

@@ -1,26 +1,14 @@
-"""Typed protocol errors: every failure the wire can see has a code, a message and a data object."""
+"""Typed protocol errors: every failure the wire can see has a code, a message and a data object.
+The codes come from the schema (`$defs/ErrorCode`, generated into `protocol_defs`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-NOT_INITIALIZED = -32002
-REQUEST_CANCELLED = -32800
-SERVER_CANCELLED = -32802
-MODEL_NOT_FOUND = -32010
-MODEL_NOT_LOADED = -32011
-MODEL_LOADING = -32012
-MODEL_LOAD_FAILED = -32013
-OUT_OF_MEMORY = -32014
-BUSY = -32015
-CONTEXT_LENGTH_EXCEEDED = -32016
-MESSAGE_TOO_LARGE = -32017
-FORBIDDEN = -32018
+from .protocol_defs import (  # noqa: F401  (the codes, generated from the schema, are re-exported)
+    BUSY, CONTEXT_LENGTH_EXCEEDED, ERROR_CODES, ERROR_MEANINGS, FORBIDDEN, INTERNAL_ERROR, INVALID_PARAMS,
+    INVALID_REQUEST, MESSAGE_TOO_LARGE, METHOD_NOT_FOUND, MODEL_LOAD_FAILED, MODEL_LOADING, MODEL_NOT_FOUND,
+    MODEL_NOT_LOADED, NOT_INITIALIZED, OUT_OF_MEMORY, PARSE_ERROR, REQUEST_CANCELLED, SERVER_CANCELLED)
 
 
 def brief(exc: BaseException, limit: int = 200) -> str:

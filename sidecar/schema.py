@@ -23,8 +23,39 @@ def schema_path() -> Path:
 
 
 @functools.cache
-def protocol_schema() -> dict[str, Any]:
+def raw_schema() -> dict[str, Any]:
+    """The schema file as written."""
     return json.loads(schema_path().read_text(encoding="utf-8"))
+
+
+@functools.cache
+def protocol_schema() -> dict[str, Any]:
+    """The schema with shared params inlined: where a params object names the properties it
+    shares with others by a `$ref` beside its own (`"$ref": "#/$defs/GenerationParams"`, then
+    `unevaluatedProperties: false`), the referenced properties are copied in and the object
+    closes with `additionalProperties: false`. It accepts exactly what the file does, lists
+    each param in one `properties` (as readers such as the REPL look them up), and a bad
+    shared param is reported once, at its own path."""
+    root = raw_schema()
+    return dict(root, methods=_inlined(root["methods"], root), notifications=_inlined(root["notifications"], root))
+
+
+def _inlined(node: Any, root: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_inlined(item, root) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _inlined(value, root) for key, value in node.items()}
+    ref = node.get("$ref")
+    if isinstance(ref, str) and "properties" in node and ref.startswith("#/$defs/"):
+        shared = root["$defs"][ref.removeprefix("#/$defs/")]
+        if set(shared) - {"type", "description", "properties"} or shared.get("type", "object") != "object":
+            raise ValueError(f"{ref}: only a plain object of properties can be shared by $ref")
+        node.pop("$ref")
+        node["properties"] = {**shared["properties"], **node["properties"]}
+        if node.pop("unevaluatedProperties", True) is False:
+            node["additionalProperties"] = False
+    return node
 
 
 @functools.cache

@@ -123,6 +123,7 @@ class Session:
         self._inflight: dict[tuple[str, Any], InFlight] = {}
         self._tasks: set[asyncio.Task] = set()
         self._methods: Methods = {}
+        self._faults = {f for f in settings.inject_faults if f.startswith("method:")}
         self.exit_code: int | None = None
 
     # ---- running -------------------------------------------------------------------------
@@ -255,10 +256,9 @@ class Session:
                 response = jsonrpc.result_message(call.id, result)
             except RpcError as error:
                 response = jsonrpc.error_message(call.id, error)
-            except Exception as exc:  # a bug: keep serving, trace to stderr only
+            except Exception:  # a bug: keep serving; the traceback goes to stderr, never to the wire
                 log.exception("internal error in %s", call.method)
-                response = jsonrpc.error_message(call.id, InternalError(
-                    f"Internal error: {type(exc).__name__}", method=call.method))
+                response = jsonrpc.error_message(call.id, InternalError("Internal error", method=call.method))
             send(response)
 
         def on_done(task: asyncio.Task) -> None:
@@ -284,10 +284,17 @@ class Session:
         params = schema.check_params(call.method, call.params)
         _, result = await dispatch_request(self._methods, context, Request(call.method, params, call.id))
         if isinstance(result, Left):
-            error = result._error
-            data = error.data if isinstance(error.data, dict) else {"method": call.method}
-            raise RpcError(error.message, error.code, **data)
+            # What the method raised, as it raised it (see methods.rpc_method). jsonrpcserver's own
+            # refusals (no such method, params that do not bind) cannot happen after the checks above.
+            raised = result._error.data
+            raise raised if isinstance(raised, Exception) else RuntimeError(f"jsonrpcserver: {result._error}")
         return result._value.result
+
+    def inject_fault(self, name: str) -> None:
+        """For tests of failure handling: raise, once, where LOCALMLX_INJECT_FAULTS names `name`."""
+        if name in self._faults:
+            self._faults.discard(name)
+            raise RuntimeError(f"injected fault (LOCALMLX_INJECT_FAULTS={name}): details for the log only")
 
     # ---- notifications -------------------------------------------------------------------
 

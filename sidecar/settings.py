@@ -83,6 +83,13 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def _log_format(text: str) -> str:
+    value = text.strip().lower() or "text"
+    if value not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return value
+
+
 def _blas_choice(text: str) -> str:
     choice = text.strip()
     if choice.lower() in ("", "auto", "bundled"):
@@ -204,10 +211,14 @@ class Settings:
     inject_faults: tuple[str, ...] = _setting(
         (), "LOCALMLX_INJECT_FAULTS",
         "for tests of failure handling only: comma-separated faults to cause once each "
-        "('generation': the next generation raises inside mlx-lm's decode step)",
+        "('generation': the next generation raises inside mlx-lm's decode step; 'method:NAME': the "
+        "next call of method NAME raises inside the method)",
         lambda s: tuple(f.strip() for f in s.split(",") if f.strip()))
     log_level: str = _setting(
         "INFO", "LOCALMLX_LOG_LEVEL", "stderr log level (DEBUG, INFO, WARNING, ERROR)", str)
+    log_format: str = _setting(
+        "text", "LOCALMLX_LOG_FORMAT", "stderr log format: text, or json (one {time, level, logger, "
+        "message} object per line; the node client asks for it)", _log_format)
 
     def with_overrides(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

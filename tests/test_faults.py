@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.client import RpcCallError, SidecarClient, sidecar_command
+from sidecar.protocol_defs import INTERNAL_ERROR
 
 from .conftest import chat_params
 from .test_models import copy_demo
@@ -104,6 +105,34 @@ def test_an_exception_inside_mlx_lm_is_an_internal_error_without_details(sidecar
     assert client.request("server/status")["models"][0]["model"] == "demo"
     client.wait_for_log("injected fault")
     assert client.close() == 0
+
+
+def test_an_exception_inside_a_method_is_a_bare_internal_error_and_the_traceback_goes_to_stderr(sidecars) -> None:
+    """jsonrpcserver's own catch-all would answer with the exception's text: the method's
+    exception reaches the session instead, which answers -32603 with a generic message and
+    data {method}, logs the traceback, and goes on serving."""
+    client = sidecars.spawn(LOCALMLX_INJECT_FAULTS="method:tokenize")
+    failed = client.call("tokenize", {"text": "waves"})
+    assert failed["error"] == {"code": INTERNAL_ERROR, "message": "Internal error", "data": {"method": "tokenize"}}
+    client.wait_for_log("internal error in tokenize")
+    client.wait_for_log("Traceback (most recent call last)")
+    client.wait_for_log("RuntimeError: injected fault (LOCALMLX_INJECT_FAULTS=method:tokenize)")
+    assert client.request("tokenize", {"text": "waves"})["tokens"]  # once only; the session goes on
+    assert client.close() == 0
+
+
+def test_rss_bytes_is_the_current_resident_set_size(sidecar) -> None:
+    """server/status's rssBytes is what the OS reports for the process now (psutil, from
+    outside), not its peak."""
+    import psutil
+
+    sidecar.request("tokenize", {"text": "warm"})  # MLX imported: the memory counters are live
+    process = psutil.Process(sidecar.process.pid)
+    for _ in range(3):
+        before = process.memory_info().rss
+        reported = sidecar.request("server/status")["memory"]["rssBytes"]
+        after = process.memory_info().rss
+        assert min(before, after) - (4 << 20) <= reported <= max(before, after) + (4 << 20)
 
 
 def test_a_flood_of_requests_is_read_with_bounded_memory(sidecars) -> None:

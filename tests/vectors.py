@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.client import Received, SidecarClient
+from sidecar.protocol_defs import PROTOCOL_VERSION
 from sidecar.transport import encode_message
 
 VECTORS_DIR = Path(__file__).resolve().parent.parent / "protocol" / "vectors"
@@ -60,7 +61,7 @@ class Replayer:
     def run(self, vector: dict[str, Any]) -> None:
         if vector.get("initialize", True):
             self._send({"jsonrpc": "2.0", "id": "vector-init", "method": "initialize",
-                        "params": {"protocolVersion": 1, "clientInfo": {"name": "vectors"}}})
+                        "params": {"protocolVersion": PROTOCOL_VERSION, "clientInfo": {"name": "vectors"}}})
             self._expect({"jsonrpc": "2.0", "id": "vector-init", "result": "$object"})
         for step in vector["steps"]:
             self._step(step)

@@ -1,27 +1,13 @@
 /** Typed errors: every way a call can fail is a class with the facts a host needs to log it. */
 
-/** JSON-RPC and localmlx error codes (see DESIGN.md / protocol). */
-export const ErrorCode = {
-  ParseError: -32700,
-  InvalidRequest: -32600,
-  MethodNotFound: -32601,
-  InvalidParams: -32602,
-  InternalError: -32603,
-  NotInitialized: -32002,
-  RequestCancelled: -32800,
-  ServerCancelled: -32802,
-  ModelNotFound: -32010,
-  ModelNotLoaded: -32011,
-  ModelLoading: -32012,
-  ModelLoadFailed: -32013,
-  OutOfMemory: -32014,
-  Busy: -32015,
-  ContextLengthExceeded: -32016,
-  MessageTooLarge: -32017,
-  Forbidden: -32018,
-} as const;
+import { ErrorCodes } from "./protocol";
+
+/** JSON-RPC and localmlx error codes, by name: generated from the protocol schema (`$defs/ErrorCode`). */
+export const ErrorCode = ErrorCodes;
 
 export type ErrorCodeName = keyof typeof ErrorCode;
+/** One of the codes. */
+export type ErrorCode = (typeof ErrorCode)[ErrorCodeName];
 
 /** Base class of every error this package throws. */
 export class LocalMLXError extends Error {
@@ -98,13 +84,29 @@ export class SidecarCrashError extends LocalMLXError implements ExitInfo {
   }
 }
 
+/** One way of starting the sidecar (see `findSidecar`), and what became of it. */
+export interface SidecarAttempt {
+  label: string;
+  command?: string;
+  args?: readonly string[];
+  /** "not set", "not found", or why it failed to start. */
+  outcome: string;
+}
+
 /** The sidecar could not be started: no such Python, a failed `initialize`, a protocol mismatch. */
 export class SidecarStartError extends LocalMLXError {
   override name = "SidecarStartError";
 
   constructor(
     message: string,
-    readonly details: { python: string; args: readonly string[]; stderrTail: string; exit?: ExitInfo },
+    readonly details: {
+      python: string;
+      args: readonly string[];
+      stderrTail: string;
+      exit?: ExitInfo;
+      /** Each way of starting the sidecar that was looked at, in order, and what became of it. */
+      tried?: readonly SidecarAttempt[];
+    },
     options?: { cause?: unknown },
   ) {
     const tail = lastLines(details.stderrTail, 5);
@@ -154,18 +156,28 @@ export class ClientClosedError extends LocalMLXError {
   }
 }
 
-/** What AbortSignal-aware calls reject with when the signal has no reason of its own. */
+/**
+ * What a call aborted by its `signal` rejects with (every call but `chat`/`generate`, whose
+ * `result` resolves with finishReason "cancelled" instead). The signal's reason is `reason`
+ * (and `cause`): by default a DOMException named "AbortError", or whatever `abort(reason)` got.
+ */
 export class AbortError extends LocalMLXError {
   override name = "AbortError";
+  readonly reason: unknown;
 
-  constructor(message = "The operation was aborted") {
-    super(message);
+  constructor(message = "The operation was aborted", options?: { cause?: unknown }) {
+    super(message, options);
+    this.reason = options?.cause;
   }
 }
 
-/** What a call aborted by `signal` rejects with: the signal's reason, as `fetch` does. */
-export function abortReason(signal: AbortSignal): unknown {
-  return signal.reason ?? new AbortError();
+/** The AbortError for a call aborted by `signal`; its message names the method and a reason given. */
+export function abortError(signal: AbortSignal, method?: string): AbortError {
+  const reason: unknown = signal.reason;
+  const isDefault = reason instanceof Error && reason.name === "AbortError";
+  const why =
+    reason instanceof Error && !isDefault ? `: ${reason.message}` : typeof reason === "string" && reason ? `: ${reason}` : "";
+  return new AbortError(`${method ? `${method}: ` : ""}aborted${why}`, { cause: reason });
 }
 
 export function isRecord(value: unknown): value is Record<string, unknown> {

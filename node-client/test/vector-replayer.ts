@@ -5,6 +5,7 @@
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { isOversized, LineSplitter, parseLine } from "../src/framing";
+import { PROTOCOL_VERSION } from "../src/protocol";
 import { modelsDir, python, repositoryRoot } from "./helpers";
 
 export interface Vector {
@@ -148,7 +149,7 @@ export class Replayer {
           jsonrpc: "2.0",
           id: "vector-init",
           method: "initialize",
-          params: { protocolVersion: 1, clientInfo: { name: "vectors" } },
+          params: { protocolVersion: PROTOCOL_VERSION, clientInfo: { name: "vectors" } },
         });
         await this.expect({ jsonrpc: "2.0", id: "vector-init", result: "$object" });
       }

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import resource
-import sys
+import functools
+
+import psutil
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -12,14 +12,14 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "out of memory" in text or "memory limit" in text
 
 
+@functools.cache
+def _this_process() -> psutil.Process:
+    return psutil.Process()
+
+
 def rss_bytes() -> int:
-    """Current resident set size; falls back to the peak where /proc is missing (macOS)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
+    """Current resident set size (not the peak, which is all getrusage tells on macOS)."""
+    return int(_this_process().memory_info().rss)
 
 
 def active_bytes() -> int:

@@ -10,19 +10,21 @@ from ..engine.generation import GenerationOrder
 from ..engine.response_cache import CachedResponse
 from ..engine.sampling import SamplingParams
 from ..errors import ServerCancelled
+from ..protocol_defs import GENERATION_DEFAULTS
 from ..settings import parse_duration
 from . import rpc_method
 
 
 def _sampling(context: Any, params: dict[str, Any]) -> SamplingParams:
     bias = params.get("logitBias")
+    params = {**GENERATION_DEFAULTS, **params}
     return SamplingParams(
         temperature=params.get("temperature", context.settings.temperature),
-        top_p=params.get("topP", 0.0), top_k=params.get("topK", 0), min_p=params.get("minP", 0.0),
-        seed=params.get("seed"), repetition_penalty=params.get("repetitionPenalty"),
-        presence_penalty=params.get("presencePenalty"), frequency_penalty=params.get("frequencyPenalty"),
+        top_p=params["topP"], top_k=params["topK"], min_p=params["minP"],
+        seed=params.get("seed"), repetition_penalty=params["repetitionPenalty"],
+        presence_penalty=params["presencePenalty"], frequency_penalty=params["frequencyPenalty"],
         logit_bias={int(token): float(value) for token, value in bias.items()} if bias else None,
-        repetition_context_size=params.get("repetitionContextSize", 20))
+        repetition_context_size=params["repetitionContextSize"])
 
 
 def _generation_request(context: Any, params: dict[str, Any], *, messages: Any = None,
@@ -31,8 +33,9 @@ def _generation_request(context: Any, params: dict[str, Any], *, messages: Any =
     return GenerationRequest(
         request_id=context.id, received_at=context.received_at, messages=messages, prompt=prompt,
         max_tokens=params.get("maxTokens", context.settings.max_tokens), sampling=_sampling(context, params),
-        stop=list(params.get("stop", [])), stream=bool(params.get("stream", False)),
-        use_response_cache=params.get("cache", True),
+        stop=list(params.get("stop", GENERATION_DEFAULTS["stop"])),
+        stream=bool(params.get("stream", GENERATION_DEFAULTS["stream"])),
+        use_response_cache=params.get("cache", GENERATION_DEFAULTS["cache"]),
         keep_alive=None if keep_alive is None else parse_duration(keep_alive),
         kv_bits=params.get("kvBits"), max_kv_size=params.get("maxKvSize"),
         response_format=params.get("responseFormat"),

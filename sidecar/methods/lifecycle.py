@@ -9,9 +9,9 @@ from typing import Any
 
 from .. import __version__, schema
 from ..blas import blas_in_use
+from ..protocol_defs import PROTOCOL_VERSION
 from . import rpc_method
 
-PROTOCOL_VERSION = 1
 log = logging.getLogger("localmlx.session")
 
 
