@@ -1,4 +1,6 @@
 #!/usr/bin/env node
+// `npx @localmlx/client setup`: creates a private virtualenv and pip-installs the localmlx sidecar
+// into it, where the client finds it (see findSidecar in src/process.ts).
 // `npx @localmlx/client wooster-install <wooster-dir>`: puts the localMLX plugin into a Wooster
 // checkout (src/plugins/localMLX/) and adds @localmlx/client to its package.json, then installs.
 // Safe to run again: it only writes what differs. It refuses a directory that is not Wooster.
@@ -12,7 +14,25 @@ const pluginSource = path.join(packageRoot, "wooster");
 const PLUGIN_DIR = path.join("src", "plugins", "localMLX");
 const DEPENDENCY = "@localmlx/client";
 
-const USAGE = `Usage: localmlx-client wooster-install <wooster-dir> [options]
+const SETUP_USAGE = `Usage: localmlx-client setup [options] [-- <pip install options>]
+
+Creates a private virtualenv for the localmlx sidecar and pip-installs it there. The client then
+finds it with no LOCALMLX_PYTHON. Run it again to reinstall or upgrade.
+
+Options:
+  --from <spec>            what to pip-install: a localmlx checkout's path, a git URL
+                           (git+https://…/localmlx.git), a wheel or an sdist (default: the
+                           checkout this package lives in, if it lives in one)
+  --venv <dir>             where (default: $LOCALMLX_VENV, else $XDG_DATA_HOME/localmlx/venv,
+                           i.e. ~/.local/share/localmlx/venv)
+  --python <python>        the Python (3.11 or newer) to create it with (default: the first of
+                           python3.13, python3.12, python3.11, python3 that is new enough)
+  --system-site-packages   let the virtualenv see that Python's own packages
+  -- <options>             passed on to pip install (--no-deps, --index-url …)
+  -h, --help               this text`;
+
+const USAGE = `Usage: localmlx-client setup [options]                   (see setup --help)
+       localmlx-client wooster-install <wooster-dir> [options]
 
 Copies the localMLX plugin into <wooster-dir>/${PLUGIN_DIR}/, adds ${DEPENDENCY} to
 Wooster's package.json, and installs it. Run it again to update; it changes only what differs.
@@ -160,9 +180,108 @@ function install(argv, out = console.log) {
   return changes;
 }
 
+// ---- setup: a private virtualenv with the sidecar -------------------------------------------
+
+function parseSetupArgs(argv) {
+  const options = { from: undefined, venv: undefined, python: undefined, systemSitePackages: false, pipArgs: [] };
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    const value = (name) => {
+      const next = argv[++i];
+      if (next === undefined) throw new UsageError(`${name} needs a value`);
+      return next;
+    };
+    if (arg === "--") {
+      options.pipArgs = argv.slice(i + 1);
+      break;
+    } else if (arg === "--from") options.from = value(arg);
+    else if (arg === "--venv") options.venv = value(arg);
+    else if (arg === "--python") options.python = value(arg);
+    else if (arg === "--system-site-packages") options.systemSitePackages = true;
+    else if (/^--(from|venv|python)=/.test(arg)) options[arg.slice(2, arg.indexOf("="))] = arg.slice(arg.indexOf("=") + 1);
+    else throw new UsageError(`unknown option ${arg}`);
+  }
+  return options;
+}
+
+/** True when `python` runs and is 3.11 or newer. */
+function isRecentPython(python) {
+  const run = spawnSync(python, ["-c", "import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)"], { stdio: "ignore" });
+  return !run.error && run.status === 0;
+}
+
+function venvPython(venv) {
+  return process.platform === "win32" ? path.join(venv, "Scripts", "python.exe") : path.join(venv, "bin", "python");
+}
+
+function privateVenvDir() {
+  try {
+    return require(path.join(packageRoot, "dist", "index.js")).privateVenvDir();
+  } catch {
+    throw new UsageError("this package is not built (no dist/): run `npm run build` in it first");
+  }
+}
+
+function run(command, args, out) {
+  out(`$ ${[command, ...args].join(" ")}`);
+  const result = spawnSync(command, args, { stdio: ["ignore", "inherit", "inherit"] });
+  if (result.error) throw new UsageError(`could not run ${command}: ${result.error.message}`);
+  if (result.status !== 0) throw new UsageError(`${path.basename(command)} ${args[0] === "-m" ? args[1] : args[0]} failed (exit ${result.status})`);
+}
+
+function setup(argv, out = console.log) {
+  const options = parseSetupArgs(argv);
+  const checkout = path.resolve(packageRoot, "..");
+  const inCheckout = fs.existsSync(path.join(checkout, "sidecar", "__main__.py")) && fs.existsSync(path.join(checkout, "pyproject.toml"));
+  let spec = options.from;
+  if (spec === undefined) {
+    if (!inCheckout) {
+      throw new UsageError(
+        "say what to install with --from: a localmlx checkout's path, or its git URL (--from git+https://…/localmlx.git)",
+      );
+    }
+    spec = checkout;
+  } else if (/^[.~]|[\\/]/.test(spec) && !/^[a-z+]+:\/\//i.test(spec) && fs.existsSync(path.resolve(spec))) {
+    spec = path.resolve(spec); // a path relative to where setup runs
+  }
+  const venv = path.resolve(options.venv ?? privateVenvDir());
+  const python = venvPython(venv);
+  if (!fs.existsSync(python)) {
+    const base = options.python ?? ["python3.13", "python3.12", "python3.11", "python3"].find(isRecentPython);
+    if (!base) throw new UsageError("no Python 3.11 or newer found on PATH; name one with --python");
+    if (!isRecentPython(base)) throw new UsageError(`${base} is not a Python 3.11 or newer`);
+    run(base, ["-m", "venv", ...(options.systemSitePackages ? ["--system-site-packages"] : []), venv], out);
+  }
+  run(python, ["-m", "pip", "install", "--disable-pip-version-check", "--upgrade", spec, ...options.pipArgs], out);
+  // The way the client runs it: -P keeps the cwd off sys.path.
+  run(python, ["-P", "-c", "import sidecar.cli"], out);
+  const defaultVenv = (() => {
+    try {
+      return path.resolve(privateVenvDir());
+    } catch {
+      return undefined;
+    }
+  })();
+  out(`\nThe localmlx sidecar is installed in ${venv}.`);
+  if (venv === defaultVenv) {
+    out("The client finds it there (unless LOCALMLX_PYTHON, the `python` option or a `localmlx` on PATH comes first).");
+  } else {
+    out(`The client looks there when LOCALMLX_VENV=${venv} is set; or pass python: "${python}".`);
+  }
+  return { venv, python, spec };
+}
+
 function main(argv) {
   const [command, ...rest] = argv;
   try {
+    if (command === "setup") {
+      if (rest.slice(0, rest.includes("--") ? rest.indexOf("--") : rest.length).some((arg) => arg === "-h" || arg === "--help")) {
+        console.log(SETUP_USAGE);
+        return;
+      }
+      setup(rest);
+      return;
+    }
     if (!command || command === "-h" || command === "--help" || rest.includes("-h") || rest.includes("--help")) {
       console.log(USAGE);
       return;
@@ -172,11 +291,12 @@ function main(argv) {
   } catch (error) {
     if (!(error instanceof UsageError)) throw error;
     console.error(`localmlx-client: ${error.message}`);
-    if (!/Nothing was changed/.test(error.message)) console.error(`\n${USAGE}`);
+    if (command === "setup") console.error("See: localmlx-client setup --help");
+    else if (!/Nothing was changed/.test(error.message)) console.error(`\n${USAGE}`);
     process.exitCode = 2;
   }
 }
 
 if (require.main === module) main(process.argv.slice(2));
 
-module.exports = { install, notWooster };
+module.exports = { install, notWooster, setup };

@@ -5,10 +5,18 @@
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { RequestOptions, WireWarning } from "./connection";
-import { SidecarCrashError, SidecarStartError, SidecarUnavailableError, type ExitInfo } from "./errors";
+import { abortError, SidecarCrashError, SidecarStartError, SidecarUnavailableError, type ExitInfo } from "./errors";
 import { TypedEmitter } from "./events";
 import { Prediction, type PredictionResult } from "./prediction";
-import { DEFAULT_SIDECAR_ARGS, defaultSidecarCwd, packageRoot, resolvePython } from "./process";
+import {
+  DEFAULT_SIDECAR_ARGS,
+  findSidecar,
+  formatLogRecord,
+  packageRoot,
+  type SidecarCandidate,
+  type SidecarLogRecord,
+  type SidecarSource,
+} from "./process";
 import type {
   ChatParams,
   EmbedParams,
@@ -45,11 +53,15 @@ export interface LocalMLXOptions {
   model?: string;
   /** Progress of loading `model` during `start()`. */
   onProgress?: (progress: LoadProgress) => void;
-  /** Python interpreter. Default: `LOCALMLX_PYTHON`, then `../.venv/bin/python` beside this package, then `python3`. */
+  /**
+   * The Python that runs the sidecar (`python -P -m sidecar serve`). Without it the client looks
+   * for the sidecar: `LOCALMLX_PYTHON`, then the `localmlx` entry point on PATH, then the private
+   * virtualenv of `npx @localmlx/client setup`, then the checkout's `.venv`, then `python3` (see `findSidecar`).
+   */
   python?: string;
-  /** Arguments after the interpreter. Default `["-m", "sidecar", "serve"]`. */
+  /** Replaces the arguments after the program found (`-P -m sidecar serve`, or `serve` for the entry point). */
   args?: readonly string[];
-  /** Working directory of the sidecar. Default: the localmlx checkout when the package lives in one. */
+  /** Working directory of the sidecar. Default: the host's, or the localmlx checkout when the package lives in one. */
   cwd?: string;
   /** Extra environment (`LOCALMLX_*` settings), merged over `process.env`. */
   env?: Record<string, string | undefined>;
@@ -106,10 +118,12 @@ export interface RestartInfo {
 
 /** Events (`mlx.on(name, listener)`); none is needed for normal use. */
 export interface LocalMLXEvents {
-  /** A sidecar process started. */
-  spawn: [info: { pid: number | undefined; python: string; args: readonly string[] }];
-  /** One line the sidecar wrote to stderr (its log). */
+  /** A sidecar process started: the program (a Python or the `localmlx` entry point), and where it was found. */
+  spawn: [info: { pid: number | undefined; python: string; args: readonly string[]; source: SidecarSource | undefined }];
+  /** One line the sidecar wrote to stderr, as written (a structured log line is JSON). */
   stderr: [line: string];
+  /** One structured log line of the sidecar: `{ time, level, logger, message, exception? }`. */
+  log: [record: SidecarLogRecord];
   /** Something odd on stdout was skipped (junk, an oversized line, an unknown id). */
   warning: [warning: WireWarning];
   /** A notification from the sidecar that the client does not handle itself (not a chunk or progress). */
@@ -149,9 +163,15 @@ const LEVELS: Record<string, keyof Logger> = {
   CRITICAL: "error",
 };
 
-function logLevelOf(line: string): keyof Logger {
-  const match = /^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) /.exec(line);
-  return match ? LEVELS[match[1]!]! : "info";
+/** Rejects with AbortError when `signal` aborts first. */
+function unlessAborted<T>(promise: Promise<T>, signal: AbortSignal | undefined, method: string): Promise<T> {
+  if (!signal) return promise;
+  if (signal.aborted) return Promise.reject(abortError(signal, method));
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => reject(abortError(signal, method));
+    signal.addEventListener("abort", onAbort, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+  });
 }
 
 export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
@@ -199,19 +219,31 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
     super();
     this.options = options;
     this.closeTimeouts = { ...DEFAULTS.closeTimeouts, ...options.closeTimeouts };
-    const python = resolvePython(options.python);
+    const candidates = findSidecar({
+      python: options.python,
+      args: options.args,
+      cwd: options.cwd,
+      env: { ...process.env, ...options.env },
+    });
+    const first = candidates.find((candidate) => candidate.command);
     const logger = options.logger;
     this.supervisor = new Supervisor(
       {
         spawn: {
-          python,
-          args: options.args ?? DEFAULT_SIDECAR_ARGS,
-          cwd: options.cwd ?? defaultSidecarCwd(),
-          env: options.env,
+          python: first?.command ?? "python3",
+          args: first?.args ?? options.args ?? DEFAULT_SIDECAR_ARGS,
+          cwd: first?.cwd ?? options.cwd,
+          // Structured log lines (one JSON object each); the host's own env setting wins.
+          env: { LOCALMLX_LOG_FORMAT: "json", ...options.env },
           stderrTailBytes: options.stderrTailBytes ?? DEFAULTS.stderrTailBytes,
-          onStderrLine: (line) => {
-            logger?.[logLevelOf(line)]?.(`localmlx: ${line}`);
+          onStderrLine: (line, record) => {
+            if (record) {
+              logger?.[LEVELS[record.level] ?? "info"]?.(`localmlx: ${formatLogRecord(record, { time: false, level: false })}`);
+            } else {
+              logger?.info?.(`localmlx: ${line}`);
+            }
             this.emit("stderr", line);
+            if (record) this.emit("log", record);
           },
         },
         clientInfo: options.clientInfo ?? { name: "@localmlx/client", version: packageVersion() },
@@ -228,7 +260,13 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
       options.restart === false ? false : { ...DEFAULT_RESTART_POLICY, ...options.restart },
       {
         restore: (session) => this.restore(session),
-        onSpawn: (session) => this.emit("spawn", { pid: session.pid, python, args: session.process.spec.args }),
+        onSpawn: (session) =>
+          this.emit("spawn", {
+            pid: session.pid,
+            python: session.process.spec.python,
+            args: session.process.spec.args,
+            source: this.supervisor.chosen?.source,
+          }),
         onEnd: (_session: Session, end: SessionEnd) => {
           if (!end.expected) logger?.error?.(`localmlx client: ${end.error.message}`);
           this.emit("exit", { ...end.info, expected: end.expected });
@@ -239,6 +277,7 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
           this.emit("unavailable", error);
         },
       },
+      candidates,
     );
   }
 
@@ -316,7 +355,8 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
     params: ParamsOf<M>,
     options: CallOptions & { onProgress?: (progress: ProgressParams) => void } = {},
   ): Promise<ResultOf<M>> {
-    const session = await this.supervisor.acquire();
+    // Aborting also stops waiting for a sidecar that is (re)starting.
+    const session = await unlessAborted(this.supervisor.acquire(), options.signal, method);
     const requestOptions: RequestOptions = {
       signal: options.signal,
       timeoutMs: options.timeoutMs ?? this.options.requestTimeoutMs ?? DEFAULTS.requestTimeoutMs,
@@ -371,6 +411,11 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
     return this.supervisor.current?.info;
   }
 
+  /** How the sidecar was found and started: `{ source, label, command, args, cwd }`. */
+  get sidecar(): SidecarCandidate | undefined {
+    return this.supervisor.chosen;
+  }
+
   /** The running sidecar's process id. */
   get pid(): number | undefined {
     return this.supervisor.current?.pid;
@@ -392,5 +437,10 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
    */
   close(timeouts: Partial<StopTimeouts> = {}): Promise<CloseResult> {
     return this.supervisor.close({ ...this.closeTimeouts, ...timeouts });
+  }
+
+  /** `await using mlx = await LocalMLX.start()`: closes the sidecar when the scope ends. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
   }
 }

@@ -6,7 +6,7 @@
  */
 import type { Readable, Writable } from "node:stream";
 import { encodeMessage, isOversized, LineSplitter, parseLine, peekId, type Frame } from "./framing";
-import { abortReason, ErrorCode, isRecord, RpcError, TimeoutError, type RpcErrorObject } from "./errors";
+import { abortError, ErrorCode, isRecord, RpcError, TimeoutError, type RpcErrorObject } from "./errors";
 import type { GenerateChunkParams, MethodName, ParamsOf, ProgressParams, ResultOf } from "./protocol";
 
 /** Something odd on the wire that the client skipped: reported, never fatal. */
@@ -151,7 +151,7 @@ export class Connection {
     const { signal, timeoutMs, onProgress } = options;
     return new Promise<ResultOf<M>>((resolve, reject) => {
       if (signal?.aborted) {
-        reject(abortReason(signal));
+        reject(abortError(signal, method));
         return;
       }
       let id: number | undefined;
@@ -165,7 +165,7 @@ export class Connection {
         if (id !== undefined) this.abandon(id, true);
         reject(error);
       };
-      const onAbort = (): void => giveUp(abortReason(signal!));
+      const onAbort = (): void => giveUp(abortError(signal!, method));
       try {
         id = this.call(method, params, {
           onResult: (result) => {

@@ -35,7 +35,16 @@ export {
   type ErrorCodeName,
   type ExitInfo,
   type RpcErrorObject,
+  type SidecarAttempt,
 } from "./errors";
-export { resolvePython } from "./process";
+export {
+  findSidecar,
+  privateVenvDir,
+  resolvePython,
+  type FindSidecarOptions,
+  type SidecarCandidate,
+  type SidecarLogRecord,
+  type SidecarSource,
+} from "./process";
 export * from "./protocol";
 export * from "./openai";

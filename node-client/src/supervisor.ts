@@ -7,7 +7,9 @@ import {
   SidecarCrashError,
   SidecarStartError,
   SidecarUnavailableError,
+  type SidecarAttempt,
 } from "./errors";
+import type { SidecarCandidate } from "./process";
 import { Session, type CloseResult, type SessionEnd, type SessionOptions, type StopTimeouts } from "./session";
 
 export interface RestartPolicy {
@@ -45,11 +47,18 @@ export class Supervisor {
   private closing: Promise<CloseResult> | undefined;
   /** How many sessions were started (1 = the first one). */
   starts = 0;
+  /** The way of starting the sidecar that worked first; restarts use it. */
+  chosen: SidecarCandidate | undefined;
 
+  /**
+   * `candidates` (from `findSidecar`) are tried in order at the first start, until one answers
+   * `initialize`; without them, `sessionOptions.spawn` is the one way.
+   */
   constructor(
     private readonly sessionOptions: SessionOptions,
     private readonly policy: RestartPolicy | false,
     private readonly hooks: SupervisorHooks,
+    private readonly candidates?: readonly SidecarCandidate[],
   ) {}
 
   get current(): Session | undefined {
@@ -114,7 +123,7 @@ export class Supervisor {
   }
 
   private async open(): Promise<Session> {
-    const session = await Session.open(this.sessionOptions);
+    const session = this.chosen || !this.candidates ? await Session.open(this.optionsFor(this.chosen)) : await this.openFirst(this.candidates);
     this.starts++;
     if (this.closing) {
       await session.stop({ gracefulMs: 2000, terminateMs: 2000, killMs: 2000 });
@@ -127,6 +136,50 @@ export class Supervisor {
       if (!end.expected && end.error instanceof SidecarCrashError) this.recordCrash(end.error);
     });
     return session;
+  }
+
+  private optionsFor(candidate: SidecarCandidate | undefined): SessionOptions {
+    if (!candidate?.command) return this.sessionOptions;
+    const { spawn } = this.sessionOptions;
+    return { ...this.sessionOptions, spawn: { ...spawn, python: candidate.command, args: candidate.args ?? spawn.args, cwd: candidate.cwd } };
+  }
+
+  /** The first start: each candidate that is there, in order, until one answers `initialize`. */
+  private async openFirst(candidates: readonly SidecarCandidate[]): Promise<Session> {
+    const tried: SidecarAttempt[] = [];
+    let last: SidecarStartError | undefined;
+    for (const candidate of candidates) {
+      if (!candidate.command) {
+        tried.push({ label: candidate.label, outcome: candidate.skipped ?? "not there" });
+        continue;
+      }
+      if (this.closing) throw new ClientClosedError();
+      try {
+        const session = await Session.open(this.optionsFor(candidate));
+        this.chosen = candidate;
+        return session;
+      } catch (error) {
+        if (!(error instanceof SidecarStartError)) throw error;
+        last = error;
+        tried.push({ label: candidate.label, command: candidate.command, args: candidate.args, outcome: startFailure(error) });
+      }
+    }
+    // A Python the host named is the only candidate: its error says all there is.
+    if (last && candidates.length === 1) throw last;
+    const list = tried.map((attempt) => `  - ${attempt.label}${attempt.command ? ` (${[attempt.command, ...(attempt.args ?? [])].join(" ")})` : ""}: ${attempt.outcome}`);
+    throw new SidecarStartError(
+      "Cannot start the localmlx sidecar: install it with `npx @localmlx/client setup` (a private virtualenv), " +
+        "or `pip install` localmlx into your Python environment (its `localmlx` command on PATH), " +
+        `or point LOCALMLX_PYTHON (or the \`python\` option) at a Python that has it. Tried, in order:\n${list.join("\n")}`,
+      {
+        python: last?.details.python ?? "",
+        args: last?.details.args ?? [],
+        stderrTail: last?.stderrTail ?? "",
+        ...(last?.details.exit ? { exit: last.details.exit } : {}),
+        tried,
+      },
+      { cause: last },
+    );
   }
 
   /** Wait before the next start: 0 without recent crashes, else doubling per recent crash. */
@@ -163,4 +216,11 @@ export class Supervisor {
     this.unavailable = error;
     this.hooks.onUnavailable(error);
   }
+}
+
+/** Why a start failed, in one line: the reason and the last line of stderr. */
+function startFailure(error: SidecarStartError): string {
+  const reason = error.message.split("; stderr ends with:")[0]!.replace(/^Cannot start the localmlx sidecar \(.*?\): /s, "");
+  const lastLine = error.stderrTail.trimEnd().split("\n").pop()?.trim();
+  return lastLine && !reason.includes(lastLine) ? `${reason} (${lastLine})` : reason;
 }

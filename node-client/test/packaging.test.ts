@@ -51,6 +51,7 @@ describe("the built package", () => {
       '  mlx.chat({ messages: [], max_tokens: 5 });',
       "  const result = await mlx.chat(params).result;",
       "  await mlx.close();",
+      "  { await using scoped = await LocalMLX.start(); void scoped.pid; }",
       "  return result;",
       "}",
       "",
