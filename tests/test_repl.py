@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.protocol_defs import MODEL_NOT_FOUND
 from sidecar.repl import formatting as fmt
 from sidecar.repl.prompt import candidates, matching
 from sidecar.repl.session import expects_reply, request_ids
@@ -29,7 +30,8 @@ pexpect = pytest.importorskip("pexpect")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = "from sidecar.repl import main; raise SystemExit(main())"
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z]|\x1b[=>78]|[\r\x08]")
-PROMPT = r"demo(?: chat\[\d+\])?(?: raw)?>"
+PROMPT = r"demo(?: \[\d+\]| oneshot)?(?: raw)?>"
+SPINNER = re.compile(r"\S processing prompt… [\d:]+")  # before the first token
 SUMMARY = r"\[(\w+)\] (\d+) prompt \+ (\d+) generated tokens.* · TTFT [\d.]+ ms · [\d.]+ tokens/s · peak memory"
 
 pytestmark = pytest.mark.timeout(60)
@@ -109,7 +111,7 @@ class Terminal:
         deadline = time.monotonic() + timeout
         while True:
             start = self.text.rfind(after, self.pos)
-            new = self.text[start + len(after):] if start >= 0 else ""
+            new = SPINNER.sub("", self.text[start + len(after):]) if start >= 0 else ""
             if len(re.sub(r"\s", "", new)) >= chars:
                 return new
             if self.eof or time.monotonic() > deadline:
@@ -151,8 +153,8 @@ class Terminal:
 def terminal(env):
     started: list[Terminal] = []
 
-    def start(*args: str) -> Terminal:
-        term = Terminal(env, *args)
+    def start(*args: str, **more_env: str) -> Terminal:
+        term = Terminal({**env, **more_env}, *args)
         started.append(term)
         return term
 
@@ -272,21 +274,139 @@ def test_tab_completes_commands_and_model_names(terminal):
     term.expect(r"already loaded demo")
 
 
-def test_chat_mode_keeps_the_conversation(terminal):
+def test_plain_lines_keep_the_conversation_until_new(terminal):
     term = terminal()
-    term.expect(PROMPT)
-    term.type("/chat")
-    term.expect(r"chat mode: plain lines are turns of one conversation")
-    term.expect(r"demo chat\[0\]>")
+    term.expect(r"random weights: its replies are nonsense.*localmlx models pull mlx-community/")
+    term.expect(r"demo>")
     term.type("hello")
     term.expect(SUMMARY)
-    term.expect(r"demo chat\[1\]>")
-    term.type("/reset")
-    term.expect(r"conversation cleared")
-    term.expect(r"demo chat\[0\]>")
+    term.expect(r"demo \[1\]>")
+    term.type("and again")
+    term.expect(SUMMARY)
+    term.expect(r"demo \[2\]>")
+    term.run("/show", r"model: demo\s+mode: conversation\s+conversation: 2 exchanges \(4 messages\)")
+    term.type("/new")
+    term.expect(r"new conversation")
+    term.expect(r"demo>")
+    term.type("/oneshot")
+    term.expect(r"one-shot: each line is a fresh one-turn chat")
+    term.type("hello")
+    term.expect(SUMMARY)
+    term.expect(r"demo oneshot>")
+    term.type("exit")
+    assert term.exit_code() == 0
+
+
+def test_a_spinner_turns_until_the_first_token_and_ctrl_c_lands_during_prefill(terminal):
+    # Two prompt tokens per prefill step: a prompt of ~1500 tokens takes seconds to read.
+    term = terminal(LOCALMLX_PREFILL_STEP_SIZE="2")
+    term.expect(PROMPT)
+    term.type("x1y2 " * 300)
+    term.expect(r"processing prompt… \d+:\d\d:\d\d")  # on screen before any token
+    term.child.sendintr()
+    term.expect(r"\^C: cancelling request \d+ \(\$/cancelRequest\)")
+    match = term.expect(r"\[(\w+)\] \d+ prompt \+ (\d+) generated tokens")
+    assert match.groups() == ("cancelled", "0")  # stopped before the first token
+    term.expect(r"the cancelled turn is not part of the conversation \(/keep adds it\)")
+    term.expect(r"demo>")  # no exchange kept
+
+
+def test_keys_while_a_reply_streams(terminal):
+    """Type-ahead is not echoed into the reply (it waits at the next prompt); nothing of the
+    reply prints after the cancel notice; a late reply to an abandoned request never shows;
+    Ctrl-D cancels the reply and exits."""
+    term = terminal()
+    term.expect(PROMPT)
+    term.run("/set maxTokens 2000", r"maxTokens = 2000")
+    term.type("Tell me a long story.")
+    term.wait_for_text(20, after="long story.")
+    term.child.send("zqxj")
+    term.wait_for_text(80, after="long story.")  # more of the reply came after the typing
+    term.child.sendintr()
+    notice = term.expect(r"\^C: cancelling request \d+ \(\$/cancelRequest\); \^C again stops waiting")
+    summary = term.expect(SUMMARY)
+    assert summary.group(1) == "cancelled"
+    assert term.text[notice.end():summary.start()].strip() == ""  # no token after the notice
+    assert "zqxj" not in term.text[:summary.start()]
+    term.expect(r"demo> zqxj")  # the type-ahead, at the next prompt
+    term.child.sendintr()  # drop it
+    term.expect(PROMPT)
+    term.type("/keep")
+    term.expect(r"kept the cancelled reply \(1 exchanges\)")
+    term.expect(r"demo \[1\]>")
+
+    term.type("Tell me another long story.")
+    term.wait_for_text(20, after="another long story.")
+    os.kill(term.sidecar_pid, signal.SIGSTOP)  # its reply to the cancel comes late: once resumed
+    try:
+        term.child.sendintr()
+        term.expect(r"\^C: cancelling request \d+")
+        term.child.sendintr()
+        term.expect(r"stopped waiting for request \d+; its reply will be ignored")
+        term.expect(PROMPT)
+    finally:
+        os.kill(term.sidecar_pid, signal.SIGCONT)
+    for _ in range(50):  # until the sidecar has answered the abandoned request
+        if term.run("/status", r"requests: (\d+) active").group(1) == "0":
+            break
+    term.run("/show", r"conversation: 1 exchange \(2 messages\)")
+    assert "late reply" not in term.text and "[cancelled]" not in term.text[term.text.rfind("stopped waiting"):]
+
+    term.type("And one more.")
+    term.wait_for_text(20, after="one more.")
+    term.child.sendcontrol("d")
+    term.expect(r"\^D: cancelling request \d+ \(\$/cancelRequest\); then exiting")
+    assert term.expect(SUMMARY).group(1) == "cancelled"
+    assert term.exit_code() == 0
+    assert wait_gone(term.sidecar_pid)
+
+
+def test_a_model_not_on_disk_is_offered_for_download(terminal, env):
+    term = terminal("--model", "nobody/missing-model", HF_HUB_OFFLINE="1")
+    term.expect(r"nobody/missing-model is not on disk\. Download it from the Hugging Face Hub now\? \[y/N\]")
+    term.type("n")
+    term.expect(r"not downloaded: `localmlx models pull nobody/missing-model` fetches it later")
+    assert term.exit_code() == 1
+    done = script({**env, "HF_HUB_OFFLINE": "1"}, ["hello", "again"], "--model", "nobody/missing-model")
+    assert done.returncode == 1
+    assert "`localmlx models pull nobody/missing-model` downloads it" in done.stderr
+    assert done.stderr.count("error") == 1  # the load at start-up, not one per line
 
 
 # ---- scripted --------------------------------------------------------------------------------
+
+
+def test_script_json_lines_name_their_input_lines(env, tmp_path):
+    saved = tmp_path / "conversation.json"
+    done = script(env, ["/set maxTokens 3", "hello", "# a comment", "", "/frobnicate", "and again",
+                        '{"jsonrpc":"2.0","id":"p","method":"ping"}', f"/save {saved}", f"/save {saved}",
+                        "/load no-such-model"], "--json")
+    assert done.returncode == 1, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["line"], r["ok"]) for r in records] == [(1, True), (2, True), (5, False), (6, True), (7, True),
+                                                       (8, True), (9, False), (10, False)]
+    assert records[1]["input"] == "hello" and records[1]["result"]["finishReason"] == "length"
+    assert records[1]["result"]["text"] == json.loads(saved.read_text())[1]["content"]
+    assert records[4]["result"] == {"jsonrpc": "2.0", "id": "p", "result": {}}
+    assert records[6]["error"]["message"].endswith("--force overwrites it")
+    assert records[7]["error"]["code"] == MODEL_NOT_FOUND
+    assert [m["role"] for m in json.loads(saved.read_text())] == ["user", "assistant", "user", "assistant"]
+    assert "line 5: error: unknown command /frobnicate" in done.stderr
+    assert re.search(r"^line 10: error -32010: ", done.stderr, re.M)
+    assert "\r" not in done.stderr and "\x1b" not in done.stderr  # no bars, no colour
+
+
+def test_repl_help_documents_keys_history_and_exit_codes(env):
+    done = subprocess.run([sys.executable, "-m", "sidecar", "repl", "--help"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    for words in ("Ctrl-C", "Ctrl-D", "repl_history", "LOCALMLX_REPL_HISTORY", "exit status", "--json", "--oneshot"):
+        assert words in done.stdout, words
+    bad = subprocess.run([sys.executable, "-m", "sidecar", "repl", "--frobnicate"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2
+
+
 
 
 def test_script_mode_prints_plain_output(env):
@@ -305,11 +425,11 @@ def test_script_mode_prints_plain_output(env):
 
 
 def test_script_chat_mode_sends_the_history(env):
-    done = script(env, ["/chat", "/raw on", "hello", "and again"])
+    done = script(env, ["/raw on", "hello", "and again", "/new", "hi", "/oneshot", "one", "two", "/bye", "never"])
     assert done.returncode == 0, done.stderr
     sent = [json.loads(line[2:]) for line in done.stdout.splitlines() if line.startswith("→ ")]
     chats = [m["params"]["messages"] for m in sent if m.get("method") == "chat"]
-    assert [len(m) for m in chats] == [1, 3]
+    assert [len(m) for m in chats] == [1, 3, 1, 1, 1]  # the conversation by default; /new; /oneshot
     assert [m["role"] for m in chats[1]] == ["user", "assistant", "user"]
     # The first reply, as streamed, is the assistant turn sent back.
     received = [json.loads(line[2:]) for line in done.stdout.splitlines() if line.startswith("← ")]
@@ -418,6 +538,14 @@ def test_which_raw_lines_expect_a_reply():
     assert not expects_reply([{"jsonrpc": "2.0", "method": "a"}])
     assert expects_reply({"jsonrpc": "2.0"})
     assert request_ids([{"id": 1, "method": "a"}, {"method": "b"}, {"id": "x", "method": "c"}]) == [1, "x"]
+
+
+def test_word_wrap_breaks_streamed_text_between_words():
+    wrap = fmt.WordWrap(12)
+    pieces = [wrap.feed(chunk) for chunk in ("The sea is ", "wide and", " deep tonight,\n  my", " friend")]
+    assert "".join(pieces) + wrap.flush() == "The sea is\nwide and\ndeep\ntonight,\n  my friend"
+    assert pieces[1] == "\nwide"  # "and" is held until it ends: it might not fit
+    assert not wrap.at_line_start
 
 
 def test_formatting():

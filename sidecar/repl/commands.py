@@ -2,21 +2,25 @@
 
 - `/name args`: a shorthand command from COMMANDS below.
 - a line starting with `{` or `[`: raw JSON-RPC, sent exactly as typed.
-- anything else: a chat turn. In `/chat` mode turns build one conversation (kept until
-  `/reset`); outside it each line is a fresh single-turn chat.
+- `exit`, `quit` (and `/bye`, `/quit`, `/exit`): leave.
+- anything else: a chat turn of one conversation, kept until `/new` (or `/reset`); in
+  `/oneshot` mode each line is a fresh single-turn chat. A cancelled reply is left out of the
+  conversation unless `/keep` puts it in.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from . import formatting as fmt
 from .session import ReplSession
-from .state import SYSTEM, canonical_setting, check_setting, parse_setting, setting_help, setting_names
+from .state import SYSTEM, ReplState, canonical_setting, check_setting, parse_setting, setting_help, setting_names
 
 
 class QuitRepl(Exception):
@@ -52,10 +56,11 @@ def show_help(session: ReplSession, arg: str) -> None:
         return
     session.output.lines([f"{c.usage:<24} {c.help}" for c in COMMANDS] + [
         "",
-        "Plain text is a chat turn: one-off outside /chat mode, one conversation inside it.",
+        "Plain text is a chat turn of one conversation (/new starts over; /oneshot: each line alone).",
         "A line starting with { or [ is sent to the sidecar as raw JSON-RPC, exactly as typed.",
         "Tab completes commands, methods and model names; Esc Enter inserts a newline.",
-        "Ctrl-C cancels the request in flight ($/cancelRequest); Ctrl-D or /quit exits.",
+        "Ctrl-C cancels the request in flight ($/cancelRequest); Ctrl-D, /bye or exit leaves",
+        "(Ctrl-D while a reply streams cancels it first).",
     ])
 
 
@@ -74,13 +79,17 @@ def refresh_model_names(session: ReplSession) -> None:
 
 
 def load_model(session: ReplSession, arg: str) -> None:
-    model = arg.strip() or session.state.model
+    load(session, arg.strip() or session.state.model)
+
+
+def load(session: ReplSession, model: str) -> bool:
     result = session.request("models/load", {"model": model})
     if result is not None:
         session.state.model = result["model"]
         session.output.info(fmt.loaded_summary(result))
         if result["model"] not in session.state.model_names:
             session.state.model_names.append(result["model"])
+    return result is not None
 
 
 def pull_model(session: ReplSession, arg: str) -> None:
@@ -88,12 +97,17 @@ def pull_model(session: ReplSession, arg: str) -> None:
     if not model:
         session.failed("usage: /pull OWNER/NAME (a Hub repo)")
         return
+    download(session, model)
+
+
+def download(session: ReplSession, model: str) -> bool:
     result = session.request("models/download", {"model": model})
     if result is not None:
         fetched = fmt.size(result["downloadedBytes"]) if result["downloadedBytes"] else "nothing new"
         session.output.info(f"{result['model']}: {fmt.size(result['bytes'])} on disk ({fetched} downloaded)")
         if result["model"] not in session.state.model_names:
             session.state.model_names.append(result["model"])
+    return result is not None
 
 
 def remove_model(session: ReplSession, arg: str) -> None:
@@ -129,26 +143,53 @@ def show_status(session: ReplSession, arg: str) -> None:
             session.output.table(fmt.loaded_models_table(result["models"]))
 
 
+def _set_chat_mode(session: ReplSession, on: bool) -> None:
+    session.state.chat_mode = on
+    session.output.info("conversation: plain lines are turns of one chat (/new starts over, /oneshot: each alone)"
+                        if on else "one-shot: each line is a fresh one-turn chat (/oneshot off keeps the conversation)")
+
+
 def chat_mode(session: ReplSession, arg: str) -> None:
-    state = session.state
     if arg.strip().lower() == "off":
-        state.chat_mode = False
-        session.output.info("chat mode off: each line is a fresh one-turn chat")
+        _set_chat_mode(session, False)
         return
-    if not state.chat_mode:
-        state.chat_mode = True
-        session.output.info("chat mode: plain lines are turns of one conversation "
-                            "(/reset forgets it, /chat off leaves)")
+    if not session.state.chat_mode:
+        _set_chat_mode(session, True)
     if arg.strip():
         chat_turn(session, arg.strip())
+
+
+def oneshot_mode(session: ReplSession, arg: str) -> None:
+    word = arg.strip().lower()
+    if word not in ("", "on", "off"):
+        session.failed("usage: /oneshot [on|off]")
+        return
+    _set_chat_mode(session, word == "off")
 
 
 def chat_turn(session: ReplSession, text: str) -> None:
     state = session.state
     keep = state.chat_mode
     outcome = session.generate("chat", state.chat_params(text, keep_history=keep))
-    if outcome is not None and keep:
-        state.conversation.add(text, outcome[0], outcome[1].get("toolCalls"))
+    if outcome is None or not keep:
+        return
+    reply, result = outcome
+    if result.get("finishReason") == "cancelled":
+        state.cancelled_turn = (text, reply, result.get("toolCalls"))
+        session.output.info("the cancelled turn is not part of the conversation (/keep adds it)")
+        return
+    state.cancelled_turn = None
+    state.conversation.add(text, reply, result.get("toolCalls"))
+
+
+def keep_cancelled(session: ReplSession, arg: str) -> None:
+    state = session.state
+    if state.cancelled_turn is None:
+        session.failed("no cancelled reply to keep")
+        return
+    state.conversation.add(*state.cancelled_turn)
+    state.cancelled_turn = None
+    session.output.info(f"kept the cancelled reply ({state.conversation.exchanges} exchanges)")
 
 
 def generate(session: ReplSession, arg: str) -> None:
@@ -298,21 +339,63 @@ def set_setting(session: ReplSession, arg: str) -> None:
     session.output.info(f"{key} = {fmt.compact_json(state.settings[key])}")
 
 
-def _show_settings(session: ReplSession) -> None:
-    state = session.state
-    lines = [f"model = {state.model}"]
-    lines += [f"{k} = {fmt.compact_json(v)}" for k, v in state.settings.items()]
+def _settings_lines(state: ReplState) -> list[str]:
+    lines = [f"{k} = {fmt.compact_json(v)}" for k, v in state.settings.items()]
     defaults = state.server_defaults
     if defaults:
         lines.append(f"(sidecar defaults: maxTokens {defaults.get('maxTokens')}, "
                      f"temperature {defaults.get('temperature')})")
-    lines.append(f"(settable: {' '.join(setting_names())})")
-    session.output.lines(lines)
+    return lines
+
+
+def _show_settings(session: ReplSession) -> None:
+    state = session.state
+    session.output.lines([f"model = {state.model}", *_settings_lines(state),
+                          f"(settable: {' '.join(setting_names())})"])
+
+
+def show_session(session: ReplSession, arg: str) -> None:
+    state = session.state
+    mode = "conversation" if state.chat_mode else "one-shot (each line alone)"
+    exchanges = state.conversation.exchanges
+    session.output.lines([f"model: {state.model}", f"mode: {mode}",
+                          f"conversation: {exchanges} exchange{'s' if exchanges != 1 else ''} "
+                          f"({len(state.conversation.turns)} messages)",
+                          "settings:" if state.settings else "settings: the sidecar's defaults",
+                          *("  " + line for line in _settings_lines(state))])
+
+
+def save_conversation(session: ReplSession, arg: str) -> None:
+    """The conversation as JSON messages (the system message first), ready for `chat`."""
+    try:
+        words = shlex.split(arg)
+    except ValueError as exc:
+        session.failed(f"/save: {exc}")
+        return
+    names = [w for w in words if w != "--force"]
+    if len(names) != 1:
+        session.failed("usage: /save FILE [--force]")
+        return
+    path = Path(names[0]).expanduser()
+    if path.exists() and "--force" not in words:
+        session.failed(f"{path} exists: /save {shlex.quote(names[0])} --force overwrites it")
+        return
+    messages = session.state.conversation.history(session.state.settings.get(SYSTEM))
+    partial = path.with_name(f".{path.name}.partial")
+    try:  # written whole, then renamed: never half a file
+        partial.write_text(json.dumps(messages, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        session.failed(f"/save: {path}: {exc.strerror or exc}")
+        return
+    session.output.info(f"saved {len(messages)} messages to {path}")
 
 
 def reset(session: ReplSession, arg: str) -> None:
     session.state.conversation.clear()
-    session.output.info("conversation cleared (settings kept; `/set NAME` restores one default)")
+    session.state.cancelled_turn = None
+    session.output.info("new conversation (settings kept; `/set NAME` restores one default)")
 
 
 def raw_mode(session: ReplSession, arg: str) -> None:
@@ -367,8 +450,14 @@ COMMANDS: list[Command] = [
             pull_model),
     Command("rm", "/rm MODEL [--force]", "delete a model's files (models/delete)", remove_model, "model"),
     Command("status", "/status", "memory, requests and loaded models (server/status)", show_status),
-    Command("chat", "/chat [TEXT|off]", "conversation mode: plain lines are turns of one chat",
+    Command("chat", "/chat [TEXT|off]", "conversation mode (the default): plain lines are turns of one chat",
             chat_mode, ("off",)),
+    Command("oneshot", "/oneshot [on|off]", "each plain line a fresh one-turn chat (no conversation)",
+            oneshot_mode, ("on", "off")),
+    Command("new", "/new", "start a new conversation (also /reset)", reset),
+    Command("keep", "/keep", "add the last cancelled reply to the conversation after all", keep_cancelled),
+    Command("show", "/show", "the model, the settings and the conversation's length", show_session),
+    Command("save", "/save FILE [--force]", "write the conversation to FILE as JSON messages", save_conversation),
     Command("generate", "/generate TEXT", "complete a raw prompt, no chat template (generate)",
             generate),
     Command("set", "/set [NAME [VALUE]]", "set a generation param (temperature, maxTokens, ...) "
@@ -383,14 +472,14 @@ COMMANDS: list[Command] = [
     Command("embed", "/embed TEXT [| TEXT…]", "embedding vectors (dimensions, norm, first components) and "
             "the cosine similarities of texts separated by ' | ' (embed; --model M first picks the model)",
             embed_texts),
-    Command("reset", "/reset", "forget the conversation", reset),
     Command("raw", "/raw [on|off]", "show the JSON-RPC traffic both ways (streamed text is in the chunks)", raw_mode, ("on", "off")),
     Command("call", "/call METHOD [JSON]", "send any request with these params; show the result",
             call_method, "method"),
     Command("log", "/log [N]", "the sidecar's last N stderr lines", show_log),
-    Command("quit", "/quit", "shut the sidecar down and leave (also /exit, Ctrl-D)", quit_repl),
+    Command("quit", "/quit", "shut the sidecar down and leave (also /bye, /exit, exit, quit, Ctrl-D)", quit_repl),
 ]
-ALIASES = {"exit": "quit", "q": "quit", "?": "help", "h": "help"}
+ALIASES = {"exit": "quit", "bye": "quit", "q": "quit", "?": "help", "h": "help", "reset": "new"}
+QUIT_WORDS = {"exit", "quit", "exit()", "quit()"}  # typed as plain lines, as in a shell or ipython
 
 
 def find_command(name: str) -> Command | None:
@@ -420,6 +509,8 @@ def run_line(session: ReplSession, line: str) -> None:
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # bytes that were not UTF-8
     if text.startswith("/"):
         _run_command(session, text[1:])
+    elif text in QUIT_WORDS:
+        raise QuitRepl
     else:
         chat_turn(session, text)
 

@@ -40,6 +40,48 @@ def visible(text: str) -> str:
     return text.translate(_CONTROL_PICTURES)
 
 
+class WordWrap:
+    """Streamed text broken between words to fit `width` columns, as it arrives. A word is held
+    back until it ends (a space or newline comes, or `flush`); one wider than a line is left to
+    the terminal. Spaces where a line breaks are dropped; indentation after a newline is kept."""
+
+    def __init__(self, width: int) -> None:
+        self.width = max(width, 8)
+        self.column = 0
+        self._space = ""
+        self._word = ""
+
+    @property
+    def at_line_start(self) -> bool:
+        return self.column == 0 and not self._word and not self._space
+
+    def feed(self, text: str) -> str:
+        out = []
+        for char in text:
+            if char == "\n":
+                out.append(self.flush() + "\n")
+                self.column, self._space = 0, ""
+            elif char in " \t":
+                out.append(self.flush())
+                self._space += char
+            else:
+                self._word += char
+        return "".join(out)
+
+    def flush(self) -> str:
+        """The held word, after the held spaces or on a line of its own when it does not fit."""
+        if not self._word:
+            return ""
+        from rich.cells import cell_len
+
+        space, word, self._space, self._word = self._space.expandtabs(4), self._word, "", ""
+        if self.column and self.column + len(space) + cell_len(word) > self.width:
+            self.column = cell_len(word)
+            return "\n" + word
+        self.column += len(space) + cell_len(word)
+        return space + word
+
+
 def compact_json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -116,6 +158,12 @@ def loaded_summary(description: dict[str, Any]) -> str:
     if description.get("loadTimeMs") is not None and not description.get("alreadyLoaded"):
         parts.append(f"{description['loadTimeMs']:.0f} ms")
     return ", ".join(parts)
+
+
+DEMO_NOTE = ("demo is a tiny model with random weights: its replies are nonsense, as expected. "
+             "For a real model: localmlx models pull mlx-community/Qwen2.5-3B-Instruct-4bit "
+             "(about 2 GB), then localmlx repl --model mlx-community/Qwen2.5-3B-Instruct-4bit "
+             "(or /pull and /load here).")
 
 
 def banner(server_info: dict[str, Any], pid: int) -> str:

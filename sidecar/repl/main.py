@@ -1,28 +1,26 @@
 """`localmlx repl`: try the sidecar by hand.
 
 Spawns a real sidecar child (the same client and protocol as `localmlx demo` and Wooster),
-loads the model, then reads lines: `/commands` (see /help), raw JSON-RPC (lines starting
-with `{` or `[`, sent as typed, replies pretty-printed), or plain text, which is a chat
-turn (a fresh one-turn chat, or a turn of one conversation in `/chat` mode).
-
-On a terminal: line editing, history (~/.localmlx/repl_history, or $LOCALMLX_REPL_HISTORY),
-tab completion, colour, a progress bar for loads; Ctrl-C cancels the request in flight,
-Ctrl-D exits. With stdin not a terminal it reads commands line by line and prints plain
-text: answers to stdout, notes and summaries to stderr; the exit status is 1 when any
-command failed.
+loads the model (offering to download one that is not on disk), then reads lines:
+`/commands` (see /help), raw JSON-RPC (lines starting with `{` or `[`, sent as typed,
+replies pretty-printed), or plain text: a turn of one conversation (`/new` starts over,
+`/oneshot` makes each line a chat of its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from . import formatting as fmt
 from ..client import SidecarExited, sidecar_command
+from ..protocol_defs import MODEL_NOT_FOUND, PROTOCOL_VERSION
 from ..settings import env_from_args
-from .commands import QuitRepl, load_model, refresh_model_names, run_line
+from .commands import QuitRepl, download, load, refresh_model_names, run_line
 from .session import ReplSession
 from .state import ReplState
 from .wire import ReplClient
@@ -30,8 +28,7 @@ from . import add_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="localmlx repl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="localmlx repl")
     add_arguments(parser)
     return parser
 
@@ -40,7 +37,7 @@ def _interactive() -> bool:
     return sys.stdin.isatty()
 
 
-def _make_io(state: ReplState) -> tuple[Any, Any]:
+def _make_io(state: ReplState, json_lines: bool) -> tuple[Any, Any]:
     if _interactive():
         from .prompt import TerminalInput
         from .output import RichOutput
@@ -49,13 +46,14 @@ def _make_io(state: ReplState) -> tuple[Any, Any]:
     from .prompt import ScriptInput
     from .output import PlainOutput
 
-    return ScriptInput(), PlainOutput()
+    # --json: stdout carries only the JSON lines; what would be printed there goes to stderr
+    return ScriptInput(), PlainOutput(out=sys.stderr if json_lines else None)
 
 
-def _start(session: ReplSession, args: argparse.Namespace) -> bool:
+def _start(session: ReplSession, reader: Any, args: argparse.Namespace) -> bool:
     """initialize, learn the methods and models, load the model. False: no session."""
     state, client = session.state, session.client
-    result = session.request("initialize", {"protocolVersion": 1, "clientInfo": {
+    result = session.request("initialize", {"protocolVersion": PROTOCOL_VERSION, "clientInfo": {
         "name": "localmlx-repl", "version": __version__}})
     if result is None:
         return False
@@ -63,10 +61,30 @@ def _start(session: ReplSession, args: argparse.Namespace) -> bool:
     state.server_defaults = result.get("defaults", {})
     state.model = args.model or state.server_defaults.get("model", "demo")
     state.methods = sorted({*result["capabilities"]["methods"], *_client_notifications()})
+    state.chat_mode = not args.oneshot
     refresh_model_names(session)
-    if not args.no_load:
-        load_model(session, state.model)
+    if not args.no_load and not load(session, state.model):
+        if (session.error or {}).get("code") == MODEL_NOT_FOUND:
+            return _offer_download(session, reader, state.model)
+    if state.model == "demo":
+        session.output.info(fmt.DEMO_NOTE)
     return True
+
+
+def _offer_download(session: ReplSession, reader: Any, model: str) -> bool:
+    """A model that is not on disk: say how to get it; on a terminal, offer to fetch it now."""
+    output = session.output
+    if "/" not in model or Path(model).expanduser().exists():
+        output.info("/models (or `localmlx models list`) shows the models on disk")
+        return False
+    how = f"localmlx models pull {model}"
+    if not _interactive():
+        output.info(f"{model} is not on disk: `{how}` downloads it (or /pull {model} in the REPL)")
+        return False
+    if not reader.confirm(f"{model} is not on disk. Download it from the Hugging Face Hub now? [y/N] "):
+        output.info(f"not downloaded: `{how}` fetches it later")
+        return False
+    return download(session, model) and load(session, model)
 
 
 def _client_notifications() -> list[str]:
@@ -76,7 +94,7 @@ def _client_notifications() -> list[str]:
     return [name for name, spec in notifications.items() if spec.get("direction") == "client"]
 
 
-def _loop(session: ReplSession, reader: Any) -> None:
+def _loop(session: ReplSession, reader: Any, json_lines: bool) -> None:
     while True:
         session.show_late()
         session.check_alive()
@@ -86,22 +104,41 @@ def _loop(session: ReplSession, reader: Any) -> None:
             if not _interactive():
                 raise
             continue
+        session.begin_line(getattr(reader, "line_number", None))
         try:
             run_line(session, line)
         except KeyboardInterrupt:  # between waits: the command is dropped, the session goes on
+            session.client.abandon_pending()
+            session.output.progress_done()
             session.output.end_text()
             session.failed("interrupted")
+        if json_lines and line.strip():
+            _print_json_line(session, reader.line_number, line)
+        if session.quit_requested:  # Ctrl-D while the reply streamed
+            raise EOFError
+
+
+def _print_json_line(session: ReplSession, number: int, line: str) -> None:
+    """`--json`: what one input line came to, as one JSON object on stdout."""
+    record = {"line": number, "input": line, "ok": session.error is None}
+    record.update({"error": session.error} if session.error is not None else {"result": session.result})
+    sys.stdout.write(json.dumps(record) + "\n")  # ASCII: a line that was not UTF-8 cannot break it
+    sys.stdout.flush()
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json and _interactive():
+        print("localmlx repl: --json is for scripts (stdin not a terminal)", file=sys.stderr)
+        return 2
     state = ReplState()
-    reader, output = _make_io(state)
+    reader, output = _make_io(state, args.json)
     try:
         client = ReplClient(sidecar_command(), env=env_from_args(args))
     except OSError as exc:
         output.error(f"cannot start the sidecar: {exc}")
         return 1
     session = ReplSession(client, output, state)
+    session.keys = reader.keys
     if getattr(reader, "history_note", None):
         output.info(reader.history_note)
     try:
@@ -118,11 +155,12 @@ def _serve(session: ReplSession, reader: Any, args: argparse.Namespace) -> int:
     """Start-up, then the loop: how it ended, as an exit status."""
     client, output = session.client, session.output
     try:
-        if not _start(session, args):
+        if not _start(session, reader, args):
             return 1
         if _interactive():
-            output.info("Type /help for commands; plain text chats with the model; Ctrl-D exits.")
-        _loop(session, reader)
+            output.info("Plain text chats with the model (the conversation is kept; /new starts over). "
+                        "/help lists commands; Ctrl-C cancels a reply; Ctrl-D or /bye exits.")
+        _loop(session, reader, args.json)
     except (EOFError, QuitRepl):
         return 0
     except KeyboardInterrupt:

@@ -3,7 +3,9 @@
 Both outputs have the same methods. The plain one writes the answers (model text, tool
 calls, JSON, tables) to stdout and everything about them (notes, summaries, progress,
 errors, a model's reasoning) to stderr, so `... | localmlx repl > out.txt` keeps just the
-answers. On a terminal reasoning is dimmed and set apart from the answer that follows.
+answers; its errors name the input line they come from. On a terminal replies are
+word-wrapped, a spinner turns until the first token, reasoning is dimmed and set apart from
+the answer that follows; spinners and progress bars are drawn only there.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ class PlainOutput:
         self._phase: str | None = None
         self._mid_line = False
         self._mid_reasoning = False  # streamed reasoning on stderr, its line not ended yet
+        self._where = ""  # "line 3: ", what error messages start with
+
+    def at_line(self, number: int | None) -> None:
+        self._where = "" if number is None else f"line {number}: "
+
+    def waiting(self, what: str) -> None:
+        pass
 
     def _end_lines(self) -> None:
         if self._mid_line:  # never glue a note onto streamed text
@@ -47,10 +56,11 @@ class PlainOutput:
         self._write(self.err, text)
 
     def error(self, text: str) -> None:
-        self._write(self.err, f"error: {text}")
+        self._write(self.err, f"{self._where}error: {text}")
 
     def rpc_error(self, error: dict[str, Any]) -> None:
-        for line in fmt.error_lines(error):
+        first, *rest = fmt.error_lines(error)
+        for line in [self._where + first, *rest]:
             self._write(self.err, line)
 
     def text(self, chunk: str) -> None:
@@ -113,8 +123,27 @@ class RichOutput:
         self._task: Any = None
         self._mid_line = False
         self._reasoning = False  # the streamed text on screen is reasoning
+        self._spinning = False  # the progress display is the spinner before the first token
+        self._wrap: fmt.WordWrap | None = None  # the streamed text's line, on a terminal
+
+    def at_line(self, number: int | None) -> None:
+        pass
+
+    def _stream(self, chunk: str) -> str:
+        """Streamed text as it goes on screen: word-wrapped to the terminal's width."""
+        if not self.console.is_terminal:
+            self._mid_line = not chunk.endswith("\n")
+            return chunk
+        if self._wrap is None:
+            self._wrap = fmt.WordWrap(self.console.width)
+        text = self._wrap.feed(chunk)
+        self._mid_line = not self._wrap.at_line_start
+        return text
 
     def _print(self, *renderables: Any, **kwargs: Any) -> None:
+        if self._wrap is not None:  # the word held back, then a fresh line
+            self.console.file.write(self._wrap.flush())
+            self._wrap = None
         if self._mid_line:
             self.console.file.write("\n")
             self._mid_line = False
@@ -140,9 +169,8 @@ class RichOutput:
         self.progress_done()
         if self._reasoning:  # the answer starts on a line of its own, below the reasoning
             self._print("")
-        self.console.file.write(fmt.visible(chunk))
+        self.console.file.write(self._stream(fmt.visible(chunk)))
         self.console.file.flush()
-        self._mid_line = not chunk.endswith("\n")
 
     def reasoning(self, chunk: str) -> None:
         """Streamed reasoning: dimmed, after a `thinking:` label, apart from the answer."""
@@ -152,8 +180,7 @@ class RichOutput:
         if not self._reasoning:
             self._print(Text("thinking:", style="dim bold"))
             self._reasoning = True
-        self.console.print(Text(fmt.visible(chunk), style="dim italic"), end="", soft_wrap=True)
-        self._mid_line = not chunk.endswith("\n")
+        self.console.print(Text(self._stream(fmt.visible(chunk)), style="dim italic"), end="", soft_wrap=True)
 
     def tool_call(self, call: dict[str, Any]) -> None:
         from rich.text import Text
@@ -164,6 +191,7 @@ class RichOutput:
     def end_text(self) -> None:
         if self._mid_line:
             self._print("")
+        self._wrap = None
 
     def value(self, value: Any) -> None:
         from rich.json import JSON
@@ -196,7 +224,24 @@ class RichOutput:
             view.add_row(*row)
         self._print(view)
 
+    def waiting(self, what: str) -> None:
+        """A spinner and the time taken, until the first token (or progress) arrives."""
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        if not self.console.is_terminal:
+            return
+        self.progress_done()
+        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                  console=self.console, transient=True)
+        self._task = self._progress.add_task(what, total=None)
+        self._progress.start()
+        self._spinning = True
+
     def progress(self, params: dict[str, Any]) -> None:
+        if self._spinning or not self.console.is_terminal:
+            self.progress_done()
+        if not self.console.is_terminal:
+            return
         fields = {"description": str(params.get("phase", "")), "completed": params.get("completed", 0),
                   "total": params.get("total")}
         if self._progress is None:
@@ -224,6 +269,7 @@ class RichOutput:
         self._progress.start()
 
     def progress_done(self) -> None:
+        self._spinning = False
         if self._progress is not None:
             progress, self._progress = self._progress, None
             progress.stop()

@@ -3,7 +3,9 @@
 Requests the REPL builds (`request`, `generate`) and lines typed as raw JSON (`send_line`)
 all wait the same way: messages are drawn as they arrive (streamed text, reasoning dimmed
 and apart, tool calls as they are made, progress bar, JSON), Ctrl-C cancels the request in
-flight, and a failed call is shown, not raised.
+flight (nothing of its reply is drawn after the notice), Ctrl-D cancels it and leaves, and a
+failed call is shown, not raised. What each line came to (`result`, `error`) is kept for
+`--json`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from . import formatting as fmt
 from ..client import Channels, SidecarExited
+from ..jsonrpc import id_key
 from .state import ReplState, accepts_progress
 from .wire import ReplClient, Reply
 
@@ -24,8 +27,8 @@ def is_response(message: Any) -> bool:
     return isinstance(message, list) or (isinstance(message, dict) and "method" not in message)
 
 
-def _same_id(a: Any, b: Any) -> bool:
-    return type(a) is type(b) and a == b
+def same_id(a: Any, b: Any) -> bool:
+    return id_key(a) == id_key(b)
 
 
 def _is_request(message: Any) -> bool:
@@ -49,15 +52,30 @@ class ReplSession:
         self.client = client
         self.output = output
         self.state = state
+        self.keys: Any = None  # on a terminal: what is typed while a reply streams (prompt.TypeAhead)
+        self.quit_requested = False  # Ctrl-D while waiting
+        self.result: Any = None  # what the current line came to
+        self.error: dict[str, Any] | None = None
         self._tokens = itertools.count(1)
+        self._stopping = False  # cancelled: draw no more of the reply
         client.on_send = self._trace_out
+        client.on_late = self._trace_in
 
     def _trace_out(self, data: bytes) -> None:
         if self.state.raw:
             self.output.traffic("out", data)
 
+    def _trace_in(self, message: Any) -> None:
+        if self.state.raw:
+            self.output.traffic("in", message)
+
+    def begin_line(self, number: int | None = None) -> None:
+        self.result, self.error = None, None
+        self.output.at_line(number)
+
     def failed(self, text: str | None = None, error: dict[str, Any] | None = None) -> None:
         self.state.had_errors = True
+        self.error = error if error is not None else {"message": text}
         if error is not None:
             self.output.rpc_error(error)
         if text is not None:
@@ -74,11 +92,12 @@ class ReplSession:
         """Stream a `chat` or `generate`: text (and reasoning, tool calls) as it arrives, then
         the summary line. The text and the result, with `reasoning` and `toolCalls` put back."""
         channels = Channels()
-        reply = self._exchange(method, self._with_progress(method, dict(params, stream=True)), channels)
+        reply = self._exchange(method, self._with_progress(method, dict(params, stream=True)), channels,
+                               on_wait=lambda: self.output.waiting("processing prompt…"))  # until the first token
         self.output.end_text()
         if reply is None:
             return None
-        result = channels.result(reply["result"])
+        self.result = result = channels.result(reply["result"])
         self.output.summary(fmt.generation_summary(result))
         return channels.text, result
 
@@ -90,23 +109,28 @@ class ReplSession:
         return {**(params or {}), "_meta": {"progressToken": f"repl-{next(self._tokens)}"}}
 
     def _exchange(self, method: str, params: dict[str, Any] | None,
-                  parts: Channels | None = None) -> dict[str, Any] | None:
+                  parts: Channels | None = None, on_wait: Any = None) -> dict[str, Any] | None:
         id_ = self.client.start_request(method, params)
         meta = (params or {}).get("_meta")
         token = meta.get("progressToken") if isinstance(meta, dict) else None
+        self._stopping = False
         reply = self.client.wait_for(
-            lambda m: isinstance(m, dict) and "method" not in m and _same_id(m.get("id"), id_),
+            lambda m: isinstance(m, dict) and "method" not in m and same_id(m.get("id"), id_),
             lambda m: self._show(m, id_, token, parts),
-            cancel=lambda: self._cancel(id_))
+            cancel=lambda key: self._cancel(id_, key), keys=self.keys, on_wait=on_wait)
         self.output.progress_done()
         return self._settle(id_, reply)
 
-    def _cancel(self, id_: Any) -> None:
+    def _cancel(self, id_: Any, key: str) -> None:
+        self._stopping = True  # whatever of the reply is still on its way is not drawn
+        self.output.progress_done()
         self.output.end_text()
-        self.output.info(f"^C: cancelling request {id_} ($/cancelRequest); ^C again stops waiting")
+        then = "then exiting" if key == "^D" else "^C again stops waiting"
+        self.output.info(f"{key}: cancelling request {id_} ($/cancelRequest); {then}")
         self.client.cancel(id_)
 
     def _settle(self, id_: Any, reply: Reply) -> dict[str, Any] | None:
+        self.quit_requested = self.quit_requested or reply.quit
         if reply.abandoned:
             self.client.abandon(id_)
             self.failed(f"stopped waiting for request {id_}; its reply will be ignored")
@@ -116,17 +140,20 @@ class ReplSession:
         if "error" in message:
             self.failed(error=message["error"])
             return None
+        self.result = message["result"]
         return message
 
     def _show(self, message: Any, id_: Any, token: Any, parts: Channels | None) -> None:
         if self.state.raw:
             self.output.traffic("in", message)
         if not isinstance(message, dict) or "method" not in message:
-            if not _same_id(message.get("id") if isinstance(message, dict) else None, id_):
+            if not same_id(message.get("id") if isinstance(message, dict) else None, id_):
                 self._show_stray(message)
             return
         params = message.get("params") or {}
-        if message["method"] == "generate/chunk" and _same_id(params.get("requestId"), id_):
+        if self._stopping:
+            return
+        if message["method"] == "generate/chunk" and same_id(params.get("requestId"), id_):
             if parts is not None:
                 parts.add(params)
             if not self.state.raw:
@@ -144,11 +171,8 @@ class ReplSession:
             self.output.tool_call(call)
 
     def _show_stray(self, message: Any) -> None:
-        """A response nobody is waiting for: most likely the late reply to an abandoned request."""
-        if self.client.settle_late(message):
-            if not self.state.raw:
-                self.output.info(f"(late reply to abandoned request {message['id']} ignored)")
-        elif not self.state.raw:
+        """A response nobody is waiting for (late replies to abandoned requests never get here)."""
+        if not self.state.raw:
             self.output.value(message)
 
     # ---- lines typed as JSON -----------------------------------------------------------------
@@ -164,17 +188,22 @@ class ReplSession:
         self.client.send_raw(line.encode("utf-8", "surrogateescape") + b"\n")
         wanted = parsed is None or expects_reply(parsed)
         reply = self.client.wait_for(is_response, self._show_raw,
-                                     cancel=(lambda: self._cancel_all(ids)) if ids else None,
-                                     linger_s=None if wanted else LINGER_S)
+                                     cancel=(lambda key: self._cancel_all(ids, key)) if ids else None,
+                                     linger_s=None if wanted else LINGER_S, keys=self.keys)
+        self.quit_requested = self.quit_requested or reply.quit
         if reply.abandoned:
             for id_ in ids:
                 self.client.abandon(id_)
             self.failed("stopped waiting; the reply will be ignored")
-        elif _has_error(reply.message):
+            return
+        self.result = reply.message
+        if _has_error(reply.message):
             self.state.had_errors = True
+            self.error = {"message": "the sidecar answered with an error"}
 
-    def _cancel_all(self, ids: list[Any]) -> None:
-        self.output.info("^C: cancelling ($/cancelRequest); ^C again stops waiting")
+    def _cancel_all(self, ids: list[Any], key: str) -> None:
+        then = "then exiting" if key == "^D" else "^C again stops waiting"
+        self.output.info(f"{key}: cancelling ($/cancelRequest); {then}")
         for id_ in ids:
             self.client.cancel(id_)
 
@@ -191,8 +220,7 @@ class ReplSession:
     def show_late(self) -> None:
         """Whatever arrived while nobody waited, shown before the next prompt."""
         for message in self.client.drain():
-            if self.state.raw:
-                self.output.traffic("in", message)
+            self._trace_in(message)
             if is_response(message):
                 self._show_stray(message)
 

@@ -131,9 +131,12 @@ def _kind(spec: dict[str, Any]) -> str:
 class Conversation:
     turns: list[dict[str, Any]] = field(default_factory=list)
 
-    def messages(self, system: str | None, user_text: str) -> list[dict[str, Any]]:
+    def history(self, system: str | None) -> list[dict[str, Any]]:
         head = [{"role": "system", "content": system}] if system else []
-        return [*head, *self.turns, {"role": "user", "content": user_text}]
+        return [*head, *self.turns]
+
+    def messages(self, system: str | None, user_text: str) -> list[dict[str, Any]]:
+        return [*self.history(system), {"role": "user", "content": user_text}]
 
     def add(self, user_text: str, reply: str, tool_calls: list[dict[str, Any]] | None = None) -> None:
         """A user turn and the reply; a reply that called tools keeps its calls (content null
@@ -154,9 +157,10 @@ class Conversation:
 @dataclass
 class ReplState:
     model: str = "demo"
-    chat_mode: bool = False
+    chat_mode: bool = True  # plain lines are turns of one conversation; False: /oneshot
     raw: bool = False
     conversation: Conversation = field(default_factory=Conversation)
+    cancelled_turn: tuple[str, str, Any] | None = None  # (user text, reply, tool calls) for /keep
     settings: dict[str, Any] = field(default_factory=dict)
     server_defaults: dict[str, Any] = field(default_factory=dict)
     methods: list[str] = field(default_factory=list)
@@ -177,8 +181,10 @@ class ReplState:
 
     def prompt_label(self) -> str:
         label = self.model
-        if self.chat_mode:
-            label += f" chat[{self.conversation.exchanges}]"
+        if not self.chat_mode:
+            label += " oneshot"
+        elif self.conversation.exchanges:
+            label += f" [{self.conversation.exchanges}]"
         if self.raw:
             label += " raw"
         return label

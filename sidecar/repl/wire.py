@@ -4,7 +4,10 @@
   draws the screen (the reader thread never prints).
 - What is sent can be shown as it leaves (`/raw`).
 - While the REPL waits for a reply, Ctrl-C does not raise: the first sends
-  `$/cancelRequest` for the request in flight, a second stops waiting for it.
+  `$/cancelRequest` for the request in flight, a second stops waiting for it. Ctrl-D
+  (seen by `keys`, on a terminal) cancels too, and the reply says the user wants to leave.
+- The answer to a request the user stopped waiting for (its chunks, its late response) is
+  never shown as part of another exchange: it goes to `on_late` (the /raw view) only.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class Reply:
 
     message: Any = None
     abandoned: bool = False
+    quit: bool = False  # Ctrl-D while waiting: leave once this exchange is settled
 
 
 class CountingInterrupts:
@@ -57,6 +61,7 @@ class ReplClient(SidecarClient):
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.inbox: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # before the reader starts
         self.on_send: Callable[[bytes], None] | None = None
+        self.on_late: Callable[[Any], None] | None = None
         super().__init__(args, env=env)
         # A REPL session may run for hours: keep only recent history, not every token.
         self.received = collections.deque(self.received, maxlen=64)  # type: ignore[assignment]
@@ -78,38 +83,50 @@ class ReplClient(SidecarClient):
         return self._reader.is_alive() or not self.inbox.empty()
 
     def wait_for(self, is_reply: Callable[[Any], bool], show: Callable[[Any], None],
-                 cancel: Callable[[], None] | None = None, linger_s: float | None = None) -> Reply:
+                 cancel: Callable[[str], None] | None = None, linger_s: float | None = None,
+                 keys: Any = None, on_wait: Callable[[], None] | None = None) -> Reply:
         """Show each message as it arrives until `is_reply` accepts one. With `linger_s`,
-        no reply is expected: show what arrives for that long. Ctrl-C: cancel, then abandon."""
+        no reply is expected: show what arrives for that long. Ctrl-C or Ctrl-D (`keys`, a
+        context whose `poll()` counts Ctrl-Ds): `cancel("^C"|"^D")`, then a second abandons.
+        `on_wait` runs once both are watched (a spinner: Ctrl-C when it shows cancels)."""
         deadline = None if linger_s is None else time.monotonic() + linger_s
         cancelled = False
-        with CountingInterrupts() as interrupts:
+        with CountingInterrupts() as interrupts, keys or contextlib.nullcontext():
+            if on_wait is not None:
+                on_wait()
             while True:
-                if interrupts.count and not cancelled and cancel is not None:
-                    cancel()
+                eofs = keys.poll() if keys is not None else 0
+                stops = interrupts.count + eofs
+                if stops and not cancelled and cancel is not None:
+                    cancel("^D" if eofs else "^C")
                     cancelled = True
-                if interrupts.count >= 2 or (interrupts.count and cancel is None):
-                    return Reply(abandoned=True)
+                if stops >= 2 or (stops and cancel is None):
+                    return Reply(abandoned=True, quit=bool(eofs))
                 try:
                     message = self.inbox.get(timeout=POLL_S)
                 except queue.Empty:
                     if not self.alive:
                         raise SidecarExited(f"the sidecar exited (code {self.process.poll()})") from None
                     if deadline is not None and time.monotonic() > deadline:
-                        return Reply()
+                        return Reply(quit=bool(eofs))
+                    continue
+                if self._late(message):
                     continue
                 show(message)
                 if is_reply(message):
-                    return Reply(message)
+                    return Reply(message, quit=bool(eofs))
 
     def drain(self) -> list[Any]:
-        """Messages that arrived while nobody was waiting (late replies, stray notifications)."""
+        """Messages that arrived while nobody was waiting (stray notifications, responses),
+        less the late answers to abandoned requests."""
         messages = []
         while True:
             try:
-                messages.append(self.inbox.get_nowait())
+                message = self.inbox.get_nowait()
             except queue.Empty:
                 return messages
+            if not self._late(message):
+                messages.append(message)
 
     # ---- requests the REPL makes itself ------------------------------------------------------
 
@@ -121,13 +138,35 @@ class ReplClient(SidecarClient):
     def abandon(self, id_: Any) -> None:
         self._abandoned.add(id_key(id_))
 
-    def settle_late(self, message: Any) -> bool:
-        """True when `message` is the late reply to an abandoned request (now forgotten)."""
-        if not isinstance(message, dict) or "method" in message or "id" not in message:
+    def abandon_pending(self) -> None:
+        """Ctrl-C outside a wait: cancel every request still unanswered, and ignore its reply."""
+        with self._lock:
+            keys = [key for key, pending in self._pending.items() if not pending.done.is_set()]
+        for _, id_ in keys:
+            self.cancel(id_)
+            self.abandon(id_)
+
+    def _late(self, message: Any) -> bool:
+        """Is `message` part of the answer to an abandoned request (a chunk, or the response,
+        after which the request is forgotten)? Such messages go to `on_late` only."""
+        if not isinstance(message, dict):
             return False
-        key = id_key(message["id"])
-        if key not in self._abandoned:
+        params = message.get("params")
+        if "method" in message:
+            is_chunk = message["method"] == "generate/chunk" and isinstance(params, dict)
+            key = _key(params.get("requestId")) if is_chunk else None
+        else:
+            key = _key(message.get("id"))
+        if key is None or key not in self._abandoned:
             return False
-        self._abandoned.discard(key)
-        self.forget(message["id"])
+        if "method" not in message:
+            self._abandoned.discard(key)
+            self.forget(message["id"])
+        if self.on_late is not None:
+            self.on_late(message)
         return True
+
+
+def _key(id_: Any) -> tuple[str, Any] | None:
+    """`id_key` for what can be a request id (a string or a number), else None."""
+    return id_key(id_) if isinstance(id_, (str, int, float)) and not isinstance(id_, bool) else None
