@@ -89,7 +89,10 @@ def test_a_just_in_time_load_reports_progress_for_chat(sidecar) -> None:
     sidecar.on_notification = lambda m: m["method"] == "$/progress" and seen.append(m["params"])
     result = sidecar.request("chat", chat_params(maxTokens=2, _meta={"progressToken": "jit"}))
     assert result["finishReason"] == "length"
-    assert [p["phase"] for p in seen][-1] == "ready" and all(p["token"] == "jit" for p in seen)
+    phases = [p["phase"] for p in seen]
+    assert all(p["token"] == "jit" for p in seen)
+    assert phases.index("ready") < phases.index("prefill") and phases[-1] == "prefill"  # load, then prompt
+    assert seen[-1]["completed"] == seen[-1]["total"] == result["usage"]["promptTokens"]
 
 
 def test_prompt_cache_changes_speed_not_words(sidecars) -> None:

@@ -39,6 +39,7 @@ class GenerationRequest:
     tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
     thinking: bool | None = None  # None: the template's default
     thinking_budget: int | None = None
+    progress: Any = None  # the request's $/progress reporter: prompt processing is reported
 
     @property
     def method(self) -> str:
@@ -316,9 +317,19 @@ class Generation:
 
     # ---- step ----------------------------------------------------------------------------
 
+    def on_prefill(self, done: int, total: int) -> None:
+        """Prompt tokens computed so far, of those not taken from the prefix cache (engine
+        thread): `$/progress` phase "prefill" for a client that asked for progress (the
+        reporter rate-limits it)."""
+        if self.request.progress is not None and total > 0:
+            computed = len(self.prompt) - self.cached_tokens  # a batch counts only what is left of it
+            self.request.progress("prefill", computed - (total - done), computed, "tokens")
+
     def on_prompt_done(self) -> None:
         if self.prompt_done_at is None:
             self.prompt_done_at = time.perf_counter()
+            computed = len(self.prompt) - self.cached_tokens
+            self.on_prefill(computed, computed)
 
     def on_token(self, token: int, finish_reason: str | None) -> None:
         """One sampled token. `finish_reason` "stop" means an end-of-sequence token, which

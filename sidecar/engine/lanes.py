@@ -127,6 +127,8 @@ class SoloRun:
             self._quantize_cache()
             mx.eval([c.state for c in self.cache])
         self.history.extend(chunk)
+        cached = self.generation.cached_tokens
+        self.generation.on_prefill(len(self.history) - cached, len(self.generation.prompt) - cached)
 
     def _quantize_cache(self) -> None:
         if self._kv_bits is not None:
@@ -254,8 +256,11 @@ class BatchLane:
             return [solo.generation]
         prompt_done, tokens = self._batch.next()
         for response in prompt_done:
-            if response.end_of_prompt and response.uid in self._by_uid:
-                self._by_uid[response.uid].on_prompt_done()
+            generation = self._by_uid.get(response.uid)
+            if generation is not None:
+                generation.on_prefill(*response.progress)
+                if response.end_of_prompt:
+                    generation.on_prompt_done()
         finished: list[Generation] = []
         for response in tokens:
             generation = self._by_uid[response.uid]

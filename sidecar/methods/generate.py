@@ -40,7 +40,8 @@ def _generation_request(context: Any, params: dict[str, Any], *, messages: Any =
         kv_bits=params.get("kvBits"), max_kv_size=params.get("maxKvSize"),
         response_format=params.get("responseFormat"),
         tools=params.get("tools"), tool_choice=params.get("toolChoice"),
-        thinking=params.get("thinking"), thinking_budget=params.get("thinkingBudget"))
+        thinking=params.get("thinking"), thinking_budget=params.get("thinkingBudget"),
+        progress=context.progress)
 
 
 def _replay(context: Any, model: str, request: GenerationRequest, hit: CachedResponse) -> GenerationResult:

@@ -242,7 +242,9 @@ class RichOutput:
             self.progress_done()
         if not self.console.is_terminal:
             return
-        fields = {"description": str(params.get("phase", "")), "completed": params.get("completed", 0),
+        phase = str(params.get("phase", ""))
+        fields = {"description": "processing prompt" if phase == "prefill" else phase,
+                  "completed": params.get("completed", 0),
                   "total": params.get("total")}
         if self._progress is None:
             self._start_progress(params.get("unit") == "bytes", fields)
