@@ -6,6 +6,10 @@ orgs, auto-download on load, and conversion to 4-bit with mlx-lm's converter."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 import re
 import resource
 import signal
@@ -313,3 +317,22 @@ def test_a_full_precision_repo_is_converted_to_4_bit_into_the_models_dir(
     assert client.request("chat", chat_params(model=HF_REPO, maxTokens=3))["usage"]["completionTokens"] == 3
     assert client.request("models/download", {"model": HF_REPO})["downloadedBytes"] == 0
     assert client.close() == 0
+
+
+def test_localmlx_models_pull_downloads_then_lists_the_model(hub_env, hf_cache: Path, sidecar_env,
+                                                            served_files) -> None:
+    env = {**os.environ, **sidecar_env, **hub_env}
+
+    def localmlx(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "sidecar", "models", *args], capture_output=True, text=True,
+                              env=env, timeout=120, stdin=subprocess.DEVNULL)
+
+    pulled = localmlx("pull", REPO, "--json")
+    assert pulled.returncode == 0, pulled.stderr
+    result = json.loads(pulled.stdout)
+    assert result["model"] == REPO and result["files"] == len(model_files(served_files))
+    assert snapshot_dirs(hf_cache, REPO) == [Path(result["path"])]
+    listed = {m["model"]: m for m in json.loads(localmlx("list", "--json").stdout)["models"]}
+    assert listed[REPO]["source"] == "hf-cache"
+    refused = localmlx("pull", "someone-else/model")
+    assert refused.returncode == 1 and "-32018" in refused.stderr
