@@ -77,19 +77,21 @@ class OutputChannels:
         if not self.stopped:
             channel = self.channel
             self._state, held, _ = self._machine.flush(self._state)
-            pieces = self._route([(channel, held)], closing=False)
+            pieces = self._route([(channel, held)])
         if self._tool_text is not None:
             text, self._tool_text = "".join(self._tool_text), None
             pieces.append((TOOL if complete and not self._ends_with_marker else UNFINISHED_TOOL, text))
         return pieces
 
-    def _route(self, segments: list[tuple[str | None, str]], closing: bool = True) -> list[tuple[str, str]]:
+    def _route(self, segments: list[tuple[str | None, str]]) -> list[tuple[str, str]]:
         pieces: list[tuple[str, str]] = []
         for channel, text in segments:
             if channel == TOOL:
-                self._tool_text = (self._tool_text or []) + [text]
+                if self._tool_text is None:
+                    self._tool_text = []
+                self._tool_text.append(text)
                 continue
-            if self._tool_text is not None and closing:  # left the tool state: the call is complete
+            if self._tool_text is not None:  # left the tool state: the call is complete
                 pieces.append((TOOL, "".join(self._tool_text)))
                 self._tool_text = None
             if channel is None:
