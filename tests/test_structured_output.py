@@ -19,7 +19,7 @@ from sidecar.demo_model import DEMO_MODEL_DIRNAME, build_demo_model
 from sidecar.engine.constraints import compile_constraint, compile_tool_call, response_format_grammar
 from sidecar.errors import InvalidParams
 
-from .conftest import Sidecars
+from .conftest import serving
 from .families import FAMILIES_BY_NAME, build
 
 DEMO = DEMO_MODEL_DIRNAME
@@ -59,14 +59,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(models: Path, sidecar_env: dict[str, str]) -> Iterator[SidecarClient]:
-    spawner = Sidecars({**sidecar_env, "LOCALMLX_MODELS_DIR": str(models), "LOCALMLX_PREFIX_CACHE": "false"})
-    try:
-        client = spawner.spawn()
+    with serving({**sidecar_env, "LOCALMLX_MODELS_DIR": str(models), "LOCALMLX_PREFIX_CACHE": "false"}) as client:
         yield client
-        assert client.junk == [], f"non-protocol bytes on stdout: {client.junk[:3]}"
-        assert client.close() == 0
-    finally:
-        spawner.reap()
 
 
 def chat(model: str, response_format: dict | None, **extra: Any) -> dict[str, Any]:

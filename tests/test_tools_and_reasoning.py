@@ -22,7 +22,7 @@ from sidecar.client import RpcCallError, SidecarClient
 from sidecar.engine.channels import ANSWER, REASONING, TOOL, UNFINISHED_TOOL, OutputChannels
 from sidecar.engine.tools import ToolCallReader, template_message
 
-from .conftest import Sidecars
+from .conftest import serving
 from .families import FAMILIES_BY_NAME, build
 
 WEATHER = {"type": "function", "function": {
@@ -59,14 +59,8 @@ def models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def sidecar(models: Path, sidecar_env: dict[str, str]) -> Iterator[SidecarClient]:
-    spawner = Sidecars({**sidecar_env, "LOCALMLX_MODELS_DIR": str(models), "LOCALMLX_ENABLE_CACHE": "false"})
-    try:
-        client = spawner.spawn()
+    with serving({**sidecar_env, "LOCALMLX_MODELS_DIR": str(models), "LOCALMLX_ENABLE_CACHE": "false"}) as client:
         yield client
-        assert client.junk == [], f"non-protocol bytes on stdout: {client.junk[:3]}"
-        assert client.close() == 0
-    finally:
-        spawner.reap()
 
 
 def tokenizer(models: Path, name: str) -> Any:

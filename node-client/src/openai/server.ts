@@ -361,12 +361,20 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
 
   // ---- /v1/chat/completions -------------------------------------------------------------
 
-  private async chat(context: RequestContext, body: JsonObject): Promise<void> {
+  /**
+   * What chat and completions share: route the model name, then start the generation locally
+   * or on the remote (`Response`, relayed as it is).
+   */
+  private async startGeneration<P extends object>(
+    context: RequestContext,
+    body: JsonObject,
+    params: P,
+    path: string,
+    start: (client: LocalMLX, params: P & { model?: string }, options: { signal?: AbortSignal; timeoutMs?: number }) => Promise<Started>,
+  ): Promise<{ requested?: string; model?: string; stream: boolean; usage: boolean; value: Started | Response }> {
     const requested = requestedModel(body);
-    const params = chatParamsOf(body);
     const model = resolveModel(requested, context.routing);
     const stream = isStreaming(body);
-    const usage = stream && includeUsage(body);
     context.info.stream = stream;
     if (model !== undefined) context.info.model = model;
     const fullParams = { ...params, ...(model !== undefined ? { model } : {}) };
@@ -374,10 +382,16 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
       fallback: this.fallback,
       backend: this.local,
       signal: context.signal,
-      local: async () => startChat(await this.local.acquire(), fullParams, this.timeoutOptions(context.signal)),
-      remote: async () => this.remote(context, "/chat/completions", body),
+      local: async () => start(await this.local.acquire(), fullParams, this.timeoutOptions(context.signal)),
+      remote: async () => this.remote(context, path, body),
     });
     context.info.servedBy = servedBy;
+    return { requested, model, stream, usage: stream && includeUsage(body), value };
+  }
+
+  private async chat(context: RequestContext, body: JsonObject): Promise<void> {
+    const { requested, model, stream, usage, value } =
+      await this.startGeneration(context, body, chatParamsOf(body), "/chat/completions", startChat);
     if (value instanceof Response) return this.relay(context, value);
     const { prediction, iterator, first } = value;
     if (!stream) {
@@ -401,22 +415,9 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
   // ---- /v1/completions ------------------------------------------------------------------
 
   private async completions(context: RequestContext, body: JsonObject): Promise<void> {
-    const requested = requestedModel(body);
     const { params, echo } = completionParamsOf(body);
-    const model = resolveModel(requested, context.routing);
-    const stream = isStreaming(body);
-    const usage = stream && includeUsage(body);
-    context.info.stream = stream;
-    if (model !== undefined) context.info.model = model;
-    const fullParams = { ...params, ...(model !== undefined ? { model } : {}) };
-    const { servedBy, value } = await runWithFallback<Started | Response>({
-      fallback: this.fallback,
-      backend: this.local,
-      signal: context.signal,
-      local: async () => startGenerate(await this.local.acquire(), fullParams, this.timeoutOptions(context.signal)),
-      remote: async () => this.remote(context, "/completions", body),
-    });
-    context.info.servedBy = servedBy;
+    const { requested, model, stream, usage, value } =
+      await this.startGeneration(context, body, params, "/completions", startGenerate);
     if (value instanceof Response) return this.relay(context, value);
     const { prediction, iterator, first } = value;
     if (!stream) {
