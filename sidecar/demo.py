@@ -33,13 +33,18 @@ def run_demo(args: argparse.Namespace) -> int:
             return 1
         print(f"\rloaded {loaded['model']}: {loaded['type']}, {loaded['parameters']:,} parameters, "
               f"{loaded['bytes'] / 2**20:.1f} MiB, context {loaded['contextLength']}", file=sys.stderr)
+        if loaded["model"] == "demo":
+            from .repl.formatting import DEMO_NOTE
+
+            print(DEMO_NOTE.replace("(or /pull and /load here)", "(or bash scripts/demo.sh --model …)"),
+                  file=sys.stderr)
         print(f"\n> {args.prompt}\n")
         params = {"model": model, "messages": [{"role": "user", "content": args.prompt}],
                   "maxTokens": args.max_new_tokens, "temperature": args.temp}
         final = None
         for item in client.stream("chat", params):
             if "seq" in item:
-                sys.stdout.write(item["text"])
+                sys.stdout.write(item.get("text", ""))  # the answer (reasoning and calls are apart)
                 sys.stdout.flush()
             else:
                 final = item

@@ -44,6 +44,13 @@ async function main(): Promise<number> {
       `${tty ? "\r\x1b[K" : ""}loaded ${model.model}: ${model.type}, ${model.parameters.toLocaleString("en-US")} parameters, ` +
         `${mib(model.bytes)}, context ${model.contextLength ?? "?"}`,
     );
+    if (model.model === "demo") {
+      console.error(
+        "demo is a tiny model with random weights: its replies are nonsense, as expected. For a real model: " +
+          ".venv/bin/localmlx models pull mlx-community/Qwen2.5-3B-Instruct-4bit (about 2 GB), then " +
+          "bash scripts/demo.sh --model mlx-community/Qwen2.5-3B-Instruct-4bit",
+      );
+    }
 
     console.log(`\n> ${args.prompt}\n`);
     const sentAt = performance.now();
