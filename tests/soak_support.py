@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from sidecar.client import sidecar_command
+from sidecar.protocol_defs import INTERNAL_ERROR
 
 LONG_MODE = os.environ.get("LOCALMLX_SOAK", "short").strip().lower() == "long"
 SEED = int(os.environ.get("LOCALMLX_SOAK_SEED", "0"))
@@ -387,7 +388,7 @@ class RawSidecar:
     def internal_errors(self) -> list[dict[str, Any]]:
         with self.lock:
             return [r for seen in self.by_key.values() for r in seen.responses
-                    if isinstance(r.get("error"), dict) and r["error"].get("code") == -32603]
+                    if isinstance(r.get("error"), dict) and r["error"].get("code") == INTERNAL_ERROR]
 
 
 def _is_response(message: Any) -> bool:

@@ -23,6 +23,7 @@ from sidecar.client import RpcCallError, SidecarClient, sidecar_command
 from sidecar.downloads import MODEL_FILE_PATTERNS
 from .conftest import chat_params
 from .hub_server import HubServer, add_repo
+from sidecar.protocol_defs import FORBIDDEN, INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, REQUEST_CANCELLED
 
 REPO = "mlx-community/tiny-demo"
 CORRUPT_REPO = "mlx-community/tiny-demo-corrupt"
@@ -165,7 +166,7 @@ def test_a_model_fetched_by_hf_download_is_listed_and_loads_unless_its_weights_a
     assert REPO not in listed(client)
     with pytest.raises(RpcCallError) as missing:
         client.request("models/load", {"model": REPO})
-    assert missing.value.code == -32010
+    assert missing.value.code == MODEL_NOT_FOUND
     assert client.close() == 0
 
 
@@ -181,7 +182,7 @@ def test_a_cancelled_download_answers_at_once_and_resumes_where_it_stopped(
     # answered without waiting for the transfer.
     assert client.request("chat", chat_params(maxTokens=3))["usage"]["completionTokens"] == 3
     client.cancel(download)
-    assert client.wait_response(download, timeout=10)["error"]["code"] == -32800
+    assert client.wait_response(download, timeout=10)["error"]["code"] == REQUEST_CANCELLED
     assert not stall.released.is_set()
     stall.release()
     client.wait_for_log("download of mlx-community/tiny-demo cancelled")
@@ -214,7 +215,7 @@ def test_a_killed_download_leaves_no_model_and_the_next_one_resumes(
     assert REPO not in listed(after)
     with pytest.raises(RpcCallError) as missing:
         after.request("models/load", {"model": REPO})
-    assert missing.value.code == -32010
+    assert missing.value.code == MODEL_NOT_FOUND
     resumed = after.request("models/download", {"model": REPO})
     assert 0 < resumed["downloadedBytes"] < len(served_files[WEIGHTS])
     assert sha256(Path(resumed["path"]) / WEIGHTS) == hashlib.sha256(served_files[WEIGHTS]).hexdigest()
@@ -227,7 +228,7 @@ def test_a_file_that_does_not_match_the_hubs_checksum_is_rejected(sidecars, hub_
     with pytest.raises(RpcCallError) as rejected:
         client.request("models/download", {"model": CORRUPT_REPO})
     error = rejected.value
-    assert error.code == -32013 and error.data["reason"] == "checksum-mismatch"
+    assert error.code == MODEL_LOAD_FAILED and error.data["reason"] == "checksum-mismatch"
     assert error.data["file"] == WEIGHTS and error.data["expected"] != error.data["actual"]
     blobs = hf_cache / ("models--" + CORRUPT_REPO.replace("/", "--")) / "blobs"
     assert not (blobs / error.data["expected"]).exists() and partials(hf_cache) == []
@@ -247,7 +248,7 @@ def test_a_full_disk_while_downloading_fails_clearly_and_leaves_nothing_half_wri
     client.initialize(name="pytest")
     with pytest.raises(RpcCallError) as failed:
         client.request("models/download", {"model": REPO})
-    assert failed.value.code == -32013 and failed.value.data["reason"] == "disk-full"
+    assert failed.value.code == MODEL_LOAD_FAILED and failed.value.data["reason"] == "disk-full"
     assert failed.value.data["file"] == WEIGHTS and "space" in failed.value.message
     assert partials(hf_cache) == [] and snapshot_dirs(hf_cache, REPO) == []
     assert REPO not in listed(client)
@@ -256,14 +257,14 @@ def test_a_full_disk_while_downloading_fails_clearly_and_leaves_nothing_half_wri
 
 
 REFUSED = [
-    ({"model": HF_REPO}, -32018),  # an org outside LOCALMLX_ALLOWED_ORGS
-    ({"model": "mlx-community/../../etc"}, -32602),
-    ({"model": "mlx-community/.."}, -32602),
-    ({"model": "demo"}, -32602),
-    ({"model": "/etc/passwd"}, -32602),
-    ({"model": "a/b/c"}, -32602),
-    ({"model": REPO, "revision": "../../../etc"}, -32602),
-    ({"model": REPO, "revision": "main/../.."}, -32602),
+    ({"model": HF_REPO}, FORBIDDEN),  # an org outside LOCALMLX_ALLOWED_ORGS
+    ({"model": "mlx-community/../../etc"}, INVALID_PARAMS),
+    ({"model": "mlx-community/.."}, INVALID_PARAMS),
+    ({"model": "demo"}, INVALID_PARAMS),
+    ({"model": "/etc/passwd"}, INVALID_PARAMS),
+    ({"model": "a/b/c"}, INVALID_PARAMS),
+    ({"model": REPO, "revision": "../../../etc"}, INVALID_PARAMS),
+    ({"model": REPO, "revision": "main/../.."}, INVALID_PARAMS),
 ]
 
 
@@ -281,7 +282,7 @@ def test_auto_download_lets_models_load_fetch_a_model(sidecars, hub_env, hf_cach
     without = sidecars.spawn(**hub_env)
     with pytest.raises(RpcCallError) as missing:
         without.request("models/load", {"model": REPO})
-    assert missing.value.code == -32010 and partials(hf_cache) == [] and snapshot_dirs(hf_cache, REPO) == []
+    assert missing.value.code == MODEL_NOT_FOUND and partials(hf_cache) == [] and snapshot_dirs(hf_cache, REPO) == []
     assert without.close() == 0
 
     client = sidecars.spawn(LOCALMLX_AUTO_DOWNLOAD="true", **hub_env)
@@ -335,4 +336,4 @@ def test_localmlx_models_pull_downloads_then_lists_the_model(hub_env, hf_cache: 
     listed = {m["model"]: m for m in json.loads(localmlx("list", "--json").stdout)["models"]}
     assert listed[REPO]["source"] == "hf-cache"
     refused = localmlx("pull", "someone-else/model")
-    assert refused.returncode == 1 and "-32018" in refused.stderr
+    assert refused.returncode == 1 and str(FORBIDDEN) in refused.stderr

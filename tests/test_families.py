@@ -20,6 +20,7 @@ from sidecar.client import RpcCallError, SidecarClient
 
 from .conftest import serving
 from .families import FAMILIES, FAMILIES_BY_NAME, QUANTIZATIONS, Family, build_all
+from sidecar.protocol_defs import INVALID_PARAMS, MODEL_LOAD_FAILED
 
 MODELS = [pytest.param(f, q, id=f.dirname(q)) for f in FAMILIES for q in QUANTIZATIONS]
 
@@ -158,7 +159,7 @@ def test_loads_with_its_architecture_and_quantization(sidecar, family_models, fa
         # not a broken generation later; the sidecar goes on serving.
         with pytest.raises(RpcCallError) as failed:
             sidecar.request("models/load", {"model": model})
-        assert failed.value.code == -32013 and "float32" in failed.value.message, failed.value
+        assert failed.value.code == MODEL_LOAD_FAILED and "float32" in failed.value.message, failed.value
         assert sidecar.request("models/status", {"model": model})["state"] != "loaded"
         assert sidecar.request("ping") == {}
         return
@@ -322,6 +323,6 @@ def test_a_template_that_refuses_the_messages_is_a_clear_invalid_params_error(si
     try:
         with pytest.raises(RpcCallError) as refused:
             sidecar.request("chat", fresh_chat(model, messages, maxTokens=4))
-        assert refused.value.code == -32602 and "System role not supported" in refused.value.message, refused.value
+        assert refused.value.code == INVALID_PARAMS and "System role not supported" in refused.value.message, refused.value
     finally:
         assert sidecar.request("chat", fresh_chat(model, "Hi", maxTokens=2))["finishReason"] == "length"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.client import RpcCallError, SidecarClient, sidecar_command
-from sidecar.protocol_defs import INTERNAL_ERROR
+from sidecar.protocol_defs import BUSY, FORBIDDEN, INTERNAL_ERROR, INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, SERVER_CANCELLED
 
 from .conftest import chat_params
 from .test_models import copy_demo
@@ -70,7 +70,7 @@ def test_values_mlx_cannot_take_are_invalid_params(sidecar) -> None:
     for extra in ({"seed": 2**64}, {"seed": 1e20}, {"topK": 2.5}, {"seed": -1}):
         with pytest.raises(RpcCallError) as refused:
             sidecar.request("chat", chat_params("x", **extra))
-        assert refused.value.code == -32602, extra
+        assert refused.value.code == INVALID_PARAMS, extra
 
 
 def test_deeply_nested_params_are_invalid_params_not_a_crash(sidecar) -> None:
@@ -80,26 +80,26 @@ def test_deeply_nested_params_are_invalid_params_not_a_crash(sidecar) -> None:
             sidecar.send_raw(b'{"jsonrpc":"2.0","id":"%s-%d","method":"%s","params":{"%s":%s}}\n'
                              % (method.encode(), depth, method.encode(), name, nested))
             line = raw_response(sidecar, f'"{method}-{depth}"')
-            assert b'"code":-32602' in line, line[:300]
+            assert f'"code":{INVALID_PARAMS}'.encode() in line, line[:300]
     assert sidecar.request("ping") == {}
 
 
 def test_a_model_name_with_a_lone_surrogate_is_forbidden(sidecar) -> None:
     sidecar.send_raw(b'{"jsonrpc":"2.0","id":"s","method":"models/load","params":{"model":"\\ud800/x"}}\n')
-    assert b'"code":-32018' in raw_response(sidecar, '"s"')
+    assert f'"code":{FORBIDDEN}'.encode() in raw_response(sidecar, '"s"')
 
 
 def test_errors_never_echo_a_large_bad_value(sidecar) -> None:
     huge = "m" * (8 << 20)
     response = sidecar.call("chat", {"messages": huge})
-    assert response["error"]["code"] == -32602
+    assert response["error"]["code"] == INVALID_PARAMS
     assert len(json.dumps(response)) < 2048
 
 
 def test_an_exception_inside_mlx_lm_is_an_internal_error_without_details(sidecars) -> None:
     client = sidecars.spawn(LOCALMLX_INJECT_FAULTS="generation")
     failed = client.call("chat", chat_params("The sea", maxTokens=20, cache=False))
-    assert failed["error"]["code"] == -32603 and failed["error"]["data"] == {"method": "chat"}
+    assert failed["error"]["code"] == INTERNAL_ERROR and failed["error"]["data"] == {"method": "chat"}
     assert "injected" not in json.dumps(failed)  # the exception's text stays in the log
     assert client.request("chat", chat_params("The sea", maxTokens=20, cache=False))["finishReason"] == "length"
     assert client.request("server/status")["models"][0]["model"] == "demo"
@@ -152,7 +152,7 @@ def test_a_flood_of_requests_is_read_with_bounded_memory(sidecars) -> None:
         assert time.monotonic() < deadline, f"{len(answers)} of 30000 answered"
         time.sleep(0.05)
     assert sorted(a["id"] for a in answers) == list(range(100, 30100))
-    assert all("result" in a or a["error"]["code"] == -32015 for a in answers)
+    assert all("result" in a or a["error"]["code"] == BUSY for a in answers)
     assert sum("result" in a for a in answers) > 256
     assert rss_bytes(client.process.pid) - before < 96 << 20
     assert client.close() == 0
@@ -176,7 +176,7 @@ def test_a_model_folder_deleted_while_loaded(sidecars, models_dir: Path, tmp_pat
     assert client.request("models/unload", {"model": "doomed"})["unloaded"] is True
     with pytest.raises(RpcCallError) as gone:
         client.request("models/load", {"model": "doomed"})
-    assert gone.value.code == -32010
+    assert gone.value.code == MODEL_NOT_FOUND
     assert client.close() == 0
 
 
@@ -189,7 +189,7 @@ def test_a_truncated_safetensors_file_fails_its_load_and_nothing_else(sidecars, 
     client.request("models/load", {"model": "demo"})
     with pytest.raises(RpcCallError) as failed:
         client.request("models/load", {"model": "torn"})
-    assert failed.value.code == -32013 and failed.value.data["model"] == "torn"
+    assert failed.value.code == MODEL_LOAD_FAILED and failed.value.data["model"] == "torn"
     assert len(failed.value.message) < 400
     assert client.request("chat", chat_params("The sea", maxTokens=3))["model"] == "demo"
     assert client.request("models/status", {"model": "torn"})["state"] == "available"
@@ -212,7 +212,7 @@ def test_a_full_disk_while_building_leaves_nothing_half_written(sidecars, tmp_pa
     client.initialize(name="pytest")
     with pytest.raises(RpcCallError) as failed:
         client.request("models/load", {"model": "demo"})
-    assert failed.value.code == -32013
+    assert failed.value.code == MODEL_LOAD_FAILED
     assert list(models.iterdir()) == []  # no half-written model, no temporary directory
     assert client.request("models/status", {"model": "demo"})["state"] == "available"
     assert client.request("ping") == {}
@@ -232,7 +232,7 @@ def test_sigterm_mid_generation_answers_and_exits_0_within_2_s(sidecars) -> None
     assert client.process.wait(5) == 0
     assert time.monotonic() - started < 2.0
     error = client.wait_response(running, timeout=1)["error"]
-    assert error["code"] == -32802 and error["data"]["reason"] == "shutdown"
+    assert error["code"] == SERVER_CANCELLED and error["data"]["reason"] == "shutdown"
     assert error["data"]["usage"]["completionTokens"] > 0
 
 

@@ -31,6 +31,7 @@ from sidecar.transport import LineFramer, OversizedLine, encode_message
 
 from .soak_support import (LONG_MODE, NULL_KEY, SEED, RawSidecar, is_own_call, key_of, loads_exact, plain, scaled,
                            well_formed_error)
+from sidecar.protocol_defs import BUSY, CONTEXT_LENGTH_EXCEEDED, FORBIDDEN, INVALID_PARAMS, INVALID_REQUEST, MESSAGE_TOO_LARGE, METHOD_NOT_FOUND, MODEL_LOADING, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, MODEL_NOT_LOADED, NOT_INITIALIZED, OUT_OF_MEMORY, PARSE_ERROR, REQUEST_CANCELLED, SERVER_CANCELLED
 
 
 def fuzz_settings(short: int, long: int, shrink_in_short_mode: bool = True):
@@ -201,7 +202,7 @@ def orjson_line(value: Any) -> bytes:
 
 
 def assert_parse_error(error: RpcError) -> None:
-    assert error.code == -32700
+    assert error.code == PARSE_ERROR
     assert isinstance(error.message, str) and error.message
     assert isinstance(error.data, dict) and isinstance(error.data.get("reason"), str)
 
@@ -276,12 +277,12 @@ def test_classifying_any_value_follows_the_spec_exactly(message: Any) -> None:
         call = read_call(message)
     except BadCall as error:
         assert not valid
-        assert error.code == -32600 and isinstance(error.message, str) and error.message
+        assert error.code == INVALID_REQUEST and isinstance(error.message, str) and error.message
         assert isinstance(error.data, dict)
         expected_id = message.get("id") if isinstance(message, dict) and is_valid_id(message.get("id")) else None
         assert same_json(error.id, expected_id)
         wire = json.loads(encode_message(error_message(error.id, error)))
-        assert wire["error"]["code"] == -32600 and isinstance(wire["error"]["data"], dict)
+        assert wire["error"]["code"] == INVALID_REQUEST and isinstance(wire["error"]["data"], dict)
     else:
         assert valid
         assert isinstance(call, Call)
@@ -343,8 +344,8 @@ def test_peeking_never_invents_an_id(method: str, params: Any, cut: int) -> None
 # ---- (c) end to end: generated lines through one real sidecar --------------------------------
 
 E2E_MAX_LINE = 4096
-DOCUMENTED_CODES = {-32700, -32600, -32601, -32602, -32002, -32800, -32802, -32010, -32011, -32012, -32013,
-                    -32014, -32015, -32016, -32017, -32018}  # every code but -32603, which is a bug
+DOCUMENTED_CODES = {PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, NOT_INITIALIZED, REQUEST_CANCELLED, SERVER_CANCELLED, MODEL_NOT_FOUND, MODEL_NOT_LOADED, MODEL_LOADING, MODEL_LOAD_FAILED,
+                    OUT_OF_MEMORY, BUSY, CONTEXT_LENGTH_EXCEEDED, MESSAGE_TOO_LARGE, FORBIDDEN}  # every code but -32603, which is a bug
 REAL_METHODS = {"initialize", "ping", "shutdown", "models/list", "models/download", "models/delete", "models/load",
                 "models/unload", "models/status", "server/status", "generate", "chat", "tokenize", "exit",
                 "$/cancelRequest"}
@@ -507,14 +508,14 @@ def test_generated_lines_through_a_real_sidecar_each_request_answered_exactly_on
                 error = response["error"]
                 assert well_formed_error(error), response
                 assert error["code"] in DOCUMENTED_CODES, f"{spec}: {response}"
-                if error["code"] == -32800:  # cancelled before it was answered
+                if error["code"] == REQUEST_CANCELLED:  # cancelled before it was answered
                     assert key in cancelled, response
                 elif spec["params"] == "oversized":
-                    assert error["code"] == -32017
+                    assert error["code"] == MESSAGE_TOO_LARGE
                 elif spec["params"] == "scalar":
-                    assert error["code"] == -32600
+                    assert error["code"] == INVALID_REQUEST
                 elif spec["method"] not in valid_params:
-                    assert error["code"] == -32601 and error["data"].get("method") == spec["method"]
+                    assert error["code"] == METHOD_NOT_FOUND and error["data"].get("method") == spec["method"]
                 elif spec["method"] in ("ping", "server/status", "models/list") and spec["params"] in ("valid", "absent"):
                     raise AssertionError(f"an error for a valid {spec['method']}: {response}")
             else:

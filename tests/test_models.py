@@ -10,6 +10,7 @@ import pytest
 
 from sidecar.client import RpcCallError
 from sidecar.demo_model import DEMO_MODEL_DIRNAME
+from sidecar.protocol_defs import FORBIDDEN, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, MODEL_NOT_LOADED
 
 
 def copy_demo(models_dir: Path, dest: Path) -> Path:
@@ -62,7 +63,7 @@ def test_models_dir_names_absolute_paths_and_the_hf_cache(sidecars, models_dir, 
 def test_paths_outside_the_allowed_roots_are_forbidden(sidecar, ref) -> None:
     with pytest.raises(RpcCallError) as error:
         sidecar.request("models/load", {"model": ref})
-    assert error.value.code == -32018
+    assert error.value.code == FORBIDDEN
 
 
 def test_a_directory_that_is_not_a_model_fails_clearly(sidecars, tmp_path) -> None:
@@ -72,10 +73,10 @@ def test_a_directory_that_is_not_a_model_fails_clearly(sidecars, tmp_path) -> No
     client = sidecars.spawn(LOCALMLX_MODELS_DIR=str(tmp_path / "models"))
     with pytest.raises(RpcCallError) as failed:
         client.request("models/load", {"model": "broken"})
-    assert failed.value.code == -32013 and failed.value.data["model"] == "broken"
+    assert failed.value.code == MODEL_LOAD_FAILED and failed.value.data["model"] == "broken"
     with pytest.raises(RpcCallError) as missing:
         client.request("models/load", {"model": "empty"})
-    assert missing.value.code == -32010
+    assert missing.value.code == MODEL_NOT_FOUND
     assert client.request("ping") == {}
     assert client.close() == 0
 
@@ -104,7 +105,7 @@ def test_status_of_a_model_through_its_life(sidecar) -> None:
     assert "description" not in sidecar.request("models/status", {"model": "demo"})
     with pytest.raises(RpcCallError) as missing:
         sidecar.request("models/status", {"model": "nothing-here"})
-    assert missing.value.code == -32010
+    assert missing.value.code == MODEL_NOT_FOUND
 
 
 def test_a_request_without_a_model_uses_the_most_recently_used_one(sidecars, models_dir, tmp_path) -> None:
@@ -131,7 +132,7 @@ def test_a_load_runs_between_the_steps_of_a_running_generation(sidecars, models_
         time.sleep(0.005)
     with pytest.raises(RpcCallError) as not_loaded:
         client.request("tokenize", {"model": "second", "text": "x"})
-    assert not_loaded.value.code == -32011
+    assert not_loaded.value.code == MODEL_NOT_LOADED
     assert client.request("models/load", {"model": "second"}, timeout=30)["alreadyLoaded"] is False
     assert client.request("models/status", {"model": "second"})["state"] == "loaded"
     assert client.request("tokenize", {"model": "second", "text": "x"})["tokens"]

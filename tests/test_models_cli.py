@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from sidecar.demo_model import DEMO_MODEL_DIRNAME
+from sidecar.protocol_defs import MODEL_NOT_FOUND
 
 
 def localmlx(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -36,7 +37,7 @@ def test_list_status_and_rm(sidecar_env, models_dir: Path, tmp_path: Path) -> No
     assert not (models / "team").exists()  # the empty owner folder went too
 
     missing = localmlx(env, "rm", "team/copy")
-    assert missing.returncode == 1 and "-32010" in missing.stderr
+    assert missing.returncode == 1 and str(MODEL_NOT_FOUND) in missing.stderr
 
 
 def test_the_repl_removes_a_model(sidecar_env, models_dir: Path, tmp_path: Path) -> None:

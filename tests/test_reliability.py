@@ -13,6 +13,7 @@ import pytest
 from sidecar.client import RpcCallError
 
 from .conftest import chat_params
+from sidecar.protocol_defs import BUSY, INVALID_REQUEST, SERVER_CANCELLED
 
 LONG = chat_params("Tell me everything.", maxTokens=1900)
 
@@ -71,7 +72,7 @@ def test_full_queue_answers_busy_and_keeps_serving(sidecars) -> None:
     queued = client.start_request("chat", chat_params(maxTokens=3))
     with pytest.raises(RpcCallError) as busy:
         client.request("chat", chat_params(maxTokens=3, cache=False))
-    assert busy.value.code == -32015 and busy.value.data["maxQueue"] == 1
+    assert busy.value.code == BUSY and busy.value.data["maxQueue"] == 1
     client.cancel(running)
     assert client.wait_response(queued)["result"]["finishReason"] == "length"
     assert client.close() == 0
@@ -82,7 +83,7 @@ def test_unload_cancels_work_on_that_model_with_server_cancelled(sidecar) -> Non
     wait_for_chunks(sidecar, running)
     assert sidecar.request("models/unload", {"model": "demo"}) == {"model": "demo", "unloaded": True}
     error = sidecar.wait_response(running)["error"]
-    assert error["code"] == -32802 and error["data"]["reason"] == "unload"
+    assert error["code"] == SERVER_CANCELLED and error["data"]["reason"] == "unload"
 
 
 def test_stdin_eof_mid_generation_ends_the_process_promptly(sidecars) -> None:
@@ -160,11 +161,11 @@ def test_shutdown_cancels_running_and_queued_work_with_server_cancelled(sidecars
     queued = client.start_request("generate", {"prompt": "x", "maxTokens": 5})
     assert client.request("shutdown", timeout=10) == {}
     errors = [client.wait_response(id_, timeout=5)["error"] for id_ in (running, queued)]
-    assert all(e["code"] == -32802 and e["data"]["reason"] == "shutdown" for e in errors)
+    assert all(e["code"] == SERVER_CANCELLED and e["data"]["reason"] == "shutdown" for e in errors)
     assert errors[0]["data"]["usage"]["completionTokens"] > 0
     with pytest.raises(RpcCallError) as refused:
         client.request("chat", chat_params(maxTokens=2))
-    assert refused.value.code == -32600
+    assert refused.value.code == INVALID_REQUEST
     assert client.close() == 0
 
 
@@ -184,7 +185,7 @@ def test_a_storm_of_hostile_lines_never_stops_the_service(sidecar) -> None:
             ids.append(sidecar.start_request("tokenize", {"text": f"request {i}"}))
     answers = [sidecar.wait_response(id_, timeout=30) for id_ in ids]
     # Real requests either succeed or, while 40 pile up behind the first load, are refused as busy.
-    assert all("result" in a or a["error"]["code"] == -32015 for a in answers)
+    assert all("result" in a or a["error"]["code"] == BUSY for a in answers)
     assert sum("result" in a for a in answers) >= 10
     assert sidecar.request("ping") == {}
     errors = [r.message for r in sidecar.received if isinstance(r.message, dict) and "error" in r.message]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.protocol_defs import MODEL_NOT_FOUND
+from sidecar.protocol_defs import INVALID_PARAMS, MODEL_NOT_FOUND, PARSE_ERROR
 from sidecar.repl import formatting as fmt
 from sidecar.repl.prompt import candidates, matching
 from sidecar.repl.session import expects_reply, request_ids
@@ -251,12 +251,12 @@ def test_bad_json_and_unknown_commands_are_shown_as_errors(terminal):
     term.expect(PROMPT)
     term.type('{"jsonrpc": "2.0", "id": 3, "method": ')
     term.expect(r"not valid JSON: .*sent as typed")
-    term.expect(r'"code": -32700')
+    term.expect(f'"code": {PARSE_ERROR}')
     term.expect(r'"message": "Parse error')
     term.expect(PROMPT)
     term.run("/lod demo", r"error: unknown command /lod; did you mean /load\?")
     term.run("/set temperature hot", r"error: temperature: 'hot' is not of type 'number'")
-    term.run("/load no-such-model", r"error -32010: .*no-such-model")
+    term.run("/load no-such-model", rf"error {MODEL_NOT_FOUND}: .*no-such-model")
     term.run("/status", r"requests: 0 active")  # the session goes on
 
 
@@ -392,7 +392,7 @@ def test_script_json_lines_name_their_input_lines(env, tmp_path):
     assert records[7]["error"]["code"] == MODEL_NOT_FOUND
     assert [m["role"] for m in json.loads(saved.read_text())] == ["user", "assistant", "user", "assistant"]
     assert "line 5: error: unknown command /frobnicate" in done.stderr
-    assert re.search(r"^line 10: error -32010: ", done.stderr, re.M)
+    assert re.search(rf"^line 10: error {MODEL_NOT_FOUND}: ", done.stderr, re.M)
     assert "\r" not in done.stderr and "\x1b" not in done.stderr  # no bars, no colour
 
 
@@ -553,8 +553,8 @@ def test_formatting():
               "timings": {"ttftMs": 12.34, "tokensPerSecond": 100.0, "peakMemoryBytes": 3 << 20}}
     assert fmt.generation_summary(result) == \
         "[stop] 5 prompt + 7 generated tokens · TTFT 12.3 ms · 100.0 tokens/s · peak memory 3.0 MiB"
-    error = {"code": -32602, "message": "Invalid params", "data": {"errors": [{"path": "/x", "message": "bad"}]}}
-    assert fmt.error_lines(error) == ["error -32602: Invalid params", "  /x: bad"]
+    error = {"code": INVALID_PARAMS, "message": "Invalid params", "data": {"errors": [{"path": "/x", "message": "bad"}]}}
+    assert fmt.error_lines(error) == [f"error {INVALID_PARAMS}: Invalid params", "  /x: bad"]
     assert fmt.plain_table((["a", "bb"], [["xyz", "1"]])) == ["a    bb", "xyz  1"]
     assert fmt.visible("a\tb\nc\rd\x1b[2J\x9b") == "a\tb\nc\u240dd\u241b[2J\ufffd"
 

@@ -14,6 +14,7 @@ from sidecar.client import RpcCallError, SidecarClient
 from sidecar.demo_model import DEMO_MODEL_DIRNAME
 
 from .conftest import chat_params
+from sidecar.protocol_defs import FORBIDDEN, INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, OUT_OF_MEMORY
 
 DEMO_BYTES = 10_494_976  # the demo model's weights
 
@@ -75,7 +76,7 @@ def test_a_model_with_work_on_it_is_never_unloaded_to_make_room(sidecars, models
     other = start_long_chat(client, "c")
     with pytest.raises(RpcCallError) as refused:  # both busy: nothing can go
         client.request("models/load", {"model": "b"})
-    assert refused.value.code == -32014
+    assert refused.value.code == OUT_OF_MEMORY
     assert refused.value.data == {"requiredBytes": DEMO_BYTES, "availableBytes": int(2.5 * DEMO_BYTES) - 2 * DEMO_BYTES,
                                   "budgetBytes": int(2.5 * DEMO_BYTES)}
     for id_ in (running, other):
@@ -93,7 +94,7 @@ def test_a_failed_load_brings_back_what_it_unloaded(sidecars, models) -> None:
     client.request("models/load", {"model": "a"})
     with pytest.raises(RpcCallError) as failed:
         client.request("models/load", {"model": "c"})
-    assert failed.value.code == -32013
+    assert failed.value.code == MODEL_LOAD_FAILED
     assert loaded(client) == ["a"]
     assert client.request("chat", chat_params("x", model="a", maxTokens=2))["finishReason"] == "length"
     assert client.close() == 0
@@ -106,7 +107,7 @@ def test_a_truncated_model_is_refused_before_anything_is_unloaded(sidecars, mode
     client.request("models/load", {"model": "a"})
     with pytest.raises(RpcCallError) as failed:
         client.request("models/load", {"model": "c"})
-    assert failed.value.code == -32013 and "truncated" in failed.value.message
+    assert failed.value.code == MODEL_LOAD_FAILED and "truncated" in failed.value.message
     assert "reloaded" not in "\n".join(client.stderr_lines)  # a never left
     assert loaded(client) == ["a"]
     assert client.close() == 0
@@ -184,17 +185,17 @@ def test_deleting_a_model(sidecars, models, tmp_path) -> None:
     client.request("models/load", {"model": "a"})
     with pytest.raises(RpcCallError) as refused:
         client.request("models/delete", {"model": "a"})
-    assert refused.value.code == -32602 and refused.value.data["loaded"] is True
+    assert refused.value.code == INVALID_PARAMS and refused.value.data["loaded"] is True
     deleted = client.request("models/delete", {"model": "a", "force": True})
     assert deleted["deleted"] and deleted["unloaded"] and deleted["bytesFreed"] > DEMO_BYTES
     assert not (models / "a").exists() and loaded(client) == []
     assert "a" not in {m["model"] for m in client.request("models/list")["models"]}
     with pytest.raises(RpcCallError) as gone:
         client.request("models/load", {"model": "a"})
-    assert gone.value.code == -32010
+    assert gone.value.code == MODEL_NOT_FOUND
     with pytest.raises(RpcCallError) as forbidden:  # loadable from there, never deleted there
         client.request("models/delete", {"model": str(elsewhere / "outside")})
-    assert forbidden.value.code == -32018 and (elsewhere / "outside").exists()
+    assert forbidden.value.code == FORBIDDEN and (elsewhere / "outside").exists()
     assert [p.name for p in models.iterdir() if p.name.startswith(".")] == []  # nothing left half-deleted
     assert client.close() == 0
 
@@ -223,5 +224,5 @@ def test_kv_options_of_a_model(sidecars, models) -> None:
     assert client.request("models/load", {"model": "a"})["kvBits"] == 4  # a load naming none keeps them
     with pytest.raises(RpcCallError) as bad:
         client.request("models/load", {"model": "a", "kvBits": 5})
-    assert bad.value.code == -32602
+    assert bad.value.code == INVALID_PARAMS
     assert client.close() == 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 
 from sidecar.client import SidecarClient
+from sidecar.protocol_defs import INVALID_PARAMS
 
 
 PROMPT = "The sea"
@@ -62,7 +63,7 @@ def test_bad_sampling_params_are_invalid_params_pointing_at_the_field(sidecar) -
         for bad, paths in BAD_PARAMS:
             response = sidecar.call(method, {**base, "maxTokens": 2, **bad})
             error = response.get("error")
-            assert error is not None and error["code"] == -32602, (method, bad, response)
+            assert error is not None and error["code"] == INVALID_PARAMS, (method, bad, response)
             assert sorted(e["path"] for e in error["data"]["errors"]) == paths, (method, bad, error)
             assert all(e["message"] for e in error["data"]["errors"])
     assert sidecar.request("ping") == {}  # and the session goes on
@@ -137,7 +138,7 @@ def test_logit_bias_beyond_the_vocabulary_is_invalid_params(sidecar, demo_model_
                     else {"messages": [{"role": "user", "content": PROMPT}]})
             response = sidecar.call(method, {**base, "maxTokens": 2, "logitBias": {"5": 1, str(token): 1}})
             error = response.get("error")
-            assert error is not None and error["code"] == -32602, (method, token, response)
+            assert error is not None and error["code"] == INVALID_PARAMS, (method, token, response)
             assert [e["path"] for e in error["data"]["errors"]] == [f"/logitBias/{token}"], error
     # the last id of the vocabulary is fine, and the engine is still healthy
     assert greedy(sidecar, maxTokens=2, logitBias={str(vocabulary - 1): 1})["finishReason"] == "length"

@@ -31,6 +31,7 @@ from sidecar.demo_model import DEMO_MODEL_DIRNAME
 from .conftest import chat_params
 from .soak_support import (MiB, NULL_KEY, SEED, RawSidecar, is_own_call, RssSampler, key_of, number_key,
                            rss_bytes, rss_growth_failure, scaled, string_key, well_formed_error)
+from sidecar.protocol_defs import BUSY, FORBIDDEN, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, MESSAGE_TOO_LARGE, METHOD_NOT_FOUND, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, REQUEST_CANCELLED, SERVER_CANCELLED
 
 pytestmark = pytest.mark.timeout(scaled(300, 3600))
 
@@ -150,18 +151,18 @@ def build_mix(seed: int, n: int) -> Mix:
             stream = rng.random() < 0.5
             sampling = rng.choice([{"temperature": 0}, {"temperature": 0.8, "seed": rng.randrange(1 << 31)},
                                    {"temperature": 1.0, "topK": rng.randint(1, 50), "topP": 0.9}])
-            expect(kind, key, RESULT, -32015, stream=stream)
+            expect(kind, key, RESULT, BUSY, stream=stream)
             add(kind, chat_line(id_text, stream=stream, **sampling))
         elif kind == "chat-integral":
             # JSON Schema counts 2.0 as an integer: well-formed, so never -32603 (issue 8).
             id_text, key = fresh_id()
-            expect(kind, key, RESULT, -32015)
+            expect(kind, key, RESULT, BUSY)
             add(kind, chat_line(id_text, temperature=0.5, **rng.choice([
                 {"seed": 5.0}, {"seed": 0.0}, {"topK": 2.0}, {"seed": 7.0, "topK": 3.0},
                 {"maxTokens": 2.0}, {"repetitionContextSize": 10.0, "repetitionPenalty": 1.1}])))
         elif kind == "chat-bigseed":
             id_text, key = fresh_id()
-            expect(kind, key, RESULT, -32015, -32602)
+            expect(kind, key, RESULT, BUSY, INVALID_PARAMS)
             seed = rng.choice(["1e19", "18446744073709551615", "18446744073709551616", "1e300",
                                "123456789012345678901234567890"])
             line = chat_line(id_text, temperature=0.5, seed=0)
@@ -204,15 +205,15 @@ def build_mix(seed: int, n: int) -> Mix:
         elif kind == "wrong-type":
             id_text, key = fresh_id()
             method, params, code = rng.choice([
-                ("chat", '{"messages":"no"}', -32602), ("chat", '{"messages":[{"role":"x","content":1}]}', -32602),
-                ("chat", '{"messages":[],"maxTokens":"3"}', -32602),
-                ("chat", '{"messages":[{"role":"user","content":"x"}],"maxTokens":0}', -32602),
-                ("chat", '{"messages":[{"role":"user","content":"x"}],"temperature":-1}', -32602),
-                ("chat", '{"messages":[{"role":"user","content":"x"}],"topK":2.5}', -32602),
-                ("chat", '{"messages":[{"role":"user","content":"x"}],"max_tokens":3}', -32602),
-                ("tokenize", '{"text":5}', -32602), ("tokenize", '{}', -32602),
-                ("tokenize", '{"text":"x","model":7}', -32602), ("models/load", '{"model":null}', -32602),
-                ("ping", '"x"', -32600), ("ping", "5", -32600), ("ping", "true", -32600), ("chat", "null", -32600)])
+                ("chat", '{"messages":"no"}', INVALID_PARAMS), ("chat", '{"messages":[{"role":"x","content":1}]}', INVALID_PARAMS),
+                ("chat", '{"messages":[],"maxTokens":"3"}', INVALID_PARAMS),
+                ("chat", '{"messages":[{"role":"user","content":"x"}],"maxTokens":0}', INVALID_PARAMS),
+                ("chat", '{"messages":[{"role":"user","content":"x"}],"temperature":-1}', INVALID_PARAMS),
+                ("chat", '{"messages":[{"role":"user","content":"x"}],"topK":2.5}', INVALID_PARAMS),
+                ("chat", '{"messages":[{"role":"user","content":"x"}],"max_tokens":3}', INVALID_PARAMS),
+                ("tokenize", '{"text":5}', INVALID_PARAMS), ("tokenize", '{}', INVALID_PARAMS),
+                ("tokenize", '{"text":"x","model":7}', INVALID_PARAMS), ("models/load", '{"model":null}', INVALID_PARAMS),
+                ("ping", '"x"', INVALID_REQUEST), ("ping", "5", INVALID_REQUEST), ("ping", "true", INVALID_REQUEST), ("chat", "null", INVALID_REQUEST)])
             expect(kind, key, code)
             add(kind, _request_line(id_text, method, params))
         elif kind == "bad-id":
@@ -228,14 +229,14 @@ def build_mix(seed: int, n: int) -> Mix:
             if line[1] is None:
                 null()
             else:
-                expect(kind, key, -32600)
+                expect(kind, key, INVALID_REQUEST)
             add(kind, line[0])
         elif kind == "non-object":
             null()
             add(kind, rng.choice(["1", '"x"', "null", "true", "-0.5", "123456789012345678901234567890"]))
         elif kind == "unknown-method":
             id_text, key = fresh_id()
-            expect(kind, key, -32601)
+            expect(kind, key, METHOD_NOT_FOUND)
             add(kind, _request_line(id_text, "no-such/" + _text(rng, rng.randrange(0, 8)),
                                     rng.choice([None, {}, [], {"a": [1, {"b": None}]}])))
         elif kind == "huge-id":
@@ -255,7 +256,7 @@ def build_mix(seed: int, n: int) -> Mix:
             nested = "[" * depth + "]" * depth
             method, params = rng.choice([("chat", '{"messages":%s}' % nested), ("tokenize", '{"text":%s}' % nested),
                                          ("chat", '{"messages":[{"role":"user","content":%s}]}' % nested)])
-            expect(kind, key, -32602, -32600, may_be_null=True)
+            expect(kind, key, INVALID_PARAMS, INVALID_REQUEST, may_be_null=True)
             add(kind, _request_line(id_text, method, params))
         elif kind == "deep-array":
             depth = rng.randint(2, 1500)
@@ -263,7 +264,7 @@ def build_mix(seed: int, n: int) -> Mix:
             add(kind, "[" * depth + "]" * depth)
         elif kind == "oversized":
             id_text, key = fresh_id()
-            expect(kind, key, -32017)
+            expect(kind, key, MESSAGE_TOO_LARGE)
             add(kind, _request_line(id_text, "tokenize", {"text": "w" * rng.randint(MAX_LINE_BYTES, 4 * MAX_LINE_BYTES)}))
         elif kind == "oversized-garbage":
             null()
@@ -271,10 +272,10 @@ def build_mix(seed: int, n: int) -> Mix:
         elif kind == "surrogate":
             id_text, key = fresh_id()
             if rng.random() < 0.5:
-                expect(kind, key, -32010, -32018, -32602, -32013)
+                expect(kind, key, MODEL_NOT_FOUND, FORBIDDEN, INVALID_PARAMS, MODEL_LOAD_FAILED)
                 add(kind, _request_line(id_text, "models/load", r'{"model":"\ud800/x"}'))
             else:
-                expect(kind, key, RESULT, -32602)
+                expect(kind, key, RESULT, INVALID_PARAMS)
                 add(kind, _request_line(id_text, "tokenize", r'{"text":"a\udfff\ud800b"}'))
         elif kind == "batch":
             items, keys = [], []
@@ -282,7 +283,7 @@ def build_mix(seed: int, n: int) -> Mix:
                 if rng.random() < 0.6:
                     id_text, key = fresh_id()
                     method = rng.choice(["ping", "server/status", "no-such/m"])
-                    expect("batch", key, RESULT if method != "no-such/m" else -32601)
+                    expect("batch", key, RESULT if method != "no-such/m" else METHOD_NOT_FOUND)
                     keys.append(key)
                     items.append(_request_line(id_text, method))
                 elif rng.random() < 0.5:
@@ -301,7 +302,7 @@ def build_mix(seed: int, n: int) -> Mix:
             add(kind, rng.choice([b"", b" ", b"\t", b"\r", b"  \t "]))
         elif kind == "initialize":
             id_text, key = fresh_id()
-            expect(kind, key, -32600)
+            expect(kind, key, INVALID_REQUEST)
             add(kind, _request_line(id_text, "initialize", {"protocolVersion": 1}))
     return mix
 
@@ -338,9 +339,9 @@ def check_answers(sidecar: RawSidecar, mix: Mix) -> list[str]:
             response = seen.responses[0]
             allowed = set(expected.allowed)
             if key in mix.cancel_targets:
-                allowed |= {-32800, CANCELLED}
+                allowed |= {REQUEST_CANCELLED, CANCELLED}
             if expected.kind not in IN_FLIGHT_EXEMPT and not expected.kind.startswith("id "):
-                allowed.add(-32015)  # too many requests in flight (LOCALMLX_MAX_PENDING_REQUESTS)
+                allowed.add(BUSY)  # too many requests in flight (LOCALMLX_MAX_PENDING_REQUESTS)
             if "result" in response:
                 result = response["result"]
                 if isinstance(result, dict) and result.get("finishReason") == "cancelled":
@@ -354,7 +355,7 @@ def check_answers(sidecar: RawSidecar, mix: Mix) -> list[str]:
                     problem("malformed error object", response)
                 elif error["code"] not in allowed:
                     problem(f"{expected.kind}: error {error['code']}", response)
-                elif error["code"] == -32015 and not busy_data_ok(error["data"]):
+                elif error["code"] == BUSY and not busy_data_ok(error["data"]):
                     problem("-32015 without data {queued, maxQueue} or {inFlight, maxPendingRequests}", response)
             if expected.stream:
                 seqs = [(seq, index) for seq, index in sidecar.chunks.get(key, [])]
@@ -531,7 +532,7 @@ def check_soak_transcript(client: SidecarClient, sent: dict[Any, Sent]) -> list[
         elif isinstance(message, dict) and "id" in message:
             responses.setdefault(message["id"], []).append(index)
             error = message.get("error")
-            if error is not None and error.get("code") == -32603:
+            if error is not None and error.get("code") == INTERNAL_ERROR:
                 problem("-32603 internal error", message)
         elif isinstance(message, dict) and message.get("method") == "$/progress":
             pass
@@ -544,7 +545,7 @@ def check_soak_transcript(client: SidecarClient, sent: dict[Any, Sent]) -> list[
             continue
         message = client.received[indexes[0]].message
         result, error = message.get("result"), message.get("error")
-        unloaded = error is not None and error["code"] == -32802 and error["data"].get("reason") == "unload"
+        unloaded = error is not None and error["code"] == SERVER_CANCELLED and error["data"].get("reason") == "unload"
         if what.stream:
             seqs = chunks.get(id_, [])
             if [seq for seq, _ in seqs] != list(range(len(seqs))):
@@ -654,7 +655,7 @@ def test_concurrent_chats_beyond_the_queue_limit_are_answered_or_busy_never_left
     elapsed = time.monotonic() - started
     assert not any(w.is_alive() for w in workers) and not errors, f"hung or failed: {errors[:3]}"
     results = [a for a in answers.values() if "result" in a]
-    busy = [a for a in answers.values() if "error" in a and a["error"]["code"] == -32015]
+    busy = [a for a in answers.values() if "error" in a and a["error"]["code"] == BUSY]
     print(f"\n{len(answers)} chats in {elapsed:.1f}s: {len(results)} answered, {len(busy)} busy")
     assert len(answers) == threads * per_thread
     assert len(results) + len(busy) == len(answers), [a for a in answers.values() if a not in results + busy][:3]

@@ -21,6 +21,7 @@ from sidecar.errors import InvalidParams
 
 from .conftest import serving
 from .families import FAMILIES_BY_NAME, build
+from sidecar.protocol_defs import INVALID_PARAMS
 
 DEMO = DEMO_MODEL_DIRNAME
 QWEN = FAMILIES_BY_NAME["qwen2.5"].dirname("bf16")
@@ -144,7 +145,7 @@ def test_a_schema_that_cannot_compile_is_invalid_params_and_the_sidecar_serves_o
     with pytest.raises(RpcCallError) as raised:
         server.request("chat", chat(DEMO, schema_format(bad)))
     error = raised.value
-    assert error.code == -32602
+    assert error.code == INVALID_PARAMS
     [detail] = error.data["errors"]
     assert detail["path"] == "/responseFormat/schema" and "look-around" in detail["message"]
     assert len(error.message) < 300

@@ -24,6 +24,7 @@ from sidecar.engine.tools import ToolCallReader, template_message
 
 from .conftest import serving
 from .families import FAMILIES_BY_NAME, build
+from sidecar.protocol_defs import INVALID_PARAMS
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -183,7 +184,7 @@ def test_tools_and_earlier_calls_render_through_the_models_template(sidecar, mod
 def test_bad_tool_requests_are_invalid_params_and_the_sidecar_keeps_serving(sidecar, params, path) -> None:
     with pytest.raises(RpcCallError) as caught:
         sidecar.request("chat", chat(model="qwen2.5", **params))
-    assert caught.value.code == -32602
+    assert caught.value.code == INVALID_PARAMS
     assert caught.value.data["errors"][0]["path"] == path
     assert sidecar.request("chat", chat(model="qwen2.5", maxTokens=2))["finishReason"] == "length"
 
@@ -191,7 +192,7 @@ def test_bad_tool_requests_are_invalid_params_and_the_sidecar_keeps_serving(side
 def test_a_tool_message_without_content_is_rejected_by_the_schema(sidecar) -> None:
     with pytest.raises(RpcCallError) as caught:
         sidecar.request("chat", {"model": "qwen2.5", "messages": [{"role": "tool", "toolCallId": "x"}]})
-    assert caught.value.code == -32602
+    assert caught.value.code == INVALID_PARAMS
 
 
 # ---- reading the model's text (real tokenizers, no model) ----------------------------------------

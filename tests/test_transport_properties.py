@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from sidecar.errors import RpcError
 from sidecar.jsonrpc import BadCall, parse_json, peek_id, read_call
 from sidecar.transport import LineFramer, OversizedLine
+from sidecar.protocol_defs import INVALID_REQUEST, PARSE_ERROR
 
 LIMIT = 64
 lines = st.lists(st.binary(max_size=100).map(lambda b: b.replace(b"\n", b"")), max_size=12)
@@ -48,7 +49,7 @@ def test_parsing_any_bytes_either_succeeds_or_is_a_parse_error(data: bytes) -> N
     try:
         parse_json(data)
     except RpcError as error:
-        assert error.code == -32700
+        assert error.code == PARSE_ERROR
 
 
 json_values = st.recursive(
@@ -64,7 +65,7 @@ def test_classifying_any_json_value_gives_a_call_or_an_invalid_request(message: 
     try:
         call = read_call(message)
     except BadCall as error:
-        assert error.code == -32600
+        assert error.code == INVALID_REQUEST
     else:
         assert isinstance(call.method, str)
 

@@ -1,7 +1,7 @@
 /** The client against the real sidecar and the embedded demo model: calls, streams, errors, sizes. */
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { ErrorCode, LocalMLX, RpcError, type LoadProgress, type PredictionChunk } from "../src/index";
+import { ErrorCode, LocalMLX, PROTOCOL_VERSION, RpcError, type LoadProgress, type PredictionChunk } from "../src/index";
 import { messages, startClient } from "./helpers";
 
 describe("a started client", { timeout: 120_000 }, () => {
@@ -16,7 +16,7 @@ describe("a started client", { timeout: 120_000 }, () => {
   });
 
   test("initialize told us about the server", () => {
-    assert.equal(mlx.info?.protocolVersion, 1);
+    assert.equal(mlx.info?.protocolVersion, PROTOCOL_VERSION);
     assert.equal(mlx.info?.serverInfo.name, "localmlx");
     assert.ok(mlx.info!.limits.maxLineBytes > 0);
     assert.ok(mlx.pid! > 0);

@@ -6,6 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { promisify } from "node:util";
+import { ErrorCodes } from "../src/index";
 import { fixtures, modelsDir, packageRoot } from "./helpers";
 
 const run = promisify(execFile);
@@ -24,7 +25,8 @@ describe("the built package", () => {
 
   test("require() from CommonJS streams a chat", T, async () => {
     const { stdout } = await run(process.execPath, [join(fixtures, "consumer.cjs")], { cwd: packageRoot, env });
-    assert.deepEqual(JSON.parse(stdout), { ok: true, tokens: 6, code: -32010, expected: -32010 });
+    const notFound = ErrorCodes.ModelNotFound;
+    assert.deepEqual(JSON.parse(stdout), { ok: true, tokens: 6, code: notFound, expected: notFound });
   });
 
   test("import from an ES module works and shares the CommonJS classes", T, async () => {
