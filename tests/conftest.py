@@ -91,3 +91,28 @@ def chat_params(content: str = "Tell me about the sea.", **extra: object) -> dic
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+# ---- reading a transcript ----------------------------------------------------------------------
+
+
+def chunks_of(client: SidecarClient, id_) -> list[dict]:
+    return [r.message["params"] for r in client.received
+            if r.message.get("method") == "generate/chunk" and r.message["params"]["requestId"] == id_]
+
+
+def arrival(client: SidecarClient, id_, first_chunk: bool = False) -> int:
+    """Index in the transcript of a request's first chunk, or of its response."""
+    for index, received in enumerate(list(client.received)):
+        message = received.message
+        if first_chunk and message.get("method") == "generate/chunk" and message["params"]["requestId"] == id_:
+            return index
+        if not first_chunk and message.get("id") == id_ and "method" not in message:
+            return index
+    raise AssertionError(f"nothing for {id_}")
+
+
+def streamed_text(client: SidecarClient, id_) -> str:
+    chunks = chunks_of(client, id_)
+    assert [c["seq"] for c in chunks] == list(range(len(chunks))), "seq must count from 0 without gaps"
+    return "".join(c["text"] for c in chunks)

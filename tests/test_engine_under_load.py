@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.client import SidecarClient
 
-from .conftest import chat_params
+from .conftest import arrival, chat_params, chunks_of, streamed_text
 
 # Distinct prompts of mixed lengths (the batch pads them differently).
 PROMPTS = ["Hi", "Tell me about the sea and the mountains, and the old friends they were.",
@@ -22,28 +22,6 @@ PROMPTS = ["Hi", "Tell me about the sea and the mountains, and the old friends t
 def fresh(content: str, **extra: object) -> dict:
     """A greedy chat the exact response cache never answers."""
     return chat_params(content, cache=False, **extra)
-
-
-def chunks_of(client: SidecarClient, id_) -> list[dict]:
-    return [r.message["params"] for r in client.received
-            if r.message.get("method") == "generate/chunk" and r.message["params"]["requestId"] == id_]
-
-
-def arrival(client: SidecarClient, id_, first_chunk: bool = False) -> int:
-    """Index in the transcript of a request's first chunk, or of its response."""
-    for index, received in enumerate(list(client.received)):
-        message = received.message
-        if first_chunk and message.get("method") == "generate/chunk" and message["params"]["requestId"] == id_:
-            return index
-        if not first_chunk and message.get("id") == id_ and "method" not in message:
-            return index
-    raise AssertionError(f"nothing for {id_}")
-
-
-def streamed_text(client: SidecarClient, id_) -> str:
-    chunks = chunks_of(client, id_)
-    assert [c["seq"] for c in chunks] == list(range(len(chunks))), "seq must count from 0 without gaps"
-    return "".join(c["text"] for c in chunks)
 
 
 def alone(client: SidecarClient, prompts: list[str], **extra: object) -> list[str]:

@@ -18,7 +18,7 @@ import pytest
 
 from sidecar.client import RpcCallError, SidecarClient
 
-from .conftest import serving
+from .conftest import arrival, serving, streamed_text
 from .families import FAMILIES, FAMILIES_BY_NAME, QUANTIZATIONS, Family, build_all
 from sidecar.protocol_defs import INVALID_PARAMS, MODEL_LOAD_FAILED
 
@@ -126,23 +126,6 @@ def max_tokens(family: Family, quantization: str) -> int:
 def fresh_chat(model: str, content: str | list, **extra: Any) -> dict[str, Any]:
     messages = [{"role": "user", "content": content}] if isinstance(content, str) else content
     return {"model": model, "messages": messages, "temperature": 0, "cache": False, **extra}
-
-
-def streamed_text(sidecar: SidecarClient, id_: Any) -> str:
-    chunks = [r.message["params"] for r in list(sidecar.received)
-              if r.message.get("method") == "generate/chunk" and r.message["params"]["requestId"] == id_]
-    assert [c["seq"] for c in chunks] == list(range(len(chunks))), "seq must count from 0 without gaps"
-    return "".join(c["text"] for c in chunks)
-
-
-def arrival(sidecar: SidecarClient, id_: Any, first_chunk: bool = False) -> int:
-    for index, received in enumerate(list(sidecar.received)):
-        message = received.message
-        if first_chunk and message.get("method") == "generate/chunk" and message["params"]["requestId"] == id_:
-            return index
-        if not first_chunk and message.get("id") == id_ and "method" not in message:
-            return index
-    raise AssertionError(f"nothing for {id_}")
 
 
 # ---- every family, bf16 and 4-bit -------------------------------------------------------------

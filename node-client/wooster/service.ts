@@ -246,36 +246,27 @@ export class LocalMLXService {
     return this.serve(() => this.localChat(messages, options), messages, options);
   }
 
-  private async localChat(messages: Message[], options: GenerationOptions): Promise<Answer> {
-    const mlx = await this.mlx();
-    const model = options.model ?? this.activeModel;
-    const prediction = mlx.chat({
-      messages,
-      ...(model ? { model } : {}),
-      maxTokens: options.maxTokens ?? this.settings.maxTokens,
-      temperature: options.temperature ?? this.settings.temperature,
-      ...(options.stop?.length ? { stop: options.stop } : {}),
-      ...(options.signal ? { signal: options.signal } : {}),
-    });
-    return this.finish(prediction, options);
+  private localChat(messages: Message[], options: GenerationOptions): Promise<Answer> {
+    return this.localPredict({ messages }, options);
   }
 
   /** A raw-prompt completion (no chat template). */
   generate(prompt: string, options: GenerationOptions = {}): Promise<Answer> {
-    return this.serve(() => this.localGenerate(prompt, options), [{ role: "user", content: prompt }], options);
+    return this.serve(() => this.localPredict({ prompt }, options), [{ role: "user", content: prompt }], options);
   }
 
-  private async localGenerate(prompt: string, options: GenerationOptions): Promise<Answer> {
+  /** A chat (messages) or a raw completion (prompt) on the local sidecar, with the plugin's defaults. */
+  private async localPredict(input: { messages: Message[] } | { prompt: string }, options: GenerationOptions): Promise<Answer> {
     const mlx = await this.mlx();
     const model = options.model ?? this.activeModel;
-    const prediction = mlx.generate({
-      prompt,
+    const common = {
       ...(model ? { model } : {}),
       maxTokens: options.maxTokens ?? this.settings.maxTokens,
       temperature: options.temperature ?? this.settings.temperature,
       ...(options.stop?.length ? { stop: options.stop } : {}),
       ...(options.signal ? { signal: options.signal } : {}),
-    });
+    };
+    const prediction = "messages" in input ? mlx.chat({ ...input, ...common }) : mlx.generate({ ...input, ...common });
     return this.finish(prediction, options);
   }
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .tools import marks_tool_calls
+
 ANSWER, REASONING, TOOL = "normal", "reasoning", "tool"
 UNFINISHED_TOOL = "unfinished_tool"
 
@@ -22,7 +24,7 @@ def _transitions(tokenizer: Any, stop: list[str], reasoning: bool,
     if reasoning and getattr(tokenizer, "has_thinking", False):
         transitions[ANSWER].append((tokenizer.think_start, REASONING))
         transitions[REASONING] = [(tokenizer.think_end, ANSWER)]
-    if tool_calls and getattr(tokenizer, "has_tool_calling", False):
+    if tool_calls and marks_tool_calls(tokenizer):
         transitions[ANSWER].append((tokenizer.tool_call_start, TOOL))
         if REASONING in transitions:
             transitions[REASONING].append((tokenizer.tool_call_start, TOOL))

@@ -17,7 +17,8 @@ from .constraints import compile_response_format, compile_tool_call
 from .jobs import CancelReason, Job
 from .reasoning import ThinkingBudget
 from .sampling import SamplingParams, check_logit_bias, make_logits_processors, make_sampler
-from .tools import ToolCallReader, check_tool_schemas, offered_tools, template_message
+from .tools import (ToolCallReader, check_tool_schemas, forces_a_call, marks_tool_calls, offered_tools,
+                    template_message)
 
 
 @dataclass
@@ -51,14 +52,15 @@ def clean_text(text: str) -> str:
     return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
-def prompt_tokens(tokenizer: Any, request: GenerationRequest) -> list[int]:
+def prompt_tokens(tokenizer: Any, request: GenerationRequest, tools: list[dict[str, Any]]) -> list[int]:
+    """The request as token ids: messages through the chat template (with `tools`, those
+    offered), or the raw prompt."""
     if request.messages is not None:
         messages = [template_message(m, clean_text) for m in request.messages]
         if getattr(tokenizer, "chat_template", None) is None:
             raise InvalidParams("This model has no chat template: use generate with a raw prompt",
                                 errors=[{"path": "/messages", "message": "model has no chat template"}])
         options: dict[str, Any] = {}
-        tools = offered_tools(request.tools, request.tool_choice)
         if tools:
             options["tools"] = tools
         if request.thinking is not None:
@@ -85,11 +87,11 @@ class PreparedGeneration:
     max_tokens: int  # clipped to the context
     tools: list[dict[str, Any]] = field(default_factory=list)  # offered to the model
     reasoning_first: bool = False  # the template opened a think block
+    constraint: Any = None  # constraints.Constraint: the token mask of a structured output or forced call
 
     @property
     def reads_tool_calls(self) -> bool:
         return bool(self.tools)
-    constraint: Any = None  # constraints.Constraint: the token mask of a structured output or forced call
 
 
 def prepare(loaded: Any, request: GenerationRequest) -> PreparedGeneration:
@@ -97,7 +99,7 @@ def prepare(loaded: Any, request: GenerationRequest) -> PreparedGeneration:
     if request.tools:
         check_tool_schemas(request.tools)
     tools = offered_tools(request.tools, request.tool_choice) if request.messages is not None else []
-    prompt = prompt_tokens(loaded.tokenizer, request)
+    prompt = prompt_tokens(loaded.tokenizer, request, tools)
     if not prompt:
         raise InvalidParams("Prompt is empty after tokenization",
                             errors=[{"path": "/prompt", "message": "no tokens"}])
@@ -132,10 +134,10 @@ def _tool_call_constraint(loaded: Any, request: GenerationRequest, tools: list[d
     """toolChoice "required" or a named tool: the output is made to be one call in the
     model's own format (after the reasoning block, for a model that reasons)."""
     choice = request.tool_choice
-    if not tools or choice in (None, "auto", "none"):
+    if not tools or not forces_a_call(choice):
         return None
     tokenizer = loaded.tokenizer
-    framed = getattr(tokenizer, "has_tool_calling", False) and tokenizer.tool_parser is not None
+    framed = marks_tool_calls(tokenizer)
     parser = tokenizer.tool_parser.__module__.rsplit(".", 1)[-1] if framed else None
     return compile_tool_call(
         tokenizer, loaded.vocab_size, tools, "required" if choice == "required" else choice["function"]["name"],
@@ -247,7 +249,7 @@ class Generation:
         self._channels = OutputChannels(tokenizer, self.request.stop, reasoning=self.request.method == "chat",
                                         tool_calls=self.prepared.reads_tool_calls,
                                         initial=self._first_channel(tokenizer))
-        self._tool_calls = (ToolCallReader(tokenizer.tool_parser if self._marks_tool_calls(tokenizer) else None,
+        self._tool_calls = (ToolCallReader(tokenizer.tool_parser if marks_tool_calls(tokenizer) else None,
                                            self.prepared.tools) if self.prepared.reads_tool_calls else None)
         if self.prepared.constraint is not None:  # after the others: it sees the logits they made
             self.logits_processors.append(self.prepared.constraint.processor(len(self.prompt)))
@@ -262,17 +264,13 @@ class Generation:
     def _counts_reasoning(self) -> bool:
         return self.request.method == "chat" and getattr(self.loaded.tokenizer, "has_thinking", False)
 
-    def _marks_tool_calls(self, tokenizer: Any) -> bool:
-        return bool(getattr(tokenizer, "has_tool_calling", False) and tokenizer.tool_parser is not None)
-
     def _first_channel(self, tokenizer: Any) -> str:
         """Where the first text goes: reasoning when the template opened a think block; the
         tool call itself when a call is forced on a model without tool-call markers (its
         whole output is the call, as one JSON object)."""
         if self.prepared.reasoning_first:
             return REASONING
-        forced = self.request.tool_choice not in (None, "auto", "none")
-        if self.prepared.reads_tool_calls and forced and not self._marks_tool_calls(tokenizer):
+        if self.prepared.reads_tool_calls and forces_a_call(self.request.tool_choice) and not marks_tool_calls(tokenizer):
             return TOOL
         return ANSWER
 

@@ -39,11 +39,21 @@ def _template_call(call: dict[str, Any]) -> dict[str, Any]:
     return {"id": call["id"], "type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
 
+def marks_tool_calls(tokenizer: Any) -> bool:
+    """mlx-lm knows this model's tool-call markers and has a parser for what is between them."""
+    return bool(getattr(tokenizer, "has_tool_calling", False) and tokenizer.tool_parser is not None)
+
+
+def forces_a_call(choice: Any) -> bool:
+    """toolChoice "required" or a named tool (not absent, "auto" or "none")."""
+    return choice not in (None, "auto", "none")
+
+
 def offered_tools(tools: list[dict[str, Any]] | None, choice: Any) -> list[dict[str, Any]]:
     """The tools the template is given: none for toolChoice "none"; only the named one for a
     named choice. An unknown name, or a choice without tools, is -32602."""
     tools = tools or []
-    if choice is None or choice in ("auto", "none"):
+    if not forces_a_call(choice):
         return [] if choice == "none" else tools
     if not tools:
         raise InvalidParams("toolChoice needs tools", errors=[{"path": "/toolChoice", "message": "no tools given"}])

@@ -389,15 +389,21 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     return { requested, model, stream, usage: stream && includeUsage(body), value };
   }
 
+  /** The whole result of an unstreamed generation, noted in the request's log record. */
+  private async gathered(context: RequestContext, { prediction, iterator, first }: Started) {
+    const result = await gather(prediction, iterator, first);
+    context.info.finishReason = result.finishReason;
+    context.info.model = result.model;
+    return result;
+  }
+
   private async chat(context: RequestContext, body: JsonObject): Promise<void> {
     const { requested, model, stream, usage, value } =
       await this.startGeneration(context, body, chatParamsOf(body), "/chat/completions", startChat);
     if (value instanceof Response) return this.relay(context, value);
     const { prediction, iterator, first } = value;
     if (!stream) {
-      const result = await gather(prediction, iterator, first);
-      context.info.finishReason = result.finishReason;
-      context.info.model = result.model;
+      const result = await this.gathered(context, value);
       this.sendJson(context, 200, chatCompletionOf(result, responseMeta("chatcmpl", requested ?? result.model)), "local");
       return;
     }
@@ -421,9 +427,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     if (value instanceof Response) return this.relay(context, value);
     const { prediction, iterator, first } = value;
     if (!stream) {
-      const result = await gather(prediction, iterator, first);
-      context.info.finishReason = result.finishReason;
-      context.info.model = result.model;
+      const result = await this.gathered(context, value);
       const text = (echo ? params.prompt : "") + result.text;
       this.sendJson(context, 200, completionOf(text, result, responseMeta("cmpl", requested ?? result.model)), "local");
       return;
