@@ -42,7 +42,7 @@ DEMO_MODEL_DIRNAME = "localmlx-demo"
 
 # Bump whenever the output of the build changes; older builds then count as
 # incomplete and are rebuilt by ensure_demo_model().
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: 32768 positions (was 2048), room for an agent's prompt
 MARKER_FILE = "localmlx_demo.json"
 
 CORPUS_PATH = Path(__file__).with_name("demo_corpus.txt")
@@ -63,7 +63,9 @@ class ModelShape:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 512
-    max_positions: int = 2048
+    # RoPE has no position table: a long context costs no weights, only the KV cache a long
+    # prompt actually fills. 32768 fits an agent's prompt (Wooster's code agent sends ~7,000 tokens).
+    max_positions: int = 32768
 
     @property
     def head_dim(self) -> int:

@@ -266,7 +266,7 @@ def test_tab_completes_commands_and_model_names(terminal):
     term.child.send("/mod\t")
     term.expect(r"/models")
     term.child.send("\r")
-    term.expect(r"demo\s+embedded\s+[\d.]+ MiB\s+llama\s+2048\s+yes")
+    term.expect(r"demo\s+embedded\s+[\d.]+ MiB\s+llama\s+32768\s+yes")
     term.expect(PROMPT)
     term.child.send("/load de\t")
     term.expect(r"/load demo")  # completion is asynchronous: see it before pressing Enter
@@ -415,7 +415,7 @@ def test_script_mode_prints_plain_output(env):
                         "/call ping", "/quit"], "--model", "demo")
     assert done.returncode == 0, done.stderr
     assert "\x1b" not in done.stdout + done.stderr  # no colour, no cursor movement
-    assert re.search(r"^demo\s+embedded\s+[\d.]+ MiB\s+llama\s+2048\s+yes", done.stdout, re.M)
+    assert re.search(r"^demo\s+embedded\s+[\d.]+ MiB\s+llama\s+32768\s+yes", done.stdout, re.M)
     raw_reply, call_result = done.stdout[done.stdout.index('{\n  "jsonrpc"'):].rsplit("\n{}", 1)
     reply = json.loads(raw_reply)
     assert reply["id"] == 9 and reply["result"]["tokens"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.client import RpcCallError, SidecarClient
-from sidecar.demo_model import DEMO_MODEL_DIRNAME
+from sidecar.demo_model import DEMO_MODEL_DIRNAME, DEMO_SHAPE
 
 from .conftest import chat_params
 from sidecar.protocol_defs import FORBIDDEN, INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, OUT_OF_MEMORY
@@ -172,7 +172,7 @@ def test_models_list_describes_every_local_model(sidecars, models) -> None:
     listed = {m["model"]: m for m in client.request("models/list")["models"]}
     assert set(listed) >= {"demo", "a", "b", "c"}
     b = listed["b"]
-    assert b["type"] == "llama" and b["quantization"] is None and b["contextLength"] == 2048
+    assert b["type"] == "llama" and b["quantization"] is None and b["contextLength"] == DEMO_SHAPE.max_positions
     assert b["loaded"] is True and b["lastUsed"].endswith("+00:00") and b["bytes"] > DEMO_BYTES
     assert listed["a"]["loaded"] is False and listed["a"]["lastUsed"] is None
     assert client.close() == 0
