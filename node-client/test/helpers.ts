@@ -98,3 +98,17 @@ export function buildThinkingModel(): string {
   }
   return name;
 }
+
+/**
+ * The demo model's recipe with a 2048-position context (the demo itself has 32768), built into the
+ * run's models dir: for tests that need a prompt past the context without prefilling 32k tokens.
+ */
+export function buildShortContextDemo(): string {
+  const name = "demo-context-2048";
+  const code =
+    "import sys, dataclasses; from pathlib import Path; from sidecar.demo_model import DEMO_SHAPE, build_demo_model; " +
+    "build_demo_model(Path(sys.argv[1]), dataclasses.replace(DEMO_SHAPE, max_positions=2048))";
+  const built = spawnSync(python, ["-c", code, join(modelsDir, name)], { cwd: repositoryRoot, encoding: "utf8" });
+  if (built.status !== 0) throw new Error(`could not build ${name}: ${built.stderr}`);
+  return name;
+}

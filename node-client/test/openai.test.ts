@@ -275,7 +275,7 @@ describe("the OpenAI endpoint with the openai SDK", { timeout: 120_000 }, () => 
       (error: unknown) => error instanceof OpenAI.BadRequestError && error.param?.startsWith("logit_bias") === true,
     );
     await assert.rejects(
-      openai.chat.completions.create({ model: "demo", messages: [{ role: "user", content: "sea mountain river ".repeat(3000) }], max_tokens: 2 }),
+      openai.chat.completions.create({ model: "demo", messages: [{ role: "user", content: "sea mountain river ".repeat(7000) /* ~35,000 tokens: past the demo's 32768 */ }], max_tokens: 2 }),
       (error: unknown) => error instanceof OpenAI.BadRequestError && error.code === "context_length_exceeded",
     );
   });

@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { promisify } from "node:util";
 import { readSettings } from "../wooster/config";
-import { fixtures, modelsDir, packageRoot, processGone, python, waitFor } from "./helpers";
+import { buildShortContextDemo, fixtures, modelsDir, packageRoot, processGone, python, waitFor } from "./helpers";
 
 const execFileAsync = promisify(execFile);
 const installer = join(packageRoot, "bin", "localmlx-client.cjs");
@@ -162,7 +162,8 @@ describe("the Wooster plugin", () => {
   });
 
   test("loads as Wooster loads it; starts nothing before first use; all ten tools work on the real sidecar; no sidecar after exit", T, async () => {
-    const report = await host("tools");
+    // local_summarize splits what does not fit the context: a 2048-position demo makes that cheap.
+    const report = await host("tools", { TEST_SHORT_CONTEXT_MODEL: buildShortContextDemo() });
     assert.deepEqual(report.plugins, ["localMLX"]);
     assert.deepEqual(report.tools, TEN);
     assert.deepEqual(report.toolClasses, ["DynamicTool"]);
@@ -178,17 +179,18 @@ describe("the Wooster plugin", () => {
       assert.doesNotMatch(text, /^(THREW|NOT A STRING|NO TOOL)/, `${name}: ${text}`);
       assert.ok(text.trim().length > 0, `${name} answered nothing`);
     }
-    assert.match(out.list_local_models!, /^Local models \(\d+\):\n[^]*- demo \(embedded, [^)]*context 2048\) \[[^\]]*active/m);
+    assert.match(out.list_local_models!, /^Local models \(\d+\):\n[^]*- demo \(embedded, [^)]*context 32768\) \[[^\]]*active/m);
     for (const name of ["local_chat", "local_chat_json", "local_generate", "local_code_assist"]) {
       assert.doesNotMatch(out[name]!, /could not complete|served by/, `${name}: ${out[name]}`);
     }
+    assert.match(out.switch_model_short!, /^Active model is now demo-context-2048 \(was demo\): llama, [^]*context 2048,/);
     assert.match(out.local_summarize!, /\(summarized in [2-9] parts\)$/);
     assert.match(out.download_model!, /^download_model could not complete: Model not found locally: mlx-community\/not-downloaded-model-4bit \(HF_HUB_OFFLINE/);
     assert.match(out.download_model_bad!, /needs a Hugging Face repo id/);
-    assert.match(out.switch_model!, /^Active model is now demo: llama, 2\.6M parameters, not quantized, context 2048/);
+    assert.match(out.switch_model!, /^Active model is now demo \(was demo-context-2048\): llama, 2\.6M parameters, not quantized, context 32768/);
     assert.match(out.switch_model_missing!, /^switch_model could not complete: Model not found/);
     assert.match(out.model_status!, new RegExp(`running \\(pid ${report.pid}\\)`));
-    assert.match(out.model_status!, /- demo: llama, not quantized, context 2048, [\d.]+ MB, stays loaded; last speed [\d.]+ tokens\/s generating/);
+    assert.match(out.model_status!, /- demo: llama, not quantized, context 32768, [\d.]+ MB, stays loaded; last speed [\d.]+ tokens\/s generating/);
     assert.match(out.model_status!, /Memory: [\d.]+ [KMG]?B active/);
     assert.match(out.intelligent_route!, /\[served by local model demo: routine work/);
 
