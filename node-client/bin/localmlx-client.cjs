@@ -32,6 +32,8 @@ Options:
   -h, --help               this text`;
 
 const USAGE = `Usage: localmlx-client setup [options]                   (see setup --help)
+       localmlx-client serve [--config <file>]                 (see serve --help)
+       localmlx-client install-service | uninstall-service     (see install-service --help)
        localmlx-client wooster-install <wooster-dir> [options]
 
 Copies the localMLX plugin into <wooster-dir>/${PLUGIN_DIR}/, adds ${DEPENDENCY} to
@@ -271,8 +273,26 @@ function setup(argv, out = console.log) {
   return { venv, python, spec };
 }
 
+// `serve`, `install-service`, `uninstall-service`: the endpoint as a service (src/service/, built into dist/).
+const SERVICE_COMMANDS = new Set(["serve", "install-service", "uninstall-service"]);
+
+function runService(command, rest) {
+  let dist;
+  try {
+    dist = require(path.join(packageRoot, "dist", "index.js"));
+  } catch {
+    console.error("localmlx-client: this package is not built (no dist/): run `npm run build` in it first");
+    process.exitCode = 2;
+    return;
+  }
+  dist.runServiceCommand(command, rest, { bin: fs.realpathSync(__filename) }).then((code) => {
+    process.exitCode = code;
+  });
+}
+
 function main(argv) {
   const [command, ...rest] = argv;
+  if (SERVICE_COMMANDS.has(command)) return runService(command, rest);
   try {
     if (command === "setup") {
       if (rest.slice(0, rest.includes("--") ? rest.indexOf("--") : rest.length).some((arg) => arg === "-h" || arg === "--help")) {

@@ -147,7 +147,8 @@ const DEFAULTS = {
   closeTimeouts: { gracefulMs: 5_000, terminateMs: 3_000, killMs: 3_000 } satisfies StopTimeouts,
 };
 
-function packageVersion(): string {
+/** This package's version (from its package.json). */
+export function packageVersion(): string {
   try {
     return (JSON.parse(readFileSync(join(packageRoot, "package.json"), "utf8")) as { version: string }).version;
   } catch {

@@ -48,3 +48,4 @@ export {
 } from "./process";
 export * from "./protocol";
 export * from "./openai";
+export * from "./service";

@@ -12,6 +12,8 @@ export interface RemoteChatOptions {
   temperature?: number;
   stop?: string[];
   signal?: AbortSignal;
+  /** Why this request leaves the machine, for the warning every remote request gets (default: the fallback's reason). */
+  reason?: string;
 }
 
 export interface RemoteModel {
@@ -50,7 +52,7 @@ export function createRemote(enabled: boolean, config: AppConfig | undefined, en
         ...(chatOptions.stop?.length ? { stop: chatOptions.stop } : {}),
         stream: false,
       };
-      const response = await fallback.request("POST", "/chat/completions", body, chatOptions.signal);
+      const response = await fallback.request("POST", "/chat/completions", body, chatOptions.signal, chatOptions.reason);
       const text = await response.text();
       if (!response.ok) {
         let message = text.slice(0, 300);

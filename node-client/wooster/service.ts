@@ -143,6 +143,8 @@ export class LocalMLXService {
     readonly remote?: RemoteModel,
   ) {
     this.activeModel = settings.defaultModel;
+    // Every request that leaves the machine is a warning in Wooster's log, with its reason.
+    if (remote) remote.fallback.logger = { warn: (m) => this.log(LogLevel.WARN, m) };
     liveServices.add(this);
     installExitHooks();
   }
@@ -514,6 +516,7 @@ export class LocalMLXService {
         const answer = await this.remote.chat(messages, {
           maxTokens: options.maxTokens ?? this.settings.maxTokens,
           temperature: options.temperature ?? this.settings.temperature,
+          reason: `intelligent_route chose remote: ${decision.reason}`,
         });
         return { ...answer, servedBy: "remote", note: decision.reason };
       } catch (error) {
@@ -526,8 +529,9 @@ export class LocalMLXService {
       return { ...(await this.localChat(messages, options)), note: decision.reason };
     } catch (error) {
       if (!this.remote || !isFallbackWorthy(unwrap(error))) throw error;
-      const answer = await this.remote.chat(messages, { maxTokens: options.maxTokens ?? this.settings.maxTokens, temperature: options.temperature ?? this.settings.temperature });
-      return { ...answer, servedBy: "remote", note: `${decision.reason}, but local could not serve: ${describeError(error)}` };
+      const note = `${decision.reason}, but local could not serve: ${describeError(error)}`;
+      const answer = await this.remote.chat(messages, { maxTokens: options.maxTokens ?? this.settings.maxTokens, temperature: options.temperature ?? this.settings.temperature, reason: `intelligent_route: ${note}` });
+      return { ...answer, servedBy: "remote", note };
     }
   }
 

@@ -8,10 +8,15 @@
  * Small and reusable: the OpenAI endpoint uses it for every route, and `chatWithFallback()` /
  * `embedWithFallback()` give the same behaviour to code that calls models directly (the Wooster
  * plugin's tools).
+ *
+ * Never silent: every request that leaves the machine goes through `Fallback.request()`, which
+ * logs it at warning level with its reason. `LOCALMLX_FALLBACK_TO_OPENAI=false` is a guarantee:
+ * no fallback is made from options then, and `request()` refuses to send anything.
  */
+import { AsyncLocalStorage } from "node:async_hooks";
 import { ErrorCode, RpcError } from "../errors";
-import { isFallbackWorthy, isSidecarDown, OpenAIHttpError } from "./errors";
-import type { LocalMLX } from "../client";
+import { isFallbackWorthy, isSidecarDown, OpenAIHttpError, toOpenAIError } from "./errors";
+import type { LocalMLX, Logger } from "../client";
 import { LocalBackend, embedLocal, gather, resolveModel, startChat, type ModelRouting } from "./local";
 import {
   chatCompletionOf,
@@ -49,9 +54,22 @@ export interface FallbackOptions {
   headers?: Record<string, string>;
   /** The fetch to use. Default: node's global `fetch`. */
   fetch?: typeof fetch;
+  /** Where the warning about each request sent to the remote goes (`warn`). Default: stderr. */
+  logger?: Logger;
 }
 
 const TRUE = new Set(["1", "true", "yes", "on"]);
+const FALSE = new Set(["0", "false", "no", "off"]);
+
+/** True when `LOCALMLX_FALLBACK_TO_OPENAI` says no (`false`, `0`, `no`, `off`): nothing may go remote. */
+export function remoteForbidden(env: NodeJS.ProcessEnv = process.env): boolean {
+  return FALSE.has((env.LOCALMLX_FALLBACK_TO_OPENAI ?? "").trim().toLowerCase());
+}
+
+/** Why the request in progress goes remote: set by `runWithFallback`, read by `Fallback.request`. */
+const remoteReason = new AsyncLocalStorage<string>();
+
+const stderrLogger: Logger = { warn: (message) => void process.stderr.write(`${message}\n`) };
 
 /**
  * Fallback settings from the environment: enabled by `LOCALMLX_FALLBACK_TO_OPENAI=true`, with
@@ -67,6 +85,15 @@ export function fallbackOptionsFromEnv(env: NodeJS.ProcessEnv = process.env): Fa
   const cooldown = Number(env.LOCALMLX_FALLBACK_COOLDOWN_MS);
   if (env.LOCALMLX_FALLBACK_COOLDOWN_MS && Number.isFinite(cooldown) && cooldown >= 0) options.cooldownMs = cooldown;
   return options;
+}
+
+/** `LOCALMLX_FALLBACK_TO_OPENAI=false`, yet something asked to send a request remote: refused (503). */
+export class RemoteForbiddenError extends OpenAIHttpError {
+  override name = "RemoteForbiddenError";
+
+  constructor(baseURL: string, path: string) {
+    super(503, `Not sent to ${baseURL}${path}: LOCALMLX_FALLBACK_TO_OPENAI=false keeps every request on this machine`, "server_error", null, "fallback_forbidden");
+  }
 }
 
 /** The remote could not be reached (network, DNS, refused): the request fails with 502. */
@@ -86,12 +113,15 @@ export class Fallback {
   readonly baseURL: string;
   readonly cooldownMs: number;
   readonly busyDeadlineMs: number;
+  /** Gets one warning per request sent to the remote (its method, URL, model and reason). */
+  logger: Logger;
   private downUntil = 0;
 
   constructor(readonly options: FallbackOptions = {}) {
     this.baseURL = (options.baseURL ?? process.env.OPENAI_BASE_URL ?? "https://api.openai.com/v1").replace(/\/+$/, "");
     this.cooldownMs = options.cooldownMs ?? 30_000;
     this.busyDeadlineMs = options.busyDeadlineMs ?? 10_000;
+    this.logger = options.logger ?? stderrLogger;
   }
 
   /** True while the sidecar is cooling down after failing as a whole: requests go straight to the remote. */
@@ -126,8 +156,16 @@ export class Fallback {
     return model || requested;
   }
 
-  /** A request to the remote (`path` under the base URL, e.g. `/chat/completions`). Rejects only when it is unreachable. */
-  async request(method: "GET" | "POST", path: string, body?: JsonObject, signal?: AbortSignal): Promise<Response> {
+  /**
+   * A request to the remote (`path` under the base URL, e.g. `/chat/completions`), logged at
+   * warning level with `reason` (default: the one `runWithFallback` gave). Rejects when it is
+   * unreachable, and with `RemoteForbiddenError` under `LOCALMLX_FALLBACK_TO_OPENAI=false`.
+   */
+  async request(method: "GET" | "POST", path: string, body?: JsonObject, signal?: AbortSignal, reason?: string): Promise<Response> {
+    if (remoteForbidden()) throw new RemoteForbiddenError(this.baseURL, path);
+    const why = reason ?? remoteReason.getStore() ?? "no reason given";
+    const model = typeof body?.model === "string" ? ` (model ${body.model})` : "";
+    this.logger.warn?.(`localmlx fallback: sending ${method} ${this.baseURL}${path}${model} off this machine: ${why}`);
     const headers: Record<string, string> = { accept: "application/json, text/event-stream", ...this.options.headers };
     const apiKey = this.options.apiKey ?? process.env.OPENAI_API_KEY;
     if (apiKey) headers.authorization = `Bearer ${apiKey}`;
@@ -168,7 +206,7 @@ function defaultFallback(): Fallback | undefined {
 export type FallbackSetting = Fallback | FallbackOptions | false | undefined;
 
 export function fallbackOf(setting: FallbackSetting): Fallback | undefined {
-  if (setting === false) return undefined;
+  if (setting === false || remoteForbidden()) return undefined;
   if (setting === undefined) return defaultFallback();
   return setting instanceof Fallback ? setting : new Fallback(setting);
 }
@@ -213,7 +251,8 @@ export async function runWithFallback<T>(options: {
   signal?: AbortSignal;
 }): Promise<{ servedBy: ServedBy; value: T; localError?: unknown }> {
   const { fallback, backend } = options;
-  if (fallback?.coolingDown) return { servedBy: "remote", value: await options.remote() };
+  const remote = (reason: string): Promise<T> => remoteReason.run(reason, options.remote);
+  if (fallback?.coolingDown) return { servedBy: "remote", value: await remote("the local sidecar failed and is cooling down") };
   const deadline = Date.now() + (fallback?.busyDeadlineMs ?? 0);
   let wait = 100;
   for (;;) {
@@ -232,9 +271,16 @@ export async function runWithFallback<T>(options: {
       }
       if (!fallback.canServe(error)) throw error;
       fallback.noteLocalFailure(error);
-      return { servedBy: "remote", value: await options.remote(), localError: error };
+      return { servedBy: "remote", value: await remote(localFailureReason(error)), localError: error };
     }
   }
+}
+
+/** Why local did not serve, in one line: `local could not serve (model_not_found): Model not found…`. */
+export function localFailureReason(error: unknown): string {
+  const failure = toOpenAIError(error);
+  const message = (error instanceof Error ? error.message : String(error)).split("\n")[0];
+  return `local could not serve (${failure.code ?? failure.status}): ${message}`;
 }
 
 /** A remote answer that is not 2xx, as the error the client gets (its status and message kept). */

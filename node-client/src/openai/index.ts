@@ -10,11 +10,14 @@ export {
 } from "./server";
 export {
   Fallback,
+  RemoteForbiddenError,
   RemoteUnreachableError,
   chatWithFallback,
   embedWithFallback,
   fallbackOf,
   fallbackOptionsFromEnv,
+  localFailureReason,
+  remoteForbidden,
   runWithFallback,
   type ChatWithFallbackResult,
   type EmbedWithFallbackResult,

@@ -49,6 +49,21 @@ export class LocalBackend {
     return this.client;
   }
 
+  /**
+   * Where the sidecar stands, for a health check: `running` (its pid), `starting`, `stopped` (it
+   * exited; the next request starts it again), `down` (it failed as a whole: `error` says why; the
+   * next request tries again), `idle` (not started yet), or `closed`.
+   */
+  get status(): { state: "running" | "starting" | "stopped" | "down" | "idle" | "closed"; pid?: number; error?: string } {
+    const error = this.lastFailure === undefined ? undefined : String((this.lastFailure as Error)?.message ?? this.lastFailure).split("\n")[0]!;
+    if (this.closed) return { state: "closed" };
+    if (this.starting) return { state: "starting" };
+    if (error !== undefined) return { state: "down", error };
+    const pid = this.client?.pid;
+    if (pid !== undefined) return { state: "running", pid };
+    return { state: this.client ? "stopped" : "idle" };
+  }
+
   /** Tell the backend a call failed; a failure of the whole sidecar makes the next acquire bring it back. */
   noteFailure(error: unknown): void {
     if (isSidecarDown(error)) this.lastFailure = error;

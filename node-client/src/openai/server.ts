@@ -63,6 +63,13 @@ export interface OpenAIServerOptions extends ModelRouting {
   fallback?: FallbackSetting;
   /** One line per request (method, path, status, model, who served it, duration); never prompt text. */
   logger?: Logger;
+  /**
+   * More of `GET /health` for the listener on `port` (a service adds its tiers and its sidecar's
+   * state). A `status` other than `"ok"` answers 503.
+   */
+  health?: (port: number) => Record<string, unknown>;
+  /** `false`: listen even when the sidecar cannot start (requests get 503 and try it again). Default true: `start()` rejects. */
+  requireSidecar?: boolean;
 }
 
 /** What the `request` event reports for each request (never any prompt or output text). */
@@ -125,9 +132,14 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
   readonly local: LocalBackend;
   /** The remote fallback, when one is set. */
   readonly fallback: Fallback | undefined;
-  private readonly listeners: Listener[];
+  private listeners: Listener[];
+  /** Listeners `setListeners()` took away, still finishing their requests (until the promise resolves). */
+  private readonly retired = new Map<Listener, Promise<void>>();
   private readonly options: OpenAIServerOptions;
+  private readonly base: ModelRouting;
   private closing: Promise<void> | undefined;
+  /** While closing: ends the wait for requests in flight. */
+  private endDrain: (() => void) | undefined;
   private readonly open = new Set<ServerResponse>();
 
   /**
@@ -141,9 +153,13 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
         await server.local.acquire();
       } catch (error) {
         server.local.noteFailure(error);
-        if (!server.fallback) throw error;
-        server.fallback.noteLocalFailure(error);
-        options.logger?.warn?.(`localmlx openai: the sidecar did not start, serving through the fallback: ${(error as Error).message.split("\n")[0]}`);
+        if (!server.fallback) {
+          if (options.requireSidecar !== false) throw error;
+          options.logger?.error?.(`localmlx openai: the sidecar did not start; requests will try it again: ${(error as Error).message.split("\n")[0]}`);
+        } else {
+          server.fallback.noteLocalFailure(error);
+          options.logger?.warn?.(`localmlx openai: the sidecar did not start, serving through the fallback: ${(error as Error).message.split("\n")[0]}`);
+        }
       }
       await server.listen();
     } catch (error) {
@@ -158,36 +174,99 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     this.options = options;
     this.local = new LocalBackend(options.client ?? options.localmlx ?? {});
     this.fallback = fallbackOf(options.fallback);
-    const base: ModelRouting = { aliases: options.aliases ?? {}, ...(options.defaultModel !== undefined ? { defaultModel: options.defaultModel } : {}) };
-    const specs = options.listen ?? [options.port ?? DEFAULT_PORT];
-    this.listeners = specs.map((spec) => {
-      const listen: OpenAIListen = typeof spec === "number" ? { port: spec } : spec;
-      const routing: ModelRouting = {
-        aliases: { ...base.aliases, ...listen.aliases },
-        ...((listen.defaultModel ?? base.defaultModel) !== undefined ? { defaultModel: listen.defaultModel ?? base.defaultModel } : {}),
-      };
-      const listener: Listener = { server: createServer(), spec: listen, routing };
-      listener.server.on("request", (req, res) => void this.handle(req, res, listener));
-      listener.server.on("clientError", (_error, socket) => socket.destroy());
-      return listener;
-    });
+    this.base = { aliases: options.aliases ?? {}, ...(options.defaultModel !== undefined ? { defaultModel: options.defaultModel } : {}) };
+    this.listeners = (options.listen ?? [options.port ?? DEFAULT_PORT]).map((spec) => this.createListener(spec));
+  }
+
+  private routingOf(listen: OpenAIListen): ModelRouting {
+    const base = this.base;
+    return {
+      aliases: { ...base.aliases, ...listen.aliases },
+      ...((listen.defaultModel ?? base.defaultModel) !== undefined ? { defaultModel: listen.defaultModel ?? base.defaultModel } : {}),
+    };
+  }
+
+  private createListener(spec: number | OpenAIListen): Listener {
+    const listen: OpenAIListen = typeof spec === "number" ? { port: spec } : spec;
+    const listener: Listener = { server: createServer(), spec: listen, routing: this.routingOf(listen) };
+    listener.server.on("request", (req, res) => void this.handle(req, res, listener));
+    listener.server.on("clientError", (_error, socket) => socket.destroy());
+    // Once it stops listening, a connection whose last request ended is closed (not kept alive), so a drain ends.
+    listener.server.on("request", (_req, res) =>
+      res.once("close", () => {
+        if (!listener.server.listening) setImmediate(() => listener.server.closeIdleConnections());
+      }),
+    );
+    return listener;
+  }
+
+  private hostOf(spec: OpenAIListen): string {
+    return spec.host ?? this.options.host ?? DEFAULT_HOST;
   }
 
   private async listen(): Promise<void> {
-    for (const listener of this.listeners) {
-      const spec = listener.spec;
-      const host = spec.host ?? this.options.host ?? DEFAULT_HOST;
-      await new Promise<void>((resolve, reject) => {
-        listener.server.once("error", reject);
-        listener.server.listen(spec.port, host, () => {
-          listener.server.off("error", reject);
-          resolve();
-        });
+    for (const listener of this.listeners) await this.bind(listener);
+  }
+
+  private async bind(listener: Listener): Promise<void> {
+    const spec = listener.spec;
+    await new Promise<void>((resolve, reject) => {
+      listener.server.once("error", reject);
+      listener.server.listen(spec.port, this.hostOf(spec), () => {
+        listener.server.off("error", reject);
+        resolve();
       });
-      const address = listener.server.address() as AddressInfo;
-      const urlHost = address.family === "IPv6" ? `[${address.address}]` : address.address;
-      listener.address = { host: address.address, port: address.port, url: `http://${urlHost}:${address.port}/v1` };
+    });
+    const address = listener.server.address() as AddressInfo;
+    const urlHost = address.family === "IPv6" ? `[${address.address}]` : address.address;
+    listener.address = { host: address.address, port: address.port, url: `http://${urlHost}:${address.port}/v1` };
+  }
+
+  /**
+   * Changes what it listens on, as a reload does: a listener whose host and port stay gets the new
+   * routing at once (requests already running keep theirs); one no longer named stops listening
+   * and finishes its requests in the background; a new one listens. Rejects with the ports that
+   * could not be bound (the others are in place).
+   */
+  async setListeners(listen: Array<number | OpenAIListen>): Promise<void> {
+    const keyOf = (spec: OpenAIListen): string | undefined => (spec.port === 0 ? undefined : `${this.hostOf(spec)}:${spec.port}`);
+    const current = new Map(this.listeners.map((listener) => [keyOf(listener.spec), listener] as const));
+    const next: Listener[] = [];
+    const fresh: Listener[] = [];
+    for (const spec of listen.map((s) => (typeof s === "number" ? { port: s } : s))) {
+      const kept = keyOf(spec) === undefined ? undefined : current.get(keyOf(spec));
+      if (kept && !next.includes(kept)) {
+        kept.spec = spec;
+        kept.routing = this.routingOf(spec);
+        next.push(kept);
+      } else {
+        const listener = this.createListener(spec);
+        next.push(listener);
+        fresh.push(listener);
+      }
     }
+    for (const listener of this.listeners) {
+      if (next.includes(listener)) continue;
+      this.retired.set(listener, this.drain(listener).then(() => void this.retired.delete(listener)));
+    }
+    this.listeners = next;
+    const failed: string[] = [];
+    for (const listener of fresh) {
+      await this.bind(listener).catch((error: Error) => {
+        failed.push(`${this.hostOf(listener.spec)}:${listener.spec.port} (${error.message})`);
+        this.listeners = this.listeners.filter((l) => l !== listener);
+      });
+    }
+    if (failed.length) throw new Error(`could not listen on ${failed.join(", ")}`);
+  }
+
+  /** Stops accepting on one listener; resolves once its open connections have ended. */
+  private drain(listener: Listener): Promise<void> {
+    return new Promise<void>((resolve) => {
+      if (!listener.server.listening) return resolve();
+      listener.server.close(() => resolve());
+      listener.server.closeIdleConnections();
+    });
   }
 
   /** Every listener's address, in the order given. */
@@ -200,21 +279,27 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     return this.addresses[0]?.url ?? "";
   }
 
-  /** Stops listening, ends open responses, and closes the client if this server started it. */
-  close(): Promise<void> {
-    this.closing ??= (async () => {
-      await Promise.all(
-        this.listeners.map(
-          (listener) =>
-            new Promise<void>((resolve) => {
-              if (!listener.server.listening) return resolve();
-              listener.server.close(() => resolve());
-              listener.server.closeIdleConnections();
-            }),
-        ),
-      );
+  /**
+   * Stops listening, lets requests in flight finish (for at most `drainMs`, default: no limit),
+   * ends the rest, and closes the client if this server started it. Called again while closing,
+   * a `drainMs` shortens the wait.
+   */
+  close(options: { drainMs?: number } = {}): Promise<void> {
+    const drainMs = options.drainMs ?? Infinity;
+    if (this.closing) {
+      if (drainMs <= 0) this.endDrain?.();
+      else if (Number.isFinite(drainMs)) setTimeout(() => this.endDrain?.(), drainMs).unref();
+      return this.closing;
+    }
+    this.closing = (async () => {
+      const all = [...this.listeners, ...this.retired.keys()];
+      const drained = Promise.all([...this.listeners.map((listener) => this.drain(listener)), ...this.retired.values()]);
+      const cut = new Promise<void>((resolve) => (this.endDrain = resolve));
+      const timer = Number.isFinite(drainMs) ? setTimeout(() => this.endDrain?.(), Math.max(0, drainMs)) : undefined;
+      await Promise.race([drained, cut]);
+      clearTimeout(timer);
       for (const res of this.open) res.destroy();
-      for (const listener of this.listeners) listener.server.closeAllConnections();
+      for (const listener of all) listener.server.closeAllConnections();
       await this.local.close();
     })();
     return this.closing;
@@ -242,7 +327,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
       const route = path.startsWith("/v1/") ? path.slice(3) : path;
       if (req.method === "GET" && route === "/models") await this.listModels(context);
       else if (req.method === "GET" && route.startsWith("/models/")) await this.getModel(context, decodeURIComponent(route.slice("/models/".length)));
-      else if (req.method === "GET" && route === "/health") this.sendJson(context, 200, { status: "ok" });
+      else if (req.method === "GET" && route === "/health") this.sendHealth(context);
       else if (req.method === "POST" && route === "/chat/completions") await this.chat(context, await this.readJson(req));
       else if (req.method === "POST" && route === "/completions") await this.completions(context, await this.readJson(req));
       else if (req.method === "POST" && route === "/embeddings") await this.embeddings(context, await this.readJson(req));
@@ -572,6 +657,11 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     });
     res.end(text);
     context.info.status = status;
+  }
+
+  private sendHealth(context: RequestContext): void {
+    const body = { status: "ok", ...this.options.health?.(context.port) };
+    this.sendJson(context, body.status === "ok" ? 200 : 503, body);
   }
 
   private fail(context: RequestContext, error: unknown): void {
