@@ -273,6 +273,20 @@ describe("the Wooster plugin", () => {
     const requests = report.remoteRequests!;
     assert.ok(requests.length >= 6);
     assert.ok(requests.every((r) => r.path === "/v1/chat/completions" && r.auth === "Bearer sk-test" && r.body?.model === "gpt-4o-mini"));
+    // Never silent: one warning in Wooster's log per request that left the machine, with its reason.
+    const warnings = report.logs!.filter((line) => line.startsWith("[WARN] [localMLX] localmlx fallback: sending POST"));
+    assert.equal(warnings.length, requests.length, report.logs!.join("\n"));
+    for (const line of warnings) {
+      assert.match(line, /sending POST http:\/\/127\.0\.0\.1:\d+\/v1\/chat\/completions \(model gpt-4o-mini\) off this machine: (local could not serve \(sidecar_unavailable\)|the local sidecar failed and is cooling down|intelligent_route)/);
+    }
+  });
+
+  test("LOCALMLX_FALLBACK_TO_OPENAI=false: nothing reaches the remote, though a key and a server are set and local cannot serve", T, async () => {
+    const report = await host("fallback", { LOCALMLX_PYTHON: pythonWithoutMLX, LOCALMLX_FALLBACK_TO_OPENAI: "false", LOCALMLX_MODELS_DIR: join(root, "no-models") });
+    assert.deepEqual(report.remoteRequests, []);
+    for (const name of ["local_chat", "local_generate", "intelligent_route", "local_summarize"]) {
+      assert.match(report.outputs[name]!, /could not complete: Local MLX models are not available/, `${name}: ${report.outputs[name]}`);
+    }
   });
 
   test("LOCALMLX_AUTO_START_SERVER: the OpenAI-compatible endpoint runs on the plugin's sidecar, and goes with Wooster", T, async () => {
