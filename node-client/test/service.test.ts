@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { buildFamilyModel, buildShortContextDemo, processGone, waitFor } from "./helpers";
 import { ServiceProcess, configFile, freePort, serviceEnv, type LogRecord } from "./service-helpers";
-import { defaultConfigPath, defaultServiceConfig, loadServiceConfig, parseServiceConfig, ServiceConfigError } from "../src/index";
+import { defaultConfigPath, defaultServiceConfig, loadServiceConfig, parseServiceConfig, ServiceConfigError, ServiceLog } from "../src/index";
 
 const T = { timeout: 120_000 };
 
@@ -326,5 +326,25 @@ describe("the service's config", () => {
     assert.throws(() => loadServiceConfig({ env: { LOCALMLX_SERVE_CONFIG: `${empty}/missing.json` } }), /missing\.json: no such file/);
     const file = configFile("{ not json");
     assert.throws(() => loadServiceConfig({ path: file.path }), /serve\.json: not valid JSON/);
+  });
+});
+
+describe("the service's log", () => {
+  test("one line per event whatever the values hold; levels below the threshold are dropped", () => {
+    const lines: string[] = [];
+    const json = new ServiceLog("json", "info", (line) => lines.push(line));
+    json.debug("not shown");
+    json.info("line\nbreak \"quoted\"", { model: "a\nb", port: 8081, ok: true, none: undefined });
+    assert.equal(lines.length, 1);
+    assert.ok(lines[0]!.endsWith("\n") && !lines[0]!.slice(0, -1).includes("\n"));
+    const record = JSON.parse(lines[0]!);
+    assert.equal(record.msg, 'line\nbreak "quoted"');
+    assert.deepEqual([record.level, record.model, record.port, record.ok, "none" in record], ["info", "a\nb", 8081, true, false]);
+
+    const text = new ServiceLog("text", "debug", (line) => lines.push(line));
+    text.warn("two\nlines", { path: "/v1/chat/completions", error: 'bad "thing" here', n: 3, list: ["a", "b"] });
+    const line = lines[1]!;
+    assert.equal(line.split("\n").length, 2, "one line");
+    assert.match(line, /^\d{4}-\d\d-\d\dT[\d:.]+Z WARN two\\nlines path=\/v1\/chat\/completions error="bad \\"thing\\" here" n=3 list=\["a","b"\]\n$/);
   });
 });

@@ -235,7 +235,7 @@ export function installService(options: InstallServiceOptions): ServicePlan {
     out(
       [
         "",
-        `The service reads ${configPath} (edit it, then reload: ${platform === "darwin" ? `launchctl kill HUP gui/${uid}/${LAUNCHD_LABEL}` : `systemctl --user reload ${SYSTEMD_UNIT}`}).`,
+        `The service reads ${configPath} (edit it, then reload: ${platform === "darwin" ? `launchctl kill SIGHUP gui/${uid}/${LAUNCHD_LABEL}` : `systemctl --user reload ${SYSTEMD_UNIT}`}).`,
         `Its log: ${platform === "darwin" ? logFile : `journalctl --user -u ${SYSTEMD_UNIT}`}. Check it: curl http://127.0.0.1:8081/health`,
       ].join("\n"),
     );
