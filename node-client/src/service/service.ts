@@ -5,7 +5,7 @@
  * `stop()` (SIGTERM) lets them finish up to a deadline and leaves no sidecar behind.
  */
 import { packageVersion, type LocalMLXOptions, type Logger } from "../client";
-import { Fallback, fallbackOptionsFromEnv, remoteForbidden } from "../openai/fallback";
+import { Fallback, fallbackOptionsFromEnv } from "../openai/fallback";
 import { startOpenAIServer, type OpenAIListen, type OpenAIRequestInfo, type OpenAIServer } from "../openai/server";
 import { loadServiceConfig, type LoadedServiceConfig, type ServiceConfig, type ServiceLogFormat } from "./config";
 import { ServiceLog } from "./log";
@@ -86,7 +86,7 @@ export class EndpointService {
 
   private async open(): Promise<void> {
     const { config } = this.loaded;
-    const fallbackOptions = remoteForbidden(this.env) ? undefined : fallbackOptionsFromEnv(this.env);
+    const fallbackOptions = fallbackOptionsFromEnv(this.env); // none unless LOCALMLX_FALLBACK_TO_OPENAI=true
     const fallback = fallbackOptions ? new Fallback({ ...fallbackOptions, logger: this.log.logger("fallback", ["warn"]) }) : false;
     this.server = await startOpenAIServer({
       localmlx: this.sidecarOptions(config),
