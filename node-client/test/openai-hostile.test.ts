@@ -5,11 +5,23 @@
  */
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { startOpenAIServer, type LocalMLX, type OpenAIServer } from "../src/index";
+import { startOpenAIServer, type LocalMLX, type OpenAIRequestInfo, type OpenAIServer } from "../src/index";
 import { startClient } from "./helpers";
 import { httpRequest, nestedArrays, nestedObjects, rawExchange, type RawResponse } from "./raw-http";
 
 const user = { role: "user", content: "Hi" };
+
+/** The next `request` event of a server that matches. */
+function nextRequest(server: OpenAIServer, match: (info: OpenAIRequestInfo) => boolean): Promise<OpenAIRequestInfo> {
+  return new Promise((resolve) => {
+    const listener = (info: OpenAIRequestInfo): void => {
+      if (!match(info)) return;
+      server.off("request", listener);
+      resolve(info);
+    };
+    server.on("request", listener);
+  });
+}
 
 /** An answer in OpenAI's error shape with `status` (and `code`, `param` when given). */
 function assertError(response: RawResponse | undefined, status: number, expected: { code?: string; param?: string | RegExp } = {}): void {
@@ -47,7 +59,12 @@ describe("the endpoint under hostile input", { timeout: 120_000 }, () => {
   let open: OpenAIServer;
   let keyed: OpenAIServer;
   const lines: string[] = [];
-  const capture = { info: (line: string) => lines.push(line), warn: (line: string) => lines.push(line), error: (line: string) => lines.push(line) };
+  let loggerThrows = false;
+  const take = (line: string): void => {
+    if (loggerThrows) throw new Error("the log stream is closed");
+    lines.push(line);
+  };
+  const capture = { info: take, warn: take, error: take, debug: take };
   const port = (): number => open.addresses[0]!.port;
 
   before(async () => {
@@ -115,7 +132,7 @@ describe("the endpoint under hostile input", { timeout: 120_000 }, () => {
     lines.length = 0;
     const forged = "x\nFORGED 127.0.0.1 GET /admin 200\r\n\u001b[2Kend\u2028";
     const response = await rawExchange(port(), httpRequest("POST", "/v1/chat/completions", chatBody({ model: forged })));
-    assertError(response, 404, { code: "model_not_found" });
+    assertError(response, 403, { code: "forbidden" });
     const line = lines.find((text) => text.includes("/v1/chat/completions"));
     assert.ok(line, `a log line for the request: ${JSON.stringify(lines)}`);
     assert.match(line, /model=x\\nFORGED/);
@@ -127,6 +144,7 @@ describe("the endpoint under hostile input", { timeout: 120_000 }, () => {
 
   test("a body sent at 1 byte/s is answered 408 once bodyTimeoutMs has passed", async () => {
     lines.length = 0;
+    const logged = nextRequest(open, (info) => info.status === 408);
     let timer: NodeJS.Timeout | undefined;
     const response = await rawExchange(port(), "", {
       deadlineMs: 8000,
@@ -139,7 +157,9 @@ describe("the endpoint under hostile input", { timeout: 120_000 }, () => {
     clearInterval(timer);
     assertError(response, 408, { code: "request_timeout" });
     assert.ok(response!.ms < 6000, `answered in ${response!.ms} ms`);
-    assert.ok(lines.some((text) => / 408 /.test(text)), `the 408 is logged: ${JSON.stringify(lines)}`);
+    const info = await logged;
+    assert.equal(info.errorCode, "request_timeout");
+    assert.ok(lines.some((text) => /POST \/v1\/chat\/completions 408 .*error=request_timeout/.test(text)), `the 408 is logged: ${JSON.stringify(lines)}`);
   });
 
   test("headers sent slowly are answered 408 once headersTimeoutMs has passed", async () => {
@@ -202,24 +222,25 @@ describe("the endpoint under hostile input", { timeout: 120_000 }, () => {
     for (const answer of answers) assert.deepEqual(answer, answers[0], `${JSON.stringify(answers, null, 1)}`);
   });
 
-  test("a request listener that throws reaches no unhandledRejection; the endpoint answers on", async () => {
-    const unhandled: unknown[] = [];
-    const onUnhandled = (reason: unknown): void => void unhandled.push(reason);
-    process.on("unhandledRejection", onUnhandled);
-    const throwing = (): never => {
-      throw new Error("a listener's bug");
-    };
-    open.on("request", throwing);
+  test("a logger that throws reaches no unhandled rejection or uncaught exception; the endpoint answers on", async () => {
+    const escaped: unknown[] = [];
+    const note = (reason: unknown): void => void escaped.push(reason);
+    process.on("unhandledRejection", note);
+    process.on("uncaughtExceptionMonitor", note);
+    loggerThrows = true;
     try {
       const models = await rawExchange(port(), httpRequest("GET", "/v1/models"));
       assert.equal(models?.status, 200);
       assertError(await rawExchange(port(), "GET http://[/ HTTP/1.1\r\nHost: x\r\n\r\n"), 400);
-      await new Promise((resolve) => setImmediate(resolve));
+      assertError(await rawExchange(port(), "NOT HTTP\r\n\r\n"), 400);
+      assertError(await rawExchange(port(), httpRequest("POST", "/v1/chat/completions", "{broken")), 400);
+      await new Promise((resolve) => setTimeout(resolve, 50));
     } finally {
-      open.off("request", throwing);
-      process.off("unhandledRejection", onUnhandled);
+      loggerThrows = false;
+      process.off("unhandledRejection", note);
+      process.off("uncaughtExceptionMonitor", note);
     }
-    assert.deepEqual(unhandled, []);
+    assert.deepEqual(escaped, []);
   });
 
   test("after all of it, a normal chat works", async () => {
