@@ -191,6 +191,11 @@ describe("the endpoint under hostile input", { timeout: 120_000 }, () => {
     const models = await rawExchange(port(), httpRequest("POST", "/v1/models/demo", "{}"));
     assertError(models, 405);
     assert.equal(models!.headers.allow, "GET");
+    // CONNECT (a proxy tunnel) is answered too, not dropped: 405, or 401 without the key.
+    assertError(await rawExchange(port(), "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"), 405);
+    assertError(await rawExchange(keyed.addresses[0]!.port, "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"), 401);
+    const head = await rawExchange(port(), httpRequest("HEAD", "/v1/chat/completions"));
+    assert.equal(head?.status, 405);
   });
 
   test("limits are checked before any work: each a 400 naming its param", async () => {

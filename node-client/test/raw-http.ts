@@ -70,11 +70,12 @@ function parseResponse(bytes: Buffer, ended: boolean, started: number): RawRespo
     const colon = line.indexOf(":");
     if (colon > 0) headers[line.slice(0, colon).trim().toLowerCase()] = line.slice(colon + 1).trim();
   }
+  if (match[1]!.startsWith("1")) return parseResponse(bytes.subarray(headEnd + 4), ended, started); // 100 Continue: interim
   const rest = bytes.subarray(headEnd + 4);
   let body: Buffer;
   if (headers["content-length"] !== undefined) {
     const length = Number(headers["content-length"]);
-    if (rest.length < length) return undefined;
+    if (rest.length < length && !ended) return undefined; // (a HEAD answer ends without its body)
     body = rest.subarray(0, length);
   } else if (/chunked/i.test(headers["transfer-encoding"] ?? "")) {
     const decoded = dechunk(rest);

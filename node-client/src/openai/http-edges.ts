@@ -61,13 +61,9 @@ export function clientErrorOf(code: string | undefined): OpenAIHttpError {
 /** A whole HTTP/1.1 response, for a socket no `ServerResponse` owns; it closes the connection. */
 export function rawResponse(error: OpenAIHttpError): string {
   const body = JSON.stringify(error.body);
-  return (
-    `HTTP/1.1 ${error.status} ${STATUS_CODES[error.status] ?? "Error"}\r\n` +
-    "content-type: application/json\r\n" +
-    `content-length: ${Buffer.byteLength(body)}\r\n` +
-    "connection: close\r\n\r\n" +
-    body
-  );
+  const headers = { ...error.headers, "content-type": "application/json", "content-length": String(Buffer.byteLength(body)), connection: "close" };
+  const head = Object.entries(headers).map(([name, value]) => `${name}: ${value}\r\n`).join("");
+  return `HTTP/1.1 ${error.status} ${STATUS_CODES[error.status] ?? "Error"}\r\n${head}\r\n${body}`;
 }
 
 const LOG_VALUE_MAX = 200;

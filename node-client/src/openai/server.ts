@@ -219,6 +219,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
       // An `Expect` other than 100-continue: 417, through the same boundary as every request.
       listener.server.on("checkExpectation", (req, res) => this.serve(req, res, listener, expectationFailed()));
       listener.server.on("clientError", (error: NodeJS.ErrnoException, socket: Duplex) => this.clientError(error, socket, listener));
+      listener.server.on("connect", (req: IncomingMessage, socket: Duplex) => this.refuseTunnel(req, socket, listener));
       return listener;
     });
   }
@@ -316,9 +317,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     // A write to a connection the client dropped: nothing to answer, and never an uncaught 'error'.
     res.on("error", (error) => this.say("debug", `${logValue(info.path)}: ${logValue(messageOf(error))}`));
     try {
-      if (!this.authorized(req)) {
-        throw new OpenAIHttpError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", "invalid_request_error", null, "invalid_api_key");
-      }
+      if (!this.authorized(req)) throw unauthorized();
       if (refusal) throw refusal;
       if (path === undefined) throw badTarget("The request target is not a path (nor an absolute URL with a valid host)");
       await this.route(context);
@@ -375,6 +374,21 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
       this.report({ method: "-", path: "-", port, status: failure.status, errorCode: failure.code, durationMs: 0 });
     }
     setTimeout(() => socket.destroy(), CLOSE_GRACE_MS).unref();
+  }
+
+  /** CONNECT (a proxy tunnel) has no route here: 405 (401 first without the key), then the connection closes. */
+  private refuseTunnel(req: IncomingMessage, socket: Duplex, listener: Listener): void {
+    socket.on("error", () => socket.destroy());
+    try {
+      const failure = this.authorized(req)
+        ? new OpenAIHttpError(405, "CONNECT is not supported", "invalid_request_error", null, "method_not_allowed", { allow: "GET, POST" })
+        : unauthorized();
+      socket.end(rawResponse(failure));
+      const path = req.url ?? "";
+      this.report({ method: "CONNECT", path: path.slice(0, 200), port: listener.address?.port ?? 0, status: failure.status, errorCode: failure.code, durationMs: 0 });
+    } finally {
+      setTimeout(() => socket.destroy(), CLOSE_GRACE_MS).unref();
+    }
   }
 
   /** A bug of this server (never client input): logged, and a 500 if nothing was sent yet. */
@@ -776,6 +790,10 @@ function modelObject(id: string): { id: string; object: "model"; created: number
 
 function tooLarge(limit: number): OpenAIHttpError {
   return new OpenAIHttpError(413, `The request body is larger than ${limit} bytes`, "invalid_request_error", null, "request_too_large");
+}
+
+function unauthorized(): OpenAIHttpError {
+  return new OpenAIHttpError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", "invalid_request_error", null, "invalid_api_key");
 }
 
 function incompleteBody(): OpenAIHttpError {
