@@ -308,10 +308,13 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     const context: RequestContext = { req, res, routing: listener.routing, port, signal: controller.signal, info };
     this.open.add(res);
     this.inFlight.set(req.socket, context);
-    res.on("finish", () => this.inFlight.delete(req.socket));
+    const settled = (): void => {
+      if (this.inFlight.get(req.socket) === context) this.inFlight.delete(req.socket);
+    };
+    res.on("finish", settled);
     res.on("close", () => {
       this.open.delete(res);
-      if (this.inFlight.get(req.socket) === context) this.inFlight.delete(req.socket);
+      settled();
       if (!res.writableFinished) controller.abort();
     });
     // A write to a connection the client dropped: nothing to answer, and never an uncaught 'error'.
