@@ -5,16 +5,23 @@
  * by the one sidecar under its one memory budget. A client that disconnects cancels its
  * generation. Errors use OpenAI's shape. With a fallback, requests the sidecar cannot serve go to
  * a remote OpenAI-compatible server (`x-localmlx-served-by: local | remote`).
+ *
+ * Hostile input: every request, however malformed, is answered in OpenAI's shape with a 4xx, and
+ * nothing a client sends can crash the process. The key is checked before any other work; the
+ * body's size and nesting before it is parsed; counts and schema sizes before the sidecar sees it.
+ * Each request has one error boundary; slow clients meet header and body timeouts.
  */
-import { timingSafeEqual } from "node:crypto";
+import { createHash, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
-import type { Readable } from "node:stream";
+import type { Duplex, Readable } from "node:stream";
 import type { LocalMLX, LocalMLXOptions, Logger } from "../client";
 import { TypedEmitter } from "../events";
 import type { Prediction } from "../prediction";
 import type { EmbedResult, FinishReason } from "../protocol";
 import { OpenAIHttpError, badRequest, toOpenAIError } from "./errors";
+import { badTarget, clientErrorOf, decodeSegment, logValue, pathOfTarget, rawResponse } from "./http-edges";
+import { limitsOf, nestingPastLimit, tooDeep, type RequestLimits } from "./limits";
 import { Fallback, fallbackOf, remoteError, runWithFallback, type FallbackSetting, type ServedBy } from "./fallback";
 import { LocalBackend, embedLocal, gather, pieceOf, resolveModel, startChat, startGenerate, type ModelRouting } from "./local";
 import {
@@ -57,6 +64,20 @@ export interface OpenAIServerOptions extends ModelRouting {
   apiKey?: string;
   /** The largest request body accepted (413 past it). Default 16 MiB. */
   maxBodyBytes?: number;
+  /** The largest request line and headers accepted (431 past it). Default 16 KiB. */
+  maxHeaderBytes?: number;
+  /**
+   * Limits on what one request holds, checked before any work (a 400 naming the param past one):
+   * `maxDepth` 64, `maxMessages` 2048, `maxTools` 128, `maxSchemaBytes` 64 KiB, `maxStopStrings` 16,
+   * `maxEmbeddingInputs` 2048.
+   */
+  limits?: Partial<RequestLimits>;
+  /** Time a request's headers may take to arrive (408 after). Default 10 s. */
+  headersTimeoutMs?: number;
+  /** Time a whole request, headers and body, may take to arrive (408 after). Default 30 s; never under `headersTimeoutMs`. */
+  bodyTimeoutMs?: number;
+  /** How long a kept-alive connection may sit idle between requests. Default 5 s. */
+  keepAliveTimeoutMs?: number;
   /** Timeout of one local call (a generation, an embedding). Default: the client's `requestTimeoutMs`. */
   requestTimeoutMs?: number;
   /** Remote fallback: an instance, options, `false` (off), or undefined: `LOCALMLX_FALLBACK_TO_OPENAI` and friends. */
@@ -102,6 +123,13 @@ export interface OpenAIAddress {
 const DEFAULT_PORT = 8080;
 const DEFAULT_HOST = "127.0.0.1";
 const DEFAULT_MAX_BODY = 16 * 1024 * 1024;
+const DEFAULT_MAX_HEADER = 16 * 1024;
+// Loopback clients send a whole request in milliseconds: these only bound slow or stalled ones.
+const DEFAULT_HEADERS_TIMEOUT_MS = 10_000;
+const DEFAULT_BODY_TIMEOUT_MS = 30_000;
+const DEFAULT_KEEP_ALIVE_TIMEOUT_MS = 5_000;
+/** How long a connection answered on a client error may linger before it is destroyed. */
+const CLOSE_GRACE_MS = 1_000;
 
 interface Listener {
   server: Server;
@@ -122,6 +150,9 @@ interface RequestContext {
 /** A local generation that has produced its first chunk (or ended). */
 type Started = Awaited<ReturnType<typeof startChat>>;
 
+/** One route's handler; `id` is the raw (still percent-encoded) model id of `/models/{id}`. */
+type Handler = (context: RequestContext, id: string) => Promise<void> | void;
+
 /** Starts the endpoint: `await startOpenAIServer({ port: 8080 })`. */
 export function startOpenAIServer(options: OpenAIServerOptions = {}): Promise<OpenAIServer> {
   return OpenAIServer.start(options);
@@ -137,10 +168,26 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
   private readonly retired = new Map<Listener, Promise<void>>();
   private readonly options: OpenAIServerOptions;
   private readonly base: ModelRouting;
+  private readonly limits: RequestLimits;
   private closing: Promise<void> | undefined;
   /** While closing: ends the wait for requests in flight. */
   private endDrain: (() => void) | undefined;
   private readonly open = new Set<ServerResponse>();
+  /** The unfinished response on each connection: a client error mid-request answers through it. */
+  private readonly inFlight = new WeakMap<object, RequestContext>();
+
+  /**
+   * Path (without `/v1`) → method → handler. An unknown path (404) and a wrong method (405, with
+   * `Allow`) both fall out of this one table.
+   */
+  private readonly routes = new Map<string, Map<string, Handler>>([
+    ["/models", new Map([["GET", (context) => this.listModels(context)]])],
+    ["/models/{id}", new Map([["GET", (context, id) => this.getModel(context, id)]])],
+    ["/health", new Map([["GET", (context) => this.sendHealth(context)]])],
+    ["/chat/completions", new Map([["POST", async (context) => this.chat(context, await this.readJson(context))]])],
+    ["/completions", new Map([["POST", async (context) => this.completions(context, await this.readJson(context))]])],
+    ["/embeddings", new Map([["POST", async (context) => this.embeddings(context, await this.readJson(context))]])],
+  ]);
 
   /**
    * Starts the client (unless given one) and listens. When the sidecar cannot start, it rejects,
@@ -155,10 +202,10 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
         server.local.noteFailure(error);
         if (!server.fallback) {
           if (options.requireSidecar !== false) throw error;
-          options.logger?.error?.(`localmlx openai: the sidecar did not start; requests will try it again: ${(error as Error).message.split("\n")[0]}`);
+          options.logger?.error?.(`localmlx openai: the sidecar did not start; requests will try it again: ${logValue(messageOf(error))}`);
         } else {
           server.fallback.noteLocalFailure(error);
-          options.logger?.warn?.(`localmlx openai: the sidecar did not start, serving through the fallback: ${(error as Error).message.split("\n")[0]}`);
+          options.logger?.warn?.(`localmlx openai: the sidecar did not start, serving through the fallback: ${logValue(messageOf(error))}`);
         }
       }
       await server.listen();
@@ -172,6 +219,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
   private constructor(options: OpenAIServerOptions) {
     super();
     this.options = options;
+    this.limits = limitsOf(options.limits);
     this.local = new LocalBackend(options.client ?? options.localmlx ?? {});
     this.fallback = fallbackOf(options.fallback);
     this.base = { aliases: options.aliases ?? {}, ...(options.defaultModel !== undefined ? { defaultModel: options.defaultModel } : {}) };
@@ -188,9 +236,12 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
 
   private createListener(spec: number | OpenAIListen): Listener {
     const listen: OpenAIListen = typeof spec === "number" ? { port: spec } : spec;
-    const listener: Listener = { server: createServer(), spec: listen, routing: this.routingOf(listen) };
-    listener.server.on("request", (req, res) => void this.handle(req, res, listener));
-    listener.server.on("clientError", (_error, socket) => socket.destroy());
+    const listener: Listener = { server: this.createHttpServer(), spec: listen, routing: this.routingOf(listen) };
+    listener.server.on("request", (req, res) => this.serve(req, res, listener));
+    // An `Expect` other than 100-continue: 417, through the same boundary as every request.
+    listener.server.on("checkExpectation", (req, res) => this.serve(req, res, listener, expectationFailed()));
+    listener.server.on("clientError", (error: NodeJS.ErrnoException, socket: Duplex) => this.clientError(error, socket, listener));
+    listener.server.on("connect", (req: IncomingMessage, socket: Duplex) => this.refuseTunnel(req, socket, listener));
     // Once it stops listening, a connection whose last request ended is closed (not kept alive), so a drain ends.
     listener.server.on("request", (_req, res) =>
       res.once("close", () => {
@@ -202,6 +253,20 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
 
   private hostOf(spec: OpenAIListen): string {
     return spec.host ?? this.options.host ?? DEFAULT_HOST;
+  }
+
+  private createHttpServer(): Server {
+    const headersTimeout = this.options.headersTimeoutMs ?? DEFAULT_HEADERS_TIMEOUT_MS;
+    const requestTimeout = Math.max(this.options.bodyTimeoutMs ?? DEFAULT_BODY_TIMEOUT_MS, headersTimeout);
+    const server = createServer({
+      maxHeaderSize: this.options.maxHeaderBytes ?? DEFAULT_MAX_HEADER,
+      headersTimeout,
+      requestTimeout,
+      // node checks the two timeouts on this period (default 30 s, which would stretch them).
+      connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(headersTimeout / 4))),
+    });
+    server.keepAliveTimeout = this.options.keepAliveTimeoutMs ?? DEFAULT_KEEP_ALIVE_TIMEOUT_MS;
+    return server;
   }
 
   private async listen(): Promise<void> {
@@ -307,42 +372,125 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
 
   // ---- requests -------------------------------------------------------------------------
 
-  private async handle(req: IncomingMessage, res: ServerResponse, listener: Listener): Promise<void> {
+  /** One request inside its error boundary: nothing it throws or rejects with escapes. */
+  private serve(req: IncomingMessage, res: ServerResponse, listener: Listener, refusal?: OpenAIHttpError): void {
+    this.handle(req, res, listener, refusal).catch((error: unknown) => this.lastResort(res, error));
+  }
+
+  private async handle(req: IncomingMessage, res: ServerResponse, listener: Listener, refusal?: OpenAIHttpError): Promise<void> {
     const started = Date.now();
-    const url = new URL(req.url ?? "/", "http://localhost");
-    const path = url.pathname.replace(/\/+$/, "") || "/";
+    const target = req.url ?? "/";
+    const path = pathOfTarget(target);
     const port = listener.address?.port ?? 0;
     const controller = new AbortController();
+    const info: OpenAIRequestInfo = {
+      method: req.method ?? "GET",
+      path: path === undefined ? target.slice(0, 200) : path.replace(/\/+$/, "") || "/",
+      port,
+      status: 0,
+      durationMs: 0,
+    };
+    const context: RequestContext = { req, res, routing: listener.routing, port, signal: controller.signal, info };
     this.open.add(res);
+    this.inFlight.set(req.socket, context);
+    const settled = (): void => {
+      if (this.inFlight.get(req.socket) === context) this.inFlight.delete(req.socket);
+    };
+    res.on("finish", settled);
     res.on("close", () => {
       this.open.delete(res);
+      settled();
       if (!res.writableFinished) controller.abort();
     });
-    const info: OpenAIRequestInfo = { method: req.method ?? "GET", path, port, status: 0, durationMs: 0 };
-    const context: RequestContext = { req, res, routing: listener.routing, port, signal: controller.signal, info };
+    // A write to a connection the client dropped: nothing to answer, and never an uncaught 'error'.
+    res.on("error", (error) => this.say("debug", `${logValue(info.path)}: ${logValue(messageOf(error))}`));
     try {
-      if (!this.authorized(req)) {
-        throw new OpenAIHttpError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", "invalid_request_error", null, "invalid_api_key");
-      }
-      const route = path.startsWith("/v1/") ? path.slice(3) : path;
-      if (req.method === "GET" && route === "/models") await this.listModels(context);
-      else if (req.method === "GET" && route.startsWith("/models/")) await this.getModel(context, decodeURIComponent(route.slice("/models/".length)));
-      else if (req.method === "GET" && route === "/health") this.sendHealth(context);
-      else if (req.method === "POST" && route === "/chat/completions") await this.chat(context, await this.readJson(req));
-      else if (req.method === "POST" && route === "/completions") await this.completions(context, await this.readJson(req));
-      else if (req.method === "POST" && route === "/embeddings") await this.embeddings(context, await this.readJson(req));
-      else if (["/models", "/chat/completions", "/completions", "/embeddings", "/health"].includes(route) || route.startsWith("/models/")) {
-        throw new OpenAIHttpError(405, `${req.method} is not allowed on ${path}`, "invalid_request_error", null, "method_not_allowed");
-      } else {
-        throw new OpenAIHttpError(404, `Unknown path ${path}`, "invalid_request_error", null, "unknown_url");
-      }
+      if (!this.authorized(req)) throw unauthorized();
+      if (refusal) throw refusal;
+      if (path === undefined) throw badTarget("The request target is not a path (nor an absolute URL with a valid host)");
+      await this.route(context);
     } catch (error) {
       this.fail(context, error);
     } finally {
       info.durationMs = Date.now() - started;
       if (info.status === 0) info.status = res.statusCode;
-      this.log(info);
-      this.emit("request", info);
+      this.report(info);
+    }
+  }
+
+  private async route(context: RequestContext): Promise<void> {
+    const { path, method } = context.info;
+    const route = path.startsWith("/v1/") ? path.slice(3) : path;
+    const id = route.startsWith("/models/") ? route.slice("/models/".length) : "";
+    const methods = this.routes.get(route.startsWith("/models/") ? "/models/{id}" : route);
+    if (!methods) throw new OpenAIHttpError(404, `Unknown path ${path}`, "invalid_request_error", null, "unknown_url");
+    const handler = methods.get(method);
+    if (!handler) {
+      const allow = [...methods.keys()].join(", ");
+      throw new OpenAIHttpError(405, `${method} is not allowed on ${path} (only ${allow})`, "invalid_request_error", null, "method_not_allowed", { allow });
+    }
+    await handler(context, id);
+  }
+
+  /**
+   * An error node's HTTP parser or timers raised on a connection: a request line or header that
+   * is not HTTP, headers past the limit, a client too slow. Answered in OpenAI's shape while the
+   * socket can still carry it: through the request's response when one is under way, else
+   * straight on the socket; then the connection closes.
+   */
+  private clientError(error: NodeJS.ErrnoException, socket: Duplex, listener: Listener): void {
+    try {
+      this.answerClientError(error, socket, listener);
+    } catch (failure) {
+      socket.destroy();
+      this.say("error", `unexpected failure on a client error: ${logValue(messageOf(failure))}`);
+    }
+  }
+
+  private answerClientError(error: NodeJS.ErrnoException, socket: Duplex, listener: Listener): void {
+    const context = this.inFlight.get(socket);
+    if (!socket.writable || error.code === "ECONNRESET" || error.code === "EPIPE" || context?.res.headersSent) {
+      socket.destroy();
+      return;
+    }
+    const failure = clientErrorOf(error.code);
+    if (context) {
+      this.fail(context, failure); // its handler logs it when it ends
+    } else {
+      socket.end(rawResponse(failure));
+      const port = listener.address?.port ?? 0;
+      this.report({ method: "-", path: "-", port, status: failure.status, errorCode: failure.code, durationMs: 0 });
+    }
+    setTimeout(() => socket.destroy(), CLOSE_GRACE_MS).unref();
+  }
+
+  /** CONNECT (a proxy tunnel) has no route here: 405 (401 first without the key), then the connection closes. */
+  private refuseTunnel(req: IncomingMessage, socket: Duplex, listener: Listener): void {
+    socket.on("error", () => socket.destroy());
+    try {
+      const failure = this.authorized(req)
+        ? new OpenAIHttpError(405, "CONNECT is not supported", "invalid_request_error", null, "method_not_allowed", { allow: "GET, POST" })
+        : unauthorized();
+      socket.end(rawResponse(failure));
+      const path = req.url ?? "";
+      this.report({ method: "CONNECT", path: path.slice(0, 200), port: listener.address?.port ?? 0, status: failure.status, errorCode: failure.code, durationMs: 0 });
+    } finally {
+      setTimeout(() => socket.destroy(), CLOSE_GRACE_MS).unref();
+    }
+  }
+
+  /** A bug of this server (never client input): logged, and a 500 if nothing was sent yet. */
+  private lastResort(res: ServerResponse, error: unknown): void {
+    this.say("error", `unexpected failure: ${logValue(messageOf(error))}`);
+    try {
+      if (!res.headersSent && !res.destroyed) {
+        const failure = new OpenAIHttpError(500, "Internal error", "server_error", null, "internal_error");
+        res.writeHead(500, { "content-type": "application/json" }).end(JSON.stringify(failure.body));
+      } else if (!res.writableEnded) {
+        res.destroy();
+      }
+    } catch {
+      res.destroy();
     }
   }
 
@@ -352,47 +500,63 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     const header = req.headers.authorization ?? "";
     const match = /^Bearer\s+(.+)$/i.exec(header);
     if (!match) return false;
-    const given = Buffer.from(match[1]!.trim());
-    const expected = Buffer.from(key);
-    return given.length === expected.length && timingSafeEqual(given, expected);
+    // Digests of equal length: the comparison takes the same time whatever the key's length.
+    return timingSafeEqual(digest(match[1]!.trim()), digest(key));
   }
 
-  private readJson(req: IncomingMessage): Promise<JsonObject> {
+  /** The body as a JSON object: its size and nesting are checked before it is parsed. */
+  private async readJson(context: RequestContext): Promise<JsonObject> {
+    const text = await this.readBody(context.req, context.res);
+    const deep = nestingPastLimit(text, this.limits.maxDepth);
+    if (deep) throw tooDeep(deep.param, this.limits.maxDepth);
+    let body: unknown;
+    try {
+      body = JSON.parse(text);
+    } catch {
+      throw badRequest("The request body is not valid JSON", null, "invalid_json");
+    }
+    return requireObject(body);
+  }
+
+  /** The body as text, refused (413) as soon as it passes `maxBodyBytes`. */
+  private readBody(req: IncomingMessage, res: ServerResponse): Promise<string> {
     const limit = this.options.maxBodyBytes ?? DEFAULT_MAX_BODY;
     return new Promise((resolve, reject) => {
-      const declared = Number(req.headers["content-length"]);
-      if (Number.isFinite(declared) && declared > limit) {
+      // node's parser has checked Content-Length: a number, and the body will hold exactly that.
+      const declared = req.headers["content-length"] === undefined ? undefined : Number(req.headers["content-length"]);
+      if (declared !== undefined && declared > limit) {
         reject(tooLarge(limit));
         req.resume();
         return;
       }
+      // With a declared length, one buffer filled in place: no second copy to join the chunks.
+      const whole = declared !== undefined ? Buffer.allocUnsafe(declared) : undefined;
       const parts: Buffer[] = [];
       let size = 0;
-      let failed = false;
-      req.on("data", (chunk: Buffer) => {
-        if (failed) return;
-        size += chunk.length;
-        if (size > limit) {
-          failed = true;
+      let settled = false;
+      const settle = (error?: OpenAIHttpError): void => {
+        if (settled) return;
+        settled = true;
+        if (error) {
           parts.length = 0;
-          reject(tooLarge(limit));
+          reject(error);
           return;
         }
-        parts.push(chunk);
+        resolve((whole ?? Buffer.concat(parts, size)).toString("utf8", 0, size));
+      };
+      req.on("data", (chunk: Buffer) => {
+        if (settled) return;
+        if (size + chunk.length > limit || (whole && size + chunk.length > whole.length)) return settle(tooLarge(limit));
+        if (whole) chunk.copy(whole, size);
+        else parts.push(chunk);
+        size += chunk.length;
       });
-      req.on("error", (error) => {
-        if (!failed) reject(error);
-        failed = true;
-      });
-      req.on("end", () => {
-        if (failed) return;
-        const text = Buffer.concat(parts).toString("utf8");
-        try {
-          resolve(requireObject(JSON.parse(text)));
-        } catch (error) {
-          reject(error instanceof OpenAIHttpError ? error : badRequest("The request body is not valid JSON", null, "invalid_json"));
-        }
-      });
+      req.on("end", () => settle());
+      req.on("error", () => settle(incompleteBody()));
+      req.on("close", () => settle(incompleteBody()));
+      // Answered before the body came (a timeout), or the connection went: the body is not wanted.
+      res.on("finish", () => settle(incompleteBody()));
+      res.on("close", () => settle(incompleteBody()));
     });
   }
 
@@ -426,7 +590,9 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     this.sendJson(context, value.status, value.body, servedBy);
   }
 
-  private async getModel(context: RequestContext, id: string): Promise<void> {
+  private async getModel(context: RequestContext, encoded: string): Promise<void> {
+    const id = decodeSegment(encoded);
+    if (id === undefined) throw badTarget("The model id in the path has a broken percent-encoding", "model");
     const { servedBy, value } = await runWithFallback<{ status: number; body: unknown }>({
       fallback: this.fallback,
       backend: this.local,
@@ -484,7 +650,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
 
   private async chat(context: RequestContext, body: JsonObject): Promise<void> {
     const { requested, model, stream, usage, value } =
-      await this.startGeneration(context, body, chatParamsOf(body), "/chat/completions", startChat);
+      await this.startGeneration(context, body, chatParamsOf(body, this.limits), "/chat/completions", startChat);
     if (value instanceof Response) return this.relay(context, value);
     const { prediction, iterator, first } = value;
     if (!stream) {
@@ -506,7 +672,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
   // ---- /v1/completions ------------------------------------------------------------------
 
   private async completions(context: RequestContext, body: JsonObject): Promise<void> {
-    const { params, echo } = completionParamsOf(body);
+    const { params, echo } = completionParamsOf(body, this.limits);
     const { requested, model, stream, usage, value } =
       await this.startGeneration(context, body, params, "/completions", startGenerate);
     if (value instanceof Response) return this.relay(context, value);
@@ -532,7 +698,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
 
   private async embeddings(context: RequestContext, body: JsonObject): Promise<void> {
     const requested = requestedModel(body);
-    const { params, encoding } = embedParamsOf(body);
+    const { params, encoding } = embedParamsOf(body, this.limits);
     const model = resolveModel(requested, context.routing);
     if (model !== undefined) context.info.model = model;
     const { servedBy, value } = await runWithFallback<EmbedResult | Response>({
@@ -637,7 +803,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
           res.write(chunk);
         }
       } catch (error) {
-        if (!context.signal.aborted) this.options.logger?.warn?.(`localmlx openai: the fallback's stream broke: ${(error as Error).message}`);
+        if (!context.signal.aborted) this.say("warn", `the fallback's stream broke: ${logValue(messageOf(error))}`);
       }
     }
     if (!res.destroyed) res.end();
@@ -665,31 +831,49 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
   }
 
   private fail(context: RequestContext, error: unknown): void {
+    const { res, info } = context;
+    if (res.writableEnded) return; // answered already: a client error (timeout) answered mid-request
     const failure = toOpenAIError(error);
     if (!(error instanceof OpenAIHttpError) && failure.status >= 500) {
-      this.options.logger?.error?.(`localmlx openai: ${context.info.method} ${context.info.path}: ${(error as Error)?.message?.split("\n")[0] ?? String(error)}`);
+      this.say("error", `${logValue(info.method)} ${logValue(info.path)}: ${logValue(messageOf(error))}`);
     }
-    context.info.errorCode = failure.code;
-    context.info.status = failure.status;
-    if (context.res.headersSent) {
-      if (!context.res.destroyed) {
+    info.errorCode = failure.code;
+    info.status = failure.status;
+    if (res.headersSent) {
+      if (!res.destroyed) {
         this.sendEvent(context, failure.body);
-        context.res.end();
+        res.end();
       }
       return;
     }
-    this.sendJson(context, failure.status, failure.body, context.info.servedBy, failure.headers);
+    this.sendJson(context, failure.status, failure.body, info.servedBy, failure.headers);
   }
 
+  /** The request's log line and `request` event. */
+  private report(info: OpenAIRequestInfo): void {
+    this.log(info);
+    this.emit("request", info);
+  }
+
+  /** One line per request; every value escaped, so none can end the line or forge another. */
   private log(info: OpenAIRequestInfo): void {
-    const parts = [`${info.method} ${info.path}`, `${info.status}`, `port=${info.port}`];
-    if (info.model) parts.push(`model=${info.model}`);
-    if (info.servedBy) parts.push(`served-by=${info.servedBy}`);
+    const parts = [`${logValue(info.method)} ${logValue(info.path)}`, `${info.status}`, `port=${info.port}`];
+    if (info.model) parts.push(`model=${logValue(info.model)}`);
+    if (info.servedBy) parts.push(`served-by=${logValue(info.servedBy)}`);
     if (info.stream) parts.push("stream");
-    if (info.finishReason) parts.push(`finish=${info.finishReason}`);
-    if (info.errorCode) parts.push(`error=${info.errorCode}`);
+    if (info.finishReason) parts.push(`finish=${logValue(info.finishReason)}`);
+    if (info.errorCode) parts.push(`error=${logValue(info.errorCode)}`);
     parts.push(`${info.durationMs}ms`);
-    this.options.logger?.info?.(`localmlx openai: ${parts.join(" ")}`);
+    this.say("info", parts.join(" "));
+  }
+
+  /** A line to the logger, whose own failure (a closed stream…) never reaches a request. */
+  private say(level: keyof Logger, line: string): void {
+    try {
+      this.options.logger?.[level]?.(`localmlx openai: ${line}`);
+    } catch {
+      // nowhere left to report it
+    }
   }
 }
 
@@ -699,4 +883,26 @@ function modelObject(id: string): { id: string; object: "model"; created: number
 
 function tooLarge(limit: number): OpenAIHttpError {
   return new OpenAIHttpError(413, `The request body is larger than ${limit} bytes`, "invalid_request_error", null, "request_too_large");
+}
+
+function unauthorized(): OpenAIHttpError {
+  return new OpenAIHttpError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", "invalid_request_error", null, "invalid_api_key");
+}
+
+function incompleteBody(): OpenAIHttpError {
+  return new OpenAIHttpError(400, "The request body did not arrive whole", "invalid_request_error", null, "incomplete_body");
+}
+
+function expectationFailed(): OpenAIHttpError {
+  return new OpenAIHttpError(417, "Only Expect: 100-continue is supported", "invalid_request_error", null, "expectation_failed");
+}
+
+function digest(text: string): Buffer {
+  return createHash("sha256").update(text).digest();
+}
+
+/** An error's first line (anything thrown, not only Errors). */
+function messageOf(error: unknown): string {
+  const message = error instanceof Error ? error.message : String(error);
+  return message.split("\n")[0]!;
 }

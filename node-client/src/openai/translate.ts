@@ -21,6 +21,7 @@ import type {
   Usage,
 } from "../protocol";
 import { badRequest } from "./errors";
+import { DEFAULT_LIMITS, checkCount, checkSchemaSize, nestingPastLimit, tooDeep, type RequestLimits } from "./limits";
 
 // ---- OpenAI shapes (the parts this endpoint reads and writes) -----------------------------
 
@@ -175,19 +176,22 @@ function textContent(content: unknown, param: string, allowNull: boolean): strin
   throw badRequest(`${param} must be a string or an array of content parts`, param);
 }
 
-function toolCallsOf(value: unknown, param: string): ToolCall[] {
+function toolCallsOf(value: unknown, param: string, limits: RequestLimits): ToolCall[] {
   if (!Array.isArray(value)) throw badRequest(`${param} must be an array`, param);
+  checkCount(value, limits.maxTools, param);
   return value.map((call, i) => {
     const where = `${param}[${i}]`;
     if (!isRecord(call) || !isRecord(call.function)) throw badRequest(`${where} must be a function tool call`, where);
     const { name, arguments: args } = call.function;
     if (typeof name !== "string") throw badRequest(`${where}.function.name must be a string`, `${where}.function.name`);
+    // Arguments are JSON text the sidecar parses: they nest within the same limit as a body.
+    if (typeof args === "string" && nestingPastLimit(args, limits.maxDepth)) throw tooDeep(`${where}.function.arguments`, limits.maxDepth);
     const argumentsText = typeof args === "string" ? args : args === undefined || args === null ? "{}" : JSON.stringify(args);
     return { id: typeof call.id === "string" ? call.id : `call_${i}`, type: "function" as const, function: { name, arguments: argumentsText } };
   });
 }
 
-function messageOf(value: unknown, i: number): Message {
+function messageOf(value: unknown, i: number, limits: RequestLimits): Message {
   const where = `messages[${i}]`;
   if (!isRecord(value)) throw badRequest(`${where} must be an object`, where);
   const role = value.role;
@@ -201,7 +205,7 @@ function messageOf(value: unknown, i: number): Message {
       const content = textContent(value.content, `${where}.content`, true);
       const message: Message = { role: "assistant", content: content ?? null };
       if (value.tool_calls !== undefined && value.tool_calls !== null) {
-        const calls = toolCallsOf(value.tool_calls, `${where}.tool_calls`);
+        const calls = toolCallsOf(value.tool_calls, `${where}.tool_calls`, limits);
         if (calls.length > 0) message.toolCalls = calls;
       }
       if (message.toolCalls === undefined && (content === null || content === undefined)) message.content = "";
@@ -222,8 +226,9 @@ function messageOf(value: unknown, i: number): Message {
   }
 }
 
-function toolsOf(value: unknown): Tool[] {
+function toolsOf(value: unknown, limits: RequestLimits): Tool[] {
   if (!Array.isArray(value)) throw badRequest("tools must be an array", "tools");
+  checkCount(value, limits.maxTools, "tools");
   return value.map((tool, i) => {
     const where = `tools[${i}]`;
     if (!isRecord(tool) || tool.type !== "function" || !isRecord(tool.function)) {
@@ -237,6 +242,7 @@ function toolsOf(value: unknown): Tool[] {
       if (!isRecord(fn.parameters) && typeof fn.parameters !== "boolean") {
         throw badRequest(`${where}.function.parameters must be a JSON Schema object`, `${where}.function.parameters`);
       }
+      checkSchemaSize(fn.parameters, limits.maxSchemaBytes, `${where}.function.parameters`);
       out.function.parameters = fn.parameters;
     }
     if (typeof fn.strict === "boolean") out.function.strict = fn.strict;
@@ -252,7 +258,7 @@ function toolChoiceOf(value: unknown): ToolChoice {
   throw badRequest('tool_choice must be "none", "auto", "required" or {type: "function", function: {name}}', "tool_choice");
 }
 
-function responseFormatOf(value: unknown): ResponseFormat | undefined {
+function responseFormatOf(value: unknown, limits: RequestLimits): ResponseFormat | undefined {
   if (!isRecord(value)) throw badRequest("response_format must be an object", "response_format");
   switch (value.type) {
     case "text":
@@ -266,6 +272,7 @@ function responseFormatOf(value: unknown): ResponseFormat | undefined {
       if (!isRecord(schema) && typeof schema !== "boolean") {
         throw badRequest("response_format.json_schema.schema must be a JSON Schema", "response_format.json_schema.schema");
       }
+      checkSchemaSize(schema, limits.maxSchemaBytes, "response_format.json_schema.schema");
       const format: ResponseFormat = { type: "json_schema", schema };
       if (typeof spec.name === "string") format.name = spec.name;
       if (typeof spec.strict === "boolean") format.strict = spec.strict;
@@ -276,12 +283,12 @@ function responseFormatOf(value: unknown): ResponseFormat | undefined {
   }
 }
 
-function stopOf(value: unknown): string[] | undefined {
+function stopOf(value: unknown, maxStrings: number): string[] | undefined {
   if (value === undefined || value === null) return undefined;
   if (typeof value === "string") return value === "" ? undefined : [value];
   if (Array.isArray(value) && value.every((s) => typeof s === "string")) {
     const stops = (value as string[]).filter((s) => s !== "");
-    if (stops.length > 16) throw badRequest("stop may hold at most 16 strings", "stop");
+    if (stops.length > maxStrings) throw badRequest(`stop may hold at most ${maxStrings} strings`, "stop", "too_many_items");
     return stops.length > 0 ? stops : undefined;
   }
   throw badRequest("stop must be a string or an array of strings", "stop");
@@ -300,7 +307,7 @@ function logitBiasOf(value: unknown): Record<string, number> | undefined {
 }
 
 /** The sampling fields chat and completions share, OpenAI names → protocol names. */
-function samplingOf(body: JsonObject): Omit<GenerateParams, "prompt"> {
+function samplingOf(body: JsonObject, limits: RequestLimits): Omit<GenerateParams, "prompt"> {
   const params: Omit<GenerateParams, "prompt"> = {};
   const n = optionalNumber(body, "n", undefined, true);
   if (n !== undefined && n !== 1) throw badRequest("Only n = 1 is supported", "n");
@@ -319,7 +326,7 @@ function samplingOf(body: JsonObject): Omit<GenerateParams, "prompt"> {
   if (seed !== undefined) params.seed = seed;
   const logitBias = logitBiasOf(body.logit_bias);
   if (logitBias) params.logitBias = logitBias;
-  const stop = stopOf(body.stop);
+  const stop = stopOf(body.stop, limits.maxStopStrings);
   if (stop) params.stop = stop;
   // Extensions that mlx_lm.server and vLLM accept too.
   const topK = optionalNumber(body, "top_k", [0, Number.MAX_SAFE_INTEGER], true);
@@ -334,12 +341,16 @@ function samplingOf(body: JsonObject): Omit<GenerateParams, "prompt"> {
   return params;
 }
 
-/** A `/v1/chat/completions` body → `chat` params (without `model`, which the router resolves). */
-export function chatParamsOf(body: JsonObject): Omit<ChatParams, "model"> {
+/**
+ * A `/v1/chat/completions` body → `chat` params (without `model`, which the router resolves).
+ * The body's nesting is checked before it was parsed; counts and schema sizes here.
+ */
+export function chatParamsOf(body: JsonObject, limits: RequestLimits = DEFAULT_LIMITS): Omit<ChatParams, "model"> {
   if (!Array.isArray(body.messages) || body.messages.length === 0) throw badRequest("messages must be a non-empty array", "messages");
-  const params: Omit<ChatParams, "model"> = { messages: body.messages.map(messageOf), ...samplingOf(body) };
+  checkCount(body.messages, limits.maxMessages, "messages");
+  const params: Omit<ChatParams, "model"> = { messages: body.messages.map((message, i) => messageOf(message, i, limits)), ...samplingOf(body, limits) };
   if (body.tools !== undefined && body.tools !== null) {
-    const tools = toolsOf(body.tools);
+    const tools = toolsOf(body.tools, limits);
     if (tools.length > 0) params.tools = tools;
   }
   if (body.tool_choice !== undefined && body.tool_choice !== null) {
@@ -348,7 +359,7 @@ export function chatParamsOf(body: JsonObject): Omit<ChatParams, "model"> {
     else if (choice !== "none" && choice !== "auto") throw badRequest("tool_choice needs tools", "tool_choice");
   }
   if (body.response_format !== undefined && body.response_format !== null) {
-    const format = responseFormatOf(body.response_format);
+    const format = responseFormatOf(body.response_format, limits);
     if (format) params.responseFormat = format;
   }
   // Reasoning switches as vLLM and mlx_lm.server take them.
@@ -359,7 +370,7 @@ export function chatParamsOf(body: JsonObject): Omit<ChatParams, "model"> {
 }
 
 /** A `/v1/completions` body → `generate` params (without `model`). */
-export function completionParamsOf(body: JsonObject): { params: Omit<GenerateParams, "model">; echo: boolean } {
+export function completionParamsOf(body: JsonObject, limits: RequestLimits = DEFAULT_LIMITS): { params: Omit<GenerateParams, "model">; echo: boolean } {
   let prompt = body.prompt;
   if (Array.isArray(prompt)) {
     if (prompt.length !== 1 || typeof prompt[0] !== "string") {
@@ -372,16 +383,16 @@ export function completionParamsOf(body: JsonObject): { params: Omit<GeneratePar
   if (suffix) throw badRequest("suffix is not supported", "suffix");
   const bestOf = optionalNumber(body, "best_of", undefined, true);
   if (bestOf !== undefined && bestOf !== 1) throw badRequest("Only best_of = 1 is supported", "best_of");
-  const params: Omit<GenerateParams, "model"> = { prompt, ...samplingOf(body) };
+  const params: Omit<GenerateParams, "model"> = { prompt, ...samplingOf(body, limits) };
   if (body.response_format !== undefined && body.response_format !== null) {
-    const format = responseFormatOf(body.response_format);
+    const format = responseFormatOf(body.response_format, limits);
     if (format) params.responseFormat = format;
   }
   return { params, echo: optionalBoolean(body, "echo") === true };
 }
 
 /** A `/v1/embeddings` body → `embed` params (without `model`) and the encoding asked for. */
-export function embedParamsOf(body: JsonObject): { params: Omit<EmbedParams, "model">; encoding: "float" | "base64" } {
+export function embedParamsOf(body: JsonObject, limits: RequestLimits = DEFAULT_LIMITS): { params: Omit<EmbedParams, "model">; encoding: "float" | "base64" } {
   const input = body.input;
   let texts: string[];
   if (typeof input === "string") texts = [input];
@@ -389,7 +400,7 @@ export function embedParamsOf(body: JsonObject): { params: Omit<EmbedParams, "mo
   else if (Array.isArray(input) && input.length > 0 && input.every((s) => typeof s === "number" || Array.isArray(s))) {
     throw badRequest("input as token ids is not supported; send text", "input");
   } else throw badRequest("input must be a string or a non-empty array of strings", "input");
-  if (texts.length > 2048) throw badRequest("input may hold at most 2048 texts", "input");
+  checkCount(texts, limits.maxEmbeddingInputs, "input");
   const params: Omit<EmbedParams, "model"> = { input: texts };
   const dimensions = optionalNumber(body, "dimensions", [1, Number.MAX_SAFE_INTEGER], true);
   if (dimensions !== undefined) params.dimensions = dimensions;
