@@ -48,3 +48,25 @@ export {
 } from "./process";
 export * from "./protocol";
 export * from "./openai";
+export {
+  PLUGIN_DIR,
+  WOOSTER_DEFAULTS,
+  checkWooster,
+  checkWoosterEndpoints,
+  checkWoosterEnv,
+  checkWoosterInstall,
+  readWoosterEnv,
+  resolveClientFrom,
+  shippedPluginFiles,
+  woosterRouting,
+  type CheckWoosterOptions,
+  type FindingLevel,
+  type ReadinessFinding,
+  type WoosterEndpointOptions,
+  type WoosterEnv,
+  type WoosterInstallOptions,
+  type WoosterReadiness,
+  type WoosterRouting,
+  type WoosterTier,
+  type WoosterTierName,
+} from "./wooster-readiness";
