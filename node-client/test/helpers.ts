@@ -1,4 +1,5 @@
 import { spawnSync } from "node:child_process";
+import { createServer, type AddressInfo } from "node:net";
 import { cpSync, existsSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { basename, join, resolve } from "node:path";
@@ -97,4 +98,16 @@ export function buildThinkingModel(): string {
     rmSync(tmp, { recursive: true, force: true }); // another test file built it first
   }
   return name;
+}
+
+/** A loopback port free a moment ago (the OS's pick): for servers a test must name the port of in advance, and for "nothing listens here". */
+export function freePort(): Promise<number> {
+  return new Promise((resolvePort, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as AddressInfo;
+      server.close(() => resolvePort(port));
+    });
+  });
 }
