@@ -10,6 +10,7 @@
 "use strict";
 const { spawnSync } = require("node:child_process");
 const fs = require("node:fs");
+const { createRequire } = require("node:module");
 const path = require("node:path");
 
 const packageRoot = path.resolve(__dirname, "..");
@@ -127,15 +128,20 @@ function shown(manager, command) {
   return [...Object.entries(command.env).map(([k, v]) => `${k}=${v}`), manager, ...command.args].join(" ");
 }
 
-/** Why @localmlx/client does not resolve from the plugin folder as Wooster will import it, or undefined when it does. */
+/**
+ * Why @localmlx/client does not resolve from the plugin folder as Wooster will import it, or
+ * undefined when it does. A require made there: this file's own would find this package itself
+ * (self-reference), whatever `paths` says.
+ */
 function unresolved(dir) {
   const from = path.join(dir, PLUGIN_DIR);
+  const requireThere = createRequire(path.join(from, "index.js"));
   try {
-    require.resolve(DEPENDENCY, { paths: [from] });
+    requireThere.resolve(DEPENDENCY);
     return undefined;
   } catch (error) {
     try {
-      const pkg = require.resolve(`${DEPENDENCY}/package.json`, { paths: [from] });
+      const pkg = requireThere.resolve(`${DEPENDENCY}/package.json`);
       return `${DEPENDENCY} is installed (${fs.realpathSync(path.dirname(pkg))}) but its entry point is missing (${error.message.split("\n")[0]}); is it built? (\`npm run build\` in that folder)`;
     } catch {
       return `${DEPENDENCY} does not resolve from ${from}`;

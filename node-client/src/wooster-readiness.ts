@@ -9,6 +9,7 @@
  * which logs the problems as warnings in Wooster's log.
  */
 import { existsSync, readFileSync, readdirSync } from "node:fs";
+import { createRequire } from "node:module";
 import { join, resolve } from "node:path";
 import { parse as parseDotenv } from "dotenv";
 
@@ -247,11 +248,16 @@ export function shippedPluginFiles(source: string): string[] {
   return readdirSync(source).filter((name) => name.endsWith(".ts") && !name.endsWith(".test.ts")).sort();
 }
 
-/** Where `@localmlx/client` resolves from `fromDir`, or undefined (as Node resolves the plugin's import). */
+/**
+ * Where `@localmlx/client` resolves from `fromDir`, or undefined: as Node resolves the plugin's
+ * import. (A require of this package's own, even with `paths`, would find the package itself by
+ * self-reference: so a require made in `fromDir`.)
+ */
 export function resolveClientFrom(fromDir: string): { path: string; version: string } | undefined {
   try {
-    const main = require.resolve("@localmlx/client", { paths: [fromDir] });
-    const pkgFile = require.resolve("@localmlx/client/package.json", { paths: [fromDir] });
+    const requireThere = createRequire(join(resolve(fromDir), "index.js"));
+    const main = requireThere.resolve("@localmlx/client");
+    const pkgFile = requireThere.resolve("@localmlx/client/package.json");
     return { path: main, version: (JSON.parse(readFileSync(pkgFile, "utf8")) as { version: string }).version };
   } catch {
     return undefined;
