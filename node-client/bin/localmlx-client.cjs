@@ -10,7 +10,6 @@
 "use strict";
 const { spawnSync } = require("node:child_process");
 const fs = require("node:fs");
-const { createRequire } = require("node:module");
 const path = require("node:path");
 
 const packageRoot = path.resolve(__dirname, "..");
@@ -130,23 +129,26 @@ function shown(manager, command) {
 
 /**
  * Why @localmlx/client does not resolve from the plugin folder as Wooster will import it, or
- * undefined when it does. A require made there: this file's own would find this package itself
- * (self-reference), whatever `paths` says.
+ * undefined when it does. Asked of a fresh node: this process's require would find this package
+ * itself (self-reference), and keeps what it read before the install (package.json lookups).
  */
 function unresolved(dir) {
-  const from = path.join(dir, PLUGIN_DIR);
-  const requireThere = createRequire(path.join(from, "index.js"));
-  try {
-    requireThere.resolve(DEPENDENCY);
-    return undefined;
-  } catch (error) {
-    try {
-      const pkg = requireThere.resolve(`${DEPENDENCY}/package.json`);
-      return `${DEPENDENCY} is installed (${fs.realpathSync(path.dirname(pkg))}) but its entry point is missing (${error.message.split("\n")[0]}); is it built? (\`npm run build\` in that folder)`;
-    } catch {
-      return `${DEPENDENCY} does not resolve from ${from}`;
-    }
+  const from = path.join(dir, PLUGIN_DIR, "index.js");
+  const probe = `
+    const req = require("node:module").createRequire(${JSON.stringify(from)});
+    try { req.resolve(${JSON.stringify(DEPENDENCY)}); }
+    catch (error) {
+      let pkg; try { pkg = require("node:fs").realpathSync(require("node:path").dirname(req.resolve(${JSON.stringify(`${DEPENDENCY}/package.json`)}))); } catch {}
+      console.log(pkg ? "built:" + pkg + "\t" + error.message.split("\\n")[0] : "missing");
+    }`;
+  const run = spawnSync(process.execPath, ["-e", probe], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+  const answer = run.stdout.trim();
+  if (run.status === 0 && answer === "") return undefined;
+  if (answer.startsWith("built:")) {
+    const [where, why] = answer.slice("built:".length).split("\t");
+    return `${DEPENDENCY} is installed (${where}) but its entry point is missing (${why}); is it built? (\`npm run build\` in that folder)`;
   }
+  return `${DEPENDENCY} does not resolve from ${path.dirname(from)}`;
 }
 
 function defaultSpec(dir, manager) {
