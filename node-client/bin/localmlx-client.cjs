@@ -379,7 +379,8 @@ async function doctor(argv, out = console.log) {
   if (options.json) {
     out(JSON.stringify({ dir, dotenv: dotenvFile ?? null, staysLocal, findings }, null, 2));
   } else {
-    out(`Wooster at ${dir}: settings from ${dotenvFile ?? "(no .env)"} under this shell's environment ("set X=…" means there).`);
+    const settings = dotenvFile ? `settings from ${dotenvFile}` : `no ${path.join(dir, ".env")} (create one)`;
+    out(`Wooster at ${dir}: ${settings} under this shell's environment ("set X=…" means in that .env).`);
     for (const finding of findings) {
       out(`  ${MARK[finding.level]}  ${finding.id.padEnd(20)} ${finding.message}`);
       if (finding.fix && finding.level !== "ok") out(`        ${"".padEnd(20)} fix: ${finding.fix}`);
