@@ -2,8 +2,11 @@
 // `npx @localmlx/client setup`: creates a private virtualenv and pip-installs the localmlx sidecar
 // into it, where the client finds it (see findSidecar in src/process.ts).
 // `npx @localmlx/client wooster-install <wooster-dir>`: puts the localMLX plugin into a Wooster
-// checkout (src/plugins/localMLX/) and adds @localmlx/client to its package.json, then installs.
+// checkout (src/plugins/localMLX/) and adds @localmlx/client to its package.json, then runs the
+// package manager non-interactively and checks that the package resolves from the plugin folder.
 // Safe to run again: it only writes what differs. It refuses a directory that is not Wooster.
+// `npx @localmlx/client wooster-doctor <wooster-dir>`: says whether Wooster will stay local, each
+// finding with its fix (src/wooster-readiness.ts); exit 0 when it will, 1 when not, 2 for usage.
 "use strict";
 const { spawnSync } = require("node:child_process");
 const fs = require("node:fs");
@@ -35,19 +38,31 @@ const USAGE = `Usage: localmlx-client setup [options]                   (see set
        localmlx-client serve [--config <file>]                 (see serve --help)
        localmlx-client install-service | uninstall-service     (see install-service --help)
        localmlx-client wooster-install <wooster-dir> [options]
+       localmlx-client wooster-doctor <wooster-dir> [--json]
 
-Copies the localMLX plugin into <wooster-dir>/${PLUGIN_DIR}/, adds ${DEPENDENCY} to
-Wooster's package.json, and installs it. Run it again to update; it changes only what differs.
+wooster-install copies the localMLX plugin into <wooster-dir>/${PLUGIN_DIR}/, adds
+${DEPENDENCY} to Wooster's package.json, installs it with Wooster's package manager (pnpm,
+npm or yarn, non-interactively), and checks that it resolves from the plugin folder; it exits 1
+when it does not. Run it again to update; it changes only what differs.
 
-Options:
   --spec <spec>    the dependency as package.json should name it (default: this package's
-                   folder when it lives in a localmlx checkout, "link:" for pnpm or "file:"
-                   for npm; else "^<version>")
+                   folder when it lives in a localmlx checkout, "link:" for pnpm and yarn,
+                   "file:" for npm; else "^<version>")
   --no-install     edit package.json only; run your package manager yourself
   --dry-run        say what would change, change nothing
+
+wooster-doctor checks the Node version, the plugin and its package, the settings (<wooster-dir>/.env
+under this shell's environment, as Wooster reads them), and asks each endpoint Wooster will call
+(ROUTING_LOCAL_SERVER_URL, ROUTING_ROUTER_URL, ROUTING_FAST_URL, ROUTING_THINKING_URL,
+MLX_EMBEDDINGS_URL) and the embedding model. It prints each finding with its fix, and exits 0
+when Wooster will stay local, 1 when it will not (or will fall back), 2 for usage.
+
+  --json           the findings as JSON ({ dir, staysLocal, findings: [{ id, level, message, fix }] })
   -h, --help       this text`;
 
 class UsageError extends Error {}
+/** The install did not give a working plugin: exit 1, with what to run. */
+class InstallFailure extends Error {}
 
 function parseArgs(argv) {
   const options = { install: true, dryRun: false, spec: undefined, dir: undefined };
@@ -94,12 +109,57 @@ function packageManager(dir) {
   return "npm";
 }
 
+/**
+ * The install, with nothing left to ask: stdin is closed, and each manager told not to prompt.
+ * pnpm: CI=true and confirmModulesPurge=false (else, on a non-terminal, it asks whether to purge
+ * node_modules and exits 0 having done nothing); CI=true makes it freeze the lockfile, which the
+ * changed dependency needs updated. yarn: classic's --non-interactive; Berry (a .yarnrc.yml) has
+ * no prompts but is immutable under CI.
+ */
+function installCommand(dir, manager) {
+  if (manager === "pnpm") return { args: ["install", "--config.confirmModulesPurge=false", "--no-frozen-lockfile"], env: { CI: "true" } };
+  if (manager === "yarn") {
+    const berry = fs.existsSync(path.join(dir, ".yarnrc.yml"));
+    return { args: berry ? ["install"] : ["install", "--non-interactive"], env: { YARN_ENABLE_IMMUTABLE_INSTALLS: "false" } };
+  }
+  return { args: ["install", "--no-audit", "--no-fund"], env: {} };
+}
+
+function shown(manager, command) {
+  return [...Object.entries(command.env).map(([k, v]) => `${k}=${v}`), manager, ...command.args].join(" ");
+}
+
+/**
+ * Why @localmlx/client does not resolve from the plugin folder as Wooster will import it, or
+ * undefined when it does. Asked of a fresh node: this process's require would find this package
+ * itself (self-reference), and keeps what it read before the install (package.json lookups).
+ */
+function unresolved(dir) {
+  const from = path.join(dir, PLUGIN_DIR, "index.js");
+  const probe = `
+    const req = require("node:module").createRequire(${JSON.stringify(from)});
+    try { req.resolve(${JSON.stringify(DEPENDENCY)}); }
+    catch (error) {
+      let pkg; try { pkg = require("node:fs").realpathSync(require("node:path").dirname(req.resolve(${JSON.stringify(`${DEPENDENCY}/package.json`)}))); } catch {}
+      console.log(pkg ? "built:" + pkg + "\t" + error.message.split("\\n")[0] : "missing");
+    }`;
+  const run = spawnSync(process.execPath, ["-e", probe], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+  const answer = run.stdout.trim();
+  if (run.status === 0 && answer === "") return undefined;
+  if (answer.startsWith("built:")) {
+    const [where, why] = answer.slice("built:".length).split("\t");
+    return `${DEPENDENCY} is installed (${where}) but its entry point is missing (${why}); is it built? (\`npm run build\` in that folder)`;
+  }
+  return `${DEPENDENCY} does not resolve from ${path.dirname(from)}`;
+}
+
 function defaultSpec(dir, manager) {
   const inCheckout = fs.existsSync(path.join(packageRoot, "..", "sidecar", "__main__.py"));
   if (inCheckout) {
     let relative = path.relative(dir, packageRoot).split(path.sep).join("/");
     if (!relative.startsWith(".")) relative = `./${relative}`;
-    return `${manager === "pnpm" ? "link" : "file"}:${relative}`;
+    // A symlink to the checkout: pnpm's and yarn's link:; npm's file: links folders itself.
+    return `${manager === "npm" ? "file" : "link"}:${relative}`;
   }
   const version = JSON.parse(fs.readFileSync(path.join(packageRoot, "package.json"), "utf8")).version;
   return `^${version}`;
@@ -156,16 +216,31 @@ function install(argv, out = console.log) {
   if (changes.length === 0) out(`localMLX plugin already installed and up to date in ${dir}.`);
   else for (const change of changes) out(`${options.dryRun ? "would " : ""}${change}`);
 
-  const installed = fs.existsSync(path.join(dir, "node_modules", DEPENDENCY, "package.json"));
-  if (options.install && !options.dryRun && (changes.length > 0 || !installed)) {
-    out(`running ${manager} install in ${dir} …`);
-    const run = spawnSync(manager, ["install"], { cwd: dir, stdio: "inherit", shell: process.platform === "win32" });
-    if (run.error || run.status !== 0) {
-      out(`${manager} install did not finish (${run.error ? run.error.message : `exit ${run.status}`}); run it yourself in ${dir}.`);
-      process.exitCode = 1;
+  const command = installCommand(dir, manager);
+  const missing = unresolved(dir);
+  if (options.install && !options.dryRun && (changes.length > 0 || missing)) {
+    out(`running ${shown(manager, command)} in ${dir} …`);
+    const run = spawnSync(manager, command.args, {
+      cwd: dir,
+      stdio: ["ignore", "inherit", "inherit"],
+      env: { ...process.env, ...command.env },
+      shell: process.platform === "win32",
+    });
+    const ran = run.error ? `could not run ${manager} (${run.error.code ?? run.error.message})` : run.status !== 0 ? `${manager} install failed (exit ${run.status ?? run.signal})` : undefined;
+    const still = ran ? undefined : unresolved(dir);
+    if (ran || still) {
+      throw new InstallFailure(
+        [
+          ran ?? `${manager} install finished (exit 0), but ${still}: Wooster cannot load the plugin.`,
+          `Run it yourself, then check:`,
+          `  cd ${dir} && ${shown(manager, command)}`,
+          `  npx ${DEPENDENCY} wooster-doctor ${dir}`,
+        ].join("\n"),
+      );
     }
-  } else if (!options.install && (changes.length > 0 || !installed)) {
-    out(`next: run \`${manager} install\` in ${dir}.`);
+    out(`${DEPENDENCY} resolves from ${PLUGIN_DIR}.`);
+  } else if (!options.install && (changes.length > 0 || missing)) {
+    out(`next: run \`${shown(manager, command)}\` in ${dir}.`);
   }
   if (changes.length > 0 && !options.dryRun) {
     out(
@@ -175,7 +250,8 @@ function install(argv, out = console.log) {
         "  PLUGIN_LOCALMLX_ENABLED=true",
         "  LOCALMLX_PYTHON=/path/to/localmlx/.venv/bin/python   # the Python with localmlx and MLX",
         "  LOCALMLX_DEFAULT_MODEL=mlx-community/Qwen2.5-3B-Instruct-4bit",
-        "See the \"Use it from Wooster\" section of @localmlx/client's README for the other settings.",
+        "See the \"Use it from Wooster\" section of @localmlx/client's README for the other settings,",
+        `and run \`npx ${DEPENDENCY} wooster-doctor ${dir}\`: it says what else Wooster needs to stay local.`,
       ].join("\n"),
     );
   }
@@ -290,6 +366,51 @@ function runService(command, rest) {
   });
 }
 
+// ---- wooster-doctor: will Wooster stay local? ------------------------------------------------
+
+const MARK = { ok: "ok  ", warn: "WARN", fail: "FAIL" };
+
+function parseDoctorArgs(argv) {
+  const options = { json: false, dir: undefined };
+  for (const arg of argv) {
+    if (arg === "--json") options.json = true;
+    else if (arg.startsWith("-")) throw new UsageError(`unknown option ${arg}`);
+    else if (options.dir === undefined) options.dir = arg;
+    else throw new UsageError(`unexpected argument ${arg}`);
+  }
+  if (!options.dir) throw new UsageError("which Wooster checkout? give its directory");
+  return options;
+}
+
+async function doctor(argv, out = console.log) {
+  const options = parseDoctorArgs(argv);
+  const dir = path.resolve(options.dir);
+  const why = notWooster(dir);
+  if (why) throw new UsageError(`not a Wooster checkout: ${why}. Nothing was checked.`);
+  let readiness;
+  try {
+    readiness = require(path.join(packageRoot, "dist", "index.js"));
+  } catch {
+    throw new UsageError("this package is not built (no dist/): run `npm run build` in it first");
+  }
+  const { env, dotenvFile } = readiness.readWoosterEnv(dir);
+  const { staysLocal, findings } = await readiness.checkWooster({ dir, env });
+  if (options.json) {
+    out(JSON.stringify({ dir, dotenv: dotenvFile ?? null, staysLocal, findings }, null, 2));
+  } else {
+    const settings = dotenvFile ? `settings from ${dotenvFile}` : `no ${path.join(dir, ".env")} (create one)`;
+    out(`Wooster at ${dir}: ${settings} under this shell's environment ("set X=…" means in that .env).`);
+    for (const finding of findings) {
+      out(`  ${MARK[finding.level]}  ${finding.id.padEnd(20)} ${finding.message}`);
+      if (finding.fix && finding.level !== "ok") out(`        ${"".padEnd(20)} fix: ${finding.fix}`);
+    }
+    const count = (level) => findings.filter((f) => f.level === level).length;
+    const warnings = count("warn") ? ` (${count("warn")} warning${count("warn") > 1 ? "s" : ""})` : "";
+    out(staysLocal ? `\nWooster will stay local${warnings}.` : `\nWooster will NOT stay local: ${count("fail")} FAIL above${warnings}.`);
+  }
+  return staysLocal;
+}
+
 function main(argv) {
   const [command, ...rest] = argv;
   if (SERVICE_COMMANDS.has(command)) return runService(command, rest);
@@ -306,17 +427,30 @@ function main(argv) {
       console.log(USAGE);
       return;
     }
+    if (command === "wooster-doctor") {
+      doctor(rest).then((staysLocal) => (process.exitCode = staysLocal ? 0 : 1), (error) => failed(command, error));
+      return;
+    }
     if (command !== "wooster-install") throw new UsageError(`unknown command ${command}`);
     install(rest);
   } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`localmlx-client: ${error.message}`);
-    if (command === "setup") console.error("See: localmlx-client setup --help");
-    else if (!/Nothing was changed/.test(error.message)) console.error(`\n${USAGE}`);
-    process.exitCode = 2;
+    failed(command, error);
   }
+}
+
+/** A usage error exits 2 (with the usage); a failed install exits 1; anything else is a bug and throws. */
+function failed(command, error) {
+  if (!(error instanceof UsageError || error instanceof InstallFailure)) throw error;
+  console.error(`localmlx-client: ${error.message}`);
+  if (error instanceof InstallFailure) {
+    process.exitCode = 1;
+    return;
+  }
+  if (command === "setup") console.error("See: localmlx-client setup --help");
+  else if (!/Nothing was (changed|checked)/.test(error.message)) console.error(`\n${USAGE}`);
+  process.exitCode = 2;
 }
 
 if (require.main === module) main(process.argv.slice(2));
 
-module.exports = { install, notWooster, setup };
+module.exports = { doctor, install, notWooster, setup };

@@ -49,3 +49,25 @@ export {
 export * from "./protocol";
 export * from "./openai";
 export * from "./service";
+export {
+  PLUGIN_DIR,
+  WOOSTER_DEFAULTS,
+  checkWooster,
+  checkWoosterEndpoints,
+  checkWoosterEnv,
+  checkWoosterInstall,
+  readWoosterEnv,
+  resolveClientFrom,
+  shippedPluginFiles,
+  woosterRouting,
+  type CheckWoosterOptions,
+  type FindingLevel,
+  type ReadinessFinding,
+  type WoosterEndpointOptions,
+  type WoosterEnv,
+  type WoosterInstallOptions,
+  type WoosterReadiness,
+  type WoosterRouting,
+  type WoosterTier,
+  type WoosterTierName,
+} from "./wooster-readiness";

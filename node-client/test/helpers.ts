@@ -1,4 +1,5 @@
 import { spawnSync } from "node:child_process";
+import { createServer, type AddressInfo } from "node:net";
 import { cpSync, existsSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { basename, join, resolve } from "node:path";
@@ -111,4 +112,16 @@ export function buildShortContextDemo(): string {
   const built = spawnSync(python, ["-c", code, join(modelsDir, name)], { cwd: repositoryRoot, encoding: "utf8" });
   if (built.status !== 0) throw new Error(`could not build ${name}: ${built.stderr}`);
   return name;
+}
+
+/** A loopback port free a moment ago (the OS's pick): for servers a test must name the port of in advance, and for "nothing listens here". */
+export function freePort(): Promise<number> {
+  return new Promise((resolvePort, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as AddressInfo;
+      server.close(() => resolvePort(port));
+    });
+  });
 }

@@ -7,13 +7,16 @@
  */
 import assert from "node:assert/strict";
 import { execFile, spawn } from "node:child_process";
+import { createServer } from "node:http";
+import type { AddressInfo } from "node:net";
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { promisify } from "node:util";
+import { startOpenAIServer, type OpenAIServer, type ReadinessFinding } from "../src/index";
 import { readSettings } from "../wooster/config";
-import { buildShortContextDemo, fixtures, modelsDir, packageRoot, processGone, python, waitFor } from "./helpers";
+import { buildFamilyModel, buildShortContextDemo, fixtures, freePort, modelsDir, packageRoot, processGone, python, waitFor } from "./helpers";
 
 const execFileAsync = promisify(execFile);
 const installer = join(packageRoot, "bin", "localmlx-client.cjs");
@@ -22,14 +25,23 @@ const T = { timeout: 120_000 };
 /** A Python without localmlx and MLX (the system's), or, where there is none, no interpreter at all: either way the sidecar cannot start. */
 const pythonWithoutMLX = existsSync("/usr/bin/python3") ? "/usr/bin/python3" : "/nonexistent/python3";
 
-/** The environment of a stand-in Wooster process: only what each scenario sets, nothing inherited that steers the plugin. */
+/** A port nothing listens on: Wooster's tier URLs point there unless a scenario says otherwise, so the plugin's start-up checks ask nothing real. */
+let closedPort = 0;
+
+/** The environment of a stand-in Wooster process: only what each scenario sets, nothing inherited that steers the plugin or Wooster's routing. */
 function hostEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
   for (const [key, value] of Object.entries(process.env)) {
-    if (!/^(LOCALMLX_|OPENAI_|PLUGIN_|TOOLS_|HF_)/.test(key)) env[key] = value;
+    if (!/^(LOCALMLX_|OPENAI_|PLUGIN_|TOOLS_|HF_|ROUTING_|MLX_)/.test(key)) env[key] = value;
   }
+  const nowhere = `http://127.0.0.1:${closedPort}`;
   return {
     ...env,
+    ROUTING_LOCAL_SERVER_URL: nowhere,
+    ROUTING_ROUTER_URL: nowhere,
+    ROUTING_FAST_URL: nowhere,
+    ROUTING_THINKING_URL: nowhere,
+    MLX_EMBEDDINGS_URL: `${nowhere}/v1`,
     PLUGIN_LOCALMLX_ENABLED: "true",
     LOCALMLX_PYTHON: python,
     LOCALMLX_MODELS_DIR: modelsDir,
@@ -58,6 +70,8 @@ interface Report {
   httpObject?: string;
   tierStatus?: number;
   tierServedBy?: string | null;
+  findings?: ReadinessFinding[];
+  endpointFindings?: ReadinessFinding[];
   remoteRequests?: Array<{ path: string; auth?: string; body?: { model?: string } }>;
   outputs: Record<string, string>;
   logs?: string[];
@@ -95,6 +109,7 @@ describe("the Wooster plugin", () => {
   }
 
   before(async () => {
+    closedPort = await freePort();
     cpSync(join(fixtures, "wooster-host"), wooster, { recursive: true });
     const { stdout } = await execFileAsync(process.execPath, [installer, "wooster-install", wooster, "--no-install"]);
     installOutput = stdout;
@@ -104,6 +119,7 @@ describe("the Wooster plugin", () => {
     symlinkSync(packageRoot, join(wooster, "node_modules", "@localmlx", "client"), "dir");
     symlinkSync(join(packageRoot, "node_modules", "@langchain", "core"), join(wooster, "node_modules", "@langchain", "core"), "dir");
     symlinkSync(join(packageRoot, "node_modules", "@types"), join(wooster, "node_modules", "@types"), "dir");
+    symlinkSync(join(packageRoot, "node_modules", "dotenv"), join(wooster, "node_modules", "dotenv"), "dir"); // Wooster's configLoader loads .env
     try {
       await execFileAsync(process.execPath, [tsc, "-p", wooster], { cwd: wooster });
     } catch (error) {
@@ -290,13 +306,18 @@ describe("the Wooster plugin", () => {
   });
 
   test("LOCALMLX_AUTO_START_SERVER: the OpenAI-compatible endpoint runs on the plugin's sidecar, and goes with Wooster", T, async () => {
-    const tierPort = 20_000 + (process.pid % 20_000);
+    // Wooster's config has all three chat tiers (its defaults are :8080, :8081, :8083): each gets a free port here.
+    const [router, fast, thinking] = [await freePort(), await freePort(), await freePort()];
     const report = await host("server", {
       LOCALMLX_AUTO_START_SERVER: "true",
       LOCALMLX_SERVER_URL: "http://127.0.0.1:0",
       LOCALMLX_SERVE_TIERS: "true",
-      ROUTING_FAST_URL: `http://127.0.0.1:${tierPort}`,
+      ROUTING_ROUTER_URL: `http://127.0.0.1:${router}`,
+      ROUTING_FAST_URL: `http://127.0.0.1:${fast}`,
+      ROUTING_THINKING_URL: `http://127.0.0.1:${thinking}`,
+      ROUTING_ROUTER_MODEL: "demo",
       ROUTING_FAST_MODEL: "demo",
+      ROUTING_THINKING_MODEL: "demo",
     });
     assert.equal(report.tierStatus, 200, "Wooster's fast tier URL is served, with the tier's model");
     assert.equal(report.tierServedBy, "local");
@@ -307,6 +328,70 @@ describe("the Wooster plugin", () => {
     assert.deepEqual(report.children, [report.pid]);
     assert.doesNotMatch(report.outputs.local_chat!, /could not complete/);
     await waitFor(() => processGone(report.pid!), 10_000, "the sidecar to end after Wooster exited");
+  });
+
+  test("at start-up it warns, in Wooster's log with each fix, what keeps Wooster from staying local: settings at once, endpoints in the background", T, async () => {
+    // Real endpoints: localmlx (the demo model on the fast tier, an embedding model on the
+    // embeddings port), a loopback OpenAI-compatible server that is not localmlx, and a closed port.
+    const embeddingModel = buildFamilyModel("qwen3-embedding");
+    const endpoint: OpenAIServer = await startOpenAIServer({
+      listen: [
+        { port: 0, host: "127.0.0.1", aliases: { "*": "demo" } },
+        { port: 0, host: "127.0.0.1", aliases: { "*": embeddingModel } },
+      ],
+      localmlx: { env: { LOCALMLX_MODELS_DIR: modelsDir }, python },
+      fallback: false,
+    });
+    const other = createServer((_req, res) => res.writeHead(200, { "content-type": "application/json" }).end('{"object":"list","data":[{"id":"other"}]}'));
+    await new Promise<void>((resolveListen) => other.listen(0, "127.0.0.1", resolveListen));
+    try {
+      const [fast, embeddings] = endpoint.addresses.map((a) => `http://127.0.0.1:${a.port}`);
+      const report = await host("readiness", {
+        // ROUTING_LOCAL_ENABLED unset: the issue's recipe. LOCALMLX_AUTO_START_SERVER: its in-process mode.
+        LOCALMLX_AUTO_START_SERVER: "true",
+        LOCALMLX_SERVER_URL: "http://127.0.0.1:0",
+        ROUTING_ROUTER_URL: `http://127.0.0.1:${(other.address() as AddressInfo).port}`,
+        ROUTING_FAST_URL: fast!,
+        ROUTING_THINKING_URL: `http://127.0.0.1:${closedPort}`,
+        MLX_EMBEDDINGS_ENABLED: "true",
+        MLX_EMBEDDINGS_URL: `${embeddings}/v1`, // MLX_EMBEDDINGS_DIMENSIONS unset: Wooster's 4096
+      });
+      const logs = report.logs!;
+      const loaded = logs.findIndex((l) => l.includes("fixture: loadPlugins returned"));
+      const warning = (id: string) => logs.findIndex((l) => l.startsWith("[WARN] [localMLX] ") && l.includes(`(${id}): `));
+      // The settings: logged while Wooster loads the plugin.
+      for (const id of ["routing", "auto-start-server"]) assert.ok(warning(id) >= 0 && warning(id) < loaded, `${id} before loadPlugins returned:\n${logs.join("\n")}`);
+      assert.match(logs[warning("routing")]!, /not local \(routing\): Wooster's agent does not try local models: .*ROUTING_LOCAL_ENABLED=true.* Fix: set ROUTING_LOCAL_ENABLED=true\. ?$/); // Wooster's log formats the empty metadata as a space
+      assert.match(logs[warning("auto-start-server")]!, /check \(auto-start-server\): .*after Wooster has checked ROUTING_LOCAL_SERVER_URL.* Fix: .*npx @localmlx\/client serve/);
+      // The endpoints: after Wooster's start went on, each problem with its fix.
+      for (const id of ["endpoint:router", "endpoint:thinking", "embedding-model"]) assert.ok(warning(id) > loaded, `${id} after loadPlugins returned:\n${logs.join("\n")}`);
+      assert.match(logs[warning("endpoint:router")]!, /check \(endpoint:router\): .* answers, but is not localmlx/);
+      assert.match(logs[warning("endpoint:thinking")]!, /not local \(endpoint:thinking\): nothing answers at .*ECONNREFUSED.* Fix: start the localmlx endpoint/);
+      assert.match(logs[warning("embedding-model")]!, /not local \(embedding-model\): .* gives \d+-dimensional vectors, and Wooster asks for 4096 .* Fix: set MLX_EMBEDDINGS_DIMENSIONS=\d+/);
+      assert.equal(warning("endpoint:fast"), -1, "the fast tier is localmlx: nothing to say");
+      const fastFinding = report.endpointFindings!.find((f) => f.id === "endpoint:fast");
+      assert.equal(fastFinding?.level, "ok", JSON.stringify(fastFinding));
+      assert.ok(logs.some((l) => /\[WARN\] \[localMLX\] Wooster is not fully local .*wooster-doctor/.test(l)));
+      assert.deepEqual(new Set(report.findings!.map((f) => f.id)).has("endpoint:fast"), true, "the findings are kept on the plugin");
+    } finally {
+      other.close();
+      await endpoint.close();
+    }
+  });
+
+  test("type-checks against Wooster's own WoosterPlugin, AppConfig and CoreServices (a copy with the old index signature does not)", T, async () => {
+    // before() compiled src/pluginTypes.ts with Wooster's tsconfig: the plugin is a WoosterPlugin.
+    assert.ok(existsSync(join(wooster, "dist", "pluginTypes.js")));
+    // The check can fail: the plugin's AppConfig as it was (an index signature, which Wooster's
+    // interfaces lack) is not assignable from Wooster's.
+    const copy = join(root, "wooster-old-types");
+    cpSync(wooster, copy, { recursive: true, dereference: false, filter: (from) => !from.includes(`${join(wooster, "dist")}`) });
+    const types = join(copy, "src", "plugins", "localMLX", "types.ts");
+    writeFileSync(types, readFileSync(types, "utf8").replace(/(\n  plugins\?: \{ \[key: string\]: unknown \};\n)\}/, "$1  [key: string]: unknown;\n}"));
+    await assert.rejects(execFileAsync(process.execPath, [tsc, "-p", copy, "--noEmit"], { cwd: copy }), (error: { stdout: string }) => {
+      assert.match(error.stdout, /pluginTypes\.ts.*(Index signature for type 'string' is missing in type 'AppConfig'|is not assignable to type 'WoosterPlugin')/s);
+      return true;
+    });
   });
 
   test("PLUGIN_LOCALMLX_ENABLED=false skips it; TOOLS_LOCALMLX_ENABLED=false keeps the service, offers no tools", T, async () => {

@@ -7,9 +7,21 @@
  * Python process holding the models) starts on the first tool call, and stops when Wooster exits.
  * With `LOCALMLX_AUTO_START_SERVER=true` it also serves the loopback OpenAI-compatible endpoint,
  * so Wooster's own agent, router and embeddings can run on the same local models.
+ *
+ * At start-up it says, as warnings in Wooster's log, what will keep Wooster from staying local
+ * (the checks `npx @localmlx/client wooster-doctor` makes): the settings at once, the endpoints
+ * Wooster calls in the background, after a short grace, so Wooster's start waits for nothing.
  */
+import { setTimeout as delay } from "node:timers/promises";
 import type { DynamicTool } from "@langchain/core/tools";
-import { startOpenAIServer, type OpenAIListen, type OpenAIServer } from "@localmlx/client";
+import {
+  checkWoosterEndpoints,
+  checkWoosterEnv,
+  startOpenAIServer,
+  type OpenAIListen,
+  type OpenAIServer,
+  type ReadinessFinding,
+} from "@localmlx/client";
 import { readSettings, type LocalMLXPluginSettings } from "./config";
 import { createRemote } from "./remote";
 import { LocalMLXService, type PluginLog } from "./service";
@@ -18,6 +30,9 @@ import { LogLevel, type AppConfig, type CoreServices, type WoosterPlugin } from 
 
 export { LocalMLXService } from "./service";
 export type { LocalMLXPluginSettings } from "./config";
+
+/** How long after start-up the plugin asks Wooster's endpoints (ms): Wooster is done starting by then. */
+const ENDPOINT_CHECK_GRACE_MS = 1500;
 
 export class LocalMLXPlugin implements WoosterPlugin {
   static readonly pluginName = "localMLX";
@@ -35,6 +50,10 @@ export class LocalMLXPlugin implements WoosterPlugin {
   private settings: LocalMLXPluginSettings | undefined;
   private service: LocalMLXService | undefined;
   private server: OpenAIServer | undefined;
+  private readonly checks = new AbortController();
+  /** The readiness findings logged so far: the settings' at start-up, then the endpoints'. */
+  private readonly findings: ReadinessFinding[] = [];
+  private endpointsChecked: Promise<ReadinessFinding[]> = Promise.resolve([]);
 
   /** Wooster's log, or the console when Wooster gives none. */
   private readonly log: PluginLog = (level, message) => {
@@ -63,8 +82,48 @@ export class LocalMLXPlugin implements WoosterPlugin {
       `initialized (model ${settings.defaultModel ?? "sidecar default"}, tools ${settings.toolsEnabled ? "on" : "off"}, ` +
         `fallback ${remote ? remote.label : "off"}); the sidecar starts on first use`,
     );
+    this.warnAbout(checkWoosterEnv(process.env));
     if (settings.autoStartServer) await this.startServer(settings);
     else if (settings.preloadModels.length) void this.service.ensureStarted();
+    this.service.onStop(() => this.checks.abort());
+    this.endpointsChecked = this.checkEndpointsLater();
+  }
+
+  /** Each problem as a WARN line with its fix (Wooster shows WARN lines even in its quiet mode). */
+  private warnAbout(findings: ReadinessFinding[]): void {
+    this.findings.push(...findings);
+    for (const finding of findings) {
+      if (finding.level === "ok") continue;
+      this.log(LogLevel.WARN, `${finding.level === "fail" ? "not local" : "check"} (${finding.id}): ${finding.message}${finding.fix ? ` Fix: ${finding.fix}.` : ""}`);
+    }
+  }
+
+  /** The endpoint checks, after the grace, in the background; a timer that keeps no process alive. */
+  private async checkEndpointsLater(): Promise<ReadinessFinding[]> {
+    const signal = this.checks.signal;
+    try {
+      await delay(ENDPOINT_CHECK_GRACE_MS, undefined, { ref: false, signal });
+      const findings = await checkWoosterEndpoints(process.env, { signal });
+      if (signal.aborted) return [];
+      this.warnAbout(findings);
+      if (this.findings.some((f) => f.level === "fail")) {
+        this.log(LogLevel.WARN, "Wooster is not fully local (see the warnings above); `npx @localmlx/client wooster-doctor .` checks it all.");
+      }
+      return findings;
+    } catch (error) {
+      if (!signal.aborted) this.log(LogLevel.DEBUG, `the endpoint checks stopped: ${(error as Error).message}`);
+      return [];
+    }
+  }
+
+  /** Resolves with the endpoints' findings once checked (the settings' are in `readiness` at once). */
+  get endpointChecks(): Promise<ReadinessFinding[]> {
+    return this.endpointsChecked;
+  }
+
+  /** The readiness findings so far (see the plugin's doc comment). */
+  get readiness(): readonly ReadinessFinding[] {
+    return this.findings;
   }
 
   /** LOCALMLX_AUTO_START_SERVER: the OpenAI-compatible endpoint on LOCALMLX_SERVER_URL, sharing the plugin's sidecar. */
@@ -158,6 +217,7 @@ export class LocalMLXPlugin implements WoosterPlugin {
 
   /** Wooster does not call this; exit hooks stop the sidecar. Hosts that unload plugins may. */
   async shutdown(): Promise<void> {
+    this.checks.abort();
     await this.service?.dispose();
   }
 }
