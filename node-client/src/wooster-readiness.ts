@@ -293,7 +293,9 @@ export function checkWoosterInstall(dir: string, options: WoosterInstallOptions 
   );
 
   const pluginDir = join(root, PLUGIN_DIR);
-  const installer = `npx @localmlx/client wooster-install ${root}`;
+  // Not `npx @localmlx/client`: with no plugin, Wooster does not depend on the package, so npx would
+  // ask the npm registry for it (not published: E404). The command `npm install -g` put on PATH.
+  const installer = `localmlx-client wooster-install ${root}`;
   if (!existsSync(join(pluginDir, "index.ts"))) {
     findings.push({ id: "plugin", level: "warn", message: `the localMLX plugin is not installed (no ${join(PLUGIN_DIR, "index.ts")}): Wooster can use the endpoint, but not the plugin's tools.`, fix: `run \`${installer}\`` });
     return findings;

@@ -294,7 +294,7 @@ describe("Wooster readiness: the doctor's and the plugin's checks", () => {
       const findings = checkWoosterInstall(bare);
       assert.equal(finding(findings, "dependencies").level, "fail");
       assert.equal(finding(findings, "plugin").level, "warn");
-      assert.match(finding(findings, "plugin").fix!, /npx @localmlx\/client wooster-install /);
+      assert.match(finding(findings, "plugin").fix!, /^run `localmlx-client wooster-install /);
       assert.equal(findings.some((f) => f.id === "package"), false, "no plugin, no package to look for");
 
       const unlinked = checkout("", { linked: false });
