@@ -76,7 +76,7 @@ export const WOOSTER_DEFAULTS = {
   nodeMajor: 22,
 } as const;
 
-const SERVICE_FIX = "start the localmlx endpoint before Wooster, and keep it running: `npx @localmlx/client serve` (router :8080, fast :8081, thinking :8083, embeddings :8084)";
+const SERVICE_FIX = "start the localmlx endpoint before Wooster, and keep it running: `localmlx-client serve` (router :8080, fast :8081, thinking :8083, embeddings :8084)";
 
 function setting(env: WoosterEnv, key: string, fallback: string): string {
   return env[key] || fallback; // Wooster's `process.env.X || default`: empty means the default
