@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import orjson
 from jsonschema import Draft202012Validator
 
 from .errors import InvalidParams
@@ -72,6 +73,8 @@ def method_names() -> list[str]:
 
 
 MAX_DEPTH = 64  # no params of the protocol nest deeper; validators recurse per level
+MAX_VALUES = 65536  # nor hold more values: the schema check costs ~15 µs a value, on the event loop
+PATH_LEVELS = 4  # how deep a path a size error shows
 MAX_ERRORS = 16
 _SHORT = 48
 
@@ -99,24 +102,55 @@ def _message(error: Any) -> str:
     return f"{_short(error.instance)} does not satisfy {error.validator} {_short(error.validator_value)}"
 
 
-def _depth(value: Any) -> int:
-    """How deep arrays and objects nest, counted without recursion."""
-    deepest, stack = 0, [(value, 1)]
+def check_size(value: Any, path: str = "", levels: int = PATH_LEVELS) -> None:
+    """Raise InvalidParams when `value` nests deeper than MAX_DEPTH or holds more than
+    MAX_VALUES values, naming where (down to `levels` levels below `path`). Counted
+    without recursion, and only as far as the first limit passed: the check costs little
+    however big the value is."""
+    count, stack = 1, [(value, 1, ())]
     while stack:
-        node, depth = stack.pop()
-        if isinstance(node, (list, dict)):
-            deepest = max(deepest, depth)
-            if depth > MAX_DEPTH:
-                return depth
-            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
-    return deepest
+        node, depth, where = stack.pop()
+        if not isinstance(node, (list, dict)):
+            continue
+        if depth > MAX_DEPTH:
+            _too_big(path, where, f"nested more than {MAX_DEPTH} levels deep")
+        count += len(node)
+        if count > MAX_VALUES:
+            _too_big(path, where[:1], f"holds more than {MAX_VALUES} values")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        if len(where) < levels:
+            stack.extend((child, depth + 1, (*where, key)) for key, child in items)
+        else:  # deeper paths are not shown: the children share their parent's
+            stack.extend((child, depth + 1, where) for _, child in items)
+
+
+def json_text_value(text: str, path: str) -> Any:
+    """A JSON text inside params (a tool call's `arguments`) as its value, held to the limits
+    params are held to (-32602 at `path`). ValueError when the text is not JSON."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:
+            value = json.loads(text)  # what orjson refuses: lone surrogates, numbers beyond a double
+        except RecursionError:
+            _too_big(path, (), f"nested more than {MAX_DEPTH} levels deep")
+    check_size(value, path, levels=0)  # a path into the text is no path into params
+    return value
+
+
+def _too_big(path: str, where: tuple[Any, ...], problem: str) -> None:
+    shown = []
+    for key in where:
+        if len(str(key)) > _SHORT:
+            break
+        shown.append(key)
+    pointer = path + _pointer(shown)
+    raise InvalidParams(f"Invalid params: {pointer or '/'}: {problem}", errors=[{"path": pointer, "message": problem}])
 
 
 def check(kind: str, name: str, part: str, instance: Any) -> None:
     """Raise InvalidParams listing the offending paths (at most MAX_ERRORS of them)."""
-    if _depth(instance) > MAX_DEPTH:
-        raise InvalidParams(f"Invalid params: nested more than {MAX_DEPTH} levels deep",
-                            errors=[{"path": "", "message": f"nested more than {MAX_DEPTH} levels deep"}])
+    check_size(instance)
     errors = sorted(_validator(kind, name, part).iter_errors(instance),
                     key=lambda e: list(map(str, e.absolute_path)))
     if errors:

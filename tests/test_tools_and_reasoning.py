@@ -162,7 +162,7 @@ def test_tools_and_earlier_calls_render_through_the_models_template(sidecar, mod
     result = sidecar.request("chat", {"model": "qwen2.5", "messages": messages, "tools": [WEATHER, CLOCK],
                                       "maxTokens": 1, "temperature": 0})
     tok = tokenizer(models, "qwen2.5")
-    rendered = tok.apply_chat_template([template_message(m, str) for m in messages], tools=[WEATHER, CLOCK],
+    rendered = tok.apply_chat_template([template_message(m, str, f"/messages/{i}") for i, m in enumerate(messages)], tools=[WEATHER, CLOCK],
                                        add_generation_prompt=True, tokenize=False)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in rendered
     assert "<tool_response>\n{\"sky\": \"clear\"}\n</tool_response>" in rendered

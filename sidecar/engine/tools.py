@@ -13,14 +13,17 @@ import uuid
 from typing import Any
 
 from ..errors import InvalidParams, brief
+from ..schema import check_size, json_text_value
 
 
-def template_message(message: dict[str, Any], clean: Any) -> dict[str, Any]:
-    """One protocol message as chat templates read it (`clean` fixes lone surrogates)."""
+def template_message(message: dict[str, Any], clean: Any, path: str) -> dict[str, Any]:
+    """One protocol message (at `path` in params) as chat templates read it (`clean` fixes
+    lone surrogates)."""
     content = message.get("content")
     out: dict[str, Any] = {"role": message["role"], "content": "" if content is None else clean(content)}
     if message.get("toolCalls"):
-        out["tool_calls"] = [_template_call(call) for call in message["toolCalls"]]
+        out["tool_calls"] = [_template_call(call, f"{path}/toolCalls/{index}/function/arguments")
+                             for index, call in enumerate(message["toolCalls"])]
     if "toolCallId" in message:
         out["tool_call_id"] = message["toolCallId"]
     if "name" in message:
@@ -30,10 +33,10 @@ def template_message(message: dict[str, Any], clean: Any) -> dict[str, Any]:
     return out
 
 
-def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+def _template_call(call: dict[str, Any], path: str) -> dict[str, Any]:
     function = call["function"]
     try:
-        arguments = json.loads(function["arguments"])
+        arguments = json_text_value(function["arguments"], path)  # nested too deep: -32602
     except ValueError:
         arguments = function["arguments"]  # not JSON: the template gets the text as it was
     return {"id": call["id"], "type": "function", "function": {"name": function["name"], "arguments": arguments}}
@@ -111,11 +114,16 @@ class ToolCallReader:
         if not isinstance(parsed, dict) or not isinstance(parsed.get("name"), str):
             return self._call("", text.strip(), "not a valid tool call: no tool name")
         name, arguments = parsed["name"], parsed.get("arguments", {})
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except ValueError:
-                return self._call(name, arguments, "arguments are not JSON")
+        try:
+            if isinstance(arguments, str):
+                arguments = json_text_value(arguments, "")
+            else:
+                check_size(arguments)  # before anything recurses through it
+        except ValueError:
+            return self._call(name, arguments, "arguments are not JSON")
+        except InvalidParams as exc:
+            text = arguments if isinstance(arguments, str) else ""
+            return self._call(name, text, f"arguments are not usable: {exc.data['errors'][0]['message']}")
         encoded = json.dumps(arguments, ensure_ascii=False)
         tool = self._tools.get(name)
         if tool is None:
