@@ -255,6 +255,12 @@ def test_calls_are_checked_against_the_tools_offered(models) -> None:
     assert "cut off" in cut["error"]
     ids = {read('{"name": "get_time", "arguments": {}}')["id"] for _ in range(3)}
     assert len(ids) == 3
+    # Arguments nested deeper than params may be: reported, never a RecursionError on the engine thread.
+    deep_text = read(json.dumps({"name": "get_weather", "arguments": "[" * 5000 + "]" * 5000}))
+    assert deep_text["error"] == "arguments are not usable: nested more than 64 levels deep"
+    deep_object = read('{"name": "get_weather", "arguments": ' + "[" * 200 + "]" * 200 + "}")
+    assert "nested more than 64 levels deep" in deep_object["error"] and deep_object["function"]["arguments"] == ""
+    assert "not a valid tool call" in read('{"name": "get_weather", "arguments": ' + "[" * 5000 + "]" * 5000 + "}")["error"]
 
 
 def test_mistral_calls_are_read_with_its_own_parser(models, tmp_path) -> None:
