@@ -75,6 +75,12 @@ def method_names() -> list[str]:
 MAX_DEPTH = 64  # no params of the protocol nest deeper; validators recurse per level
 MAX_VALUES = 65536  # nor hold more values: the schema check costs ~15 µs a value, on the event loop
 PATH_LEVELS = 4  # how deep a path a size error shows
+# A JSON Schema in params (a tool's parameters, a responseFormat's schema) is checked against
+# the metaschema (~100 µs a value) and compiled into a token mask (time that grows with the
+# square of an object's properties: 10,000 took 10 s): each may hold this many values, and a
+# request's tools this many together.
+MAX_SCHEMA_VALUES = 4096
+MAX_TOOL_SCHEMA_VALUES = 16384
 MAX_ERRORS = 16
 _SHORT = 48
 
@@ -102,11 +108,11 @@ def _message(error: Any) -> str:
     return f"{_short(error.instance)} does not satisfy {error.validator} {_short(error.validator_value)}"
 
 
-def check_size(value: Any, path: str = "", levels: int = PATH_LEVELS) -> None:
-    """Raise InvalidParams when `value` nests deeper than MAX_DEPTH or holds more than
-    MAX_VALUES values, naming where (down to `levels` levels below `path`). Counted
-    without recursion, and only as far as the first limit passed: the check costs little
-    however big the value is."""
+def check_size(value: Any, path: str = "", levels: int = PATH_LEVELS, max_values: int = MAX_VALUES) -> int:
+    """How many values `value` holds. InvalidParams when it nests deeper than MAX_DEPTH or
+    holds more than `max_values`, naming where (down to `levels` levels below `path`).
+    Counted without recursion, and only as far as the first limit passed: the check costs
+    little however big the value is."""
     count, stack = 1, [(value, 1, ())]
     while stack:
         node, depth, where = stack.pop()
@@ -115,13 +121,14 @@ def check_size(value: Any, path: str = "", levels: int = PATH_LEVELS) -> None:
         if depth > MAX_DEPTH:
             _too_big(path, where, f"nested more than {MAX_DEPTH} levels deep")
         count += len(node)
-        if count > MAX_VALUES:
-            _too_big(path, where[:1], f"holds more than {MAX_VALUES} values")
+        if count > max_values:
+            _too_big(path, where[:1], f"holds more than {max_values} values")
         items = node.items() if isinstance(node, dict) else enumerate(node)
         if len(where) < levels:
             stack.extend((child, depth + 1, (*where, key)) for key, child in items)
         else:  # deeper paths are not shown: the children share their parent's
             stack.extend((child, depth + 1, where) for _, child in items)
+    return count
 
 
 def json_text_value(text: str, path: str) -> Any:

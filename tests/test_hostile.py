@@ -15,7 +15,7 @@ import pytest
 
 from sidecar.client import RpcCallError, SidecarClient
 from sidecar.protocol_defs import CONTEXT_LENGTH_EXCEEDED, FORBIDDEN, INVALID_PARAMS
-from sidecar.schema import MAX_DEPTH, MAX_VALUES
+from sidecar.schema import MAX_DEPTH, MAX_SCHEMA_VALUES, MAX_TOOL_SCHEMA_VALUES, MAX_VALUES
 
 from .conftest import Sidecars, serving
 from .soak_support import scaled
@@ -111,6 +111,27 @@ def test_more_values_than_any_request_needs_are_refused_before_the_schema_is_che
     error = error_of(client, "chat", {"model": "demo", "messages": too_many_messages})
     assert error.code == INVALID_PARAMS and error.data["errors"][0]["path"] == "/messages"
     assert client.request("ping") == {}
+
+
+def test_schemas_bigger_than_checking_and_compiling_them_can_afford_are_invalid_params(client) -> None:
+    def schema_of(properties: int) -> dict:  # 3 + 2 values a property
+        return {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(properties)}}
+
+    def tool(name: str, properties: int) -> dict:
+        return {"type": "function", "function": {"name": name, "parameters": schema_of(properties)}}
+
+    message = [{"role": "user", "content": "x"}]
+    for params, path, problem in (
+            ({"tools": [tool("big", MAX_SCHEMA_VALUES // 2)]}, "/tools/0/function/parameters",
+             f"holds more than {MAX_SCHEMA_VALUES} values"),
+            ({"responseFormat": {"type": "json_schema", "schema": schema_of(MAX_SCHEMA_VALUES // 2)}},
+             "/responseFormat/schema", f"holds more than {MAX_SCHEMA_VALUES} values"),
+            ({"tools": [tool(f"t{i}", MAX_SCHEMA_VALUES // 4) for i in range(8)]}, "/tools",
+             f"parameters hold more than {MAX_TOOL_SCHEMA_VALUES} values together")):
+        error = error_of(client, "chat", {"model": "demo", "messages": message, **params})
+        assert error.code == INVALID_PARAMS and error.data["errors"] == [{"path": path, "message": problem}]
+    fits = {"tools": [tool("fits", (MAX_SCHEMA_VALUES - 3) // 2)], "maxTokens": 1}
+    assert client.request("chat", {"model": "demo", "messages": message, **fits})["finishReason"] in ("stop", "length")
 
 
 # ---- prompts too long for the context -------------------------------------------------------

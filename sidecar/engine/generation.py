@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import ContextLengthExceeded, InvalidParams, brief
 from .channels import ANSWER, REASONING, TOOL, OutputChannels, starts_in_reasoning
 from .constraints import compile_response_format, compile_tool_call
+from ..schema import MAX_SCHEMA_VALUES, check_size
 from .jobs import CancelReason, Job
 from .length_bound import fewest_tokens
 from .reasoning import ThinkingBudget
@@ -118,6 +119,8 @@ def prepare(loaded: Any, request: GenerationRequest) -> PreparedGeneration:
     """Tokenize and check a request against its model (runs on a worker thread)."""
     if request.tools:
         check_tool_schemas(request.tools)
+    if isinstance((request.response_format or {}).get("schema"), dict):
+        check_size(request.response_format["schema"], "/responseFormat/schema", levels=0, max_values=MAX_SCHEMA_VALUES)
     tools = offered_tools(request.tools, request.tool_choice) if request.messages is not None else []
     prompt = prompt_tokens(loaded, request, tools)
     if not prompt:

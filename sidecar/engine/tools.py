@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from ..errors import InvalidParams, brief
-from ..schema import check_size, json_text_value
+from ..schema import MAX_SCHEMA_VALUES, MAX_TOOL_SCHEMA_VALUES, check_size, json_text_value
 
 
 def template_message(message: dict[str, Any], clean: Any, path: str) -> dict[str, Any]:
@@ -71,17 +71,27 @@ def offered_tools(tools: list[dict[str, Any]] | None, choice: Any) -> list[dict[
 
 
 def check_tool_schemas(tools: list[dict[str, Any]]) -> None:
-    """Each tool's parameters must be a JSON Schema, so its calls can be checked."""
+    """Each tool's parameters must be a JSON Schema, so its calls can be checked, and no
+    bigger than checking and compiling it can afford (MAX_SCHEMA_VALUES, MAX_TOOL_SCHEMA_VALUES)."""
     from jsonschema import validators
     from jsonschema.exceptions import SchemaError
 
     names: set[str] = set()
+    total = 0
     for index, tool in enumerate(tools):
         function = tool["function"]
         if function["name"] in names:
             raise InvalidParams(f"Two tools are named {function['name']!r}",
                                 errors=[{"path": f"/tools/{index}/function/name", "message": "duplicate name"}])
         names.add(function["name"])
+        total += check_size(function.get("parameters", {}), f"/tools/{index}/function/parameters", levels=0,
+                            max_values=MAX_SCHEMA_VALUES)
+        if total > MAX_TOOL_SCHEMA_VALUES:
+            raise InvalidParams(f"The tools' parameters hold more than {MAX_TOOL_SCHEMA_VALUES} values together",
+                                errors=[{"path": "/tools", "message": f"parameters hold more than "
+                                                                     f"{MAX_TOOL_SCHEMA_VALUES} values together"}])
+    for index, tool in enumerate(tools):
+        function = tool["function"]
         try:
             validators.validator_for(function.get("parameters", {})).check_schema(function.get("parameters", {}))
         except SchemaError as exc:
