@@ -158,12 +158,24 @@ def _too_big(path: str, where: tuple[Any, ...], problem: str) -> None:
 def check(kind: str, name: str, part: str, instance: Any) -> None:
     """Raise InvalidParams listing the offending paths (at most MAX_ERRORS of them)."""
     check_size(instance)
+    _check_item_counts(instance, protocol_schema()[kind][name][part])
     errors = sorted(_validator(kind, name, part).iter_errors(instance),
                     key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         details = [{"path": _pointer(e.absolute_path), "message": _message(e)} for e in errors[:MAX_ERRORS]]
         summary = "; ".join(f"{d['path'] or '/'}: {d['message']}" for d in details[:3])
         raise InvalidParams(f"Invalid params: {summary}", errors=details)
+
+
+def _check_item_counts(instance: Any, node: Any) -> None:
+    """The maxItems of the params' own arrays (21,000 messages where 4,096 may be), before the
+    schema is checked: it would check every item first."""
+    properties = _resolve(node).get("properties") or {} if isinstance(instance, dict) else {}
+    for key, value in instance.items() if properties else ():
+        limit = _resolve(properties.get(key) or {}).get("maxItems")
+        if isinstance(value, list) and limit is not None and len(value) > limit:
+            message = f"{_short(value)} does not satisfy maxItems {limit}"
+            raise InvalidParams(f"Invalid params: /{key}: {message}", errors=[{"path": f"/{key}", "message": message}])
 
 
 def check_params(method: str, params: Any) -> dict[str, Any]:

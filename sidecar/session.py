@@ -34,6 +34,7 @@ log = logging.getLogger("localmlx.session")
 PROGRESS_INTERVAL_S = 0.05
 READ_AHEAD_LINES = 64  # lines read but not yet dispatched; past it, stdin is not read
 LARGE_LINE_BYTES = 1 << 20  # once the requests of lines this long are answered, memory is released
+OFF_LOOP_VALUES = 4096  # params holding more values are checked off the loop (~10 µs a value)
 # Served whatever else is in flight: they are how a client regains control.
 CONTROL_METHODS = ("initialize", "ping", "shutdown", "server/status")
 GENERATION_METHODS = ("generate", "chat")
@@ -321,7 +322,7 @@ class Session:
             raise InvalidRequest("Invalid Request: the server is shutting down", method=call.method)
         if call.method not in self._methods:
             raise MethodNotFound(f"Method not found: {call.method}", method=call.method)
-        params = schema.check_params(call.method, call.params)
+        params = await self._checked_params(call)
         _, result = await dispatch_request(self._methods, context, Request(call.method, params, call.id))
         if isinstance(result, Left):
             # What the method raised, as it raised it (see methods.rpc_method). jsonrpcserver's own
@@ -329,6 +330,13 @@ class Session:
             raised = result._error.data
             raise raised if isinstance(raised, Exception) else RuntimeError(f"jsonrpcserver: {result._error}")
         return result._value.result
+
+    async def _checked_params(self, call: jsonrpc.Call) -> dict[str, Any]:
+        """Params checked against the schema: many of them (up to 0.7 s of checking) on a
+        worker thread, so that the loop goes on serving the others meanwhile."""
+        if call.params is not None and schema.check_size(call.params) > OFF_LOOP_VALUES:
+            return await asyncio.to_thread(schema.check_params, call.method, call.params)
+        return schema.check_params(call.method, call.params)
 
     def inject_fault(self, name: str) -> None:
         """For tests of failure handling: raise, once, where LOCALMLX_INJECT_FAULTS names `name`."""
