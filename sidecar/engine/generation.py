@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ContextLengthExceeded, InvalidParams, brief
+from ..schema import MAX_SCHEMA_VALUES, check_size
 from .channels import ANSWER, REASONING, TOOL, OutputChannels, starts_in_reasoning
 from .constraints import compile_response_format, compile_tool_call
-from ..schema import MAX_SCHEMA_VALUES, check_size
 from .jobs import CancelReason, Job
 from .length_bound import fewest_tokens
 from .reasoning import ThinkingBudget
