@@ -3,39 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
+from .logs import configure_logging
 from .settings import add_setting_flags, settings_from_args
-
-
-class _JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: {time, level, logger, message[, exception, stack]}."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        if record.stack_info:
-            entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry)  # ASCII-escaped: never a raw newline, never a bad byte
-
-
-def _configure_logging(level: str, fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonLogFormatter() if fmt == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -44,7 +19,7 @@ def serve(args: argparse.Namespace) -> None:
     wire_fd = claim_stdout()  # first: nothing imported below may print onto the wire
     parent = os.getppid()  # as early as can be: the watchdog's reference
     settings = settings_from_args(args)
-    _configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format)
     from .blas import use_best_blas
 
     use_best_blas(settings.blas)  # before anything imports MLX: its CPU kernels bind to it on import
@@ -73,7 +48,7 @@ def serve(args: argparse.Namespace) -> None:
 
 def demo_model(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
-    _configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format)
     from .demo_model import DEMO_MODEL_DIRNAME, build_demo_model
 
     dest = Path(args.out) if args.out else settings.models_dir / DEMO_MODEL_DIRNAME

@@ -142,7 +142,9 @@ def _exit_when_the_parent_goes() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s conversion: %(message)s")
+    from .logs import configure_logging
+
+    configure_logging("INFO", os.environ.get("LOCALMLX_LOG_FORMAT", "text").strip().lower())  # as the sidecar's
     try:
         code = main(sys.argv[1:])
     except BaseException:

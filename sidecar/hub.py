@@ -117,13 +117,15 @@ class ModelLocator:
                             allowedOrgs=list(self.allowed_orgs))
 
     def _local_path(self, ref: str) -> ModelLocation:
-        try:
-            path = Path(ref).expanduser().resolve()
-        except RuntimeError:  # "~someone/x" where no user someone exists
-            raise ModelNotFound(f"Model not found: {ref[:200]!r} names no home directory", model=ref[:200]) from None
         roots = [r.expanduser().resolve() for r in self.allowed_roots]
-        if not any(path == root or path.is_relative_to(root) for root in roots):
-            raise Forbidden(f"Path is outside the allowed model roots: {ref}", model=ref,
+        try:  # ".." is refused outright: where it leads can depend on what exists outside the roots
+            path = None if ".." in Path(ref).parts else Path(ref).expanduser().resolve()
+        except (RuntimeError, OSError):  # "~someone/x" where no user someone exists, a symlink loop
+            path = None
+        if path is None or not any(path == root or path.is_relative_to(root) for root in roots):
+            # One answer for every path refused, whether or not it exists, so that none tells
+            # which accounts, files or folders there are outside the roots.
+            raise Forbidden("Path is outside the allowed model roots", model=ref[:200],
                             allowedRoots=[str(r) for r in roots])
         if not _is_model_dir(path):
             raise ModelNotFound(f"Model not found: {path} is not a model directory (no config.json)",

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import orjson
 from jsonschema import Draft202012Validator
 
 from .errors import InvalidParams
@@ -72,6 +73,14 @@ def method_names() -> list[str]:
 
 
 MAX_DEPTH = 64  # no params of the protocol nest deeper; validators recurse per level
+MAX_VALUES = 65536  # nor hold more values: the schema check costs ~10 µs a value
+PATH_LEVELS = 4  # how deep a path a size error shows
+# A JSON Schema in params (a tool's parameters, a responseFormat's schema) is checked against
+# the metaschema (~100 µs a value) and compiled into a token mask (time that grows with the
+# square of an object's properties: 10,000 took 10 s): each may hold this many values, and a
+# request's tools this many together.
+MAX_SCHEMA_VALUES = 4096
+MAX_TOOL_SCHEMA_VALUES = 16384
 MAX_ERRORS = 16
 _SHORT = 48
 
@@ -99,30 +108,74 @@ def _message(error: Any) -> str:
     return f"{_short(error.instance)} does not satisfy {error.validator} {_short(error.validator_value)}"
 
 
-def _depth(value: Any) -> int:
-    """How deep arrays and objects nest, counted without recursion."""
-    deepest, stack = 0, [(value, 1)]
+def check_size(value: Any, path: str = "", levels: int = PATH_LEVELS, max_values: int = MAX_VALUES) -> int:
+    """How many values `value` holds. InvalidParams when it nests deeper than MAX_DEPTH or
+    holds more than `max_values`, naming where (down to `levels` levels below `path`).
+    Counted without recursion, and only as far as the first limit passed: the check costs
+    little however big the value is."""
+    count, stack = 1, [(value, 1, ())]
     while stack:
-        node, depth = stack.pop()
-        if isinstance(node, (list, dict)):
-            deepest = max(deepest, depth)
-            if depth > MAX_DEPTH:
-                return depth
-            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
-    return deepest
+        node, depth, where = stack.pop()
+        if not isinstance(node, (list, dict)):
+            continue
+        if depth > MAX_DEPTH:
+            _too_big(path, where, f"nested more than {MAX_DEPTH} levels deep")
+        count += len(node)
+        if count > max_values:
+            _too_big(path, where[:1], f"holds more than {max_values} values")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        if len(where) < levels:
+            stack.extend((child, depth + 1, (*where, key)) for key, child in items)
+        else:  # deeper paths are not shown: the children share their parent's
+            stack.extend((child, depth + 1, where) for _, child in items)
+    return count
+
+
+def json_text_value(text: str, path: str) -> Any:
+    """A JSON text inside params (a tool call's `arguments`) as its value, held to the limits
+    params are held to (-32602 at `path`). ValueError when the text is not JSON."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:
+            value = json.loads(text)  # what orjson refuses: lone surrogates, numbers beyond a double
+        except RecursionError:
+            _too_big(path, (), f"nested more than {MAX_DEPTH} levels deep")
+    check_size(value, path, levels=0)  # a path into the text is no path into params
+    return value
+
+
+def _too_big(path: str, where: tuple[Any, ...], problem: str) -> None:
+    shown = []
+    for key in where:
+        if len(str(key)) > _SHORT:
+            break
+        shown.append(key)
+    pointer = path + _pointer(shown)
+    raise InvalidParams(f"Invalid params: {pointer or '/'}: {problem}", errors=[{"path": pointer, "message": problem}])
 
 
 def check(kind: str, name: str, part: str, instance: Any) -> None:
     """Raise InvalidParams listing the offending paths (at most MAX_ERRORS of them)."""
-    if _depth(instance) > MAX_DEPTH:
-        raise InvalidParams(f"Invalid params: nested more than {MAX_DEPTH} levels deep",
-                            errors=[{"path": "", "message": f"nested more than {MAX_DEPTH} levels deep"}])
+    check_size(instance)
+    _check_item_counts(instance, protocol_schema()[kind][name][part])
     errors = sorted(_validator(kind, name, part).iter_errors(instance),
                     key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         details = [{"path": _pointer(e.absolute_path), "message": _message(e)} for e in errors[:MAX_ERRORS]]
         summary = "; ".join(f"{d['path'] or '/'}: {d['message']}" for d in details[:3])
         raise InvalidParams(f"Invalid params: {summary}", errors=details)
+
+
+def _check_item_counts(instance: Any, node: Any) -> None:
+    """The maxItems of the params' own arrays (21,000 messages where 4,096 may be), before the
+    schema is checked: it would check every item first."""
+    properties = _resolve(node).get("properties") or {} if isinstance(instance, dict) else {}
+    for key, value in instance.items() if properties else ():
+        limit = _resolve(properties.get(key) or {}).get("maxItems")
+        if isinstance(value, list) and limit is not None and len(value) > limit:
+            message = f"{_short(value)} does not satisfy maxItems {limit}"
+            raise InvalidParams(f"Invalid params: /{key}: {message}", errors=[{"path": f"/{key}", "message": message}])
 
 
 def check_params(method: str, params: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from oslash.either import Left
 from . import jsonrpc, schema
 from .jsonrpc import id_key
 from .engine import CancelReason, Engine, GenerationRequest, GenerationResult, Job
+from .engine.memory import release_memory
 from .errors import (Busy, InternalError, InvalidRequest, MessageTooLarge, MethodNotFound,
                      NotInitialized, RequestCancelled, RpcError)
 from .settings import Settings
@@ -32,6 +33,8 @@ log = logging.getLogger("localmlx.session")
 
 PROGRESS_INTERVAL_S = 0.05
 READ_AHEAD_LINES = 64  # lines read but not yet dispatched; past it, stdin is not read
+LARGE_LINE_BYTES = 1 << 20  # once the requests of lines this long are answered, memory is released
+OFF_LOOP_VALUES = 4096  # params holding more values are checked off the loop (~10 µs a value)
 # Served whatever else is in flight: they are how a client regains control.
 CONTROL_METHODS = ("initialize", "ping", "shutdown", "server/status")
 GENERATION_METHODS = ("generate", "chat")
@@ -125,6 +128,9 @@ class Session:
         self._methods: Methods = {}
         self._faults = {f for f in settings.inject_faults if f.startswith("method:")}
         self.exit_code: int | None = None
+        self._large_lines = 0  # large lines whose requests are not all answered yet
+        self._releasing: asyncio.Task | None = None
+        self._release_again = False
 
     # ---- running -------------------------------------------------------------------------
 
@@ -172,23 +178,56 @@ class Session:
             release()
 
     def _dispatch(self, frame: bytes | OversizedLine, received_at: float) -> None:
+        large = isinstance(frame, OversizedLine) or len(frame) >= LARGE_LINE_BYTES
+        if large:
+            self._large_lines += 1
+        work = self._answer_frame(frame, received_at)
+        if not large:
+            return
+        if work is None:
+            self._large_line_answered()
+        else:
+            work.add_done_callback(lambda _: self._large_line_answered())
+
+    def _answer_frame(self, frame: bytes | OversizedLine, received_at: float) -> asyncio.Task | None:
+        """Answers at once, or returns the task that will."""
         if isinstance(frame, OversizedLine):
             error = MessageTooLarge(f"Message too large: lines are limited to {frame.limit} bytes",
                                     limit=frame.limit)
             self.writer.post(jsonrpc.error_message(jsonrpc.peek_id(frame.head), error))
-            return
+            return None
         try:
             message = jsonrpc.parse_json(frame)
         except RpcError as error:
             self.writer.post(jsonrpc.error_message(None, error))
-            return
+            return None
         if isinstance(message, list):
             if not message:
                 self.writer.post(jsonrpc.error_message(None, InvalidRequest("Invalid Request: empty batch")))
-                return
-            self._spawn(self._answer_batch(message, received_at))
-        else:
-            self._start(message, received_at, self._send_response)
+                return None
+            return self._spawn(self._answer_batch(message, received_at))
+        return self._start(message, received_at, self._send_response)
+
+    def _large_line_answered(self) -> None:
+        self._large_lines -= 1
+        self._release_memory_when_idle()
+
+    def _release_memory_when_idle(self) -> None:
+        """Once no large line is in the works, what they took is given back to the OS (a
+        15 MiB prompt is held in several copies while it is checked), off the loop."""
+        if self._large_lines:
+            return
+        if self._releasing is not None:  # memory freed since it began may be missed: once more after
+            self._release_again = True
+            return
+        self._release_again = False
+        self._releasing = self._spawn(asyncio.to_thread(release_memory))
+        self._releasing.add_done_callback(self._released)
+
+    def _released(self, _: asyncio.Task) -> None:
+        self._releasing = None
+        if self._release_again:
+            self._release_memory_when_idle()
 
     def _send_response(self, response: dict[str, Any] | None, context: RequestContext | None) -> None:
         if response is None:
@@ -214,28 +253,29 @@ class Session:
             self.writer.post(responses)
 
     def _start(self, message: Any, received_at: float,
-               reply: Callable[[dict[str, Any] | None, RequestContext | None], None]) -> None:
-        """Classify one message and answer it: errors at once, requests on their own task."""
+               reply: Callable[[dict[str, Any] | None, RequestContext | None], None]) -> asyncio.Task | None:
+        """Classify one message and answer it: errors at once, requests on their own task
+        (returned)."""
         try:
             call = jsonrpc.read_call(message)
         except jsonrpc.BadCall as error:
             reply(jsonrpc.error_message(error.id, error), None)
-            return
+            return None
         if call.is_notification:
             self._notification(call)
             reply(None, None)
-            return
+            return None
         key = id_key(call.id)
         if key in self._inflight:
             reply(jsonrpc.error_message(call.id, InvalidRequest(
                 "Invalid Request: this id is already in use by a request in flight", id=call.id)), None)
-            return
+            return None
         limit = self.settings.max_pending_requests
         if len(self._inflight) >= limit and call.method not in CONTROL_METHODS:
             reply(jsonrpc.error_message(call.id, Busy(
                 f"Busy: {limit} requests are already in flight", inFlight=len(self._inflight),
                 maxPendingRequests=limit)), None)
-            return
+            return None
         meta = call.params.get("_meta") if isinstance(call.params, dict) else None
         token = meta.get("progressToken") if isinstance(meta, dict) else None
         context = RequestContext(self, call.id, received_at, call.method, ProgressReporter(token, self.writer))
@@ -268,6 +308,7 @@ class Session:
 
         inflight.task = self._spawn(answer())
         inflight.task.add_done_callback(on_done)
+        return inflight.task
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -281,7 +322,7 @@ class Session:
             raise InvalidRequest("Invalid Request: the server is shutting down", method=call.method)
         if call.method not in self._methods:
             raise MethodNotFound(f"Method not found: {call.method}", method=call.method)
-        params = schema.check_params(call.method, call.params)
+        params = await self._checked_params(call)
         _, result = await dispatch_request(self._methods, context, Request(call.method, params, call.id))
         if isinstance(result, Left):
             # What the method raised, as it raised it (see methods.rpc_method). jsonrpcserver's own
@@ -289,6 +330,13 @@ class Session:
             raised = result._error.data
             raise raised if isinstance(raised, Exception) else RuntimeError(f"jsonrpcserver: {result._error}")
         return result._value.result
+
+    async def _checked_params(self, call: jsonrpc.Call) -> dict[str, Any]:
+        """Params checked against the schema: many of them (up to 0.7 s of checking) on a
+        worker thread, so that the loop goes on serving the others meanwhile."""
+        if call.params is not None and schema.check_size(call.params) > OFF_LOOP_VALUES:
+            return await asyncio.to_thread(schema.check_params, call.method, call.params)
+        return schema.check_params(call.method, call.params)
 
     def inject_fault(self, name: str) -> None:
         """For tests of failure handling: raise, once, where LOCALMLX_INJECT_FAULTS names `name`."""

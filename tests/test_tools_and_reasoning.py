@@ -162,7 +162,7 @@ def test_tools_and_earlier_calls_render_through_the_models_template(sidecar, mod
     result = sidecar.request("chat", {"model": "qwen2.5", "messages": messages, "tools": [WEATHER, CLOCK],
                                       "maxTokens": 1, "temperature": 0})
     tok = tokenizer(models, "qwen2.5")
-    rendered = tok.apply_chat_template([template_message(m, str) for m in messages], tools=[WEATHER, CLOCK],
+    rendered = tok.apply_chat_template([template_message(m, str, f"/messages/{i}") for i, m in enumerate(messages)], tools=[WEATHER, CLOCK],
                                        add_generation_prompt=True, tokenize=False)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in rendered
     assert "<tool_response>\n{\"sky\": \"clear\"}\n</tool_response>" in rendered
@@ -255,6 +255,12 @@ def test_calls_are_checked_against_the_tools_offered(models) -> None:
     assert "cut off" in cut["error"]
     ids = {read('{"name": "get_time", "arguments": {}}')["id"] for _ in range(3)}
     assert len(ids) == 3
+    # Arguments nested deeper than params may be: reported, never a RecursionError on the engine thread.
+    deep_text = read(json.dumps({"name": "get_weather", "arguments": "[" * 5000 + "]" * 5000}))
+    assert deep_text["error"] == "arguments are not usable: nested more than 64 levels deep"
+    deep_object = read('{"name": "get_weather", "arguments": ' + "[" * 200 + "]" * 200 + "}")
+    assert "nested more than 64 levels deep" in deep_object["error"] and deep_object["function"]["arguments"] == ""
+    assert "not a valid tool call" in read('{"name": "get_weather", "arguments": ' + "[" * 5000 + "]" * 5000 + "}")["error"]
 
 
 def test_mistral_calls_are_read_with_its_own_parser(models, tmp_path) -> None:

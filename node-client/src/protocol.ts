@@ -695,6 +695,7 @@ export type ChatParams = GenerationParams & {
    * The conversation; rendered with the model's chat template.
    *
    * @minItems 1
+   * @maxItems 4096
    */
   messages: Message[];
   /**

@@ -23,11 +23,22 @@ MIN_BATCH_TOKENS = 64
 MAX_BATCH_TOKENS = 8192  # bounds the activations of one micro-batch
 
 
-def tokenize(tokenizer: Any, texts: list[str], max_tokens: int | None) -> list[list[int]]:
+def tokenize(tokenizer: Any, texts: list[str], max_tokens: int | None,
+             per_token: tuple[int, int] | None = None) -> list[list[int]]:
     """Each text with the model's special tokens. An input longer than the model takes is
-    refused (-32016), not truncated: the client chunks it, and no vector silently drops text."""
+    refused (-32016), not truncated: the client chunks it, and no vector silently drops text.
+    With `per_token` (see length_bound), one whose length alone shows it is too long is
+    refused before anything is tokenized."""
     from ..engine.generation import clean_text
+    from ..engine.length_bound import fewest_tokens
 
+    if max_tokens is not None and per_token is not None:
+        for index, text in enumerate(texts):
+            if (fewest := fewest_tokens(text, per_token)) > max_tokens:
+                raise ContextLengthExceeded(
+                    f"input[{index}] is at least {fewest} tokens, judged by its length ({len(text)} characters); "
+                    f"the model takes at most {max_tokens}", index=index, tokens=fewest, limit=max_tokens,
+                    judgedBy="length")
     rows = [list(ids) for ids in tokenizer([clean_text(t) for t in texts], add_special_tokens=True)["input_ids"]]
     for index, tokens in enumerate(rows):
         if not tokens:

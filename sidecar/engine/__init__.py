@@ -255,7 +255,7 @@ class Engine:
                                 normalize: bool, progress: Progress = _no_progress) -> EmbeddingWork:
         """Tokenize and check on a worker thread: the engine thread only runs the model."""
         def tokens() -> list[list[int]]:
-            return embedding_tokens(loaded.tokenizer, texts, loaded.embedder.max_tokens)
+            return embedding_tokens(loaded.tokenizer, texts, loaded.embedder.max_tokens, loaded.bytes_per_token)
 
         rows = await asyncio.to_thread(self._with_tokenizer_lock(loaded), tokens)
         return EmbeddingWork(loaded, rows, dimensions, normalize, progress)

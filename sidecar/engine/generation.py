@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ContextLengthExceeded, InvalidParams, brief
+from ..schema import MAX_SCHEMA_VALUES, check_size
 from .channels import ANSWER, REASONING, TOOL, OutputChannels, starts_in_reasoning
 from .constraints import compile_response_format, compile_tool_call
 from .jobs import CancelReason, Job
+from .length_bound import fewest_tokens
 from .reasoning import ThinkingBudget
 from .sampling import SamplingParams, check_logit_bias, make_logits_processors, make_sampler
 from .tools import (ToolCallReader, check_tool_schemas, forces_a_call, marks_tool_calls, offered_tools,
@@ -49,14 +51,31 @@ class GenerationRequest:
 
 def clean_text(text: str) -> str:
     """Lone surrogates (legal in JSON, not in UTF-8) become U+FFFD before tokenizing."""
+    if text.isascii():  # no surrogates: not copied
+        return text
     return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
-def prompt_tokens(tokenizer: Any, request: GenerationRequest, tools: list[dict[str, Any]]) -> list[int]:
+def check_length(loaded: Any, text: str) -> None:
+    """-32016 for a prompt whose length alone shows that it cannot fit the model's context,
+    before any of it is tokenized (see length_bound)."""
+    context, per_token = loaded.context_length, loaded.bytes_per_token
+    if context is None or per_token is None:
+        return
+    fewest = fewest_tokens(text, per_token)
+    if fewest >= context:
+        raise ContextLengthExceeded(
+            f"Prompt is at least {fewest} tokens, judged by its length ({len(text)} characters); "
+            f"the model's context is {context}", promptTokens=fewest, contextLength=context, judgedBy="length")
+
+
+def prompt_tokens(loaded: Any, request: GenerationRequest, tools: list[dict[str, Any]]) -> list[int]:
     """The request as token ids: messages through the chat template (with `tools`, those
-    offered), or the raw prompt."""
+    offered), or the raw prompt. A text far too long for the context is refused before it
+    is tokenized."""
+    tokenizer = loaded.tokenizer
     if request.messages is not None:
-        messages = [template_message(m, clean_text) for m in request.messages]
+        messages = [template_message(m, clean_text, f"/messages/{i}") for i, m in enumerate(request.messages)]
         if getattr(tokenizer, "chat_template", None) is None:
             raise InvalidParams("This model has no chat template: use generate with a raw prompt",
                                 errors=[{"path": "/messages", "message": "model has no chat template"}])
@@ -72,7 +91,9 @@ def prompt_tokens(tokenizer: Any, request: GenerationRequest, tools: list[dict[s
                 raise
             raise InvalidParams(f"The model's chat template refused these messages: {brief(exc)}",
                                 errors=[{"path": "/messages", "message": brief(exc)}]) from None
+        check_length(loaded, text)
         return list(tokenizer.encode(text, add_special_tokens=False))
+    check_length(loaded, request.prompt or "")
     prompt = clean_text(request.prompt or "")
     bos = tokenizer.bos_token
     return list(tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
@@ -98,8 +119,10 @@ def prepare(loaded: Any, request: GenerationRequest) -> PreparedGeneration:
     """Tokenize and check a request against its model (runs on a worker thread)."""
     if request.tools:
         check_tool_schemas(request.tools)
+    if isinstance((request.response_format or {}).get("schema"), dict):
+        check_size(request.response_format["schema"], "/responseFormat/schema", levels=0, max_values=MAX_SCHEMA_VALUES)
     tools = offered_tools(request.tools, request.tool_choice) if request.messages is not None else []
-    prompt = prompt_tokens(loaded.tokenizer, request, tools)
+    prompt = prompt_tokens(loaded, request, tools)
     if not prompt:
         raise InvalidParams("Prompt is empty after tokenization",
                             errors=[{"path": "/prompt", "message": "no tokens"}])

@@ -7,7 +7,7 @@ model drops both. Loads and unloads run on the engine thread; other threads only
 
 from __future__ import annotations
 
-import gc
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +21,8 @@ from ..model_config import context_length as _context_length
 from ..model_config import quantization as _quantization
 from ..model_config import vocab_size as _vocab_size
 from ..settings import Settings
-from .memory import is_out_of_memory
+from .length_bound import most_bytes_per_token
+from .memory import is_out_of_memory, release_memory
 from .response_cache import ResponseCache
 
 log = logging.getLogger("localmlx.registry")
@@ -141,6 +142,12 @@ class LoadedModel:
     def vocab_size(self) -> int | None:
         return _vocab_size(self.config)
 
+    @functools.cached_property
+    def bytes_per_token(self) -> tuple[int, int] | None:
+        """The most bytes of text one of its tokens stands for (see length_bound); asked
+        first when a request is tokenized, off the engine thread."""
+        return most_bytes_per_token(self.tokenizer)
+
     @property
     def prefix_cache_bytes(self) -> int:
         return int(self.prefix_cache.nbytes) if self.prefix_cache is not None else 0
@@ -239,16 +246,9 @@ class ModelRegistry:
         if loaded is None:
             return False
         del loaded
-        self._release_memory()
+        release_memory(mlx_cache=True)
         log.info("unloaded %s", name)
         return True
 
     def bytes_loaded(self) -> int:
         return sum(m.bytes for m in list(self._models.values()))
-
-    @staticmethod
-    def _release_memory() -> None:
-        import mlx.core as mx
-
-        gc.collect()
-        mx.clear_cache()

@@ -13,14 +13,17 @@ import uuid
 from typing import Any
 
 from ..errors import InvalidParams, brief
+from ..schema import MAX_SCHEMA_VALUES, MAX_TOOL_SCHEMA_VALUES, check_size, json_text_value
 
 
-def template_message(message: dict[str, Any], clean: Any) -> dict[str, Any]:
-    """One protocol message as chat templates read it (`clean` fixes lone surrogates)."""
+def template_message(message: dict[str, Any], clean: Any, path: str) -> dict[str, Any]:
+    """One protocol message (at `path` in params) as chat templates read it (`clean` fixes
+    lone surrogates)."""
     content = message.get("content")
     out: dict[str, Any] = {"role": message["role"], "content": "" if content is None else clean(content)}
     if message.get("toolCalls"):
-        out["tool_calls"] = [_template_call(call) for call in message["toolCalls"]]
+        out["tool_calls"] = [_template_call(call, f"{path}/toolCalls/{index}/function/arguments")
+                             for index, call in enumerate(message["toolCalls"])]
     if "toolCallId" in message:
         out["tool_call_id"] = message["toolCallId"]
     if "name" in message:
@@ -30,10 +33,10 @@ def template_message(message: dict[str, Any], clean: Any) -> dict[str, Any]:
     return out
 
 
-def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+def _template_call(call: dict[str, Any], path: str) -> dict[str, Any]:
     function = call["function"]
     try:
-        arguments = json.loads(function["arguments"])
+        arguments = json_text_value(function["arguments"], path)  # nested too deep: -32602
     except ValueError:
         arguments = function["arguments"]  # not JSON: the template gets the text as it was
     return {"id": call["id"], "type": "function", "function": {"name": function["name"], "arguments": arguments}}
@@ -68,17 +71,27 @@ def offered_tools(tools: list[dict[str, Any]] | None, choice: Any) -> list[dict[
 
 
 def check_tool_schemas(tools: list[dict[str, Any]]) -> None:
-    """Each tool's parameters must be a JSON Schema, so its calls can be checked."""
+    """Each tool's parameters must be a JSON Schema, so its calls can be checked, and no
+    bigger than checking and compiling it can afford (MAX_SCHEMA_VALUES, MAX_TOOL_SCHEMA_VALUES)."""
     from jsonschema import validators
     from jsonschema.exceptions import SchemaError
 
     names: set[str] = set()
+    total = 0
     for index, tool in enumerate(tools):
         function = tool["function"]
         if function["name"] in names:
             raise InvalidParams(f"Two tools are named {function['name']!r}",
                                 errors=[{"path": f"/tools/{index}/function/name", "message": "duplicate name"}])
         names.add(function["name"])
+        total += check_size(function.get("parameters", {}), f"/tools/{index}/function/parameters", levels=0,
+                            max_values=MAX_SCHEMA_VALUES)
+        if total > MAX_TOOL_SCHEMA_VALUES:
+            raise InvalidParams(f"The tools' parameters hold more than {MAX_TOOL_SCHEMA_VALUES} values together",
+                                errors=[{"path": "/tools", "message": f"parameters hold more than "
+                                                                     f"{MAX_TOOL_SCHEMA_VALUES} values together"}])
+    for index, tool in enumerate(tools):
+        function = tool["function"]
         try:
             validators.validator_for(function.get("parameters", {})).check_schema(function.get("parameters", {}))
         except SchemaError as exc:
@@ -111,11 +124,16 @@ class ToolCallReader:
         if not isinstance(parsed, dict) or not isinstance(parsed.get("name"), str):
             return self._call("", text.strip(), "not a valid tool call: no tool name")
         name, arguments = parsed["name"], parsed.get("arguments", {})
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except ValueError:
-                return self._call(name, arguments, "arguments are not JSON")
+        try:
+            if isinstance(arguments, str):
+                arguments = json_text_value(arguments, "")
+            else:
+                check_size(arguments)  # before anything recurses through it
+        except ValueError:
+            return self._call(name, arguments, "arguments are not JSON")
+        except InvalidParams as exc:
+            text = arguments if isinstance(arguments, str) else ""
+            return self._call(name, text, f"arguments are not usable: {exc.data['errors'][0]['message']}")
         encoded = json.dumps(arguments, ensure_ascii=False)
         tool = self._tools.get(name)
         if tool is None:
