@@ -180,7 +180,7 @@ describe("Wooster readiness: the doctor's and the plugin's checks", () => {
     assert.equal(run.code, 1, run.stdout + run.stderr);
     assert.match(run.stdout, /\n {2}FAIL {2}routing +Wooster's agent does not try local models.*\n +fix: set ROUTING_LOCAL_ENABLED=true\n/);
     assert.match(run.stdout, /\n {2}FAIL {2}embeddings +MLX_EMBEDDINGS_ENABLED is not true: Wooster embeds project documents with OpenAI.*\n +fix: set MLX_EMBEDDINGS_ENABLED=true/);
-    assert.match(run.stdout, /\n {2}WARN {2}auto-start-server +LOCALMLX_AUTO_START_SERVER is on: .*\n +fix: start the localmlx endpoint before Wooster.*npx @localmlx\/client serve/);
+    assert.match(run.stdout, /\n {2}WARN {2}auto-start-server +LOCALMLX_AUTO_START_SERVER is on: .*\n +fix: start the localmlx endpoint before Wooster.*localmlx-client serve/);
     assert.match(run.stdout, /\n {2}FAIL {2}endpoint:fast +nothing answers at http:\/\/127\.0\.0\.1:\d+\/v1\/models \(ECONNREFUSED\)/);
     assert.match(run.stdout, /\nWooster will NOT stay local: 5 FAIL above \(1 warning\)\.\n$/);
   });
@@ -316,7 +316,7 @@ describe("Wooster readiness: the doctor's and the plugin's checks", () => {
       const local = finding(findings, "endpoint:local");
       assert.equal(local.level, "fail");
       assert.match(local.message, /nothing answers at .*\(ECONNREFUSED\): Wooster's agent falls back to OpenAI for the whole session/);
-      assert.match(local.fix!, /npx @localmlx\/client serve/);
+      assert.match(local.fix!, /localmlx-client serve/);
       assert.match(finding(findings, "endpoint:embeddings").message, /Wooster's embeddings fail/);
       assert.equal(findings.some((f) => f.id === "embedding-model"), false, "no embedding asked of a closed port");
       assert.equal(finding(findings, "endpoint:fast").level, "ok");

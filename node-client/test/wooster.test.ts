@@ -362,7 +362,7 @@ describe("the Wooster plugin", () => {
       // The settings: logged while Wooster loads the plugin.
       for (const id of ["routing", "auto-start-server"]) assert.ok(warning(id) >= 0 && warning(id) < loaded, `${id} before loadPlugins returned:\n${logs.join("\n")}`);
       assert.match(logs[warning("routing")]!, /not local \(routing\): Wooster's agent does not try local models: .*ROUTING_LOCAL_ENABLED=true.* Fix: set ROUTING_LOCAL_ENABLED=true\. ?$/); // Wooster's log formats the empty metadata as a space
-      assert.match(logs[warning("auto-start-server")]!, /check \(auto-start-server\): .*after Wooster has checked ROUTING_LOCAL_SERVER_URL.* Fix: .*npx @localmlx\/client serve/);
+      assert.match(logs[warning("auto-start-server")]!, /check \(auto-start-server\): .*after Wooster has checked ROUTING_LOCAL_SERVER_URL.* Fix: .*localmlx-client serve/);
       // The endpoints: after Wooster's start went on, each problem with its fix.
       for (const id of ["endpoint:router", "endpoint:thinking", "embedding-model"]) assert.ok(warning(id) > loaded, `${id} after loadPlugins returned:\n${logs.join("\n")}`);
       assert.match(logs[warning("endpoint:router")]!, /check \(endpoint:router\): .* answers, but is not localmlx/);
