@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .cancelled import Cancelled
+from .conversion import convert
 from .errors import Forbidden, InvalidParams, ModelLoadFailed, ModelNotFound, RpcError, brief
 from .settings import Settings
 
@@ -49,10 +51,6 @@ _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 Progress = Callable[..., None]  # (phase, completed, total, unit, message=None, **details)
-
-
-class Cancelled(Exception):
-    """The request was cancelled: the transfer stops; what arrived stays for a resume."""
 
 
 @dataclass(frozen=True)
@@ -112,10 +110,8 @@ def pull(repo_id: str, revision: str | None, settings: Settings, progress: Progr
     bits = int(settings.quantization.removesuffix("bit")) if converted is not None else None
     if bits is None or quantization_bits(snapshot.path) == bits:
         return snapshot
-    from .conversion import convert
-
     try:
-        convert(snapshot.path, converted, bits, progress, cancel, settings.models_dir,
+        convert(snapshot.path, converted, bits, progress, cancel, settings,
                 provenance={"model": repo_id, "revision": snapshot.revision})
     except (Cancelled, RpcError):
         raise

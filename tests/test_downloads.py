@@ -337,3 +337,15 @@ def test_localmlx_models_pull_downloads_then_lists_the_model(hub_env, hf_cache: 
     assert listed[REPO]["source"] == "hf-cache"
     refused = localmlx("pull", "someone-else/model")
     assert refused.returncode == 1 and str(FORBIDDEN) in refused.stderr
+
+
+def test_settings_given_as_flags_reach_the_conversion_child(sidecars, hub_env, tmp_path: Path) -> None:
+    """The converter runs in a child process: settings the sidecar got as flags, not in its
+    environment, must reach it too (here its BLAS choice and log format)."""
+    flags = ["--models-dir", str(tmp_path / "models"), "--quantization", "4bit", "--allowed-orgs", "TinyOrg",
+             "--blas", "bundled", "--log-format", "json"]
+    client = sidecars.spawn(args=[*sidecar_command(), *flags], **hub_env)
+    assert client.request("models/download", {"model": HF_REPO})["converted"] is True
+    assert client.close() == 0
+    blas = [line for line in client.stderr_lines if "BLAS in use" in line]
+    assert [json.loads(line)["message"] for line in blas] == ["BLAS in use: bundled"] * 2, blas  # sidecar, child

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import ContextLengthExceeded, InvalidParams
+from ..length_bound import fewest_tokens
+from ..text import clean_text
 
 TURN_S = 0.2  # about how long one micro-batch may hold the engine thread
 FIRST_BATCH_TOKENS = 512  # before the model has been timed
@@ -29,9 +31,6 @@ def tokenize(tokenizer: Any, texts: list[str], max_tokens: int | None,
     refused (-32016), not truncated: the client chunks it, and no vector silently drops text.
     With `per_token` (see length_bound), one whose length alone shows it is too long is
     refused before anything is tokenized."""
-    from ..engine.generation import clean_text
-    from ..engine.length_bound import fewest_tokens
-
     if max_tokens is not None and per_token is not None:
         for index, text in enumerate(texts):
             if (fewest := fewest_tokens(text, per_token)) > max_tokens:
