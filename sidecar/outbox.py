@@ -146,10 +146,11 @@ class Outbox:
 
     def _add_whole_chunk(self, stream: ChunkStream, text: str) -> None:
         with self._ready:
-            lines = [stream._encode(text)]
-            if stream._queued:  # joined text waits in the queue: it goes first, as it came first
+            lines = []
+            if stream._queued:  # joined text waits in the queue: it goes first (and takes its seq first)
                 self._queue.remove(stream)
-                lines.insert(0, stream._take_chunk())
+                lines.append(stream._take_chunk())
+            lines.append(stream._encode(text))
             self._queue.extend(lines)
             self._queued_bytes += sum(map(len, lines))
             self._ready.notify()
