@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .client import RpcCallError, SidecarClient, sidecar_command
+from .repl.formatting import DEMO_NOTE
 from .settings import env_from_args
 
 
@@ -34,8 +35,6 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"\rloaded {loaded['model']}: {loaded['type']}, {loaded['parameters']:,} parameters, "
               f"{loaded['bytes'] / 2**20:.1f} MiB, context {loaded['contextLength']}", file=sys.stderr)
         if loaded["model"] == "demo":
-            from .repl.formatting import DEMO_NOTE
-
             print(DEMO_NOTE.replace("(or /pull and /load here)", "(or bash scripts/demo.sh --model …)"),
                   file=sys.stderr)
         print(f"\n> {args.prompt}\n")

@@ -245,7 +245,7 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def _pretokenize(text: str) -> list[str]:
     """Split and byte-map text exactly as the runtime ByteLevel pre-tokenizer."""
-    from tokenizers import pre_tokenizers
+    from tokenizers import pre_tokenizers  # on use: the sidecar imports this module at start-up
 
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     return [piece for piece, _ in pre.pre_tokenize_str(text)]
@@ -485,7 +485,7 @@ def random_weights(
 def _write_safetensors(path: Path, tensors: dict[str, "np.ndarray"]) -> None:
     """Minimal safetensors writer (sorted keys, little-endian, 8-byte aligned
     header) so the file bytes do not depend on any library version."""
-    import numpy as np
+    import numpy as np  # on use, as above
 
     dtypes = {("f", 2): "F16", ("f", 4): "F32"}
     header: dict = {"__metadata__": {"format": "mlx"}}

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -40,6 +41,10 @@ from .errors import Forbidden, InvalidParams, ModelLoadFailed, ModelNotFound, Rp
 from .settings import Settings
 
 log = logging.getLogger("localmlx.downloads")
+
+# huggingface_hub's client, filelock and httpx2 (about 250 ms together) are imported in the
+# functions that use them ("on use" below): the sidecar imports this module at start-up, and
+# most sessions never download.
 
 # mlx_lm.utils.DEFAULT_ALLOW_PATTERNS: the files mlx-lm loads. Copied so that a download needs
 # no MLX; tests/test_downloads.py checks they agree.
@@ -170,7 +175,7 @@ def quantization_of(path: Path) -> dict[str, Any] | None:
 
 def download(repo_id: str, revision: str | None, progress: Progress, cancel: threading.Event) -> Pulled:
     """Every file mlx-lm needs from `repo_id` at `revision`, in the Hugging Face cache."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # on use
 
     revision = check_revision(revision or "main")
     storage = repo_storage(repo_id)
@@ -218,8 +223,8 @@ def check_revision(revision: str) -> str:
 
 
 def repo_storage(repo_id: str) -> Path:
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub import constants  # on use
+    from huggingface_hub.file_download import repo_folder_name  # on use
 
     return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
@@ -227,9 +232,9 @@ def repo_storage(repo_id: str) -> Path:
 def _remote_files(repo_id: str, revision: str) -> tuple[str, list[RemoteFile]]:
     """The commit `revision` names now, and the files mlx-lm needs from it, with their sizes and
     checksums."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoFile
-    from huggingface_hub.utils import filter_repo_objects
+    from huggingface_hub import HfApi  # on use
+    from huggingface_hub.hf_api import RepoFile  # on use
+    from huggingface_hub.utils import filter_repo_objects  # on use
 
     api = HfApi()
     commit = api.model_info(repo_id, revision=revision).sha
@@ -266,7 +271,7 @@ def fetch(repo_id: str, commit: str, storage: Path, file: RemoteFile, meter: "Me
     blob = storage / "blobs" / file.etag
     if blob.is_file():
         return 0
-    from huggingface_hub import hf_hub_url
+    from huggingface_hub import hf_hub_url  # on use
 
     with _blob_lock(storage, file, cancel):
         if blob.is_file():  # another download finished it while we waited
@@ -300,8 +305,8 @@ def fetch(repo_id: str, commit: str, storage: Path, file: RemoteFile, meter: "Me
 
 
 def _transfer(url: str, partial: "Partial", meter: "Meter", cancel: threading.Event) -> int:
-    from huggingface_hub import constants, get_session
-    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+    from huggingface_hub import constants, get_session  # on use
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status  # on use
 
     headers = build_hf_headers()
     if partial.size:
@@ -373,14 +378,14 @@ class _blob_lock:
     requests, or `hf download` beside us) never write it at once; waiting can be cancelled."""
 
     def __init__(self, storage: Path, file: RemoteFile, cancel: threading.Event) -> None:
-        from filelock import FileLock
+        from filelock import FileLock  # on use
 
         path = storage.parent / ".locks" / storage.name / f"{file.etag}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.lock, self.cancel = FileLock(str(path)), cancel
 
     def __enter__(self) -> None:
-        from filelock import Timeout
+        from filelock import Timeout  # on use
 
         while True:
             try:
@@ -438,7 +443,7 @@ def _source_commit(converted: Path) -> str | None:
 def _remove_revision(commit: str | None) -> None:
     """The originals of a conversion: the snapshot, its refs and the blobs no other revision uses
     (huggingface-hub's own cache deletion)."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import scan_cache_dir  # on use
 
     try:
         scan_cache_dir().delete_revisions(commit).execute()
@@ -489,8 +494,6 @@ _NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def _check_free_space(storage: Path, needed: int, repo_id: str) -> None:
-    import shutil
-
     existing = next(p for p in (storage, *storage.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if free < needed:
@@ -499,14 +502,14 @@ def _check_free_space(storage: Path, needed: int, repo_id: str) -> None:
 
 
 def _is_network_error(exc: BaseException) -> bool:
-    import httpx2
+    import httpx2  # on use
 
     return isinstance(exc, (httpx2.TransportError, httpx2.StreamError))
 
 
 def _failure(exc: BaseException, repo_id: str, file: str | None = None) -> RpcError:
     """A download's failure as the wire sees it: what went wrong, in `data.reason`."""
-    from huggingface_hub import errors as hub
+    from huggingface_hub import errors as hub  # on use
 
     if isinstance(exc, RpcError):
         return exc

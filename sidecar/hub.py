@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Callable
 
 from .demo_model import DEMO_MODEL_ALIAS, DEMO_MODEL_DIRNAME, ensure_demo_model
-from .downloads import converted_dir, is_complete_snapshot, pull
+from .downloads import MODEL_FILE_PATTERNS, converted_dir, is_complete_snapshot, pull
 from .errors import Forbidden, InvalidParams, ModelNotFound
 from .settings import Settings
 
 log = logging.getLogger("localmlx.hub")
+
+# huggingface_hub's modules are imported where they are used ("on use"): the sidecar imports
+# this module at start-up, and answering initialize must not wait for them.
 
 Progress = Callable[[str, float, "float | None", str], None]
 
@@ -49,7 +52,7 @@ def _encodable(text: str) -> bool:
 
 
 def hf_cache_dir() -> Path:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # on use: this module is imported at start-up, see above
 
     return Path(constants.HF_HUB_CACHE)
 
@@ -152,12 +155,11 @@ class ModelLocator:
 
     @staticmethod
     def _hf_snapshot(repo_id: str) -> Path | None:
-        from huggingface_hub import snapshot_download
-        from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+        from huggingface_hub import snapshot_download  # on use
 
         try:
             path = Path(snapshot_download(repo_id, local_files_only=True,
-                                          allow_patterns=DEFAULT_ALLOW_PATTERNS))
+                                          allow_patterns=MODEL_FILE_PATTERNS))
         except Exception:  # not cached (or an incomplete snapshot)
             return None
         return path if is_complete_snapshot(path) else None
@@ -193,7 +195,7 @@ class ModelLocator:
         return found
 
     def _list_hf_cache(self) -> list[tuple[ModelLocation, int]]:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import scan_cache_dir  # on use
 
         try:
             info = scan_cache_dir(hf_cache_dir())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import decimal
 import os
 import re
 from dataclasses import dataclass, field
@@ -83,8 +82,13 @@ def parse_duration(value: str | float | int) -> float:
 
 
 def _format_duration(seconds: float) -> str:
-    """Plain decimal seconds, never an exponent (parse_duration reads no "1e-05")."""
-    return f"{decimal.Decimal(repr(float(seconds))):f}".removesuffix(".0")
+    """Plain decimal seconds with every digit repr gives, never an exponent (parse_duration
+    reads no "1e-05")."""
+    text = repr(float(seconds))
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{float(seconds):.{max(0, len(mantissa.partition('.')[2]) - int(exponent))}f}"
+    return text.removesuffix(".0")
 
 
 def _names(text: str) -> tuple[str, ...]:

@@ -80,7 +80,7 @@ class EmbeddingWork:
 
     def step(self) -> bool:
         """Run the next micro-batch (on the engine thread); True once every input has its vector."""
-        import mlx.core as mx
+        import mlx.core as mx  # here: the engine imports this module at start-up, MLX only with a model
 
         embedder = self.loaded.embedder
         started = time.perf_counter()
