@@ -20,8 +20,9 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, cast
 
 from .blas import use_best_blas
 from .cancelled import Cancelled
@@ -71,11 +72,12 @@ def convert(snapshot: Path, dest: Path, bits: int, progress: Callable[..., None]
             child.kill()
         child.wait()
         for pipe in (child.stdin, child.stdout):
-            pipe.close()
+            if pipe is not None:
+                pipe.close()
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _lines(child: subprocess.Popen, cancel: threading.Event) -> Iterator[bytes]:
+def _lines(child: subprocess.Popen[bytes], cancel: threading.Event) -> Iterator[bytes]:
     """The child's report lines, until it closes stdout; a cancel kills it (see `convert`)."""
     assert child.stdout is not None
     with selectors.DefaultSelector() as selector:
@@ -124,7 +126,7 @@ def main(argv: list[str], settings: Settings) -> int:
     def done(step: str) -> None:
         report.write(json.dumps({"step": step}) + "\n")
 
-    model, tokenizer, config = load(str(source), return_config=True, lazy=True)
+    model, tokenizer, config = cast(tuple[Any, Any, dict[str, Any]], load(str(source), return_config=True, lazy=True))
     done("load")
     if "quantization" in config:  # an MLX model at another width: back to full precision first
         model = dequantize_model(model)

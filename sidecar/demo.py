@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from .client import RpcCallError, SidecarClient, sidecar_command
 from .repl.formatting import DEMO_NOTE
 from .settings import env_from_args
 
 
-def _progress(message: dict) -> None:
+def _progress(message: dict[str, Any]) -> None:
     if message.get("method") == "$/progress":
         p = message["params"]
         sys.stderr.write(f"\r  loading: {p['phase']:<10} {p['completed']}/{p['total']} {p['unit']}   ")

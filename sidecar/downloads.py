@@ -31,9 +31,10 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .cancelled import Cancelled
 from .conversion import convert
@@ -112,8 +113,10 @@ def pull(repo_id: str, revision: str | None, settings: Settings, progress: Progr
     if converted is not None and (converted / "config.json").is_file():
         return _describe(repo_id, converted, _source_commit(converted), 0, True)
     snapshot = download(repo_id, revision, progress, cancel)
-    bits = int(settings.quantization.removesuffix("bit")) if converted is not None else None
-    if bits is None or quantization_bits(snapshot.path) == bits:
+    if converted is None:
+        return snapshot
+    bits = int(settings.quantization.removesuffix("bit"))
+    if quantization_bits(snapshot.path) == bits:
         return snapshot
     try:
         convert(snapshot.path, converted, bits, progress, cancel, settings,
@@ -122,7 +125,7 @@ def pull(repo_id: str, revision: str | None, settings: Settings, progress: Progr
         raise
     except Exception as exc:
         raise _failure(exc, repo_id) from exc
-    if not settings.keep_originals:
+    if not settings.keep_originals and snapshot.revision is not None:
         _remove_revision(snapshot.revision)
     return _describe(repo_id, converted, snapshot.revision, snapshot.downloaded_bytes, True)
 
@@ -265,7 +268,7 @@ def _bytes_present(storage: Path, file: RemoteFile) -> int:
         return 0
 
 
-def fetch(repo_id: str, commit: str, storage: Path, file: RemoteFile, meter: "Meter",
+def fetch(repo_id: str, commit: str, storage: Path, file: RemoteFile, meter: Meter,
           cancel: threading.Event) -> int:
     """One file into blobs/<etag>: resumed, verified, then renamed. Returns the bytes transferred."""
     blob = storage / "blobs" / file.etag
@@ -304,7 +307,7 @@ def fetch(repo_id: str, commit: str, storage: Path, file: RemoteFile, meter: "Me
         return transferred
 
 
-def _transfer(url: str, partial: "Partial", meter: "Meter", cancel: threading.Event) -> int:
+def _transfer(url: str, partial: Partial, meter: Meter, cancel: threading.Event) -> int:
     from huggingface_hub import constants, get_session  # on use
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status  # on use
 
@@ -332,7 +335,7 @@ class Partial:
 
     def __init__(self, path: Path, file: RemoteFile) -> None:
         self.path, self.file = path, file
-        self.out = open(path, "ab")
+        self.out = open(path, "ab")  # noqa: SIM115 (written to across many reads: see close())
         self.checksum, self.size = file.new_checksum(), 0
         with open(path, "rb") as existing:  # a resume: the checksum covers what is already here
             for block in iter(lambda: existing.read(1 << 20), b""):
@@ -435,12 +438,13 @@ def _describe(name: str, path: Path, revision: str | None, transferred: int, con
 
 def _source_commit(converted: Path) -> str | None:
     try:
-        return json.loads((converted / "localmlx_source.json").read_text()).get("revision")
+        revision = json.loads((converted / "localmlx_source.json").read_text()).get("revision")
     except (OSError, ValueError, AttributeError):
         return None
+    return revision if isinstance(revision, str) else None
 
 
-def _remove_revision(commit: str | None) -> None:
+def _remove_revision(commit: str) -> None:
     """The originals of a conversion: the snapshot, its refs and the blobs no other revision uses
     (huggingface-hub's own cache deletion)."""
     from huggingface_hub import scan_cache_dir  # on use
@@ -513,7 +517,7 @@ def _failure(exc: BaseException, repo_id: str, file: str | None = None) -> RpcEr
 
     if isinstance(exc, RpcError):
         return exc
-    where = {"model": repo_id, **({"file": file} if file else {})}
+    where: dict[str, Any] = {"model": repo_id, **({"file": file} if file else {})}
     if isinstance(exc, hub.GatedRepoError):
         return Forbidden(f"{repo_id} is gated on the Hub: accept its terms there and set HF_TOKEN",
                          reason="gated", **where)

@@ -117,8 +117,15 @@ class _ProgressBar:
             self._progress.update(self._task, **fields)
 
     def _start(self, in_bytes: bool, fields: dict[str, Any]) -> None:
-        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,  # on use, as in `run`
-                                   TextColumn, TimeRemainingColumn, TransferSpeedColumn)
+        from rich.progress import (  # on use, as in `run`
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         columns: list[Any] = [TextColumn("{task.description:<40}"), BarColumn()]
         columns += [DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()] if in_bytes else \

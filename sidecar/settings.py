@@ -12,9 +12,10 @@ import argparse
 import dataclasses
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 
 class Codec(NamedTuple):
@@ -254,11 +255,11 @@ class Settings:
         "text", "LOCALMLX_LOG_FORMAT", "stderr log format: text, or json (one {time, level, logger, "
         "message} object per line; the node client asks for it)", LOG_FORMAT)
 
-    def with_overrides(self, **changes: Any) -> "Settings":
+    def with_overrides(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def _fields() -> list[tuple[dataclasses.Field, Setting]]:
+def _fields() -> list[tuple[dataclasses.Field[Any], Setting]]:
     return [(f, f.metadata["setting"]) for f in dataclasses.fields(Settings)]
 
 

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.embeddings.work import tokenize as embedding_tokens
-from sidecar.length_bound import SHRINK, fewest_tokens, most_bytes_per_token
 from sidecar.errors import ContextLengthExceeded
+from sidecar.length_bound import SHRINK, fewest_tokens, most_bytes_per_token
 
 from .families import FAMILIES_BY_NAME, build_tokenizer
 from .soak_support import scaled

@@ -16,8 +16,15 @@ import pytest
 
 from sidecar.cli import build_parser
 from sidecar.demo_model import DEMO_MODEL_DIRNAME
-from sidecar.settings import (Settings, env_from_args, env_from_settings, flag, parse_duration, settings_from_args,
-                              settings_from_env)
+from sidecar.settings import (
+    Settings,
+    env_from_args,
+    env_from_settings,
+    flag,
+    parse_duration,
+    settings_from_args,
+    settings_from_env,
+)
 
 # A value for every setting, none of them the default, each one hard for its text form: the
 # other list separator inside a path, commas inside a name list's neighbours, a duration with
@@ -84,7 +91,7 @@ def test_environment_to_settings_and_back() -> None:
 
 
 def _flags(settings: Settings) -> list[str]:
-    return [f"{flag(name)}={text}" for name, text in zip(NAMES, env_from_settings(settings).values())]
+    return [f"{flag(name)}={text}" for name, text in zip(NAMES, env_from_settings(settings).values(), strict=True)]
 
 
 @pytest.mark.parametrize("command", [["serve"], ["demo"], ["repl"], ["demo-model"], ["models", "list"]])

@@ -60,14 +60,16 @@ def load_embedder(path: Path, kind: str) -> tuple[Embedder, dict[str, Any]]:
     else:
         model, config = _load_decoder(path)
         network, max_tokens = model.model, context_length(config)
-    hidden = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
+    hidden: Any = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
     return Embedder(kind, pooling(path, kind), network, int(hidden), max_tokens), config
 
 
 def _weights(path: Path) -> dict[str, Any]:
     weights: dict[str, Any] = {}
     for file in sorted(path.glob("*.safetensors")):
-        weights.update(mx.load(str(file)))
+        tensors = mx.load(str(file))
+        assert isinstance(tensors, dict)  # what a .safetensors file holds
+        weights.update(tensors)
     return weights
 
 
@@ -104,7 +106,7 @@ def _load_decoder(path: Path) -> tuple[Any, dict[str, Any]]:
         return Checkpoint, args_class
 
     model, config = load_model(path, strict=False, get_model_classes=classes)
-    missing = [name for name, _ in tree_flatten(model.model.parameters()) if f"model.{name}" not in given]
+    missing = [name for name in dict(tree_flatten(model.model.parameters())) if f"model.{name}" not in given]
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[0]}")
     return model, config

@@ -12,8 +12,9 @@ come back in the order of the input.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ContextLengthExceeded, InvalidParams
 from ..length_bound import fewest_tokens
@@ -92,7 +93,7 @@ class EmbeddingWork:
         pooled = embedder.embed([self.tokens[i] for i in indices])[:, : self.dimensions]
         if self.normalize:
             pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-        for index, row in zip(indices, pooled.tolist()):  # tolist: the batch has run
+        for index, row in zip(indices, pooled.tolist(), strict=True):  # tolist: the batch has run
             self.vectors[index] = row
         padded = len(indices) * len(self.tokens[indices[0]])
         embedder.tokens_per_second = padded / max(time.perf_counter() - started, 1e-6)

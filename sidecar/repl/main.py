@@ -62,9 +62,9 @@ def _start(session: ReplSession, reader: Any, args: argparse.Namespace) -> bool:
     state.methods = sorted({*result["capabilities"]["methods"], *_client_notifications()})
     state.chat_mode = not args.oneshot
     refresh_model_names(session)
-    if not args.no_load and not load(session, state.model):
-        if (session.error or {}).get("code") == MODEL_NOT_FOUND:
-            return _offer_download(session, reader, state.model)
+    if not args.no_load and not load(session, state.model) and \
+            (session.error or {}).get("code") == MODEL_NOT_FOUND:
+        return _offer_download(session, reader, state.model)
     if state.model == "demo":
         session.output.info(fmt.DEMO_NOTE)
     return True

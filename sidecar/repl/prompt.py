@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 from .commands import command_names, completion_kind, is_raw_json
 from .state import ReplState, setting_names

@@ -14,7 +14,8 @@ import re
 import select
 import sys
 import termios
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from prompt_toolkit import PromptSession, prompt
 from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
@@ -25,8 +26,16 @@ from prompt_toolkit.styles import Style
 from rich.console import Console
 from rich.highlighter import JSONHighlighter
 from rich.json import JSON
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                           TimeElapsedColumn, TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -50,7 +59,7 @@ class TypeAhead:
         self._saved: Any = None
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
-    def __enter__(self) -> "TypeAhead":
+    def __enter__(self) -> TypeAhead:
         self.eofs = 0
         try:
             self._saved = termios.tcgetattr(self.fd)
@@ -114,7 +123,7 @@ class TerminalInput:
         model, _, mode = state.prompt_label().partition(" ")
         message = [("class:model", model)] + ([("class:mode", " " + mode)] if mode else []) + [("", "> ")]
         typed, self.keys.text = self.keys.text, ""
-        return self.session.prompt(message, default=typed)
+        return str(self.session.prompt(message, default=typed))
 
     def confirm(self, question: str) -> bool:
         """A y/N question, outside the history; Ctrl-C or Ctrl-D is no."""
