@@ -30,7 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sidecar.client import SidecarClient, sidecar_command
 
-WORDS = ["the", "a", "river", "mountain", "city", "library", "quiet", "storm", "engine", "garden", "market", "bright", "slow", "ancient", "modern", "children", "teacher", "walks", "builds", "reads", "sells", "watches", "under", "across", "near", "without", "yesterday", "tomorrow", "because", "while", "every", "green", "heavy", "small", "music", "bread", "window", "train", "letter", "forest", "ocean", "machine", "coffee", "morning", "evening", "story"]
+WORDS = ("the a river mountain city library quiet storm engine garden market bright slow ancient "
+         "modern children teacher walks builds reads sells watches under across near without "
+         "yesterday tomorrow because while every green heavy small music bread window train "
+         "letter forest ocean machine coffee morning evening story").split()
 
 
 def sentences(n: int, seed: int = 7) -> list[str]:

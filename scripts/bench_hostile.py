@@ -39,7 +39,7 @@ from sidecar.demo_model import DEMO_MODEL_DIRNAME, build_demo_model
 from sidecar.protocol_defs import CONTEXT_LENGTH_EXCEEDED
 
 MIB = 1 << 20
-WORDS = ["the", "sea", "and", "the", "mountains", "speak", "of", "rivers", "under", "a", "quiet", "sky", "while", "ships", "go", "by"]
+WORDS = "the sea and the mountains speak of rivers under a quiet sky while ships go by ".split()
 
 
 def text_of(mib: float) -> str:
