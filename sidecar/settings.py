@@ -96,6 +96,12 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def _format_names(names: tuple[str, ...]) -> str:
+    if any("," in name or name != name.strip() or not name for name in names):
+        raise ValueError("a name in a list of names cannot contain ',' or be blank at either end")
+    return ",".join(names)
+
+
 def _paths(text: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser() for p in text.split(os.pathsep) if p.strip())
 
@@ -131,7 +137,7 @@ BYTES = Codec(_bytes, str)
 DURATION = Codec(parse_duration, _format_duration)
 PATH = Codec(lambda text: Path(text).expanduser(), str)
 PATHS = Codec(_paths, _format_paths)  # os.pathsep between paths, as in $PATH
-NAMES = Codec(_names, ",".join)  # model names, Hub owners, fault names: no commas in any
+NAMES = Codec(_names, _format_names)  # model names, Hub owners, fault names: no commas in any
 QUANTIZATION = Codec(_quantization, str)
 LOG_FORMAT = Codec(_log_format, str)
 BLAS = Codec(_blas_choice, str)

@@ -136,10 +136,15 @@ def test_a_bad_value_stops_start_up_naming_its_variable(env: str, value: str) ->
         settings_from_env({env: value})
 
 
-def test_a_path_list_refuses_a_path_with_its_separator() -> None:
-    codec = dataclasses.fields(Settings)[NAMES.index("allowed_roots")].metadata["setting"].codec
+def test_a_list_refuses_an_item_its_text_could_not_give_back() -> None:
+    def codec(name: str) -> Any:
+        return dataclasses.fields(Settings)[NAMES.index(name)].metadata["setting"].codec
+
     with pytest.raises(ValueError):
-        codec.format((Path(f"/a{os.pathsep}b"),))
+        codec("allowed_roots").format((Path(f"/a{os.pathsep}b"),))
+    for names in (("a,b",), (" a",), ("",)):
+        with pytest.raises(ValueError):
+            codec("allowed_orgs").format(names)
 
 
 def test_allowed_roots_given_as_a_flag_reach_the_sidecar_the_cli_spawns(sidecar_env, models_dir: Path,
