@@ -56,6 +56,7 @@ from a busy machine are noisy: take final figures on a quiet one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import math
@@ -74,9 +75,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from sidecar.client import RpcCallError, SidecarClient, sidecar_command
 from sidecar.demo_model import CORPUS_PATH, ModelShape, build_demo_model
@@ -253,19 +255,15 @@ class Children:
 def stop_process_group(process: subprocess.Popen, grace: float = 5.0) -> None:
     """SIGTERM to the process's group, SIGKILL after `grace` seconds; always reaps it."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
         try:
             process.wait(grace)
             break
         except subprocess.TimeoutExpired:
             continue
-    try:  # stragglers the leader left behind in its group
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # stragglers the leader left in its group
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def interrupt_on_sigint_and_sigterm() -> None:
@@ -287,7 +285,7 @@ class Logs:
         self._files: list[Any] = []
 
     def open(self, name: str):
-        file = open(self.directory / f"{name}.log", "ab")
+        file = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 (a child's log: closed by close())
         self._files.append(file)
         return file
 
@@ -697,7 +695,7 @@ def measure_throughput(report: Report, sidecar: SidecarUnderTest, server: MlxLmS
                      + (f", {len(result.errors)} errors: {result.errors[0]}" if result.errors else ""))
     report.raw["throughput"] = {side: [r.summary() for r in rs] for side, rs in results.items()}
     report.raw["throughput"]["mlxLmServerConnectionRetries"] = server.connection_retries
-    for ours, theirs in zip(results["sidecar"], results["mlx_lm.server"]):
+    for ours, theirs in zip(results["sidecar"], results["mlx_lm.server"], strict=True):
         add_throughput_figures(report, section, ours, theirs)
     report.add(section, "mlx_lm.server connections reset and retried", server.connection_retries)
 
@@ -1027,10 +1025,8 @@ def measure_stalled_reader(report: Report, base_env: dict[str, str], model: str,
         outcome = stall_while_streaming(process, reader, sampler, model, scale, words)
     finally:
         sampler.stopped.set()
-        try:
+        with contextlib.suppress(OSError):
             process.stdin.close()  # EOF ends the sidecar
-        except OSError:
-            pass
         children.stop(process, grace=10.0)
     report.raw["stalledReader"] = outcome
     growth = None if outcome["growthKib"] is None else outcome["growthKib"] / 1024

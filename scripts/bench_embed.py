@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidecar.client import SidecarClient, sidecar_command  # noqa: E402
+from sidecar.client import SidecarClient, sidecar_command
 
 WORDS = ("the a river mountain city library quiet storm engine garden market bright slow ancient "
          "modern children teacher walks builds reads sells watches under across near without "

@@ -34,9 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidecar.client import SidecarClient, sidecar_command  # noqa: E402
-from sidecar.demo_model import DEMO_MODEL_DIRNAME, build_demo_model  # noqa: E402
-from sidecar.protocol_defs import CONTEXT_LENGTH_EXCEEDED  # noqa: E402
+from sidecar.client import SidecarClient, sidecar_command
+from sidecar.demo_model import DEMO_MODEL_DIRNAME, build_demo_model
+from sidecar.protocol_defs import CONTEXT_LENGTH_EXCEEDED
 
 MIB = 1 << 20
 WORDS = "the sea and the mountains speak of rivers under a quiet sky while ships go by ".split()

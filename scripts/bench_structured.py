@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sidecar.client import SidecarClient, sidecar_command  # noqa: E402
-from sidecar.demo_model import DEMO_MODEL_DIRNAME, build_demo_model  # noqa: E402
+from sidecar.client import SidecarClient, sidecar_command
+from sidecar.demo_model import DEMO_MODEL_DIRNAME, build_demo_model
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags", "items"],
           "properties": {"name": {"type": "string", "maxLength": 16},
@@ -46,7 +46,7 @@ def pair(client: SidecarClient, model: str, seeds: list[int]) -> tuple[list[dict
     ids = [client.start_request("chat", request(model, s, True, 600)) for s in seeds]
     constrained = [client.wait_response(i)["result"] for i in ids]
     ids = [client.start_request("chat", request(model, s, False, r["usage"]["completionTokens"]))
-           for s, r in zip(seeds, constrained)]
+           for s, r in zip(seeds, constrained, strict=True)]
     free = [client.wait_response(i)["result"] for i in ids]
     return constrained, free
 

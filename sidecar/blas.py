@@ -14,8 +14,8 @@ import logging
 import os
 import sys
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 log = logging.getLogger("localmlx.blas")
 

@@ -9,18 +9,22 @@ import signal
 import sys
 from pathlib import Path
 
+from .demo import run_demo
 from .logs import configure_logging
+from .models_cli import add_arguments as add_models_arguments
+from .models_cli import run as run_models
+from .repl import add_arguments as add_repl_arguments
+from .repl import run as run_repl
 from .settings import add_setting_flags, settings_from_args
+from .transport import claim_stdout
 
 
 def serve(args: argparse.Namespace) -> None:
-    from .transport import claim_stdout
-
     wire_fd = claim_stdout()  # first: nothing imported below may print onto the wire
     parent = os.getppid()  # as early as can be: the watchdog's reference
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)
-    from .blas import use_best_blas
+    from .blas import use_best_blas  # here: only serve loads a BLAS (ctypes)
 
     use_best_blas(settings.blas)  # before anything imports MLX: its CPU kernels bind to it on import
     # The client owns our lifetime (stdin EOF, shutdown/exit, SIGTERM, its own exit): a
@@ -28,6 +32,7 @@ def serve(args: argparse.Namespace) -> None:
     # Ctrl-C stops the sidecar gracefully instead (see Session).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+    # Only now: the other commands (and --help) never need asyncio, jsonschema or the engine.
     import asyncio
 
     from .session import Session
@@ -49,27 +54,21 @@ def serve(args: argparse.Namespace) -> None:
 def demo_model(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)
-    from .demo_model import DEMO_MODEL_DIRNAME, build_demo_model
+    from .demo_model import DEMO_MODEL_DIRNAME, build_demo_model  # here: --help needs none of it
 
     dest = Path(args.out) if args.out else settings.models_dir / DEMO_MODEL_DIRNAME
     print(build_demo_model(dest))
 
 
 def demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
-
     raise SystemExit(run_demo(args))
 
 
 def repl(args: argparse.Namespace) -> None:
-    from .repl import run
-
-    raise SystemExit(run(args))
+    raise SystemExit(run_repl(args))
 
 
 def models(args: argparse.Namespace) -> None:
-    from .models_cli import run as run_models
-
     raise SystemExit(run_models(args))
 
 
@@ -92,13 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_argument("--temp", type=float, default=0.0)
     demo_cmd.set_defaults(func=demo)
 
-    from .repl import add_arguments as add_repl_arguments
-
     repl_cmd = commands.add_parser("repl", help="try the sidecar by hand: shorthand or raw JSON-RPC")
     add_repl_arguments(repl_cmd)
     repl_cmd.set_defaults(func=repl)
-
-    from .models_cli import add_arguments as add_models_arguments
 
     models_cmd = commands.add_parser("models", help="list, pull, rm or check local models",
                                      description="The local model cache, through a sidecar.")

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import RpcError
 from .jsonrpc import id_key, parse_json
@@ -53,7 +54,7 @@ class Received:
 class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
     response: dict[str, Any] | None = None
-    chunks: "queue.SimpleQueue[Any]" = field(default_factory=queue.SimpleQueue)  # Received, then _DONE
+    chunks: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)  # Received, then _DONE
 
     def finish(self) -> None:
         self.done.set()
@@ -271,15 +272,17 @@ class SidecarClient:
     def embed(self, input: str | list[str], timeout: float = 120.0, **params: Any) -> dict[str, Any]:
         """`embed`: {model, vectors, dimensions, usage, timings} for one text or several
         (`model`, `dimensions`, `normalize`, `keepAlive` as keyword arguments)."""
-        return self.request("embed", {**params, "input": [input] if isinstance(input, str) else list(input)},
-                            timeout)
+        result: dict[str, Any] = self.request(
+            "embed", {**params, "input": [input] if isinstance(input, str) else list(input)}, timeout)
+        return result
 
     def cancel(self, id_: Any) -> None:
         self.send({"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": id_}})
 
     def initialize(self, **client_info: Any) -> dict[str, Any]:
-        return self.request("initialize", {"protocolVersion": PROTOCOL_VERSION,
-                                           "clientInfo": client_info or {"name": "localmlx-py"}})
+        result: dict[str, Any] = self.request("initialize", {
+            "protocolVersion": PROTOCOL_VERSION, "clientInfo": client_info or {"name": "localmlx-py"}})
+        return result
 
     # ---- lifetime --------------------------------------------------------------------------
 
@@ -304,7 +307,7 @@ class SidecarClient:
             self.process.kill()
             return self.process.wait()
 
-    def __enter__(self) -> "SidecarClient":
+    def __enter__(self) -> SidecarClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -20,10 +20,15 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, cast
 
+from .blas import use_best_blas
+from .cancelled import Cancelled
 from .errors import ModelLoadFailed
+from .logs import configure_logging
+from .settings import Settings, env_from_settings, settings_from_env
 
 log = logging.getLogger("localmlx.conversion")
 
@@ -32,15 +37,18 @@ STAGING_DIR = ".localmlx-converting"  # hidden: models/list skips names starting
 
 
 def convert(snapshot: Path, dest: Path, bits: int, progress: Callable[..., None], cancel: threading.Event,
-            models_dir: Path, provenance: dict[str, Any]) -> None:
-    """`snapshot` converted and quantized to `bits` at `dest`, all at once or not at all."""
-    staging_root = models_dir / STAGING_DIR
+            settings: Settings, provenance: dict[str, Any]) -> None:
+    """`snapshot` converted and quantized to `bits` at `dest`, all at once or not at all. The
+    child gets the sidecar's settings (its BLAS, its log format) whether they came from the
+    environment or from flags."""
+    staging_root = settings.models_dir / STAGING_DIR
     _remove_abandoned(staging_root)
     staging = staging_root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     total = len(STEPS) + 1
     progress("convert", 0, total, "step", message=f"converting to {bits}-bit MLX")
     child = subprocess.Popen([sys.executable, "-m", "sidecar.conversion", str(snapshot), str(staging), str(bits)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+                             env={**os.environ, **env_from_settings(settings)})
     try:
         for line in _lines(child, cancel):
             step = json.loads(line).get("step")
@@ -64,14 +72,13 @@ def convert(snapshot: Path, dest: Path, bits: int, progress: Callable[..., None]
             child.kill()
         child.wait()
         for pipe in (child.stdin, child.stdout):
-            pipe.close()
+            if pipe is not None:
+                pipe.close()
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _lines(child: subprocess.Popen, cancel: threading.Event) -> Iterator[bytes]:
+def _lines(child: subprocess.Popen[bytes], cancel: threading.Event) -> Iterator[bytes]:
     """The child's report lines, until it closes stdout; a cancel kills it (see `convert`)."""
-    from .downloads import Cancelled
-
     assert child.stdout is not None
     with selectors.DefaultSelector() as selector:
         selector.register(child.stdout, selectors.EVENT_READ)
@@ -108,21 +115,18 @@ def _alive(pid: int) -> bool:
 # ---- the child --------------------------------------------------------------------------------
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], settings: Settings) -> int:
     source, dest, bits = Path(argv[0]), Path(argv[1]), int(argv[2])
     report = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # mlx-lm prints: only our report lines reach the parent
     threading.Thread(target=_exit_when_the_parent_goes, daemon=True).start()
-    from .blas import use_best_blas
-    from .settings import settings_from_env
-
-    use_best_blas(settings_from_env().blas)  # before MLX is imported, as the sidecar does
-    from mlx_lm.utils import dequantize_model, load, quantize_model, save
+    use_best_blas(settings.blas)  # before MLX is imported, as the sidecar does
+    from mlx_lm.utils import dequantize_model, load, quantize_model, save  # after the BLAS choice
 
     def done(step: str) -> None:
         report.write(json.dumps({"step": step}) + "\n")
 
-    model, tokenizer, config = load(str(source), return_config=True, lazy=True)
+    model, tokenizer, config = cast(tuple[Any, Any, dict[str, Any]], load(str(source), return_config=True, lazy=True))
     done("load")
     if "quantization" in config:  # an MLX model at another width: back to full precision first
         model = dequantize_model(model)
@@ -142,11 +146,10 @@ def _exit_when_the_parent_goes() -> None:
 
 
 if __name__ == "__main__":
-    from .logs import configure_logging
-
-    configure_logging("INFO", os.environ.get("LOCALMLX_LOG_FORMAT", "text").strip().lower())  # as the sidecar's
+    child_settings = settings_from_env()  # the sidecar's, see `convert`
+    configure_logging(child_settings.log_level, child_settings.log_format)
     try:
-        code = main(sys.argv[1:])
+        code = main(sys.argv[1:], child_settings)
     except BaseException:
         log.exception("conversion failed")
         code = 1

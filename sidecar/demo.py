@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from .client import RpcCallError, SidecarClient, sidecar_command
+from .repl.formatting import DEMO_NOTE
 from .settings import env_from_args
 
 
-def _progress(message: dict) -> None:
+def _progress(message: dict[str, Any]) -> None:
     if message.get("method") == "$/progress":
         p = message["params"]
         sys.stderr.write(f"\r  loading: {p['phase']:<10} {p['completed']}/{p['total']} {p['unit']}   ")
@@ -34,8 +36,6 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"\rloaded {loaded['model']}: {loaded['type']}, {loaded['parameters']:,} parameters, "
               f"{loaded['bytes'] / 2**20:.1f} MiB, context {loaded['contextLength']}", file=sys.stderr)
         if loaded["model"] == "demo":
-            from .repl.formatting import DEMO_NOTE
-
             print(DEMO_NOTE.replace("(or /pull and /load here)", "(or bash scripts/demo.sh --model …)"),
                   file=sys.stderr)
         print(f"\n> {args.prompt}\n")

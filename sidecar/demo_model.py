@@ -19,6 +19,7 @@ model; ``scripts/bench.py`` builds a larger one the same way.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
@@ -107,7 +108,7 @@ REQUIRED_FILES = (
 # --------------------------------------------------------------------------
 
 
-def is_complete(path, shape: ModelShape = DEMO_SHAPE) -> bool:
+def is_complete(path: Path, shape: ModelShape = DEMO_SHAPE) -> bool:
     """True if ``path`` holds a finished model of the current version and of
     ``shape`` (by default the demo model)."""
     path = Path(path)
@@ -179,7 +180,7 @@ def _install(tmp: Path, dest: Path, shape: ModelShape) -> None:
 # --------------------------------------------------------------------------
 
 
-def marker_contents(shape: ModelShape = DEMO_SHAPE) -> dict:
+def marker_contents(shape: ModelShape = DEMO_SHAPE) -> dict[str, Any]:
     """What the marker file says; the demo's own shape is implied, others are
     spelled out so that a model of another shape never passes for it."""
     marker = {"build_version": BUILD_VERSION, "alias": DEMO_MODEL_ALIAS, "seed": SEED}
@@ -208,7 +209,7 @@ def write_model_files(out: Path, shape: ModelShape = DEMO_SHAPE) -> None:
     _write_json(out / MARKER_FILE, marker_contents(shape))
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_json(path: Path, obj: Any) -> None:
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
     _write_bytes(path, text.encode("utf-8"))
 
@@ -245,7 +246,7 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def _pretokenize(text: str) -> list[str]:
     """Split and byte-map text exactly as the runtime ByteLevel pre-tokenizer."""
-    from tokenizers import pre_tokenizers
+    from tokenizers import pre_tokenizers  # on use: the sidecar imports this module at start-up
 
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     return [piece for piece, _ in pre.pre_tokenize_str(text)]
@@ -269,10 +270,10 @@ def train_bpe(text: str, vocab_size: int) -> tuple[dict[str, int], list[Pair]]:
     words = [list(w) for w in sorted(word_counts)]  # symbols of each word
     counts = [word_counts[w] for w in sorted(word_counts)]
 
-    pair_counts: Counter = Counter()
+    pair_counts: Counter[Pair] = Counter()
     pair_words: dict[Pair, set[int]] = {}  # which words contain a pair
     for wi, syms in enumerate(words):
-        for pair in zip(syms, syms[1:]):
+        for pair in itertools.pairwise(syms):
             pair_counts[pair] += counts[wi]
             pair_words.setdefault(pair, set()).add(wi)
 
@@ -303,11 +304,12 @@ def train_bpe(text: str, vocab_size: int) -> tuple[dict[str, int], list[Pair]]:
     return vocab, merges
 
 
-def _merge_word(wi, words, count, pair, merged, pair_counts, pair_words):
+def _merge_word(wi: int, words: list[list[str]], count: int, pair: Pair, merged: str,
+                pair_counts: Counter[Pair], pair_words: dict[Pair, set[int]]) -> set[Pair]:
     """Apply one merge to word ``wi``, updating pair statistics; returns the
     set of pairs whose counts changed."""
     syms = words[wi]
-    old_pairs = list(zip(syms, syms[1:]))
+    old_pairs = list(itertools.pairwise(syms))
     new, i = [], 0
     while i < len(syms):
         if i + 1 < len(syms) and (syms[i], syms[i + 1]) == pair:
@@ -316,7 +318,7 @@ def _merge_word(wi, words, count, pair, merged, pair_counts, pair_words):
         else:
             new.append(syms[i])
             i += 1
-    new_pairs = list(zip(new, new[1:]))
+    new_pairs = list(itertools.pairwise(new))
     words[wi] = new
     for p in old_pairs:
         pair_counts[p] -= count
@@ -326,7 +328,7 @@ def _merge_word(wi, words, count, pair, merged, pair_counts, pair_words):
     return set(old_pairs) | set(new_pairs)
 
 
-def tokenizer_json(vocab: dict[str, int], merges: list[Pair]) -> dict:
+def tokenizer_json(vocab: dict[str, int], merges: list[Pair]) -> dict[str, Any]:
     """The ``tokenizers`` serialization of a GPT-2 style byte-level BPE."""
     byte_level = {
         "type": "ByteLevel",
@@ -371,7 +373,7 @@ def tokenizer_json(vocab: dict[str, int], merges: list[Pair]) -> dict:
     }
 
 
-def tokenizer_config(shape: ModelShape = DEMO_SHAPE) -> dict:
+def tokenizer_config(shape: ModelShape = DEMO_SHAPE) -> dict[str, Any]:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": False,
@@ -389,7 +391,7 @@ def tokenizer_config(shape: ModelShape = DEMO_SHAPE) -> dict:
     }
 
 
-def special_tokens_map() -> dict:
+def special_tokens_map() -> dict[str, Any]:
     return {
         "eos_token": IM_END,
         "pad_token": ENDOFTEXT,
@@ -404,7 +406,7 @@ def special_tokens_map() -> dict:
 
 def model_config(
     vocab_size: int, eos_token_id: int, shape: ModelShape = DEMO_SHAPE
-) -> dict:
+) -> dict[str, Any]:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -434,13 +436,13 @@ def quiet_token_ids(vocab: dict[str, int]) -> list[int]:
     (ASCII control characters, bytes invalid anywhere in UTF-8)."""
     byte_char = bytes_to_unicode()
     junk = [b for b in range(256) if (b < 0x20 and b not in (0x09, 0x0A)) or b == 0x7F]
-    junk += [0xC0, 0xC1] + list(range(0xF5, 0x100))
+    junk += [0xC0, 0xC1, *range(0xF5, 0x100)]
     return [vocab[t] for t in SPECIAL_TOKENS] + [vocab[byte_char[b]] for b in junk]
 
 
 def random_weights(
     vocab_size: int, quiet_ids: list[int], shape: ModelShape = DEMO_SHAPE
-) -> dict[str, "np.ndarray"]:
+) -> dict[str, np.ndarray]:
     """Seeded float32 weights under mlx-lm llama parameter names.
 
     float32 because mlx's CPU backend decodes it about twice as fast as
@@ -455,10 +457,10 @@ def random_weights(
     rng = np.random.default_rng(SEED)
     hidden, inter = shape.hidden_size, shape.intermediate_size
 
-    def normal(shape, std):
+    def normal(shape: tuple[int, ...], std: float) -> np.ndarray:
         return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
 
-    def linear(out_dim, in_dim):
+    def linear(out_dim: int, in_dim: int) -> np.ndarray:
         return normal((out_dim, in_dim), in_dim**-0.5)
 
     emb = normal((vocab_size, hidden), 0.02)
@@ -482,13 +484,13 @@ def random_weights(
     return weights
 
 
-def _write_safetensors(path: Path, tensors: dict[str, "np.ndarray"]) -> None:
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     """Minimal safetensors writer (sorted keys, little-endian, 8-byte aligned
     header) so the file bytes do not depend on any library version."""
-    import numpy as np
+    import numpy as np  # on use, as above
 
     dtypes = {("f", 2): "F16", ("f", 4): "F32"}
-    header: dict = {"__metadata__": {"format": "mlx"}}
+    header: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
     blobs, offset = [], 0
     for name in sorted(tensors):
         arr = tensors[name]

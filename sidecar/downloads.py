@@ -26,18 +26,26 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from .cancelled import Cancelled
+from .conversion import convert
 from .errors import Forbidden, InvalidParams, ModelLoadFailed, ModelNotFound, RpcError, brief
 from .settings import Settings
 
 log = logging.getLogger("localmlx.downloads")
+
+# huggingface_hub's client, filelock and httpx2 (about 250 ms together) are imported in the
+# functions that use them ("on use" below): the sidecar imports this module at start-up, and
+# most sessions never download.
 
 # mlx_lm.utils.DEFAULT_ALLOW_PATTERNS: the files mlx-lm loads. Copied so that a download needs
 # no MLX; tests/test_downloads.py checks they agree.
@@ -49,10 +57,6 @@ _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 Progress = Callable[..., None]  # (phase, completed, total, unit, message=None, **details)
-
-
-class Cancelled(Exception):
-    """The request was cancelled: the transfer stops; what arrived stays for a resume."""
 
 
 @dataclass(frozen=True)
@@ -109,19 +113,19 @@ def pull(repo_id: str, revision: str | None, settings: Settings, progress: Progr
     if converted is not None and (converted / "config.json").is_file():
         return _describe(repo_id, converted, _source_commit(converted), 0, True)
     snapshot = download(repo_id, revision, progress, cancel)
-    bits = int(settings.quantization.removesuffix("bit")) if converted is not None else None
-    if bits is None or quantization_bits(snapshot.path) == bits:
+    if converted is None:
         return snapshot
-    from .conversion import convert
-
+    bits = int(settings.quantization.removesuffix("bit"))
+    if quantization_bits(snapshot.path) == bits:
+        return snapshot
     try:
-        convert(snapshot.path, converted, bits, progress, cancel, settings.models_dir,
+        convert(snapshot.path, converted, bits, progress, cancel, settings,
                 provenance={"model": repo_id, "revision": snapshot.revision})
     except (Cancelled, RpcError):
         raise
     except Exception as exc:
         raise _failure(exc, repo_id) from exc
-    if not settings.keep_originals:
+    if not settings.keep_originals and snapshot.revision is not None:
         _remove_revision(snapshot.revision)
     return _describe(repo_id, converted, snapshot.revision, snapshot.downloaded_bytes, True)
 
@@ -174,7 +178,7 @@ def quantization_of(path: Path) -> dict[str, Any] | None:
 
 def download(repo_id: str, revision: str | None, progress: Progress, cancel: threading.Event) -> Pulled:
     """Every file mlx-lm needs from `repo_id` at `revision`, in the Hugging Face cache."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # on use
 
     revision = check_revision(revision or "main")
     storage = repo_storage(repo_id)
@@ -222,8 +226,8 @@ def check_revision(revision: str) -> str:
 
 
 def repo_storage(repo_id: str) -> Path:
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub import constants  # on use
+    from huggingface_hub.file_download import repo_folder_name  # on use
 
     return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
@@ -231,9 +235,9 @@ def repo_storage(repo_id: str) -> Path:
 def _remote_files(repo_id: str, revision: str) -> tuple[str, list[RemoteFile]]:
     """The commit `revision` names now, and the files mlx-lm needs from it, with their sizes and
     checksums."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoFile
-    from huggingface_hub.utils import filter_repo_objects
+    from huggingface_hub import HfApi  # on use
+    from huggingface_hub.hf_api import RepoFile  # on use
+    from huggingface_hub.utils import filter_repo_objects  # on use
 
     api = HfApi()
     commit = api.model_info(repo_id, revision=revision).sha
@@ -264,13 +268,13 @@ def _bytes_present(storage: Path, file: RemoteFile) -> int:
         return 0
 
 
-def fetch(repo_id: str, commit: str, storage: Path, file: RemoteFile, meter: "Meter",
+def fetch(repo_id: str, commit: str, storage: Path, file: RemoteFile, meter: Meter,
           cancel: threading.Event) -> int:
     """One file into blobs/<etag>: resumed, verified, then renamed. Returns the bytes transferred."""
     blob = storage / "blobs" / file.etag
     if blob.is_file():
         return 0
-    from huggingface_hub import hf_hub_url
+    from huggingface_hub import hf_hub_url  # on use
 
     with _blob_lock(storage, file, cancel):
         if blob.is_file():  # another download finished it while we waited
@@ -303,9 +307,9 @@ def fetch(repo_id: str, commit: str, storage: Path, file: RemoteFile, meter: "Me
         return transferred
 
 
-def _transfer(url: str, partial: "Partial", meter: "Meter", cancel: threading.Event) -> int:
-    from huggingface_hub import constants, get_session
-    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+def _transfer(url: str, partial: Partial, meter: Meter, cancel: threading.Event) -> int:
+    from huggingface_hub import constants, get_session  # on use
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status  # on use
 
     headers = build_hf_headers()
     if partial.size:
@@ -331,7 +335,7 @@ class Partial:
 
     def __init__(self, path: Path, file: RemoteFile) -> None:
         self.path, self.file = path, file
-        self.out = open(path, "ab")
+        self.out = open(path, "ab")  # noqa: SIM115 (written to across many reads: see close())
         self.checksum, self.size = file.new_checksum(), 0
         with open(path, "rb") as existing:  # a resume: the checksum covers what is already here
             for block in iter(lambda: existing.read(1 << 20), b""):
@@ -377,14 +381,14 @@ class _blob_lock:
     requests, or `hf download` beside us) never write it at once; waiting can be cancelled."""
 
     def __init__(self, storage: Path, file: RemoteFile, cancel: threading.Event) -> None:
-        from filelock import FileLock
+        from filelock import FileLock  # on use
 
         path = storage.parent / ".locks" / storage.name / f"{file.etag}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.lock, self.cancel = FileLock(str(path)), cancel
 
     def __enter__(self) -> None:
-        from filelock import Timeout
+        from filelock import Timeout  # on use
 
         while True:
             try:
@@ -434,15 +438,16 @@ def _describe(name: str, path: Path, revision: str | None, transferred: int, con
 
 def _source_commit(converted: Path) -> str | None:
     try:
-        return json.loads((converted / "localmlx_source.json").read_text()).get("revision")
+        revision = json.loads((converted / "localmlx_source.json").read_text()).get("revision")
     except (OSError, ValueError, AttributeError):
         return None
+    return revision if isinstance(revision, str) else None
 
 
-def _remove_revision(commit: str | None) -> None:
+def _remove_revision(commit: str) -> None:
     """The originals of a conversion: the snapshot, its refs and the blobs no other revision uses
     (huggingface-hub's own cache deletion)."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import scan_cache_dir  # on use
 
     try:
         scan_cache_dir().delete_revisions(commit).execute()
@@ -493,8 +498,6 @@ _NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def _check_free_space(storage: Path, needed: int, repo_id: str) -> None:
-    import shutil
-
     existing = next(p for p in (storage, *storage.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if free < needed:
@@ -503,18 +506,18 @@ def _check_free_space(storage: Path, needed: int, repo_id: str) -> None:
 
 
 def _is_network_error(exc: BaseException) -> bool:
-    import httpx2
+    import httpx2  # on use
 
     return isinstance(exc, (httpx2.TransportError, httpx2.StreamError))
 
 
 def _failure(exc: BaseException, repo_id: str, file: str | None = None) -> RpcError:
     """A download's failure as the wire sees it: what went wrong, in `data.reason`."""
-    from huggingface_hub import errors as hub
+    from huggingface_hub import errors as hub  # on use
 
     if isinstance(exc, RpcError):
         return exc
-    where = {"model": repo_id, **({"file": file} if file else {})}
+    where: dict[str, Any] = {"model": repo_id, **({"file": file} if file else {})}
     if isinstance(exc, hub.GatedRepoError):
         return Forbidden(f"{repo_id} is gated on the Hub: accept its terms there and set HF_TOKEN",
                          reason="gated", **where)

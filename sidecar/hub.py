@@ -6,23 +6,28 @@ outside the allowed roots. Nothing here touches MLX.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .demo_model import DEMO_MODEL_ALIAS, DEMO_MODEL_DIRNAME, ensure_demo_model
-from .downloads import converted_dir, is_complete_snapshot, pull
+from .downloads import MODEL_FILE_PATTERNS, converted_dir, is_complete_snapshot, pull
 from .errors import Forbidden, InvalidParams, ModelNotFound
 from .settings import Settings
 
 log = logging.getLogger("localmlx.hub")
+
+# huggingface_hub's modules are imported where they are used ("on use"): the sidecar imports
+# this module at start-up, and answering initialize must not wait for them.
 
 Progress = Callable[[str, float, "float | None", str], None]
 
@@ -49,7 +54,7 @@ def _encodable(text: str) -> bool:
 
 
 def hf_cache_dir() -> Path:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # on use: this module is imported at start-up, see above
 
     return Path(constants.HF_HUB_CACHE)
 
@@ -62,10 +67,8 @@ def _dir_bytes(path: Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
-            try:
+            with contextlib.suppress(OSError):
                 total += (Path(root) / name).stat().st_size  # follows HF cache symlinks
-            except OSError:
-                pass
     return total
 
 
@@ -92,7 +95,7 @@ class ModelLocator:
         if "\x00" in ref or not ref.isprintable() or not _encodable(ref):
             raise Forbidden("Not a valid model reference: it contains control characters, a NUL "
                             "byte or a lone surrogate", model=ref[:200])
-        if ref.startswith(("/", "~", ".")) or os.sep in ref and not _REPO_ID.match(ref):
+        if ref.startswith(("/", "~", ".")) or (os.sep in ref and not _REPO_ID.match(ref)):
             return self._local_path(ref)
         if _DIR_NAME.match(ref) and ".." not in ref:
             path = self.models_dir / ref
@@ -152,12 +155,11 @@ class ModelLocator:
 
     @staticmethod
     def _hf_snapshot(repo_id: str) -> Path | None:
-        from huggingface_hub import snapshot_download
-        from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+        from huggingface_hub import snapshot_download  # on use
 
         try:
             path = Path(snapshot_download(repo_id, local_files_only=True,
-                                          allow_patterns=DEFAULT_ALLOW_PATTERNS))
+                                          allow_patterns=MODEL_FILE_PATTERNS))
         except Exception:  # not cached (or an incomplete snapshot)
             return None
         return path if is_complete_snapshot(path) else None
@@ -169,6 +171,7 @@ class ModelLocator:
             progress("build", 0, 3, "step")
             return ensure_demo_model(self.models_dir)
         if location.path is None:  # a Hub repo, auto-download on: as models/download does it
+            assert location.repo_id is not None  # see _repo
             return pull(location.repo_id, None, self._settings, progress).path
         progress("resolve", 0, 3, "step")
         with open(location.path / "config.json", "rb") as f:
@@ -193,7 +196,7 @@ class ModelLocator:
         return found
 
     def _list_hf_cache(self) -> list[tuple[ModelLocation, int]]:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import scan_cache_dir  # on use
 
         try:
             info = scan_cache_dir(hf_cache_dir())
@@ -217,11 +220,11 @@ def _tree_bytes(path: Path) -> int:
     for root, _, files in os.walk(path):
         for name in files:
             try:
-                stat = (Path(root) / name).lstat()
+                info = (Path(root) / name).lstat()
             except OSError:
                 continue
-            if not (stat.st_mode & 0o170000 == 0o120000):  # not a symlink
-                total += stat.st_size
+            if not stat.S_ISLNK(info.st_mode):
+                total += info.st_size
     return total
 
 

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from .client import RpcCallError, SidecarClient, sidecar_command
+from .repl.formatting import size
 from .settings import add_setting_flags, env_from_args
 
 
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from rich.console import Console  # rich on use: every `localmlx` command imports this module
 
     out, err = Console(), Console(stderr=True)
     bar = _ProgressBar(err)
@@ -68,14 +69,8 @@ def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     return "models/status", {"model": args.model}
 
 
-def _size(n: float | None) -> str:
-    from .repl.formatting import size
-
-    return size(n)
-
-
 def _show(out: Any, action: str, result: dict[str, Any]) -> None:
-    from rich.table import Table
+    from rich.table import Table  # on use, as in `run`
 
     if action == "list":
         table = Table(box=None)
@@ -83,17 +78,17 @@ def _show(out: Any, action: str, result: dict[str, Any]) -> None:
             table.add_column(column)
         for m in result["models"]:
             quant = m.get("quantization")
-            table.add_row(m["model"], m["source"], _size(m["bytes"]), m.get("type") or "?",
+            table.add_row(m["model"], m["source"], size(m["bytes"]), m.get("type") or "?",
                           f"{quant['bits']}-bit" if quant else "", str(m.get("contextLength") or ""),
                           "yes" if m.get("loaded") else "")
         out.print(table)
     elif action == "pull":
-        fetched = _size(result["downloadedBytes"]) if result["downloadedBytes"] else "nothing new"
-        out.print(f"{result['model']}: {_size(result['bytes'])} in {result['files']} files at {result['path']} "
+        fetched = size(result["downloadedBytes"]) if result["downloadedBytes"] else "nothing new"
+        out.print(f"{result['model']}: {size(result['bytes'])} in {result['files']} files at {result['path']} "
                   f"({fetched} downloaded{', converted' if result.get('converted') else ''})")
     elif action == "rm":
         if result["deleted"]:
-            out.print(f"deleted {result['model']}: {_size(result['bytesFreed'])} freed"
+            out.print(f"deleted {result['model']}: {size(result['bytesFreed'])} freed"
                       + (" (unloaded first)" if result["unloaded"] else ""))
         else:
             out.print(f"{result['model']}: nothing to delete")
@@ -122,8 +117,15 @@ class _ProgressBar:
             self._progress.update(self._task, **fields)
 
     def _start(self, in_bytes: bool, fields: dict[str, Any]) -> None:
-        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
+        from rich.progress import (  # on use, as in `run`
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         columns: list[Any] = [TextColumn("{task.description:<40}"), BarColumn()]
         columns += [DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()] if in_bytes else \

@@ -14,7 +14,8 @@ import collections
 import logging
 import os
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .transport import encode_message
 
@@ -30,7 +31,7 @@ class ChunkStream:
     the same channel in a row join into one chunk; a change of channel starts the next, so
     the order of answer, reasoning and calls survives coalescing."""
 
-    def __init__(self, outbox: "Outbox", request_id: Any, limit_bytes: int) -> None:
+    def __init__(self, outbox: Outbox, request_id: Any, limit_bytes: int) -> None:
         self._outbox = outbox
         self.request_id = request_id
         self.limit_bytes = limit_bytes
@@ -95,11 +96,12 @@ class Outbox:
         self._on_broken = on_broken
         self._stream_limit_bytes = stream_limit_bytes
         self._queue: collections.deque[bytes | ChunkStream | None] = collections.deque()
-        self._ready = threading.Condition()
+        lock = threading.RLock()  # one lock, two conditions: work queued, lines written
+        self._ready = threading.Condition(lock)
         self.on_drain: Callable[[], None] | None = None
         self.broken = False
         self._queued_bytes = 0  # encoded lines waiting (streams' text is bounded on its own)
-        self._written = threading.Condition(self._ready)
+        self._written = threading.Condition(lock)
         self._thread = threading.Thread(target=self._drain, name="wire-writer", daemon=True)
         self._thread.start()
 
@@ -146,10 +148,11 @@ class Outbox:
 
     def _add_whole_chunk(self, stream: ChunkStream, text: str) -> None:
         with self._ready:
-            lines = [stream._encode(text)]
-            if stream._queued:  # joined text waits in the queue: it goes first, as it came first
+            lines = []
+            if stream._queued:  # joined text waits in the queue: it goes first (and takes its seq first)
                 self._queue.remove(stream)
-                lines.insert(0, stream._take_chunk())
+                lines.append(stream._take_chunk())
+            lines.append(stream._encode(text))
             self._queue.extend(lines)
             self._queued_bytes += sum(map(len, lines))
             self._ready.notify()

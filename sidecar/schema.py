@@ -26,7 +26,8 @@ def schema_path() -> Path:
 @functools.cache
 def raw_schema() -> dict[str, Any]:
     """The schema file as written."""
-    return json.loads(schema_path().read_text(encoding="utf-8"))
+    schema: dict[str, Any] = json.loads(schema_path().read_text(encoding="utf-8"))
+    return schema
 
 
 @functools.cache
@@ -104,7 +105,7 @@ def _short(value: Any) -> str:
 def _message(error: Any) -> str:
     """jsonschema's own message, unless it quotes a long value: then a short one."""
     if len(error.message) <= 2 * _SHORT + 40:
-        return error.message
+        return str(error.message)
     return f"{_short(error.instance)} does not satisfy {error.validator} {_short(error.validator_value)}"
 
 
@@ -113,7 +114,8 @@ def check_size(value: Any, path: str = "", levels: int = PATH_LEVELS, max_values
     holds more than `max_values`, naming where (down to `levels` levels below `path`).
     Counted without recursion, and only as far as the first limit passed: the check costs
     little however big the value is."""
-    count, stack = 1, [(value, 1, ())]
+    count = 1
+    stack: list[tuple[Any, int, tuple[Any, ...]]] = [(value, 1, ())]  # (node, depth, the path to it)
     while stack:
         node, depth, where = stack.pop()
         if not isinstance(node, (list, dict)):
@@ -187,7 +189,8 @@ def check_params(method: str, params: Any) -> dict[str, Any]:
         raise InvalidParams("Invalid params: params must be an object of named parameters",
                             errors=[{"path": "", "message": "expected an object"}])
     check("methods", method, "params", params)
-    return _integers_as_ints(params, _resolve(protocol_schema()["methods"][method]["params"]))
+    checked: dict[str, Any] = _integers_as_ints(params, _resolve(protocol_schema()["methods"][method]["params"]))
+    return checked
 
 
 def _resolve(node: Any) -> Any:

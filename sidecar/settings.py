@@ -1,6 +1,9 @@
 """One typed settings object: built-in defaults < LOCALMLX_* environment < CLI flags.
 
-Read once at start-up; per-request params override the generation defaults.
+Read once at start-up; per-request params override the generation defaults. Settings cross
+process boundaries (to a sidecar a CLI command spawns, to the conversion child) as the
+LOCALMLX_* variables, so each setting has one `Codec`: the parser that reads its text and the
+formatter that writes a value as text that parser reads back to the same value.
 """
 
 from __future__ import annotations
@@ -8,9 +11,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, NamedTuple
+
+
+class Codec(NamedTuple):
+    parse: Callable[[str], Any]
+    format: Callable[[Any], str]
 
 
 def _bool(text: str) -> bool:
@@ -44,10 +54,13 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 def _bytes(text: str) -> int:
     value = text.strip().lower().removesuffix("ib").removesuffix("b")
     unit = value[-1:] if value[-1:] in _UNITS else ""
-    number = float(value[: len(value) - len(unit)])
-    if number < 0:
-        raise ValueError("must not be negative")
-    return int(number * _UNITS[unit])
+    number = value[: len(value) - len(unit)]
+    if number.isdigit():  # exact, however large
+        return int(number) * _UNITS[unit]
+    amount = float(number)
+    if not amount >= 0 or amount == float("inf"):
+        raise ValueError("must be a number of bytes, not negative")
+    return int(amount * _UNITS[unit])
 
 
 def parse_duration(value: str | float | int) -> float:
@@ -59,8 +72,6 @@ def parse_duration(value: str | float | int) -> float:
         if text in ("-1", "0") or text.replace(".", "", 1).lstrip("-").isdigit():
             seconds = float(text)
         else:
-            import re
-
             parts = re.fullmatch(r"((\d+(\.\d+)?)(ms|s|m|h))+", text)
             if parts is None:
                 raise ValueError(f"not a duration: {value!r}")
@@ -71,16 +82,34 @@ def parse_duration(value: str | float | int) -> float:
     return seconds
 
 
-def _duration(text: str) -> float:
-    return parse_duration(text)
+def _format_duration(seconds: float) -> str:
+    """Plain decimal seconds with every digit repr gives, never an exponent (parse_duration
+    reads no "1e-05")."""
+    text = repr(float(seconds))
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{float(seconds):.{max(0, len(mantissa.partition('.')[2]) - int(exponent))}f}"
+    return text.removesuffix(".0")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _format_names(names: tuple[str, ...]) -> str:
+    if any("," in name or name != name.strip() or not name for name in names):
+        raise ValueError("a name in a list of names cannot contain ',' or be blank at either end")
+    return ",".join(names)
 
 
 def _paths(text: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser() for p in text.split(os.pathsep) if p.strip())
 
 
-def _path(text: str) -> Path:
-    return Path(text).expanduser()
+def _format_paths(paths: tuple[Path, ...]) -> str:
+    if any(os.pathsep in str(p) for p in paths):
+        raise ValueError(f"a path in a list of paths cannot contain {os.pathsep!r}")
+    return os.pathsep.join(map(str, paths))
 
 
 def _log_format(text: str) -> str:
@@ -99,15 +128,30 @@ def _blas_choice(text: str) -> str:
     raise ValueError("expected auto, bundled or an absolute path to a BLAS shared library")
 
 
+TEXT = Codec(str, str)
+INT = Codec(int, str)
+POSITIVE_INT = Codec(_positive_int, str)
+FLOAT = Codec(float, repr)
+BOOL = Codec(_bool, lambda value: "true" if value else "false")
+BYTES = Codec(_bytes, str)
+DURATION = Codec(parse_duration, _format_duration)
+PATH = Codec(lambda text: Path(text).expanduser(), str)
+PATHS = Codec(_paths, _format_paths)  # os.pathsep between paths, as in $PATH
+NAMES = Codec(_names, _format_names)  # model names, Hub owners, fault names: no commas in any
+QUANTIZATION = Codec(_quantization, str)
+LOG_FORMAT = Codec(_log_format, str)
+BLAS = Codec(_blas_choice, str)
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
     help: str
-    parse: Callable[[str], Any]
+    codec: Codec
 
 
-def _setting(default: Any, env: str, help: str, parse: Callable[[str], Any]) -> Any:
-    return field(default=default, metadata={"setting": Setting(env, help, parse)})
+def _setting(default: Any, env: str, help: str, codec: Codec) -> Any:
+    return field(default=default, metadata={"setting": Setting(env, help, codec)})
 
 
 @dataclass(frozen=True)
@@ -115,116 +159,113 @@ class Settings:
     models_dir: Path = _setting(
         Path("~/.cache/mlx_models").expanduser(), "LOCALMLX_MODELS_DIR",
         "directory of local models (one sub-directory per model); the embedded "
-        "demo model is built here on first use", _path)
+        "demo model is built here on first use", PATH)
     default_model: str = _setting(
         "demo", "LOCALMLX_DEFAULT_MODEL",
-        "model used when a request names none and none is loaded", str)
+        "model used when a request names none and none is loaded", TEXT)
     preload_models: tuple[str, ...] = _setting(
         (), "LOCALMLX_PRELOAD_MODELS",
-        "comma-separated models to load at start-up ('true' means the default model)",
-        lambda s: tuple(m.strip() for m in s.split(",") if m.strip()))
+        "comma-separated models to load at start-up ('true' means the default model)", NAMES)
     max_tokens: int = _setting(
-        2048, "LOCALMLX_MAX_TOKENS", "default maxTokens for generate/chat", int)
+        2048, "LOCALMLX_MAX_TOKENS", "default maxTokens for generate/chat", INT)
     temperature: float = _setting(
-        0.7, "LOCALMLX_TEMPERATURE", "default sampling temperature", float)
+        0.7, "LOCALMLX_TEMPERATURE", "default sampling temperature", FLOAT)
     jit_load: bool = _setting(
         True, "LOCALMLX_JIT_LOAD",
-        "load a model on first use; false answers -32011 ModelNotLoaded instead", _bool)
+        "load a model on first use; false answers -32011 ModelNotLoaded instead", BOOL)
     auto_download: bool = _setting(
         False, "LOCALMLX_AUTO_DOWNLOAD",
-        "download a Hub repo that is not cached when it is first loaded", _bool)
+        "download a Hub repo that is not cached when it is first loaded", BOOL)
     enable_cache: bool = _setting(
         True, "LOCALMLX_ENABLE_CACHE",
         "answer an identical deterministic request (temperature 0 or a fixed seed) on the same "
-        "loaded model from the exact response cache", _bool)
+        "loaded model from the exact response cache", BOOL)
     response_cache_entries: int = _setting(
-        256, "LOCALMLX_RESPONSE_CACHE_ENTRIES", "responses kept per loaded model by the exact response cache", int)
+        256, "LOCALMLX_RESPONSE_CACHE_ENTRIES", "responses kept per loaded model by the exact response cache", INT)
     response_cache_bytes: int = _setting(
         16 << 20, "LOCALMLX_RESPONSE_CACHE_BYTES", "bytes of text kept per loaded model by the exact response cache",
-        int)
+        INT)
     prefix_cache: bool = _setting(
         True, "LOCALMLX_PREFIX_CACHE",
         "keep KV caches of recent prompts per model, so a prompt that extends one (the next turn "
-        "of a chat) skips its shared prefix", _bool)
+        "of a chat) skips its shared prefix", BOOL)
     prompt_cache_size: int = _setting(
-        10, "LOCALMLX_PROMPT_CACHE_SIZE", "how many prompt KV caches to keep per model", int)
+        10, "LOCALMLX_PROMPT_CACHE_SIZE", "how many prompt KV caches to keep per model", INT)
     prompt_cache_bytes: int = _setting(
-        1 << 30, "LOCALMLX_PROMPT_CACHE_BYTES", "byte budget of the prompt KV caches of each model", int)
+        1 << 30, "LOCALMLX_PROMPT_CACHE_BYTES", "byte budget of the prompt KV caches of each model", INT)
     batching: bool = _setting(
         True, "LOCALMLX_BATCHING",
         "decode concurrent generations on one model together; false runs them one at a time, "
-        "in arrival order (models whose caches cannot merge always do)", _bool)
+        "in arrival order (models whose caches cannot merge always do)", BOOL)
     max_batch_size: int = _setting(
         16, "LOCALMLX_MAX_BATCH_SIZE",
-        "generations decoded together on one model; more wait in the queue", _positive_int)
+        "generations decoded together on one model; more wait in the queue", POSITIVE_INT)
     prefill_step_size: int = _setting(
         512, "LOCALMLX_PREFILL_STEP_SIZE",
         "prompt tokens processed per step: smaller keeps other streams flowing during a long prompt",
-        _positive_int)
+        POSITIVE_INT)
     stream_buffer_bytes: int = _setting(
         256 << 10, "LOCALMLX_STREAM_BUFFER_BYTES",
         "unsent text one stream may hold while its client reads slowly; past it that request "
-        "pauses (the others go on) until the client catches up", _positive_int)
+        "pauses (the others go on) until the client catches up", POSITIVE_INT)
     max_line_bytes: int = _setting(
         16 << 20, "LOCALMLX_MAX_LINE_BYTES",
-        "longest accepted request line; longer ones get -32017", int)
+        "longest accepted request line; longer ones get -32017", INT)
     max_pending_requests: int = _setting(
         1024, "LOCALMLX_MAX_PENDING_REQUESTS",
         "lines read from stdin and not yet answered; past it the sidecar stops reading until "
-        "answers are written (the client's writes then wait in the pipe)", _positive_int)
+        "answers are written (the client's writes then wait in the pipe)", POSITIVE_INT)
     max_pending_bytes: int = _setting(
         64 << 20, "LOCALMLX_MAX_PENDING_BYTES",
-        "bytes of those lines; past it reading stops the same way", _positive_int)
+        "bytes of those lines; past it reading stops the same way", POSITIVE_INT)
     max_queue: int = _setting(
         32, "LOCALMLX_MAX_QUEUE",
-        "requests waiting for the engine before new ones get -32015 busy", int)
+        "requests waiting for the engine before new ones get -32015 busy", INT)
     max_loaded_models: int = _setting(
         2, "LOCALMLX_MAX_LOADED_MODELS",
-        "models kept in memory; loading one more unloads the least recently used", int)
+        "models kept in memory; loading one more unloads the least recently used", INT)
     allowed_orgs: tuple[str, ...] = _setting(
         ("mlx-community",), "LOCALMLX_ALLOWED_ORGS",
-        "comma-separated Hub owners whose repos may be downloaded and loaded ('*': any)",
-        lambda s: tuple(o.strip() for o in s.split(",") if o.strip()))
+        "comma-separated Hub owners whose repos may be downloaded and loaded ('*': any)", NAMES)
     quantization: str = _setting(
         "none", "LOCALMLX_QUANTIZATION",
         "after a download, convert a repo that is not MLX at this width with mlx-lm's converter: "
-        "4bit, 8bit or none (MLX repos are used as they are)", _quantization)
+        "4bit, 8bit or none (MLX repos are used as they are)", QUANTIZATION)
     keep_originals: bool = _setting(
         False, "LOCALMLX_KEEP_ORIGINALS",
-        "keep the downloaded originals of a converted model in the Hugging Face cache", _bool)
+        "keep the downloaded originals of a converted model in the Hugging Face cache", BOOL)
     memory_budget: int = _setting(
         0, "LOCALMLX_MEMORY_BUDGET",
         "bytes all loaded models may take together (suffixes K, M, G; 0: 70%% of physical "
-        "memory); loading past it unloads idle models, least recently used first", _bytes)
+        "memory); loading past it unloads idle models, least recently used first", BYTES)
     offload_inactive: float = _setting(
         -1.0, "LOCALMLX_OFFLOAD_INACTIVE",
         "how long a model stays loaded after its last use, as keepAlive ('5m', '1h', seconds; "
-        "-1: until unloaded; 0: right after each reply)", _duration)
+        "-1: until unloaded; 0: right after each reply)", DURATION)
     allowed_roots: tuple[Path, ...] = _setting(
         (), "LOCALMLX_ALLOWED_ROOTS",
         f"extra directories ('{os.pathsep}'-separated) a local model path may live "
-        "under, besides the models dir and the Hugging Face cache", _paths)
+        "under, besides the models dir and the Hugging Face cache", PATHS)
     blas: str = _setting(
         "auto", "LOCALMLX_BLAS",
         "BLAS for MLX on a Linux CPU: auto (an optimized one such as OpenBLAS when installed, else "
-        "the wheel's bundled one), bundled, or an absolute path to a BLAS shared library", _blas_choice)
+        "the wheel's bundled one), bundled, or an absolute path to a BLAS shared library", BLAS)
     inject_faults: tuple[str, ...] = _setting(
         (), "LOCALMLX_INJECT_FAULTS",
         "for tests of failure handling only: comma-separated faults to cause once each "
         "('generation': the next generation raises inside mlx-lm's decode step; 'method:NAME': the "
-        "next call of method NAME raises inside the method)",
-        lambda s: tuple(f.strip() for f in s.split(",") if f.strip()))
+        "next call of method NAME raises inside the method)", NAMES)
     log_level: str = _setting(
-        "INFO", "LOCALMLX_LOG_LEVEL", "stderr log level (DEBUG, INFO, WARNING, ERROR)", str)
+        "INFO", "LOCALMLX_LOG_LEVEL", "stderr log level (DEBUG, INFO, WARNING, ERROR)", TEXT)
     log_format: str = _setting(
         "text", "LOCALMLX_LOG_FORMAT", "stderr log format: text, or json (one {time, level, logger, "
-        "message} object per line; the node client asks for it)", _log_format)
+        "message} object per line; the node client asks for it)", LOG_FORMAT)
 
-    def with_overrides(self, **changes: Any) -> "Settings":
+    def with_overrides(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def _fields() -> list[tuple[dataclasses.Field, Setting]]:
+def _fields() -> list[tuple[dataclasses.Field[Any], Setting]]:
     return [(f, f.metadata["setting"]) for f in dataclasses.fields(Settings)]
 
 
@@ -236,19 +277,29 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
         if raw is None:
             continue
         try:
-            values[f.name] = setting.parse(raw)
+            values[f.name] = setting.codec.parse(raw)
         except ValueError as exc:
             raise SystemExit(f"localmlx: bad {setting.env}={raw!r}: {exc}") from None
     return Settings(**values)
+
+
+def env_from_settings(settings: Settings) -> dict[str, str]:
+    """Every setting as the LOCALMLX_* variable that reads back to it (for a child process)."""
+    return {setting.env: setting.codec.format(getattr(settings, f.name)) for f, setting in _fields()}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of the setting `name`: max_tokens -> --max-tokens."""
+    return "--" + name.replace("_", "-")
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One `--flag` per setting; its help names the environment variable under it."""
     for f, setting in _fields():
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, default=None,
-            type=setting.parse, metavar=f.name.split("_")[-1].upper(),
-            help=f"{setting.help} [env {setting.env}; default {f.default!s}]")
+            flag(f.name), dest=f.name, default=None,
+            type=setting.codec.parse, metavar=f.name.split("_")[-1].upper(),
+            help=f"{setting.help} [env {setting.env}; default {setting.codec.format(f.default) or 'none'}]")
 
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
@@ -259,9 +310,5 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
 def env_from_args(args: argparse.Namespace) -> dict[str, str]:
     """The setting flags given on a command line, as the LOCALMLX_* variables a spawned
     sidecar reads."""
-    env = {}
-    for f, setting in _fields():
-        value = getattr(args, f.name, None)
-        if value is not None:
-            env[setting.env] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-    return env
+    return {setting.env: setting.codec.format(value) for f, setting in _fields()
+            if (value := getattr(args, f.name, None)) is not None}

@@ -140,7 +140,7 @@ class HubServer:
         self._server = uvicorn.Server(uvicorn.Config(self.shim, log_level="warning", lifespan="off"))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         self._thread.start()
         while not self._server.started:
             if not self._thread.is_alive():

@@ -20,8 +20,9 @@ import subprocess
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from sidecar.client import sidecar_command
 from sidecar.protocol_defs import INTERNAL_ERROR
@@ -42,7 +43,7 @@ class ExactInt(int):
 
     text: str
 
-    def __new__(cls, text: str) -> "ExactInt":
+    def __new__(cls, text: str) -> ExactInt:
         value = super().__new__(cls, int(text))
         value.text = text
         return value
@@ -51,7 +52,7 @@ class ExactInt(int):
 class ExactFloat(float):
     text: str
 
-    def __new__(cls, text: str) -> "ExactFloat":
+    def __new__(cls, text: str) -> ExactFloat:
         value = super().__new__(cls, float(text))
         value.text = text
         return value
@@ -125,7 +126,7 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
-def rss_growth_failure(baseline: int | None, sampler: "RssSampler", limit: int, what: str) -> str | None:
+def rss_growth_failure(baseline: int | None, sampler: RssSampler, limit: int, what: str) -> str | None:
     """The RSS assertion: a failure message when the peak grew `limit` or more over `baseline`.
     Where /proc is missing (macOS) it is skipped, with a warning that says so."""
     if baseline is None or not sampler.samples:
@@ -149,7 +150,7 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 

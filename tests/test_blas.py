@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import _ctypes
 import os
 import subprocess
 import sys
 import sysconfig
 import time
 
-import _ctypes
 import pytest
 from jsonschema import Draft202012Validator
 

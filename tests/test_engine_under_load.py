@@ -232,8 +232,8 @@ def test_the_prefix_cache_goes_with_its_model(sidecar) -> None:
     messages = [{"role": "user", "content": "Tell me about waves and the moon."}]
     first = sidecar.request("chat", {"messages": messages, "maxTokens": 30, "temperature": 0})
     assert first["usage"]["cachedTokens"] == 0
-    follow_up = messages + [{"role": "assistant", "content": first["text"]},
-                            {"role": "user", "content": "And tides?"}]
+    follow_up = [*messages, {"role": "assistant", "content": first["text"]},
+                 {"role": "user", "content": "And tides?"}]
     second = sidecar.request("chat", {"messages": follow_up, "maxTokens": 30, "temperature": 0})
     assert second["usage"]["cachedTokens"] > first["usage"]["promptTokens"] // 2
     status = sidecar.request("server/status")

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from sidecar.client import RpcCallError, SidecarClient
+from sidecar.protocol_defs import INVALID_PARAMS, MODEL_LOAD_FAILED
 
 from .conftest import arrival, serving, streamed_text
 from .families import FAMILIES, FAMILIES_BY_NAME, QUANTIZATIONS, Family, build_all
-from sidecar.protocol_defs import INVALID_PARAMS, MODEL_LOAD_FAILED
 
 MODELS = [pytest.param(f, q, id=f.dirname(q)) for f in FAMILIES for q in QUANTIZATIONS]
 

@@ -3,6 +3,7 @@ RELIABILITY.md says happens."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -17,7 +18,15 @@ from pathlib import Path
 import pytest
 
 from sidecar.client import RpcCallError, SidecarClient, sidecar_command
-from sidecar.protocol_defs import BUSY, FORBIDDEN, INTERNAL_ERROR, INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, SERVER_CANCELLED
+from sidecar.protocol_defs import (
+    BUSY,
+    FORBIDDEN,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    MODEL_LOAD_FAILED,
+    MODEL_NOT_FOUND,
+    SERVER_CANCELLED,
+)
 
 from .conftest import chat_params
 from .test_models import copy_demo
@@ -269,10 +278,8 @@ def test_the_sidecar_goes_when_its_parent_dies_even_with_stdin_open(sidecar_env,
         parent.kill()
         holder = Path(str(pid_file) + ".holder")
         if holder.exists():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(holder.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def process_alive(pid: int) -> bool:

@@ -15,6 +15,7 @@ different but reproducible set.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -27,11 +28,38 @@ from hypothesis import strategies as st
 from sidecar import errors
 from sidecar.errors import RpcError
 from sidecar.jsonrpc import BadCall, Call, error_message, parse_json, peek_id, read_call, result_message
+from sidecar.protocol_defs import (
+    BUSY,
+    CONTEXT_LENGTH_EXCEEDED,
+    FORBIDDEN,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    MESSAGE_TOO_LARGE,
+    METHOD_NOT_FOUND,
+    MODEL_LOAD_FAILED,
+    MODEL_LOADING,
+    MODEL_NOT_FOUND,
+    MODEL_NOT_LOADED,
+    NOT_INITIALIZED,
+    OUT_OF_MEMORY,
+    PARSE_ERROR,
+    REQUEST_CANCELLED,
+    SERVER_CANCELLED,
+)
 from sidecar.transport import LineFramer, OversizedLine, encode_message
 
-from .soak_support import (LONG_MODE, NULL_KEY, SEED, RawSidecar, is_own_call, key_of, loads_exact, plain, scaled,
-                           well_formed_error)
-from sidecar.protocol_defs import BUSY, CONTEXT_LENGTH_EXCEEDED, FORBIDDEN, INVALID_PARAMS, INVALID_REQUEST, MESSAGE_TOO_LARGE, METHOD_NOT_FOUND, MODEL_LOADING, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, MODEL_NOT_LOADED, NOT_INITIALIZED, OUT_OF_MEMORY, PARSE_ERROR, REQUEST_CANCELLED, SERVER_CANCELLED
+from .soak_support import (
+    LONG_MODE,
+    NULL_KEY,
+    SEED,
+    RawSidecar,
+    is_own_call,
+    key_of,
+    loads_exact,
+    plain,
+    scaled,
+    well_formed_error,
+)
 
 
 def fuzz_settings(short: int, long: int, shrink_in_short_mode: bool = True):
@@ -83,7 +111,7 @@ def same_json(a: Any, b: Any) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return isinstance(a, float) and isinstance(b, float) and (a == b or (math.isnan(a) and math.isnan(b)))
     if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b))
+        return isinstance(b, list) and len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
     return type(a) is type(b) and a == b
@@ -123,7 +151,7 @@ def framed(chunks: list[bytes], limit: int, keep_head: bool) -> list:
 
 def split_at(stream: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
-    return [stream[a:b] for a, b in zip(points, points[1:])]
+    return [stream[a:b] for a, b in itertools.pairwise(points)]
 
 
 def line_pieces(limit: int):
@@ -191,7 +219,7 @@ def test_framing_valid_messages_gives_back_each_message_whole(values: list, cuts
     stream = b"".join(orjson_line(v) for v in values)
     frames = framed(split_at(stream, cuts), 1 << 20, False)
     assert [kind for kind, _ in frames] == ["line"] * len(values)
-    assert all(same_json(parse_json(frame), value) for (_, frame), value in zip(frames, values))
+    assert all(same_json(parse_json(frame), value) for (_, frame), value in zip(frames, values, strict=True))
 
 
 def orjson_line(value: Any) -> bytes:

@@ -56,8 +56,8 @@ def test_prompt_cache_serves_a_repeated_conversation_prefix(sidecar) -> None:
     messages = [{"role": "system", "content": "You are a helpful assistant for the sea. " * 8},
                 {"role": "user", "content": "Tell me about waves."}]
     first = sidecar.request("chat", {"messages": messages, "maxTokens": 8, "temperature": 0})
-    follow_up = messages + [{"role": "assistant", "content": first["text"]},
-                            {"role": "user", "content": "And tides?"}]
+    follow_up = [*messages, {"role": "assistant", "content": first["text"]},
+                 {"role": "user", "content": "And tides?"}]
     second = sidecar.request("chat", {"messages": follow_up, "maxTokens": 8, "temperature": 0})
     assert first["usage"]["cachedTokens"] == 0
     assert second["usage"]["cachedTokens"] > first["usage"]["promptTokens"] // 2
@@ -103,8 +103,8 @@ def test_prompt_cache_changes_speed_not_words(sidecars) -> None:
         for turn in ("And tides?", "And storms?"):
             reply = client.request("chat", {"messages": messages, "maxTokens": 24, "temperature": 0})
             replies.append(reply)
-            messages = messages + [{"role": "assistant", "content": reply["text"]},
-                                   {"role": "user", "content": turn}]
+            messages = [*messages, {"role": "assistant", "content": reply["text"]},
+                        {"role": "user", "content": turn}]
         replies.append(client.request("chat", {"messages": messages, "maxTokens": 24, "temperature": 0}))
         return replies
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -153,7 +153,7 @@ def test_a_prompt_that_fits_is_never_refused_by_its_length(client, small_models)
     """The tightest case: every token the longest the vocabulary has, as many as fit."""
     from mlx_lm.utils import load_tokenizer
 
-    from sidecar.engine.length_bound import most_bytes_per_token
+    from sidecar.length_bound import most_bytes_per_token
 
     assert most_bytes_per_token(load_tokenizer(small_models / "small")) == (len(LONGEST_DEMO_TOKEN),) * 2
     fits = client.request("generate", {"model": "small", "prompt": LONGEST_DEMO_TOKEN * (SMALL_CONTEXT - 1),

@@ -1,4 +1,4 @@
-"""The length bound (sidecar/engine/length_bound.py) is sound: no text ever takes fewer tokens
+"""The length bound (sidecar/length_bound.py) is sound: no text ever takes fewer tokens
 than its length says, so no prompt that could fit is refused by it. Checked on the real
 tokenizers the sidecar loads (the demo model's byte-level BPE, the real Qwen vocabulary behind
 NFC and its split pattern, a sentencepiece-style BPE with byte fallback) against texts built to
@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.embeddings.work import tokenize as embedding_tokens
-from sidecar.engine.length_bound import SHRINK, fewest_tokens, most_bytes_per_token
 from sidecar.errors import ContextLengthExceeded
+from sidecar.length_bound import SHRINK, fewest_tokens, most_bytes_per_token
 
 from .families import FAMILIES_BY_NAME, build_tokenizer
 from .soak_support import scaled
@@ -70,7 +70,7 @@ texts = st.lists(st.tuples(st.sampled_from(PIECES), st.integers(1, 300)), max_si
 
 
 def token_count(tokenizer, text: str) -> int:
-    from sidecar.engine.generation import clean_text
+    from sidecar.text import clean_text
 
     return len(tokenizer.encode(clean_text(text), add_special_tokens=False))
 

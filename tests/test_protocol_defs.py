@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
 
 from sidecar import errors, protocol_defs, schema
 from sidecar.errors import RpcError
-from sidecar.protocol_defs import (ERROR_CODES, ERROR_MEANINGS, GENERATION_DEFAULTS, INVALID_PARAMS, METHOD_NAMES,
-                                   NOTIFICATION_NAMES, PROTOCOL_VERSION)
+from sidecar.protocol_defs import (
+    ERROR_CODES,
+    ERROR_MEANINGS,
+    GENERATION_DEFAULTS,
+    INVALID_PARAMS,
+    METHOD_NAMES,
+    NOTIFICATION_NAMES,
+    PROTOCOL_VERSION,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,15 +49,15 @@ def test_the_schema_is_a_valid_2020_12_schema() -> None:
 def test_the_constants_are_the_schemas() -> None:
     raw = schema.raw_schema()
     entries = raw["$defs"]["ErrorCode"]["oneOf"]
-    assert ERROR_CODES == {e["title"]: e["const"] for e in entries}
-    assert ERROR_MEANINGS == {e["const"]: e["description"] for e in entries}
+    assert {e["title"]: e["const"] for e in entries} == ERROR_CODES
+    assert {e["const"]: e["description"] for e in entries} == ERROR_MEANINGS
     assert len(set(ERROR_CODES.values())) == len(ERROR_CODES)
     assert all(getattr(protocol_defs, name) == code for name, code in ERROR_CODES.items())
-    assert PROTOCOL_VERSION == raw["$defs"]["ProtocolVersion"]["const"]
+    assert raw["$defs"]["ProtocolVersion"]["const"] == PROTOCOL_VERSION
     assert raw["methods"]["initialize"]["result"]["properties"]["protocolVersion"] == {
         "$ref": "#/$defs/ProtocolVersion"}
     assert METHOD_NAMES == tuple(raw["methods"]) == tuple(schema.method_names())
-    assert NOTIFICATION_NAMES == tuple(raw["notifications"])
+    assert tuple(raw["notifications"]) == NOTIFICATION_NAMES
 
 
 def test_every_code_has_its_error_class_and_no_class_invents_one() -> None:

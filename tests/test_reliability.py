@@ -11,9 +11,9 @@ import time
 import pytest
 
 from sidecar.client import RpcCallError
+from sidecar.protocol_defs import BUSY, INVALID_REQUEST, SERVER_CANCELLED
 
 from .conftest import chat_params
-from sidecar.protocol_defs import BUSY, INVALID_REQUEST, SERVER_CANCELLED
 
 LONG = chat_params("Tell me everything.", maxTokens=1900)
 

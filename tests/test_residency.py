@@ -12,9 +12,9 @@ import pytest
 
 from sidecar.client import RpcCallError, SidecarClient
 from sidecar.demo_model import DEMO_MODEL_DIRNAME, DEMO_SHAPE
+from sidecar.protocol_defs import FORBIDDEN, INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, OUT_OF_MEMORY
 
 from .conftest import chat_params
-from sidecar.protocol_defs import FORBIDDEN, INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, OUT_OF_MEMORY
 
 DEMO_BYTES = 10_494_976  # the demo model's weights
 

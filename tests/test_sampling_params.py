@@ -14,10 +14,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-
 from sidecar.client import SidecarClient
 from sidecar.protocol_defs import INVALID_PARAMS
-
 
 PROMPT = "The sea"
 

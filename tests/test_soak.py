@@ -27,11 +27,36 @@ import pytest
 
 from sidecar.client import SidecarClient
 from sidecar.demo_model import DEMO_MODEL_DIRNAME
+from sidecar.protocol_defs import (
+    BUSY,
+    FORBIDDEN,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    MESSAGE_TOO_LARGE,
+    METHOD_NOT_FOUND,
+    MODEL_LOAD_FAILED,
+    MODEL_NOT_FOUND,
+    REQUEST_CANCELLED,
+    SERVER_CANCELLED,
+)
 
 from .conftest import chat_params
-from .soak_support import (MiB, NULL_KEY, SEED, RawSidecar, is_own_call, RssSampler, key_of, number_key,
-                           rss_bytes, rss_growth_failure, scaled, string_key, well_formed_error)
-from sidecar.protocol_defs import BUSY, FORBIDDEN, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, MESSAGE_TOO_LARGE, METHOD_NOT_FOUND, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, REQUEST_CANCELLED, SERVER_CANCELLED
+from .soak_support import (
+    NULL_KEY,
+    SEED,
+    MiB,
+    RawSidecar,
+    RssSampler,
+    is_own_call,
+    key_of,
+    number_key,
+    rss_bytes,
+    rss_growth_failure,
+    scaled,
+    string_key,
+    well_formed_error,
+)
 
 pytestmark = pytest.mark.timeout(scaled(300, 3600))
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 import numpy as np
@@ -18,10 +19,10 @@ from sidecar.client import RpcCallError, SidecarClient
 from sidecar.demo_model import DEMO_MODEL_DIRNAME, build_demo_model
 from sidecar.engine.constraints import compile_constraint, compile_tool_call, response_format_grammar
 from sidecar.errors import InvalidParams
+from sidecar.protocol_defs import INVALID_PARAMS
 
 from .conftest import serving
 from .families import FAMILIES_BY_NAME, build
-from sidecar.protocol_defs import INVALID_PARAMS
 
 DEMO = DEMO_MODEL_DIRNAME
 QWEN = FAMILIES_BY_NAME["qwen2.5"].dirname("bf16")
@@ -173,7 +174,7 @@ def test_concurrent_constrained_and_free_requests_batch_on_one_model(server) -> 
     ids = [server.start_request("chat", r) for r in requests]
     assert alone[3]["finishReason"] == "stop"
     together = [server.wait_response(i)["result"] for i in ids]
-    for fmt, result, solo in zip(formats, together, alone):
+    for fmt, result, solo in zip(formats, together, alone, strict=True):
         if fmt is None:
             assert "maskMsPerToken" not in result["timings"]
             continue

@@ -13,18 +13,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from sidecar.client import RpcCallError, SidecarClient
 from sidecar.engine.channels import ANSWER, REASONING, TOOL, UNFINISHED_TOOL, OutputChannels
 from sidecar.engine.tools import ToolCallReader, template_message
+from sidecar.protocol_defs import INVALID_PARAMS
 
 from .conftest import serving
 from .families import FAMILIES_BY_NAME, build
-from sidecar.protocol_defs import INVALID_PARAMS
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -200,13 +201,13 @@ def test_a_tool_message_without_content_is_rejected_by_the_schema(sidecar) -> No
 
 def route(channels: OutputChannels, text: str, cuts: list[int]) -> list[tuple[str, str]]:
     pieces, start = [], 0
-    for cut in cuts + [len(text)]:
+    for cut in [*cuts, len(text)]:
         pieces += channels.feed(text[start:cut])
         start = cut
     pieces += channels.flush()
     merged: list[tuple[str, str]] = []
     for channel, piece in pieces:
-        if merged and merged[-1][0] == channel and channel == ANSWER or merged and channel == REASONING == merged[-1][0]:
+        if (merged and merged[-1][0] == channel and channel == ANSWER) or (merged and channel == REASONING == merged[-1][0]):
             merged[-1] = (channel, merged[-1][1] + piece)
         else:
             merged.append((channel, piece))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.errors import RpcError
 from sidecar.jsonrpc import BadCall, parse_json, peek_id, read_call
-from sidecar.transport import LineFramer, OversizedLine
 from sidecar.protocol_defs import INVALID_REQUEST, PARSE_ERROR
+from sidecar.transport import LineFramer, OversizedLine
 
 LIMIT = 64
 lines = st.lists(st.binary(max_size=100).map(lambda b: b.replace(b"\n", b"")), max_size=12)
@@ -39,7 +41,7 @@ def expected_frames(parts: list[bytes]) -> list:
 def test_any_split_of_a_stream_gives_the_same_frames(parts: list[bytes], cuts: list[int]) -> None:
     stream = b"".join(p + b"\n" for p in parts)
     points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
-    chunks = [stream[a:b] for a, b in zip(points, points[1:])]
+    chunks = [stream[a:b] for a, b in itertools.pairwise(points)]
     assert frames_of(chunks) == expected_frames(parts)
 
 

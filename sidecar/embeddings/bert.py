@@ -61,11 +61,11 @@ class SelfAttention(nn.Module):
 class Attention(nn.Module):
     def __init__(self, hidden: int, heads: int, eps: float) -> None:
         super().__init__()
-        setattr(self, "self", SelfAttention(hidden, heads))  # the checkpoint's name for it
+        self.self = SelfAttention(hidden, heads)  # the checkpoint's name for it
         self.output = Dense(hidden, hidden, eps)
 
     def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
-        return self.output(getattr(self, "self")(x, mask), x)
+        return self.output(self.self(x, mask), x)
 
 
 class Intermediate(nn.Module):

@@ -14,6 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes, load_model
+from transformers import AutoTokenizer
+
+from ..model_config import context_length
+from .bert import BertModel
 from .detect import DECODER, ENCODER, pooling
 
 
@@ -28,8 +36,6 @@ class Embedder:
 
     def embed(self, batch: list[list[int]]) -> Any:
         """Pooled vectors (len(batch), dimensions), float32, not normalized."""
-        import mlx.core as mx
-
         lengths = mx.array([len(tokens) for tokens in batch])
         width = max(len(tokens) for tokens in batch)
         padded = mx.array([tokens + [0] * (width - len(tokens)) for tokens in batch])
@@ -38,8 +44,6 @@ class Embedder:
 
 
 def _pool(hidden: Any, lengths: Any, mode: str) -> Any:
-    import mlx.core as mx
-
     if mode == "cls":
         return hidden[:, 0]
     if mode == "lasttoken":
@@ -50,33 +54,26 @@ def _pool(hidden: Any, lengths: Any, mode: str) -> Any:
 
 def load_embedder(path: Path, kind: str) -> tuple[Embedder, dict[str, Any]]:
     """The model of an embedding checkpoint and its config (on the engine thread)."""
-    from ..model_config import context_length
-
     if kind == ENCODER:
         network, config = _load_encoder(path)
         max_tokens = network.max_tokens
     else:
         model, config = _load_decoder(path)
         network, max_tokens = model.model, context_length(config)
-    hidden = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
+    hidden: Any = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
     return Embedder(kind, pooling(path, kind), network, int(hidden), max_tokens), config
 
 
 def _weights(path: Path) -> dict[str, Any]:
-    import mlx.core as mx
-
     weights: dict[str, Any] = {}
     for file in sorted(path.glob("*.safetensors")):
-        weights.update(mx.load(str(file)))
+        tensors = mx.load(str(file))
+        assert isinstance(tensors, dict)  # what a .safetensors file holds
+        weights.update(tensors)
     return weights
 
 
 def _load_encoder(path: Path) -> tuple[Any, dict[str, Any]]:
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    from .bert import BertModel
-
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     network = BertModel(config)
     weights = BertModel.sanitize(_weights(path))
@@ -93,9 +90,6 @@ def _load_encoder(path: Path) -> tuple[Any, dict[str, Any]]:
 def _load_decoder(path: Path) -> tuple[Any, dict[str, Any]]:
     """mlx-lm's model class for the checkpoint. Embedding checkpoints often hold only the inner
     model (no `model.` prefix, no lm_head): names are prefixed, and every inner weight must be there."""
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes, load_model
-
     given: set[str] = set()
 
     def classes(config: dict[str, Any]) -> tuple[type, type]:
@@ -112,15 +106,13 @@ def _load_decoder(path: Path) -> tuple[Any, dict[str, Any]]:
         return Checkpoint, args_class
 
     model, config = load_model(path, strict=False, get_model_classes=classes)
-    missing = [name for name, _ in tree_flatten(model.model.parameters()) if f"model.{name}" not in given]
+    missing = [name for name in dict(tree_flatten(model.model.parameters())) if f"model.{name}" not in given]
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[0]}")
     return model, config
 
 
 def load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(path))
 
 

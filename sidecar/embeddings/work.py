@@ -12,10 +12,13 @@ come back in the order of the input.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ContextLengthExceeded, InvalidParams
+from ..length_bound import fewest_tokens
+from ..text import clean_text
 
 TURN_S = 0.2  # about how long one micro-batch may hold the engine thread
 FIRST_BATCH_TOKENS = 512  # before the model has been timed
@@ -29,9 +32,6 @@ def tokenize(tokenizer: Any, texts: list[str], max_tokens: int | None,
     refused (-32016), not truncated: the client chunks it, and no vector silently drops text.
     With `per_token` (see length_bound), one whose length alone shows it is too long is
     refused before anything is tokenized."""
-    from ..engine.generation import clean_text
-    from ..engine.length_bound import fewest_tokens
-
     if max_tokens is not None and per_token is not None:
         for index, text in enumerate(texts):
             if (fewest := fewest_tokens(text, per_token)) > max_tokens:
@@ -81,7 +81,7 @@ class EmbeddingWork:
 
     def step(self) -> bool:
         """Run the next micro-batch (on the engine thread); True once every input has its vector."""
-        import mlx.core as mx
+        import mlx.core as mx  # here: the engine imports this module at start-up, MLX only with a model
 
         embedder = self.loaded.embedder
         started = time.perf_counter()
@@ -93,7 +93,7 @@ class EmbeddingWork:
         pooled = embedder.embed([self.tokens[i] for i in indices])[:, : self.dimensions]
         if self.normalize:
             pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-        for index, row in zip(indices, pooled.tolist()):  # tolist: the batch has run
+        for index, row in zip(indices, pooled.tolist(), strict=True):  # tolist: the batch has run
             self.vectors[index] = row
         padded = len(indices) * len(self.tokens[indices[0]])
         embedder.tokens_per_second = padded / max(time.perf_counter() - started, 1e-6)

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ContextLengthExceeded, InvalidParams, brief
+from ..length_bound import fewest_tokens
 from ..schema import MAX_SCHEMA_VALUES, check_size
+from ..text import clean_text
 from .channels import ANSWER, REASONING, TOOL, OutputChannels, starts_in_reasoning
 from .constraints import compile_response_format, compile_tool_call
 from .jobs import CancelReason, Job
-from .length_bound import fewest_tokens
 from .reasoning import ThinkingBudget
 from .sampling import SamplingParams, check_logit_bias, make_logits_processors, make_sampler
 from .tools import (ToolCallReader, check_tool_schemas, forces_a_call, marks_tool_calls, offered_tools,
@@ -47,13 +48,6 @@ class GenerationRequest:
     @property
     def method(self) -> str:
         return "chat" if self.messages is not None else "generate"
-
-
-def clean_text(text: str) -> str:
-    """Lone surrogates (legal in JSON, not in UTF-8) become U+FFFD before tokenizing."""
-    if text.isascii():  # no surrogates: not copied
-        return text
-    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def check_length(loaded: Any, text: str) -> None:

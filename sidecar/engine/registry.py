@@ -17,11 +17,11 @@ from typing import Any, Callable  # noqa: F401
 from ..embeddings.detect import embedding_kind
 from ..errors import ModelLoadFailed, OutOfMemory, brief
 from ..hub import ModelLocation
+from ..length_bound import most_bytes_per_token
 from ..model_config import context_length as _context_length
 from ..model_config import quantization as _quantization
 from ..model_config import vocab_size as _vocab_size
 from ..settings import Settings
-from .length_bound import most_bytes_per_token
 from .memory import is_out_of_memory, release_memory
 from .response_cache import ResponseCache
 

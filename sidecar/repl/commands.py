@@ -14,9 +14,10 @@ import difflib
 import json
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import formatting as fmt
 from .session import ReplSession

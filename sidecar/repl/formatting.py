@@ -72,7 +72,7 @@ class WordWrap:
         """The held word, after the held spaces or on a line of its own when it does not fit."""
         if not self._word:
             return ""
-        from rich.cells import cell_len
+        from rich.cells import cell_len  # here: only a terminal wraps, and scripts never import rich
 
         space, word, self._space, self._word = self._space.expandtabs(4), self._word, "", ""
         if self.column and self.column + len(space) + cell_len(word) > self.width:

@@ -16,15 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from . import formatting as fmt
 from ..client import SidecarExited, sidecar_command
 from ..protocol_defs import MODEL_NOT_FOUND, PROTOCOL_VERSION
+from ..schema import protocol_schema
 from ..settings import env_from_args
+from . import formatting as fmt
+from .arguments import add_arguments
 from .commands import QuitRepl, download, load, refresh_model_names, run_line
+from .output import PlainOutput
+from .prompt import ScriptInput
 from .session import ReplSession
 from .state import ReplState
 from .wire import ReplClient
-from . import add_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,13 +42,9 @@ def _interactive() -> bool:
 
 def _make_io(state: ReplState, json_lines: bool) -> tuple[Any, Any]:
     if _interactive():
-        from .prompt import TerminalInput
-        from .output import RichOutput
+        from .terminal import RichOutput, TerminalInput  # only here: a script never imports rich, prompt_toolkit
 
         return TerminalInput(state), RichOutput()
-    from .prompt import ScriptInput
-    from .output import PlainOutput
-
     # --json: stdout carries only the JSON lines; what would be printed there goes to stderr
     return ScriptInput(), PlainOutput(out=sys.stderr if json_lines else None)
 
@@ -63,9 +62,9 @@ def _start(session: ReplSession, reader: Any, args: argparse.Namespace) -> bool:
     state.methods = sorted({*result["capabilities"]["methods"], *_client_notifications()})
     state.chat_mode = not args.oneshot
     refresh_model_names(session)
-    if not args.no_load and not load(session, state.model):
-        if (session.error or {}).get("code") == MODEL_NOT_FOUND:
-            return _offer_download(session, reader, state.model)
+    if not args.no_load and not load(session, state.model) and \
+            (session.error or {}).get("code") == MODEL_NOT_FOUND:
+        return _offer_download(session, reader, state.model)
     if state.model == "demo":
         session.output.info(fmt.DEMO_NOTE)
     return True
@@ -88,8 +87,6 @@ def _offer_download(session: ReplSession, reader: Any, model: str) -> bool:
 
 
 def _client_notifications() -> list[str]:
-    from ..schema import protocol_schema
-
     notifications = protocol_schema().get("notifications", {})
     return [name for name, spec in notifications.items() if spec.get("direction") == "client"]
 

@@ -14,9 +14,9 @@ import itertools
 import json
 from typing import Any
 
-from . import formatting as fmt
 from ..client import Channels, SidecarExited
 from ..jsonrpc import id_key
+from . import formatting as fmt
 from .state import ReplState, accepts_progress
 from .wire import ReplClient, Reply
 
@@ -141,7 +141,8 @@ class ReplSession:
             self.failed(error=message["error"])
             return None
         self.result = message["result"]
-        return message
+        answer: dict[str, Any] = message
+        return answer
 
     def _show(self, message: Any, id_: Any, token: Any, parts: Channels | None) -> None:
         if self.state.raw:

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from jsonschema import Draft202012Validator
+
 from ..schema import protocol_schema
 
 _NOT_SETTINGS = {"messages", "prompt", "model", "stream", "_meta"}
@@ -82,8 +84,6 @@ def _parsed(spec: dict[str, Any], name: str, text: str) -> Any:
 
 def check_setting(name: str, value: Any) -> Any:
     """`value` if the schema takes it for setting `name`, else ValueError (the first problem)."""
-    from jsonschema import Draft202012Validator
-
     spec = setting_schemas()[name]
     defs = {"$defs": protocol_schema()["$defs"]}  # for the settings that are `$ref`s (tools, ...)
     errors = sorted(Draft202012Validator({**spec, **defs}).iter_errors(value), key=lambda e: list(map(str, e.path)))

@@ -18,8 +18,9 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..client import Received, SidecarClient, SidecarExited
 from ..jsonrpc import id_key
@@ -47,7 +48,7 @@ class CountingInterrupts:
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self.count += 1
 
-    def __enter__(self) -> "CountingInterrupts":
+    def __enter__(self) -> CountingInterrupts:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
         return self
@@ -59,7 +60,7 @@ class CountingInterrupts:
 
 class ReplClient(SidecarClient):
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.inbox: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # before the reader starts
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # before the reader starts
         self.on_send: Callable[[bytes], None] | None = None
         self.on_late: Callable[[Any], None] | None = None
         super().__init__(args, env=env)
@@ -119,7 +120,7 @@ class ReplClient(SidecarClient):
     def drain(self) -> list[Any]:
         """Messages that arrived while nobody was waiting (stray notifications, responses),
         less the late answers to abandoned requests."""
-        messages = []
+        messages: list[Any] = []
         while True:
             try:
                 message = self.inbox.get_nowait()
@@ -153,8 +154,8 @@ class ReplClient(SidecarClient):
             return False
         params = message.get("params")
         if "method" in message:
-            is_chunk = message["method"] == "generate/chunk" and isinstance(params, dict)
-            key = _key(params.get("requestId")) if is_chunk else None
+            key = _key(params.get("requestId")) \
+                if message["method"] == "generate/chunk" and isinstance(params, dict) else None
         else:
             key = _key(message.get("id"))
         if key is None or key not in self._abandoned:

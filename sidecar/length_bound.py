@@ -114,7 +114,7 @@ def _shrink(normalizer: Any) -> int | None:
 def _has_every_byte(vocab: dict[str, int], byte_level: bool) -> bool:
     """Each of the 256 bytes has a token of its own, so no byte is ever unknown."""
     if byte_level:
-        from tokenizers.pre_tokenizers import ByteLevel
+        from tokenizers.pre_tokenizers import ByteLevel  # on use: the engine imports this module at start-up
 
         return all(char in vocab for char in ByteLevel.alphabet())
     return all(f"<0x{b:02X}>" in vocab for b in range(256))
