@@ -220,7 +220,7 @@ export class Supervisor {
 
 /** Why a start failed, in one line: the reason and the last line of stderr. */
 function startFailure(error: SidecarStartError): string {
-  const reason = error.message.split("; stderr ends with:")[0]!.replace(/^Cannot start the localmlx sidecar \(.*?\): /s, "");
+  const reason = error.details.reason ?? error.summary;
   const lastLine = error.stderrTail.trimEnd().split("\n").pop()?.trim();
   return lastLine && !reason.includes(lastLine) ? `${reason} (${lastLine})` : reason;
 }

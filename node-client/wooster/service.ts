@@ -89,7 +89,7 @@ export function formatBytes(bytes: number | null | undefined): string {
 export function describeError(error: unknown): string {
   if (error instanceof LocalUnavailableError) return error.message;
   if (error instanceof RpcError) {
-    const text = error.message.replace(/ \(-?\d+\)$/, "").replace(/^[\w/]+: /, "");
+    const text = error.rawMessage;
     switch (error.code) {
       case ErrorCode.ModelNotFound:
         return `${text}. Download it with download_model, or set LOCALMLX_AUTO_DOWNLOAD=true.`;
@@ -210,7 +210,8 @@ export class LocalMLXService {
     let reason = error instanceof Error ? error.message.split("\n")[0]! : String(error);
     if (error instanceof SidecarStartError) {
       const last = lastLine(error.stderrTail);
-      if (last) reason = `${reason.replace(/[;:]\s*stderr ends with:?$/, "")}: ${last}`;
+      const summary = error.summary.split("\n")[0]!;
+      reason = last ? `${summary}: ${last}` : summary;
     }
     return (
       `Local MLX models are not available: the localmlx sidecar could not start (${reason}). ` +
