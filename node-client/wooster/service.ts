@@ -158,6 +158,22 @@ export class LocalMLXService {
     return this.client !== undefined || this.starting !== undefined;
   }
 
+  /**
+   * The tools' maxTokens and temperature: the settings' (which the sidecar got too), else the
+   * sidecar's own defaults once it has started; undefined before that.
+   */
+  get generationDefaults(): { maxTokens: number | undefined; temperature: number | undefined } {
+    const defaults = this.client?.info?.defaults;
+    return { maxTokens: this.settings.maxTokens ?? defaults?.maxTokens, temperature: this.settings.temperature ?? defaults?.temperature };
+  }
+
+  /** maxTokens and temperature of a remote request: the call's, else the tools' defaults. */
+  private remoteSampling(options: GenerationOptions): { maxTokens?: number; temperature?: number } {
+    const maxTokens = options.maxTokens ?? this.generationDefaults.maxTokens;
+    const temperature = options.temperature ?? this.generationDefaults.temperature;
+    return { ...(maxTokens !== undefined ? { maxTokens } : {}), ...(temperature !== undefined ? { temperature } : {}) };
+  }
+
   /** The model the tools use (undefined: the sidecar's default). */
   get model(): string | undefined {
     return this.activeModel ?? this.client?.info?.defaults.model;
@@ -264,8 +280,9 @@ export class LocalMLXService {
     const model = options.model ?? this.activeModel;
     const common = {
       ...(model ? { model } : {}),
-      maxTokens: options.maxTokens ?? this.settings.maxTokens,
-      temperature: options.temperature ?? this.settings.temperature,
+      // Absent, the sidecar applies its defaults (LOCALMLX_MAX_TOKENS and LOCALMLX_TEMPERATURE reach it as written).
+      ...(options.maxTokens !== undefined ? { maxTokens: options.maxTokens } : {}),
+      ...(options.temperature !== undefined ? { temperature: options.temperature } : {}),
       ...(options.stop?.length ? { stop: options.stop } : {}),
       ...(options.signal ? { signal: options.signal } : {}),
     };
@@ -316,8 +333,7 @@ export class LocalMLXService {
       local: () => local().catch((error: unknown) => Promise.reject(unwrap(error))),
       remote: async () => {
         const answer = await remote.chat(messages, {
-          maxTokens: options.maxTokens ?? this.settings.maxTokens,
-          temperature: options.temperature ?? this.settings.temperature,
+          ...this.remoteSampling(options),
           ...(options.stop?.length ? { stop: options.stop } : {}),
           ...(options.signal ? { signal: options.signal } : {}),
         });
@@ -370,7 +386,7 @@ export class LocalMLXService {
     try {
       const model = options.model ?? this.model;
       const context = (await this.contextLength(model)) ?? DEFAULT_CONTEXT;
-      const summaryTokens = Math.min(options.maxTokens ?? this.settings.maxTokens, Math.max(32, Math.floor(context / 4)));
+      const summaryTokens = Math.min(options.maxTokens ?? this.generationDefaults.maxTokens ?? Infinity, Math.max(32, Math.floor(context / 4)));
       const budget = Math.max(64, context - summaryTokens - SUMMARY_OVERHEAD_TOKENS);
       const generation = { ...options, ...(model ? { model } : {}), maxTokens: summaryTokens };
 
@@ -493,7 +509,7 @@ export class LocalMLXService {
     if (remoteReady) {
       const tokens = await this.countTokens(prompt).catch(() => Math.ceil(prompt.length / 4));
       const context = (await this.contextLength().catch(() => null)) ?? DEFAULT_CONTEXT;
-      if (tokens + this.settings.maxTokens > context) {
+      if (tokens + (this.generationDefaults.maxTokens ?? 0) > context) {
         return { target: "remote", reason: `the prompt (${tokens} tokens) is too long for the local context (${context})` };
       }
       if (/\b(latest|news|today'?s|current events|this week|stock price|search the web|browse)\b/.test(text)) {
@@ -514,11 +530,7 @@ export class LocalMLXService {
     this.log(LogLevel.INFO, `intelligent_route: ${decision.target} (${decision.reason})`);
     if (decision.target === "remote" && this.remote) {
       try {
-        const answer = await this.remote.chat(messages, {
-          maxTokens: options.maxTokens ?? this.settings.maxTokens,
-          temperature: options.temperature ?? this.settings.temperature,
-          reason: `intelligent_route chose remote: ${decision.reason}`,
-        });
+        const answer = await this.remote.chat(messages, { ...this.remoteSampling(options), reason: `intelligent_route chose remote: ${decision.reason}` });
         return { ...answer, servedBy: "remote", note: decision.reason };
       } catch (error) {
         this.log(LogLevel.WARN, `remote failed (${describeError(error)}); answering locally`);
@@ -531,7 +543,7 @@ export class LocalMLXService {
     } catch (error) {
       if (!this.remote || !isFallbackWorthy(unwrap(error))) throw error;
       const note = `${decision.reason}, but local could not serve: ${describeError(error)}`;
-      const answer = await this.remote.chat(messages, { maxTokens: options.maxTokens ?? this.settings.maxTokens, temperature: options.temperature ?? this.settings.temperature, reason: `intelligent_route: ${note}` });
+      const answer = await this.remote.chat(messages, { ...this.remoteSampling(options), reason: `intelligent_route: ${note}` });
       return { ...answer, servedBy: "remote", note };
     }
   }

@@ -193,7 +193,7 @@ export function createTools(service: LocalMLXService, log: PluginLog): DynamicTo
           code ? `\n\`\`\`${language ?? ""}\n${code}\n\`\`\`` : language ? `(Language: ${language})` : "",
         ].join("\n");
         const options = generation(fields);
-        if (options.temperature === undefined) options.temperature = Math.min(service.settings.temperature, 0.2);
+        if (options.temperature === undefined) options.temperature = Math.min(service.generationDefaults.temperature ?? 0.2, 0.2);
         return reply(await service.chat([{ role: "system", content: CODE_SYSTEM }, { role: "user", content }], withStream(options, stream)));
       }),
     }),

@@ -15,6 +15,7 @@
  */
 import { AsyncLocalStorage } from "node:async_hooks";
 import { ErrorCode, RpcError } from "../errors";
+import { readSetting, type SettingsEnv } from "../settings";
 import { isFallbackWorthy, isSidecarDown, OpenAIHttpError, toOpenAIError } from "./errors";
 import type { LocalMLX, Logger } from "../client";
 import { LocalBackend, embedLocal, gather, resolveModel, startChat, type ModelRouting } from "./local";
@@ -58,12 +59,9 @@ export interface FallbackOptions {
   logger?: Logger;
 }
 
-const TRUE = new Set(["1", "true", "yes", "on"]);
-const FALSE = new Set(["0", "false", "no", "off"]);
-
 /** True when `LOCALMLX_FALLBACK_TO_OPENAI` says no (`false`, `0`, `no`, `off`): nothing may go remote. */
-export function remoteForbidden(env: NodeJS.ProcessEnv = process.env): boolean {
-  return FALSE.has((env.LOCALMLX_FALLBACK_TO_OPENAI ?? "").trim().toLowerCase());
+export function remoteForbidden(env: SettingsEnv = process.env): boolean {
+  return readSetting(env, "fallbackToOpenAI") === false;
 }
 
 /** Why the request in progress goes remote: set by `runWithFallback`, read by `Fallback.request`. */
@@ -76,15 +74,23 @@ const stderrLogger: Logger = { warn: (message) => void process.stderr.write(`${m
  * `OPENAI_API_KEY`, `OPENAI_BASE_URL`, `LOCALMLX_FALLBACK_MODEL` and
  * `LOCALMLX_FALLBACK_COOLDOWN_MS`. Undefined when it is off.
  */
-export function fallbackOptionsFromEnv(env: NodeJS.ProcessEnv = process.env): FallbackOptions | undefined {
-  if (!TRUE.has((env.LOCALMLX_FALLBACK_TO_OPENAI ?? "").trim().toLowerCase())) return undefined;
-  const options: FallbackOptions = {};
-  if (env.OPENAI_BASE_URL) options.baseURL = env.OPENAI_BASE_URL;
-  if (env.OPENAI_API_KEY) options.apiKey = env.OPENAI_API_KEY;
-  if (env.LOCALMLX_FALLBACK_MODEL) options.model = env.LOCALMLX_FALLBACK_MODEL;
-  const cooldown = Number(env.LOCALMLX_FALLBACK_COOLDOWN_MS);
-  if (env.LOCALMLX_FALLBACK_COOLDOWN_MS && Number.isFinite(cooldown) && cooldown >= 0) options.cooldownMs = cooldown;
-  return options;
+export function fallbackOptionsFromEnv(env: SettingsEnv = process.env): FallbackOptions | undefined {
+  if (readSetting(env, "fallbackToOpenAI") !== true) return undefined;
+  return remoteOptionsFromEnv(env);
+}
+
+/** The remote's address, key, model and cool-down from the environment, whether the fallback is on or not. */
+export function remoteOptionsFromEnv(env: SettingsEnv = process.env): FallbackOptions {
+  const baseURL = readSetting(env, "openAIBaseURL");
+  const apiKey = readSetting(env, "openAIApiKey");
+  const model = readSetting(env, "fallbackModel");
+  const cooldownMs = readSetting(env, "fallbackCooldownMs");
+  return {
+    ...(baseURL !== undefined ? { baseURL } : {}),
+    ...(apiKey !== undefined ? { apiKey } : {}),
+    ...(model !== undefined ? { model } : {}),
+    ...(cooldownMs !== undefined ? { cooldownMs } : {}),
+  };
 }
 
 /** `LOCALMLX_FALLBACK_TO_OPENAI=false`, yet something asked to send a request remote: refused (503). */
@@ -107,7 +113,8 @@ export class RemoteUnreachableError extends OpenAIHttpError {
 
 /**
  * The fallback's state (the cool-down) and the remote's address. Share one instance between
- * calls so the cool-down holds across them.
+ * calls so the cool-down holds across them. What `options` leave out comes from `env`, read once
+ * here; `LOCALMLX_FALLBACK_TO_OPENAI=false` there makes every `request()` refuse.
  */
 export class Fallback {
   readonly baseURL: string;
@@ -116,9 +123,19 @@ export class Fallback {
   /** Gets one warning per request sent to the remote (its method, URL, model and reason). */
   logger: Logger;
   private downUntil = 0;
+  private readonly apiKey: string | undefined;
+  private readonly model: FallbackOptions["model"];
+  private readonly forbidden: boolean;
 
-  constructor(readonly options: FallbackOptions = {}) {
-    this.baseURL = (options.baseURL ?? process.env.OPENAI_BASE_URL ?? "https://api.openai.com/v1").replace(/\/+$/, "");
+  constructor(
+    readonly options: FallbackOptions = {},
+    env: SettingsEnv = process.env,
+  ) {
+    const fromEnv = remoteOptionsFromEnv(env);
+    this.baseURL = (options.baseURL ?? fromEnv.baseURL ?? "https://api.openai.com/v1").replace(/\/+$/, "");
+    this.apiKey = options.apiKey ?? fromEnv.apiKey;
+    this.model = options.model ?? fromEnv.model;
+    this.forbidden = remoteForbidden(env);
     this.cooldownMs = options.cooldownMs ?? 30_000;
     this.busyDeadlineMs = options.busyDeadlineMs ?? 10_000;
     this.logger = options.logger ?? stderrLogger;
@@ -151,7 +168,7 @@ export class Fallback {
 
   /** The model name to send the remote. */
   remoteModel(requested: string | undefined): string | undefined {
-    const model = this.options.model ?? process.env.LOCALMLX_FALLBACK_MODEL;
+    const model = this.model;
     if (typeof model === "function") return model(requested);
     return model || requested;
   }
@@ -162,13 +179,12 @@ export class Fallback {
    * unreachable, and with `RemoteForbiddenError` under `LOCALMLX_FALLBACK_TO_OPENAI=false`.
    */
   async request(method: "GET" | "POST", path: string, body?: JsonObject, signal?: AbortSignal, reason?: string): Promise<Response> {
-    if (remoteForbidden()) throw new RemoteForbiddenError(this.baseURL, path);
+    if (this.forbidden) throw new RemoteForbiddenError(this.baseURL, path);
     const why = reason ?? remoteReason.getStore() ?? "no reason given";
     const model = typeof body?.model === "string" ? ` (model ${body.model})` : "";
     this.logger.warn?.(`localmlx fallback: sending ${method} ${this.baseURL}${path}${model} off this machine: ${why}`);
     const headers: Record<string, string> = { accept: "application/json, text/event-stream", ...this.options.headers };
-    const apiKey = this.options.apiKey ?? process.env.OPENAI_API_KEY;
-    if (apiKey) headers.authorization = `Bearer ${apiKey}`;
+    if (this.apiKey) headers.authorization = `Bearer ${this.apiKey}`;
     if (body !== undefined) headers["content-type"] = "application/json";
     const timeout = AbortSignal.timeout(this.options.timeoutMs ?? 600_000);
     const fetchImpl = this.options.fetch ?? fetch;
@@ -194,21 +210,25 @@ export class Fallback {
 
 /** The default fallback of `chatWithFallback()`: from the environment, one per process (so its cool-down holds). */
 let envFallback: Fallback | false | undefined;
-function defaultFallback(): Fallback | undefined {
-  if (envFallback === undefined) {
-    const options = fallbackOptionsFromEnv();
-    envFallback = options ? new Fallback(options) : false;
-  }
+function defaultFallback(env: SettingsEnv): Fallback | undefined {
+  if (env !== process.env) return fallbackFromEnv(env);
+  envFallback ??= fallbackFromEnv(env) ?? false;
   return envFallback || undefined;
+}
+
+function fallbackFromEnv(env: SettingsEnv): Fallback | undefined {
+  const options = fallbackOptionsFromEnv(env);
+  return options ? new Fallback(options, env) : undefined;
 }
 
 /** `Fallback`, options for one, `false` (off), or undefined (from the environment). */
 export type FallbackSetting = Fallback | FallbackOptions | false | undefined;
 
-export function fallbackOf(setting: FallbackSetting): Fallback | undefined {
-  if (setting === false || remoteForbidden()) return undefined;
-  if (setting === undefined) return defaultFallback();
-  return setting instanceof Fallback ? setting : new Fallback(setting);
+/** The fallback a setting means, under the environment's word (`LOCALMLX_FALLBACK_TO_OPENAI=false`: none). */
+export function fallbackOf(setting: FallbackSetting, env: SettingsEnv = process.env): Fallback | undefined {
+  if (setting === false || remoteForbidden(env)) return undefined;
+  if (setting === undefined) return defaultFallback(env);
+  return setting instanceof Fallback ? setting : new Fallback(setting, env);
 }
 
 /** `AbortSignal.any` (Node 20.3+), with a fallback for older Node 20 releases. */

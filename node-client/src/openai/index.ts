@@ -18,6 +18,7 @@ export {
   fallbackOptionsFromEnv,
   localFailureReason,
   remoteForbidden,
+  remoteOptionsFromEnv,
   runWithFallback,
   type ChatWithFallbackResult,
   type EmbedWithFallbackResult,

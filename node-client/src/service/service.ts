@@ -6,6 +6,7 @@
  */
 import { packageVersion, type LocalMLXOptions, type Logger } from "../client";
 import { Fallback, fallbackOptionsFromEnv } from "../openai/fallback";
+import { readSetting } from "../settings";
 import { startOpenAIServer, type OpenAIListen, type OpenAIRequestInfo, type OpenAIServer } from "../openai/server";
 import { loadServiceConfig, type LoadedServiceConfig, type ServiceConfig, type ServiceLogFormat } from "./config";
 import { ServiceLog } from "./log";
@@ -87,7 +88,7 @@ export class EndpointService {
   private async open(): Promise<void> {
     const { config } = this.loaded;
     const fallbackOptions = fallbackOptionsFromEnv(this.env); // none unless LOCALMLX_FALLBACK_TO_OPENAI=true
-    const fallback = fallbackOptions ? new Fallback({ ...fallbackOptions, logger: this.log.logger("fallback", ["warn"]) }) : false;
+    const fallback = fallbackOptions ? new Fallback({ ...fallbackOptions, logger: this.log.logger("fallback", ["warn"]) }, this.env) : false;
     this.server = await startOpenAIServer({
       localmlx: this.sidecarOptions(config),
       listen: listenersOf(config),
@@ -194,7 +195,8 @@ export class EndpointService {
       this.log.warn("could not list the sidecar's models", { error: (error as Error).message });
       return;
     }
-    const autoDownload = /^(1|true|yes|on)$/i.test(this.config.sidecar.env.LOCALMLX_AUTO_DOWNLOAD ?? this.env.LOCALMLX_AUTO_DOWNLOAD ?? "");
+    // The sidecar's environment: the config's over the service's (it started, so the value parsed there too).
+    const autoDownload = readSetting({ ...this.env, ...this.config.sidecar.env }, "autoDownload") === true;
     for (const [name, tier] of Object.entries(this.config.tiers)) {
       const available = names.has(tier.model) || /^[/~.]/.test(tier.model);
       this.available.set(tier.model, available);
