@@ -198,6 +198,19 @@ export function abortError(signal: AbortSignal, method?: string): AbortError {
   return new AbortError(`${method ? `${method}: ` : ""}aborted${why}`, { cause: reason });
 }
 
+/**
+ * The sidecar as a whole cannot serve (not installed, failed to start, crash budget spent,
+ * closed): the fallback then keeps requests off it for a cool-down, and `LocalBackend` brings it back.
+ */
+export function isSidecarDown(error: unknown): boolean {
+  return (
+    error instanceof SidecarStartError ||
+    error instanceof SidecarUnavailableError ||
+    error instanceof SidecarCrashError ||
+    error instanceof ClientClosedError
+  );
+}
+
 export function isRecord(value: unknown): value is Record<string, unknown> {
   return typeof value === "object" && value !== null && !Array.isArray(value);
 }

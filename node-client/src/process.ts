@@ -8,6 +8,7 @@ import { accessSync, constants, existsSync, statSync } from "node:fs";
 import { homedir } from "node:os";
 import { delimiter, join, resolve } from "node:path";
 import { ByteTail, isOversized, LineSplitter } from "./framing";
+import { onHostExit } from "./host-exit";
 import type { ExitInfo } from "./errors";
 import { readSetting, type SettingsEnv } from "./settings";
 
@@ -260,7 +261,7 @@ function installExitHook(): void {
   exitHookInstalled = true;
   // The sidecar also exits on its own when our end of its stdin closes (that is what covers
   // SIGKILL of the host); this covers a sidecar too busy or wedged to notice.
-  process.once("exit", () => {
+  onHostExit(() => {
     for (const child of live) child.kill("SIGTERM");
   });
 }

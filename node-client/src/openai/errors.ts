@@ -11,7 +11,10 @@ import {
   SidecarUnavailableError,
   TimeoutError,
   isRecord,
+  isSidecarDown,
 } from "../errors";
+
+export { isSidecarDown };
 
 /** The body of an OpenAI error response. */
 export interface OpenAIErrorBody {
@@ -140,19 +143,6 @@ export function toOpenAIError(error: unknown): OpenAIHttpError {
     return new OpenAIHttpError(503, error.message.split("\n")[0]!, "server_error", null, "sidecar_unavailable", { "retry-after": "5" });
   }
   return new OpenAIHttpError(500, "Internal error", "server_error", null, "internal_error");
-}
-
-/**
- * The sidecar as a whole cannot serve (not installed, failed to start, crash budget spent,
- * closed): the fallback then keeps requests off it for a cool-down.
- */
-export function isSidecarDown(error: unknown): boolean {
-  return (
-    error instanceof SidecarStartError ||
-    error instanceof SidecarUnavailableError ||
-    error instanceof SidecarCrashError ||
-    error instanceof ClientClosedError
-  );
 }
 
 /**

@@ -14,11 +14,13 @@
  * no fallback is made from options then, and `request()` refuses to send anything.
  */
 import { AsyncLocalStorage } from "node:async_hooks";
-import { ErrorCode, RpcError } from "../errors";
+import { RpcError } from "../errors";
+import { retry } from "../retry";
 import { readSetting, type SettingsEnv } from "../settings";
 import { isFallbackWorthy, isSidecarDown, OpenAIHttpError, toOpenAIError } from "./errors";
 import type { LocalMLX, Logger } from "../client";
-import { LocalBackend, embedLocal, gather, resolveModel, startChat, type ModelRouting } from "./local";
+import { LocalBackend } from "../backend";
+import { embedLocal, gather, resolveModel, startChat, type ModelRouting } from "./local";
 import {
   chatCompletionOf,
   chatParamsOf,
@@ -242,26 +244,18 @@ function anySignal(a: AbortSignal, b: AbortSignal): AbortSignal {
   return controller.signal;
 }
 
-function isBusy(error: unknown): boolean {
-  return error instanceof RpcError && error.code === ErrorCode.Busy;
+/** Worth trying again shortly: the sidecar is busy, or the model is still loading (`RpcError.retryable`). */
+function isRetryable(error: unknown): boolean {
+  return error instanceof RpcError && error.retryable;
 }
 
-function delay(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    const timer = setTimeout(done, ms);
-    function done(): void {
-      clearTimeout(timer);
-      signal?.removeEventListener("abort", done);
-      resolve();
-    }
-    signal?.addEventListener("abort", done, { once: true });
-  });
-}
+/** The wait between tries of a busy sidecar: 100 ms, doubling, at most 2 s. */
+const BUSY_BACKOFF = { initialMs: 100, maxMs: 2_000 };
 
 /**
  * Runs `local`, and `remote` instead when local cannot serve and a fallback is set. A busy
- * sidecar is retried (with backoff) until the fallback's `busyDeadlineMs`. Errors that a remote
- * could not fix either (bad requests) are thrown as they are.
+ * sidecar (or a model still loading) is retried (with backoff) until the fallback's
+ * `busyDeadlineMs`. Errors that a remote could not fix either (bad requests) are thrown as they are.
  */
 export async function runWithFallback<T>(options: {
   fallback: Fallback | undefined;
@@ -273,26 +267,26 @@ export async function runWithFallback<T>(options: {
   const { fallback, backend } = options;
   const remote = (reason: string): Promise<T> => remoteReason.run(reason, options.remote);
   if (fallback?.coolingDown) return { servedBy: "remote", value: await remote("the local sidecar failed and is cooling down") };
-  const deadline = Date.now() + (fallback?.busyDeadlineMs ?? 0);
-  let wait = 100;
-  for (;;) {
-    try {
-      const value = await options.local();
-      fallback?.noteLocalSuccess();
-      backend?.noteSuccess();
-      return { servedBy: "local", value };
-    } catch (error) {
+  const local = (): Promise<T> =>
+    options.local().catch((error: unknown) => {
       backend?.noteFailure(error);
-      if (!fallback || options.signal?.aborted) throw error;
-      if (isBusy(error) && Date.now() + wait < deadline) {
-        await delay(wait, options.signal);
-        wait = Math.min(wait * 2, 2_000);
-        continue;
-      }
-      if (!fallback.canServe(error)) throw error;
-      fallback.noteLocalFailure(error);
-      return { servedBy: "remote", value: await remote(localFailureReason(error)), localError: error };
-    }
+      throw error;
+    });
+  try {
+    const value = await retry(local, {
+      backoff: BUSY_BACKOFF,
+      // Without a fallback the caller hears of a busy sidecar at once (and may retry itself).
+      retryable: (error) => fallback !== undefined && isRetryable(error),
+      deadline: Date.now() + (fallback?.busyDeadlineMs ?? 0),
+      ...(options.signal ? { signal: options.signal } : {}),
+    });
+    fallback?.noteLocalSuccess();
+    backend?.noteSuccess();
+    return { servedBy: "local", value };
+  } catch (error) {
+    if (!fallback || options.signal?.aborted || !fallback.canServe(error)) throw error;
+    fallback.noteLocalFailure(error);
+    return { servedBy: "remote", value: await remote(localFailureReason(error)), localError: error };
   }
 }
 

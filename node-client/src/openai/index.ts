@@ -27,7 +27,7 @@ export {
   type ServedBy,
   type WithFallbackOptions,
 } from "./fallback";
-export { LocalBackend, resolveModel, type LocalSource, type ModelRouting } from "./local";
+export { LocalBackend, resolveModel, type LocalBackendOptions, type LocalSource, type ModelRouting } from "./local";
 export { DEFAULT_LIMITS, type RequestLimits } from "./limits";
 export { OpenAIHttpError, isFallbackWorthy, isSidecarDown, toOpenAIError, type OpenAIErrorBody } from "./errors";
 export {

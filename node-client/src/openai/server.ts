@@ -23,7 +23,8 @@ import { OpenAIHttpError, badRequest, toOpenAIError } from "./errors";
 import { badTarget, clientErrorOf, decodeSegment, logValue, pathOfTarget, rawResponse } from "./http-edges";
 import { limitsOf, nestingPastLimit, tooDeep, type RequestLimits } from "./limits";
 import { Fallback, fallbackOf, remoteError, runWithFallback, type FallbackSetting, type ServedBy } from "./fallback";
-import { LocalBackend, embedLocal, gather, pieceOf, resolveModel, startChat, startGenerate, type ModelRouting } from "./local";
+import { LocalBackend } from "../backend";
+import { embedLocal, gather, pieceOf, resolveModel, startChat, startGenerate, type ModelRouting } from "./local";
 import {
   ChatDeltaStream,
   chatCompletionOf,
@@ -50,8 +51,11 @@ export interface OpenAIListen extends ModelRouting {
 }
 
 export interface OpenAIServerOptions extends ModelRouting {
-  /** A running client to serve with (left open by `close()`). Default: one is started with `localmlx`. */
-  client?: LocalMLX;
+  /**
+   * A running client to serve with, or the `LocalBackend` that holds one for others too (both are
+   * left open by `close()`). Default: one is started with `localmlx`.
+   */
+  client?: LocalMLX | LocalBackend;
   /** Options of the client started when `client` is not given (it is closed by `close()`). */
   localmlx?: LocalMLXOptions;
   /** The port (0: any free one). Default 8080. Ignored when `listen` is given. */
@@ -163,6 +167,8 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
   readonly local: LocalBackend;
   /** The remote fallback, when one is set. */
   readonly fallback: Fallback | undefined;
+  /** False when `local` was given (shared with others): `close()` leaves it open. */
+  private readonly ownsLocal: boolean;
   private listeners: Listener[];
   /** Listeners `setListeners()` took away, still finishing their requests (until the promise resolves). */
   private readonly retired = new Map<Listener, Promise<void>>();
@@ -220,7 +226,8 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     super();
     this.options = options;
     this.limits = limitsOf(options.limits);
-    this.local = new LocalBackend(options.client ?? options.localmlx ?? {});
+    this.ownsLocal = !(options.client instanceof LocalBackend);
+    this.local = options.client instanceof LocalBackend ? options.client : new LocalBackend(options.client ?? options.localmlx ?? {});
     this.fallback = fallbackOf(options.fallback);
     this.base = { aliases: options.aliases ?? {}, ...(options.defaultModel !== undefined ? { defaultModel: options.defaultModel } : {}) };
     this.listeners = (options.listen ?? [options.port ?? DEFAULT_PORT]).map((spec) => this.createListener(spec));
@@ -365,7 +372,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
       clearTimeout(timer);
       for (const res of this.open) res.destroy();
       for (const listener of all) listener.server.closeAllConnections();
-      await this.local.close();
+      if (this.ownsLocal) await this.local.close();
     })();
     return this.closing;
   }
