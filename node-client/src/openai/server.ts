@@ -183,16 +183,17 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
   private readonly inFlight = new WeakMap<object, RequestContext>();
 
   /**
-   * Path (without `/v1`) → method → handler. An unknown path (404) and a wrong method (405, with
-   * `Allow`) both fall out of this one table.
+   * Path (without `/v1`) → method → handler, and whether a request there only polls (health
+   * checks, model lists: a service logs them quietly). An unknown path (404), a wrong method (405,
+   * with `Allow`) and what CONNECT is told all fall out of this one table.
    */
-  private readonly routes = new Map<string, Map<string, Handler>>([
-    ["/models", new Map([["GET", (context) => this.listModels(context)]])],
-    ["/models/{id}", new Map([["GET", (context, id) => this.getModel(context, id)]])],
-    ["/health", new Map([["GET", (context) => this.sendHealth(context)]])],
-    ["/chat/completions", new Map([["POST", async (context) => this.chat(context, await this.readJson(context))]])],
-    ["/completions", new Map([["POST", async (context) => this.completions(context, await this.readJson(context))]])],
-    ["/embeddings", new Map([["POST", async (context) => this.embeddings(context, await this.readJson(context))]])],
+  private readonly routes = new Map<string, { methods: Map<string, Handler>; poll?: boolean }>([
+    ["/models", { methods: new Map([["GET", (context) => this.listModels(context)]]), poll: true }],
+    ["/models/{id}", { methods: new Map([["GET", (context, id) => this.getModel(context, id)]]) }],
+    ["/health", { methods: new Map([["GET", (context) => this.sendHealth(context)]]), poll: true }],
+    ["/chat/completions", { methods: new Map([["POST", async (context) => this.chat(context, await this.readJson(context))]]) }],
+    ["/completions", { methods: new Map([["POST", async (context) => this.completions(context, await this.readJson(context))]]) }],
+    ["/embeddings", { methods: new Map([["POST", async (context) => this.embeddings(context, await this.readJson(context))]]) }],
   ]);
 
   /**
@@ -425,11 +426,22 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     }
   }
 
-  private async route(context: RequestContext): Promise<void> {
-    const { path, method } = context.info;
+  /** The route of a path (`/v1/models/x` → `/models/{id}`, with id `x`), found or not. */
+  private routeOf(path: string): { route: { methods: Map<string, Handler>; poll?: boolean } | undefined; id: string } {
     const route = path.startsWith("/v1/") ? path.slice(3) : path;
     const id = route.startsWith("/models/") ? route.slice("/models/".length) : "";
-    const methods = this.routes.get(route.startsWith("/models/") ? "/models/{id}" : route);
+    return { route: this.routes.get(route.startsWith("/models/") ? "/models/{id}" : route), id };
+  }
+
+  /** Whether a request to `path` only polls (a health check, the model list). */
+  isPoll(path: string): boolean {
+    return this.routeOf(path).route?.poll === true;
+  }
+
+  private async route(context: RequestContext): Promise<void> {
+    const { path, method } = context.info;
+    const { route, id } = this.routeOf(path);
+    const methods = route?.methods;
     if (!methods) throw new OpenAIHttpError(404, `Unknown path ${path}`, "invalid_request_error", null, "unknown_url");
     const handler = methods.get(method);
     if (!handler) {
@@ -471,12 +483,17 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     setTimeout(() => socket.destroy(), CLOSE_GRACE_MS).unref();
   }
 
+  /** Every method some route takes: `GET, POST`. */
+  private allMethods(): string {
+    return [...new Set([...this.routes.values()].flatMap((route) => [...route.methods.keys()]))].sort().join(", ");
+  }
+
   /** CONNECT (a proxy tunnel) has no route here: 405 (401 first without the key), then the connection closes. */
   private refuseTunnel(req: IncomingMessage, socket: Duplex, listener: Listener): void {
     socket.on("error", () => socket.destroy());
     try {
       const failure = this.authorized(req)
-        ? new OpenAIHttpError(405, "CONNECT is not supported", "invalid_request_error", null, "method_not_allowed", { allow: "GET, POST" })
+        ? new OpenAIHttpError(405, "CONNECT is not supported", "invalid_request_error", null, "method_not_allowed", { allow: this.allMethods() })
         : unauthorized();
       socket.end(rawResponse(failure));
       const path = req.url ?? "";

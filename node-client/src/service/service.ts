@@ -33,8 +33,6 @@ export interface TierStatus {
   available?: boolean;
 }
 
-/** Requests that only poll (health checks, model lists) are logged at debug level. */
-const POLLS = new Set(["/health", "/v1/health", "/models", "/v1/models"]);
 
 export function startEndpointService(options: EndpointServiceOptions = {}): Promise<EndpointService> {
   return EndpointService.start(options);
@@ -179,7 +177,8 @@ export class EndpointService {
 
   private logRequest(info: OpenAIRequestInfo): void {
     const tier = this.tiers().find((t) => t.port === info.port)?.name;
-    const level = POLLS.has(info.path) && info.status < 400 ? "debug" : info.status >= 500 ? "warn" : "info";
+    // Requests that only poll (health checks, model lists) are logged at debug level.
+    const level = this.server.isPoll(info.path) && info.status < 400 ? "debug" : info.status >= 500 ? "warn" : "info";
     this.log.log(level, "request", { tier, ...info });
   }
 
