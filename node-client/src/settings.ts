@@ -86,37 +86,34 @@ function number(env: string, help: string, parse: (text: string) => number, exam
   return { env, help, parse, format: String, examples };
 }
 
+/** `true` or `false` when the text is a boolean by the sidecar's rule, else what `otherwise` makes of it. */
+function flagOr<T>(text: string, otherwise: (value: string) => T): boolean | T {
+  try {
+    return parseBool(text);
+  } catch {
+    return otherwise(text.trim());
+  }
+}
+
 /** `true`, `false`, or a comma list of models. */
-const modelList = (env: string, help: string): Setting<boolean | string[]> => ({
-  env,
-  help,
-  parse: (t) => {
-    try {
-      return parseBool(t);
-    } catch {
-      return t.split(",").map((m) => m.trim()).filter(Boolean);
-    }
-  },
-  format: (v) => (typeof v === "boolean" ? String(v) : v.join(",")),
-  examples: [true, false, ["demo"], ["mlx-community/Qwen2.5-3B-Instruct-4bit", "demo"]],
-});
+function modelList(env: string, help: string): Setting<boolean | string[]> {
+  return {
+    env,
+    help,
+    parse: (t) => flagOr(t, (list) => list.split(",").map((m) => m.trim()).filter(Boolean)),
+    format: (v) => (typeof v === "boolean" ? String(v) : v.join(",")),
+    examples: [true, false, ["demo"], ["mlx-community/Qwen2.5-3B-Instruct-4bit", "demo"]],
+  };
+}
 
 /** `true`, `false`, or a keep-alive duration the sidecar reads ("10m", "1h30m", seconds, -1). */
-const keepAlive = (env: string, help: string): Setting<boolean | string> => ({
-  env,
-  help,
-  parse: (t) => {
-    try {
-      return parseBool(t);
-    } catch {
-      const value = t.trim();
-      if (value === "-1" || SECONDS.test(value) || DURATION.test(value)) return value;
-      throw new Error('not true, false or a duration ("5m", "1h30m", seconds, -1)');
-    }
-  },
-  format: String,
-  examples: [true, false, "10m", "1h30m", "90", "-1"],
-});
+function keepAlive(env: string, help: string): Setting<boolean | string> {
+  const duration = (value: string): string => {
+    if (value === "-1" || SECONDS.test(value) || DURATION.test(value)) return value;
+    throw new Error('not true, false or a duration ("5m", "1h30m", seconds, -1)');
+  };
+  return { env, help, parse: (t) => flagOr(t, duration), format: String, examples: [true, false, "10m", "1h30m", "90", "-1"] };
+}
 
 /**
  * Every variable the TypeScript side reads. The key is the setting's name in Wooster's
