@@ -348,6 +348,32 @@ function backendOf(local: LocalMLX | LocalBackend): LocalBackend {
 }
 
 /**
+ * A request served by `local` on the backend's client (with the routed model), or by the remote at
+ * `path` with the body `remoteBody` makes (the client's, with the remote's model name).
+ */
+function serveWithFallback<T>(
+  options: WithFallbackOptions,
+  requested: string | undefined,
+  local: (client: LocalMLX, model: string | undefined) => Promise<T>,
+  remote: { path: string; body: (fallback: Fallback) => JsonObject },
+): Promise<{ servedBy: ServedBy; value: T; localError?: unknown }> {
+  const model = resolveModel(requested, options);
+  const backend = backendOf(options.local);
+  const fallback = fallbackOf(options.fallback);
+  return runWithFallback<T>({
+    fallback,
+    backend,
+    signal: options.signal,
+    local: async () => local(await backend.acquire(), model),
+    remote: async () => {
+      const response = await fallback!.request("POST", remote.path, remote.body(fallback!), options.signal);
+      if (!response.ok) throw await remoteError(response);
+      return (await response.json()) as T;
+    },
+  });
+}
+
+/**
  * One chat completion (an OpenAI Chat Completions request body, `stream` ignored), served locally
  * or, when the sidecar cannot serve it, by the remote. Rejects with `OpenAIHttpError` (status,
  * OpenAI error body) for bad requests and for errors neither side could get past.
@@ -356,25 +382,16 @@ export async function chatWithFallback(request: JsonObject, options: WithFallbac
   const body = requireObject(request);
   const requested = requestedModel(body);
   const params = chatParamsOf(body);
-  const model = resolveModel(requested, options);
-  const backend = backendOf(options.local);
-  const fallback = fallbackOf(options.fallback);
-  const { servedBy, value, localError } = await runWithFallback<ChatCompletion>({
-    fallback,
-    backend,
-    signal: options.signal,
-    local: async () => {
-      const client = await backend.acquire();
+  const { servedBy, value, localError } = await serveWithFallback<ChatCompletion>(
+    options,
+    requested,
+    async (client, model) => {
       const started = await startChat(client, { ...params, ...(model !== undefined ? { model } : {}) }, options);
       const result = await gather(started.prediction, started.iterator, started.first);
       return chatCompletionOf(result, responseMeta("chatcmpl", requested ?? result.model));
     },
-    remote: async () => {
-      const response = await fallback!.request("POST", "/chat/completions", { ...fallback!.remoteBody(body), stream: false }, options.signal);
-      if (!response.ok) throw await remoteError(response);
-      return (await response.json()) as ChatCompletion;
-    },
-  });
+    { path: "/chat/completions", body: (fallback) => ({ ...fallback.remoteBody(body), stream: false }) },
+  );
   return { servedBy, completion: value, ...(localError !== undefined ? { localError } : {}) };
 }
 
@@ -383,23 +400,14 @@ export async function embedWithFallback(request: JsonObject, options: WithFallba
   const body = requireObject(request);
   const requested = requestedModel(body);
   const { params, encoding } = embedParamsOf(body);
-  const model = resolveModel(requested, options);
-  const backend = backendOf(options.local);
-  const fallback = fallbackOf(options.fallback);
-  const { servedBy, value, localError } = await runWithFallback<EmbeddingsResponse>({
-    fallback,
-    backend,
-    signal: options.signal,
-    local: async () => {
-      const client = await backend.acquire();
+  const { servedBy, value, localError } = await serveWithFallback<EmbeddingsResponse>(
+    options,
+    requested,
+    async (client, model) => {
       const result = await embedLocal(client, { ...params, ...(model !== undefined ? { model } : {}) }, options);
       return embeddingsOf(result, encoding, requested ?? result.model);
     },
-    remote: async () => {
-      const response = await fallback!.request("POST", "/embeddings", fallback!.remoteBody(body), options.signal);
-      if (!response.ok) throw await remoteError(response);
-      return (await response.json()) as EmbeddingsResponse;
-    },
-  });
+    { path: "/embeddings", body: (fallback) => fallback.remoteBody(body) },
+  );
   return { servedBy, response: value, ...(localError !== undefined ? { localError } : {}) };
 }
