@@ -34,8 +34,8 @@ import type {
   ServerStatusResult,
   TokenizeResult,
 } from "./protocol";
-import type { CloseResult, Session, SessionEnd, StopTimeouts } from "./session";
-import { DEFAULT_RESTART_POLICY, Supervisor, type RestartPolicy } from "./supervisor";
+import type { CloseResult, Session, SessionEnd, SessionOptions, StopTimeouts } from "./session";
+import { DEFAULT_RESTART_POLICY, Supervisor, type RestartPolicy, type SupervisorHooks } from "./supervisor";
 
 /** Where log lines go: any console-like object (`console`, pino, winston…); every method optional. */
 export interface Logger {
@@ -226,60 +226,71 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
       cwd: options.cwd,
       env: { ...process.env, ...options.env },
     });
-    const first = candidates.find((candidate) => candidate.command);
-    const logger = options.logger;
     this.supervisor = new Supervisor(
-      {
-        spawn: {
-          python: first?.command ?? "python3",
-          args: first?.args ?? options.args ?? DEFAULT_SIDECAR_ARGS,
-          cwd: first?.cwd ?? options.cwd,
-          // Structured log lines (one JSON object each); the host's own env setting wins.
-          env: { LOCALMLX_LOG_FORMAT: "json", ...options.env },
-          stderrTailBytes: options.stderrTailBytes ?? DEFAULTS.stderrTailBytes,
-          onStderrLine: (line, record) => {
-            if (record) {
-              logger?.[LEVELS[record.level] ?? "info"]?.(`localmlx: ${formatLogRecord(record, { time: false, level: false })}`);
-            } else {
-              logger?.info?.(`localmlx: ${line}`);
-            }
-            this.emit("stderr", line);
-            if (record) this.emit("log", record);
-          },
-        },
-        clientInfo: options.clientInfo ?? { name: "@localmlx/client", version: packageVersion() },
-        startTimeoutMs: options.startTimeoutMs ?? DEFAULTS.startTimeoutMs,
-        maxMessageBytes: options.maxMessageBytes ?? DEFAULTS.maxMessageBytes,
-        keepAlive: options.keepAlive ?? false,
-        nextId: () => ++this.lastId,
-        onWarning: (warning) => {
-          logger?.warn?.(`localmlx client: ${warning.message}${warning.line ? `: ${warning.line}` : ""}`);
-          this.emit("warning", warning);
-        },
-        onNotification: (method, params) => this.emit("notification", method, params),
-      },
+      this.sessionOptions(candidates.find((candidate) => candidate.command)),
       options.restart === false ? false : { ...DEFAULT_RESTART_POLICY, ...options.restart },
-      {
-        restore: (session) => this.restore(session),
-        onSpawn: (session) =>
-          this.emit("spawn", {
-            pid: session.pid,
-            python: session.process.spec.python,
-            args: session.process.spec.args,
-            source: this.supervisor.chosen?.source,
-          }),
-        onEnd: (_session: Session, end: SessionEnd) => {
-          if (!end.expected) logger?.error?.(`localmlx client: ${end.error.message}`);
-          this.emit("exit", { ...end.info, expected: end.expected });
-        },
-        onCrash: (error) => this.emit("crash", error),
-        onUnavailable: (error) => {
-          logger?.error?.(`localmlx client: ${error.message}`);
-          this.emit("unavailable", error);
-        },
-      },
+      this.supervisorHooks(),
       candidates,
     );
+  }
+
+  /** How each sidecar is spawned and spoken to: the first candidate found, the client's options. */
+  private sessionOptions(first: SidecarCandidate | undefined): SessionOptions {
+    const { options } = this;
+    const logger = options.logger;
+    return {
+      spawn: {
+        python: first?.command ?? "python3",
+        args: first?.args ?? options.args ?? DEFAULT_SIDECAR_ARGS,
+        cwd: first?.cwd ?? options.cwd,
+        // Structured log lines (one JSON object each); the host's own env setting wins.
+        env: { LOCALMLX_LOG_FORMAT: "json", ...options.env },
+        stderrTailBytes: options.stderrTailBytes ?? DEFAULTS.stderrTailBytes,
+        onStderrLine: (line, record) => {
+          if (record) {
+            logger?.[LEVELS[record.level] ?? "info"]?.(`localmlx: ${formatLogRecord(record, { time: false, level: false })}`);
+          } else {
+            logger?.info?.(`localmlx: ${line}`);
+          }
+          this.emit("stderr", line);
+          if (record) this.emit("log", record);
+        },
+      },
+      clientInfo: options.clientInfo ?? { name: "@localmlx/client", version: packageVersion() },
+      startTimeoutMs: options.startTimeoutMs ?? DEFAULTS.startTimeoutMs,
+      maxMessageBytes: options.maxMessageBytes ?? DEFAULTS.maxMessageBytes,
+      keepAlive: options.keepAlive ?? false,
+      nextId: () => ++this.lastId,
+      onWarning: (warning) => {
+        logger?.warn?.(`localmlx client: ${warning.message}${warning.line ? `: ${warning.line}` : ""}`);
+        this.emit("warning", warning);
+      },
+      onNotification: (method, params) => this.emit("notification", method, params),
+    };
+  }
+
+  /** What the supervisor tells the client: each spawn, end, crash and restart, as events and log lines. */
+  private supervisorHooks(): SupervisorHooks {
+    const logger = this.options.logger;
+    return {
+      restore: (session) => this.restore(session),
+      onSpawn: (session) =>
+        this.emit("spawn", {
+          pid: session.pid,
+          python: session.process.spec.python,
+          args: session.process.spec.args,
+          source: this.supervisor.chosen?.source,
+        }),
+      onEnd: (_session: Session, end: SessionEnd) => {
+        if (!end.expected) logger?.error?.(`localmlx client: ${end.error.message}`);
+        this.emit("exit", { ...end.info, expected: end.expected });
+      },
+      onCrash: (error) => this.emit("crash", error),
+      onUnavailable: (error) => {
+        logger?.error?.(`localmlx client: ${error.message}`);
+        this.emit("unavailable", error);
+      },
+    };
   }
 
   // ---- generation ----------------------------------------------------------------------

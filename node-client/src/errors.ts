@@ -21,19 +21,31 @@ export interface RpcErrorObject {
   data?: unknown;
 }
 
-/** The sidecar answered a request with an error (or the client refused to send it, for -32017). */
+/**
+ * The sidecar answered a request with an error (or the client refused to send it, for -32017).
+ * The wire's fields are kept as they came (`rawMessage`, `code`, `data`) beside the `method`;
+ * `message` is the display text built from them by `RpcError.makeMessage`, the one place it is built.
+ */
 export class RpcError extends LocalMLXError {
   override name = "RpcError";
   readonly code: number;
   readonly data: Record<string, unknown>;
+  /** The error's message as the sidecar sent it: no method, no code. */
+  readonly rawMessage: string;
 
   constructor(
     error: RpcErrorObject,
     readonly method: string,
   ) {
-    super(`${method}: ${error.message} (${error.code})`);
+    super(RpcError.makeMessage(error, method));
     this.code = error.code;
+    this.rawMessage = String(error.message);
     this.data = isRecord(error.data) ? error.data : error.data === undefined ? {} : { detail: error.data };
+  }
+
+  /** The display message: `models/load: Model not found: x (-32010)`. */
+  static makeMessage(error: RpcErrorObject, method: string): string {
+    return `${method}: ${String(error.message)} (${error.code})`;
   }
 
   /** The symbolic name of `code` (`"ModelNotFound"`), when it is a known one. */
@@ -97,6 +109,9 @@ export interface SidecarAttempt {
 export class SidecarStartError extends LocalMLXError {
   override name = "SidecarStartError";
 
+  /** The message without the stderr tail. */
+  readonly summary: string;
+
   constructor(
     message: string,
     readonly details: {
@@ -106,11 +121,14 @@ export class SidecarStartError extends LocalMLXError {
       exit?: ExitInfo;
       /** Each way of starting the sidecar that was looked at, in order, and what became of it. */
       tried?: readonly SidecarAttempt[];
+      /** Why it failed, without the command: "initialize failed: …", "cannot run …". */
+      reason?: string;
     },
     options?: { cause?: unknown },
   ) {
     const tail = lastLines(details.stderrTail, 5);
     super(`${message}${tail ? `; stderr ends with:\n${tail}` : ""}`, options);
+    this.summary = message;
   }
 
   get stderrTail(): string {
@@ -178,6 +196,19 @@ export function abortError(signal: AbortSignal, method?: string): AbortError {
   const why =
     reason instanceof Error && !isDefault ? `: ${reason.message}` : typeof reason === "string" && reason ? `: ${reason}` : "";
   return new AbortError(`${method ? `${method}: ` : ""}aborted${why}`, { cause: reason });
+}
+
+/**
+ * The sidecar as a whole cannot serve (not installed, failed to start, crash budget spent,
+ * closed): the fallback then keeps requests off it for a cool-down, and `LocalBackend` brings it back.
+ */
+export function isSidecarDown(error: unknown): boolean {
+  return (
+    error instanceof SidecarStartError ||
+    error instanceof SidecarUnavailableError ||
+    error instanceof SidecarCrashError ||
+    error instanceof ClientClosedError
+  );
 }
 
 export function isRecord(value: unknown): value is Record<string, unknown> {

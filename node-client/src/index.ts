@@ -47,6 +47,18 @@ export {
   type SidecarSource,
 } from "./process";
 export * from "./protocol";
+export {
+  SETTINGS,
+  SettingsError,
+  parseBool,
+  parseInteger,
+  parseNumber,
+  readSetting,
+  type SettingsEnv,
+  type Setting,
+  type SettingName,
+  type SettingValue,
+} from "./settings";
 export * from "./openai";
 export * from "./service";
 export {

@@ -8,7 +8,9 @@ import { accessSync, constants, existsSync, statSync } from "node:fs";
 import { homedir } from "node:os";
 import { delimiter, join, resolve } from "node:path";
 import { ByteTail, isOversized, LineSplitter } from "./framing";
+import { onHostExit } from "./host-exit";
 import type { ExitInfo } from "./errors";
+import { readSetting, type SettingsEnv } from "./settings";
 
 /** The package root: `dist/` and `src/` both sit one level below it. */
 export const packageRoot = resolve(__dirname, "..");
@@ -47,8 +49,9 @@ function fromHost(path: string): string {
  * `$XDG_DATA_HOME/localmlx/venv` (default `~/.local/share/localmlx/venv`; on Windows
  * `%LOCALAPPDATA%\localmlx\venv`).
  */
-export function privateVenvDir(env: Record<string, string | undefined> = process.env): string {
-  if (env.LOCALMLX_VENV) return resolve(env.LOCALMLX_VENV);
+export function privateVenvDir(env: SettingsEnv = process.env): string {
+  const venv = readSetting(env, "venv");
+  if (venv) return resolve(venv);
   const home = env.HOME || env.USERPROFILE || homedir();
   if (isWindows) return join(env.LOCALAPPDATA || join(home, "AppData", "Local"), "localmlx", "venv");
   return join(env.XDG_DATA_HOME || join(home, ".local", "share"), "localmlx", "venv");
@@ -124,7 +127,8 @@ export function findSidecar(options: FindSidecarOptions = {}): SidecarCandidate[
     cwd,
   });
   if (options.python) return [python("option", "the `python` option", fromHost(options.python), inCheckout)];
-  if (env.LOCALMLX_PYTHON) return [python("LOCALMLX_PYTHON", "LOCALMLX_PYTHON", fromHost(env.LOCALMLX_PYTHON), inCheckout)];
+  const fromEnv = readSetting(env, "python");
+  if (fromEnv) return [python("LOCALMLX_PYTHON", "LOCALMLX_PYTHON", fromHost(fromEnv), inCheckout)];
 
   const candidates: SidecarCandidate[] = [
     { source: "option", label: "the `python` option", skipped: "not given" },
@@ -167,8 +171,8 @@ export function findSidecar(options: FindSidecarOptions = {}): SidecarCandidate[
  * `LOCALMLX_PYTHON`, then the private virtualenv, then the checkout's `.venv`, then `python3`.
  * (`findSidecar()` is the whole search, the `localmlx` entry point included.)
  */
-export function resolvePython(option?: string, env: NodeJS.ProcessEnv = process.env): string {
-  const given = option || env.LOCALMLX_PYTHON;
+export function resolvePython(option?: string, env: SettingsEnv = process.env): string {
+  const given = option || readSetting(env, "python");
   // A relative path means "from where the host runs", not from the sidecar's working directory.
   if (given) return fromHost(given);
   for (const venv of [privateVenvDir(env), ...(checkoutRoot() ? [join(checkoutRoot()!, ".venv")] : [])]) {
@@ -257,7 +261,7 @@ function installExitHook(): void {
   exitHookInstalled = true;
   // The sidecar also exits on its own when our end of its stdin closes (that is what covers
   // SIGKILL of the host); this covers a sidecar too busy or wedged to notice.
-  process.once("exit", () => {
+  onHostExit(() => {
     for (const child of live) child.kill("SIGTERM");
   });
 }

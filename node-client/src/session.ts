@@ -101,7 +101,7 @@ export class Session {
         : error instanceof SidecarCrashError
           ? `the sidecar ${exit.signal ? `was killed by ${exit.signal}` : `exited with code ${exit.code}`} before answering initialize`
           : `initialize failed: ${(error as Error).message}`;
-      throw new SidecarStartError(`Cannot start the localmlx sidecar (${spawn.python} ${spawn.args.join(" ")}): ${reason}`, { ...details(), exit }, { cause: error });
+      throw new SidecarStartError(`Cannot start the localmlx sidecar (${spawn.python} ${spawn.args.join(" ")}): ${reason}`, { ...details(), exit, reason }, { cause: error });
     }
     if (result.protocolVersion !== PROTOCOL_VERSION) {
       await session.stop({ gracefulMs: 2000, terminateMs: 2000, killMs: 2000 });

@@ -10,6 +10,7 @@ import {
   type SidecarAttempt,
 } from "./errors";
 import type { SidecarCandidate } from "./process";
+import { backoffMs, sleep } from "./retry";
 import { Session, type CloseResult, type SessionEnd, type SessionOptions, type StopTimeouts } from "./session";
 
 export interface RestartPolicy {
@@ -45,6 +46,8 @@ export class Supervisor {
   private crashTimes: number[] = [];
   private unavailable: SidecarUnavailableError | undefined;
   private closing: Promise<CloseResult> | undefined;
+  /** Aborted by `close()`: a restart waiting out its backoff stops waiting. */
+  private readonly closed = new AbortController();
   /** How many sessions were started (1 = the first one). */
   starts = 0;
   /** The way of starting the sidecar that worked first; restarts use it. */
@@ -98,6 +101,7 @@ export class Supervisor {
   }
 
   close(timeouts: StopTimeouts): Promise<CloseResult> {
+    this.closed.abort();
     this.closing ??= (async () => {
       await this.opening?.catch(() => undefined);
       const session = this.session;
@@ -108,8 +112,7 @@ export class Supervisor {
   }
 
   private async restart(): Promise<Session> {
-    const delay = this.backoffMs();
-    if (delay > 0) await new Promise((resolve) => setTimeout(resolve, delay));
+    await sleep(this.restartDelayMs(), this.closed.signal);
     if (this.closing) throw new ClientClosedError();
     let session: Session;
     try {
@@ -182,13 +185,11 @@ export class Supervisor {
     );
   }
 
-  /** Wait before the next start: 0 without recent crashes, else doubling per recent crash. */
-  private backoffMs(): number {
+  /** Wait before the next start: 0 without recent crashes, else the backoff for them, counted from the last. */
+  private restartDelayMs(): number {
     if (!this.policy || this.crashTimes.length === 0) return 0;
-    const recent = this.crashTimes.length;
-    const delay = Math.min(this.policy.initialDelayMs * 2 ** (recent - 1), this.policy.maxDelayMs);
-    const last = this.crashTimes[this.crashTimes.length - 1]!;
-    return Math.max(0, last + delay - Date.now());
+    const delay = backoffMs({ initialMs: this.policy.initialDelayMs, maxMs: this.policy.maxDelayMs }, this.crashTimes.length);
+    return Math.max(0, this.crashTimes[this.crashTimes.length - 1]! + delay - Date.now());
   }
 
   private recordCrash(error: SidecarCrashError | SidecarStartError): void {
@@ -220,7 +221,7 @@ export class Supervisor {
 
 /** Why a start failed, in one line: the reason and the last line of stderr. */
 function startFailure(error: SidecarStartError): string {
-  const reason = error.message.split("; stderr ends with:")[0]!.replace(/^Cannot start the localmlx sidecar \(.*?\): /s, "");
+  const reason = error.details.reason ?? error.summary;
   const lastLine = error.stderrTail.trimEnd().split("\n").pop()?.trim();
   return lastLine && !reason.includes(lastLine) ? `${reason} (${lastLine})` : reason;
 }

@@ -12,6 +12,7 @@ import { existsSync, readFileSync, readdirSync } from "node:fs";
 import { createRequire } from "node:module";
 import { join, resolve } from "node:path";
 import { parse as parseDotenv } from "dotenv";
+import { readSetting, SETTINGS } from "./settings";
 
 /** `ok`: as it should be; `warn`: worth fixing, Wooster still stays local; `fail`: it will not (or the plugin cannot load). */
 export type FindingLevel = "ok" | "warn" | "fail";
@@ -135,7 +136,6 @@ export function readWoosterEnv(dir: string, processEnv: WoosterEnv = process.env
 }
 
 const LOOPBACK = new Set(["127.0.0.1", "localhost", "::1", "[::1]"]);
-const TRUE = /^(1|true|yes|on)$/i;
 const PLACEHOLDER_KEY = "YOUR_OPENAI_API_KEY";
 
 /** Findings from the settings alone (no files, no network): instant. */
@@ -197,7 +197,7 @@ export function checkWoosterEnv(env: WoosterEnv): ReadinessFinding[] {
     );
   }
 
-  const key = env.OPENAI_API_KEY;
+  const key = readSetting(env, "openAIApiKey");
   findings.push(
     key && !key.startsWith(PLACEHOLDER_KEY)
       ? { id: "openai-key", level: "ok", message: "OPENAI_API_KEY is set: where a local endpoint does not answer Wooster's start-up health check, Wooster's agent uses OpenAI with it (the endpoint checks say whether they answer)." }
@@ -205,12 +205,12 @@ export function checkWoosterEnv(env: WoosterEnv): ReadinessFinding[] {
   );
 
   findings.push(
-    TRUE.test(env.LOCALMLX_FALLBACK_TO_OPENAI ?? "")
+    pluginSwitch(env, "fallbackToOpenAI", findings)
       ? { id: "localmlx-fallback", level: "warn", message: "LOCALMLX_FALLBACK_TO_OPENAI is on: the plugin's tools answer through OpenAI when the local model cannot (each such answer is logged).", fix: "set LOCALMLX_FALLBACK_TO_OPENAI=false to keep every answer local" }
       : { id: "localmlx-fallback", level: "ok", message: "LOCALMLX_FALLBACK_TO_OPENAI is off: the plugin never answers through OpenAI." },
   );
 
-  if (TRUE.test(env.LOCALMLX_AUTO_START_SERVER ?? "")) {
+  if (pluginSwitch(env, "autoStartServer", findings)) {
     findings.push({
       id: "auto-start-server",
       level: "warn",
@@ -220,6 +220,17 @@ export function checkWoosterEnv(env: WoosterEnv): ReadinessFinding[] {
     });
   }
   return findings;
+}
+
+/** One of the plugin's switches as the plugin reads it; a value it cannot read is a finding (the plugin would not load). */
+function pluginSwitch(env: WoosterEnv, name: "fallbackToOpenAI" | "autoStartServer", findings: ReadinessFinding[]): boolean {
+  try {
+    return readSetting(env, name) === true;
+  } catch (error) {
+    const variable = SETTINGS[name].env;
+    findings.push({ id: `setting:${variable}`, level: "fail", message: `${(error as Error).message}: the localMLX plugin does not load with it.`, fix: `set ${variable} to true or false` });
+    return false;
+  }
 }
 
 function defaultUrlOf(tier: WoosterTier): string {

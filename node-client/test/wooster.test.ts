@@ -412,7 +412,7 @@ describe("the Wooster plugin's settings", () => {
     assert.equal(defaults.toolsEnabled, true);
     assert.equal(defaults.fallbackToOpenAI, false);
     assert.equal(defaults.autoStartServer, false);
-    assert.equal(defaults.maxTokens, 1024);
+    assert.equal(defaults.maxTokens, undefined, "the sidecar's default applies (LOCALMLX_MAX_TOKENS has one source)");
     assert.deepEqual(defaults.preloadModels, []);
     assert.deepEqual(defaults.sidecarEnv, { LOCALMLX_PRELOAD_MODELS: "" });
 
@@ -420,7 +420,6 @@ describe("the Wooster plugin's settings", () => {
       LOCALMLX_DEFAULT_MODEL: "mlx-community/Qwen2.5-3B-Instruct-4bit",
       LOCALMLX_OFFLOAD_INACTIVE: "true",
       LOCALMLX_PRELOAD_MODELS: "true",
-      LOCALMLX_MAX_TOKENS: "not a number",
       LOCALMLX_TEMPERATURE: "0.2",
       LOCALMLX_QUANTIZATION: "4bit",
       LOCALMLX_AUTO_DOWNLOAD: "yes",
@@ -429,12 +428,11 @@ describe("the Wooster plugin's settings", () => {
     });
     assert.equal(s.toolsEnabled, false);
     assert.equal(s.autoDownload, true);
-    assert.equal(s.maxTokens, 1024);
     assert.equal(s.temperature, 0.2);
     assert.deepEqual(s.preloadModels, ["mlx-community/Qwen2.5-3B-Instruct-4bit"]);
     assert.equal(s.sidecarEnv.LOCALMLX_OFFLOAD_INACTIVE, "5m");
     assert.equal(s.sidecarEnv.LOCALMLX_PRELOAD_MODELS, "", "the plugin preloads, in the background");
-    assert.equal(s.sidecarEnv.LOCALMLX_MAX_TOKENS, undefined, "an unparsable value is not passed on");
+    assert.throws(() => readSettings(undefined, { LOCALMLX_MAX_TOKENS: "not a number" }), /bad LOCALMLX_MAX_TOKENS="not a number"/, "an unparsable value is an error naming it");
     assert.equal(s.sidecarEnv.LOCALMLX_QUANTIZATION, "4bit");
     assert.equal(s.sidecarEnv.OTHER, undefined);
     assert.equal(readSettings(undefined, { LOCALMLX_OFFLOAD_INACTIVE: "false" }).sidecarEnv.LOCALMLX_OFFLOAD_INACTIVE, "-1");

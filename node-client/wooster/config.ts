@@ -4,6 +4,7 @@
  * Wooster builds its config from the environment (and .env) itself; it has no localMLX section,
  * so the environment is the usual source.
  */
+import { SETTINGS, readSetting, type SettingName, type SettingValue, type SettingsEnv } from "@localmlx/client";
 import type { AppConfig } from "./types";
 
 export interface LocalMLXPluginSettings {
@@ -11,10 +12,10 @@ export interface LocalMLXPluginSettings {
   toolsEnabled: boolean;
   /** LOCALMLX_DEFAULT_MODEL: the model tools use until switch_model picks another. */
   defaultModel: string | undefined;
-  /** LOCALMLX_MAX_TOKENS: most tokens a tool generates per reply. */
-  maxTokens: number;
-  /** LOCALMLX_TEMPERATURE: sampling temperature of the tools. */
-  temperature: number;
+  /** LOCALMLX_MAX_TOKENS: most tokens a tool generates per reply; undefined: the sidecar's default (its `initialize` says which). */
+  maxTokens: number | undefined;
+  /** LOCALMLX_TEMPERATURE: sampling temperature of the tools; undefined: the sidecar's default. */
+  temperature: number | undefined;
   /** LOCALMLX_FALLBACK_TO_OPENAI: when local cannot serve, answer through the remote OpenAI-compatible server. */
   fallbackToOpenAI: boolean;
   /** LOCALMLX_AUTO_START_SERVER: start the loopback OpenAI-compatible endpoint when Wooster loads the plugin. */
@@ -39,102 +40,75 @@ export interface LocalMLXPluginSettings {
   enableCache: boolean | undefined;
   /** LOCALMLX_PYTHON: the Python that runs the sidecar. */
   python: string | undefined;
-  /** The environment given to the sidecar: every LOCALMLX_* setting, normalised. */
+  /** The environment given to the sidecar: every LOCALMLX_* setting as written, the plugin's own spellings translated. */
   sidecarEnv: Record<string, string>;
 }
 
-const TRUE = new Set(["1", "true", "yes", "on"]);
-const FALSE = new Set(["0", "false", "no", "off", ""]);
-
-function bool(value: string | undefined): boolean | undefined {
-  if (value === undefined) return undefined;
-  const v = value.trim().toLowerCase();
-  if (TRUE.has(v)) return true;
-  if (FALSE.has(v)) return false;
-  return undefined;
-}
-
-function number(value: string | undefined, fallback: number, min: number, max: number): number {
-  const parsed = value === undefined ? NaN : Number(value);
-  return Number.isFinite(parsed) ? Math.min(max, Math.max(min, parsed)) : fallback;
-}
-
-/** Settings from `config.plugins.localMLX` (camelCase keys or LOCALMLX_* keys), as strings. */
+/** Settings from `config.plugins.localMLX` as environment variables: a key of the client's
+ * `SETTINGS` by its variable, another camelCase key as `LOCALMLX_SNAKE_CASE` (a sidecar setting,
+ * passed on), an upper-case key as it is; a list as a comma list, as the variable spells it. */
 function fromConfig(config: AppConfig | undefined): Record<string, string> {
   const section = config?.plugins?.["localMLX"];
   const out: Record<string, string> = {};
   if (!section || typeof section !== "object") return out;
   for (const [key, value] of Object.entries(section as Record<string, unknown>)) {
-    if (value === undefined || value === null || typeof value === "object") continue;
-    const envKey = /^[A-Z0-9_]+$/.test(key) ? key : `LOCALMLX_${key.replace(/OpenAI/g, "Openai").replace(/([a-z0-9])([A-Z])/g, "$1_$2").toUpperCase()}`;
-    out[envKey] = String(value);
+    const text = Array.isArray(value) ? value.join(",") : value === undefined || value === null || typeof value === "object" ? undefined : String(value);
+    if (text === undefined) continue;
+    const known = Object.hasOwn(SETTINGS, key) ? SETTINGS[key as SettingName].env : undefined;
+    const envKey = /^[A-Z0-9_]+$/.test(key) ? key : known ?? `LOCALMLX_${key.replace(/OpenAI/g, "Openai").replace(/([a-z0-9])([A-Z])/g, "$1_$2").toUpperCase()}`;
+    out[envKey] = text;
   }
   return out;
 }
 
-/** The offload setting as the sidecar's keep-alive duration. */
-function offloadDuration(raw: string | undefined): string | undefined {
-  if (raw === undefined) return undefined;
-  const flag = bool(raw);
-  if (flag === true) return "5m";
-  if (flag === false) return "-1";
-  return raw.trim();
+/** The keep-alive the sidecar reads for the plugin's `LOCALMLX_OFFLOAD_INACTIVE` (`true`: 5 minutes; `false`: never). */
+function offloadDuration(value: boolean | string | undefined): string | undefined {
+  return value === true ? "5m" : value === false ? "-1" : value;
 }
 
-export function readSettings(config?: AppConfig, env: NodeJS.ProcessEnv = process.env): LocalMLXPluginSettings {
+/**
+ * The plugin's settings, read once (at `initialize`) through the client's settings table: the
+ * environment over `config.plugins.localMLX`. A value that does not parse throws `SettingsError`
+ * naming the variable (the plugin then does not load, as the sidecar would not start).
+ */
+export function readSettings(config?: AppConfig, env: SettingsEnv = process.env): LocalMLXPluginSettings {
   const merged: Record<string, string | undefined> = { ...fromConfig(config) };
   for (const [key, value] of Object.entries(env)) {
-    if (value !== undefined && (key.startsWith("LOCALMLX_") || key === "TOOLS_LOCALMLX_ENABLED")) merged[key] = value;
+    if (value !== undefined && (key.startsWith("LOCALMLX_") || key === SETTINGS.toolsEnabled.env)) merged[key] = value;
   }
-  const get = (key: string): string | undefined => {
-    const value = merged[key];
-    return value === undefined || value.trim() === "" ? undefined : value.trim();
-  };
+  const read = <K extends SettingName>(name: K): SettingValue<K> | undefined => readSetting(merged, name);
 
-  const defaultModel = get("LOCALMLX_DEFAULT_MODEL");
-  const preloadRaw = get("LOCALMLX_PRELOAD_MODELS");
-  const preloadFlag = bool(preloadRaw);
-  const preloadModels =
-    preloadFlag === true
-      ? [defaultModel ?? "default"]
-      : preloadFlag === false || preloadRaw === undefined
-        ? []
-        : preloadRaw.split(",").map((m) => m.trim()).filter(Boolean);
+  const defaultModel = read("defaultModel");
+  const preload = read("preloadModels");
+  const preloadModels = preload === true ? [defaultModel ?? "default"] : preload === false || preload === undefined ? [] : preload;
 
-  // Everything LOCALMLX_* goes to the sidecar (it ignores what it does not know), with the two
-  // values whose plugin spelling the sidecar would reject translated. Preloading is done by the
-  // plugin (in the background, after start-up), not at sidecar start, so no call waits for it.
+  // Everything LOCALMLX_* goes to the sidecar as written (it ignores what it does not know, and
+  // applies its own defaults), with the plugin's own spellings translated. Preloading is done by
+  // the plugin (in the background, after start-up), not at sidecar start, so no call waits for it.
   const sidecarEnv: Record<string, string> = {};
   for (const [key, value] of Object.entries(merged)) if (key.startsWith("LOCALMLX_") && value !== undefined) sidecarEnv[key] = value;
-  const offload = offloadDuration(get("LOCALMLX_OFFLOAD_INACTIVE"));
+  const offload = offloadDuration(read("offloadInactive"));
   if (offload !== undefined) sidecarEnv.LOCALMLX_OFFLOAD_INACTIVE = offload;
   else delete sidecarEnv.LOCALMLX_OFFLOAD_INACTIVE;
   sidecarEnv.LOCALMLX_PRELOAD_MODELS = "";
-  const maxTokens = Math.round(number(get("LOCALMLX_MAX_TOKENS"), 1024, 1, 1_000_000));
-  const temperature = number(get("LOCALMLX_TEMPERATURE"), 0.7, 0, 2);
-  // Numbers the sidecar would refuse (and fail to start over) are not passed on; the plugin's defaults stand.
-  for (const [key, value] of [["LOCALMLX_MAX_TOKENS", maxTokens], ["LOCALMLX_TEMPERATURE", temperature]] as const) {
-    if (Number.isFinite(Number(get(key)))) sidecarEnv[key] = String(value);
-    else delete sidecarEnv[key];
-  }
 
   return {
-    toolsEnabled: bool(get("TOOLS_LOCALMLX_ENABLED")) ?? true,
+    toolsEnabled: read("toolsEnabled")!,
     defaultModel,
-    maxTokens,
-    temperature,
-    fallbackToOpenAI: bool(get("LOCALMLX_FALLBACK_TO_OPENAI")) ?? false,
-    autoStartServer: bool(get("LOCALMLX_AUTO_START_SERVER")) ?? false,
-    serverUrl: get("LOCALMLX_SERVER_URL") ?? "http://127.0.0.1:8000",
-    serveTiers: bool(get("LOCALMLX_SERVE_TIERS")) ?? false,
-    modelsDir: get("LOCALMLX_MODELS_DIR"),
-    autoDownload: bool(get("LOCALMLX_AUTO_DOWNLOAD")),
-    quantization: get("LOCALMLX_QUANTIZATION"),
+    maxTokens: read("maxTokens"),
+    temperature: read("temperature"),
+    fallbackToOpenAI: read("fallbackToOpenAI") ?? false,
+    autoStartServer: read("autoStartServer")!,
+    serverUrl: read("serverUrl")!,
+    serveTiers: read("serveTiers")!,
+    modelsDir: read("modelsDir"),
+    autoDownload: read("autoDownload"),
+    quantization: read("quantization"),
     offloadInactive: offload,
     preloadModels,
-    streamResponses: bool(get("LOCALMLX_STREAM_RESPONSES")) ?? false,
-    enableCache: bool(get("LOCALMLX_ENABLE_CACHE")),
-    python: get("LOCALMLX_PYTHON"),
+    streamResponses: read("streamResponses")!,
+    enableCache: read("enableCache"),
+    python: read("python"),
     sidecarEnv,
   };
 }

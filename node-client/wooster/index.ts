@@ -152,15 +152,12 @@ export class LocalMLXPlugin implements WoosterPlugin {
         ...(settings.defaultModel ? { defaultModel: settings.defaultModel } : {}),
         fallback: service.remote?.fallback ?? (false as const),
       };
-      // One sidecar for the tools and the endpoint. When it cannot start but the fallback is
-      // on, the endpoint still starts (serving remotely) and tries local again later itself.
-      const client = await service.mlx().catch((error: unknown) => {
+      // One sidecar for the tools and the endpoint: the service's backend. When it cannot start
+      // but the fallback is on, the endpoint still starts (serving remotely) and tries local again later.
+      await service.mlx().catch((error: unknown) => {
         if (!service.remote) throw error;
-        return undefined;
       });
-      this.server = await startOpenAIServer(
-        client ? { ...common, client } : { ...common, localmlx: { env: settings.sidecarEnv, ...(settings.python ? { python: settings.python } : {}), keepAlive: false } },
-      );
+      this.server = await startOpenAIServer({ ...common, client: service.backend });
       const server = this.server;
       service.onStop(() => server.close());
       this.log(LogLevel.INFO, `OpenAI-compatible endpoint listening at ${server.url}`);

@@ -4,7 +4,7 @@
  * failed as a whole, busy retries), pointed at OPENAI_BASE_URL (default api.openai.com) with
  * OPENAI_API_KEY, or Wooster's own `config.openai` key and model.
  */
-import { Fallback, type FallbackOptions, type Message } from "@localmlx/client";
+import { Fallback, remoteOptionsFromEnv, type Message, type SettingsEnv } from "@localmlx/client";
 import type { AppConfig } from "./types";
 
 export interface RemoteChatOptions {
@@ -27,18 +27,15 @@ export interface RemoteModel {
 const PLACEHOLDER_KEY = "YOUR_OPENAI_API_KEY_HERE";
 
 /** The remote fallback, or undefined when it is off or has nowhere to go. */
-export function createRemote(enabled: boolean, config: AppConfig | undefined, env: NodeJS.ProcessEnv = process.env): RemoteModel | undefined {
+export function createRemote(enabled: boolean, config: AppConfig | undefined, env: SettingsEnv = process.env): RemoteModel | undefined {
   if (!enabled) return undefined;
+  const fromEnv = remoteOptionsFromEnv(env);
   const configKey = config?.openai?.apiKey && config.openai.apiKey !== PLACEHOLDER_KEY ? config.openai.apiKey : undefined;
-  const apiKey = env.OPENAI_API_KEY && env.OPENAI_API_KEY !== PLACEHOLDER_KEY ? env.OPENAI_API_KEY : configKey;
-  const baseURL = env.OPENAI_BASE_URL?.trim() || undefined;
+  const apiKey = fromEnv.apiKey && fromEnv.apiKey !== PLACEHOLDER_KEY ? fromEnv.apiKey : configKey;
   // OpenAI itself needs a key; a self-hosted OpenAI-compatible server named by OPENAI_BASE_URL may not.
-  if (!apiKey && !baseURL) return undefined;
-  const model = env.LOCALMLX_FALLBACK_MODEL?.trim() || config?.openai?.modelName || "gpt-4o-mini";
-  const options: FallbackOptions = { model, ...(apiKey ? { apiKey } : {}), ...(baseURL ? { baseURL } : {}) };
-  const cooldown = Number(env.LOCALMLX_FALLBACK_COOLDOWN_MS);
-  if (env.LOCALMLX_FALLBACK_COOLDOWN_MS && Number.isFinite(cooldown) && cooldown >= 0) options.cooldownMs = cooldown;
-  const fallback = new Fallback(options);
+  if (!apiKey && !fromEnv.baseURL) return undefined;
+  const model = (typeof fromEnv.model === "string" ? fromEnv.model : undefined) || config?.openai?.modelName || "gpt-4o-mini";
+  const fallback = new Fallback({ ...fromEnv, model, ...(apiKey ? { apiKey } : {}) }, env);
 
   return {
     label: `${model} at ${fallback.baseURL}`,

@@ -1,12 +1,14 @@
 /**
  * `LocalMLXService`: what the tools (and other Wooster plugins, through `getService`) call. It
  * starts the sidecar on first use, never before; keeps the active model; answers through the
- * remote fallback when local cannot serve and the fallback is on; and stops the sidecar when
- * Wooster exits (Wooster never calls a plugin's shutdown, so process hooks do it).
+ * remote fallback when local cannot serve and the fallback is on. The sidecar's client is held by
+ * one `LocalBackend` (the client's), shared with the plugin's endpoint, which also stops it when
+ * Wooster's event loop drains (Wooster never calls a plugin's shutdown).
  */
 import {
   ErrorCode,
-  LocalMLX,
+  LocalBackend,
+  type LocalMLX,
   RpcError,
   SidecarCrashError,
   SidecarStartError,
@@ -64,7 +66,6 @@ function unwrap(error: unknown): unknown {
   return error instanceof LocalUnavailableError && error.cause !== undefined ? error.cause : error;
 }
 
-const START_RETRY_MS = 30_000;
 const SUMMARY_OVERHEAD_TOKENS = 160;
 const DEFAULT_CONTEXT = 4096;
 
@@ -89,7 +90,7 @@ export function formatBytes(bytes: number | null | undefined): string {
 export function describeError(error: unknown): string {
   if (error instanceof LocalUnavailableError) return error.message;
   if (error instanceof RpcError) {
-    const text = error.message.replace(/ \(-?\d+\)$/, "").replace(/^[\w/]+: /, "");
+    const text = error.rawMessage;
     switch (error.code) {
       case ErrorCode.ModelNotFound:
         return `${text}. Download it with download_model, or set LOCALMLX_AUTO_DOWNLOAD=true.`;
@@ -109,33 +110,21 @@ export function describeError(error: unknown): string {
   return String(error);
 }
 
-let hooksInstalled = false;
-const liveServices = new Set<LocalMLXService>();
-
-/** Stops every service's sidecar when Wooster exits: gracefully when the loop drains, by signal on `exit`. */
-function installExitHooks(): void {
-  if (hooksInstalled) return;
-  hooksInstalled = true;
-  process.on("beforeExit", () => {
-    for (const service of liveServices) if (service.isRunning) void service.stop();
-  });
-  // On process.exit() nothing async runs: the client sends the sidecar SIGTERM from its own
-  // exit hook, and the sidecar also ends on its own when its stdin (our end) closes.
-  process.once("exit", () => {
-    for (const service of liveServices) service.stopNow();
-  });
-}
+/** After a failed start, tools get that failure for this long before the sidecar is tried again. */
+const START_RETRY = { initialMs: 30_000, maxMs: 30_000 };
 
 export class LocalMLXService {
   static readonly serviceName = "LocalMLXService";
 
-  private starting: Promise<LocalMLX> | undefined;
-  private client: LocalMLX | undefined;
-  private startFailure: { message: string; error: unknown; at: number } | undefined;
+  /**
+   * The one owner of the sidecar's client, shared with the plugin's OpenAI endpoint: it starts it
+   * on first use, waits out START_RETRY after a failed start, and stops it when Wooster's event
+   * loop drains (Wooster never calls a plugin's shutdown).
+   */
+  readonly backend: LocalBackend;
   private activeModel: string | undefined;
   private readonly contextLengths = new Map<string, number | null>();
   private readonly speeds = new Map<string, { tokensPerSecond: number; promptTokensPerSecond: number; at: string }>();
-  private readonly stopHooks: Array<() => void | Promise<void>> = [];
 
   constructor(
     readonly settings: LocalMLXPluginSettings,
@@ -145,8 +134,34 @@ export class LocalMLXService {
     this.activeModel = settings.defaultModel;
     // Every request that leaves the machine is a warning in Wooster's log, with its reason.
     if (remote) remote.fallback.logger = { warn: (m) => this.log(LogLevel.WARN, m) };
-    liveServices.add(this);
-    installExitHooks();
+    this.backend = new LocalBackend(
+      {
+        ...(settings.python ? { python: settings.python } : {}),
+        env: settings.sidecarEnv,
+        clientInfo: { name: "wooster-localmlx" },
+        keepAlive: false,
+        logger: {
+          debug: (m) => this.log(LogLevel.DEBUG, m),
+          info: (m) => this.log(LogLevel.DEBUG, m),
+          warn: (m) => this.log(LogLevel.WARN, m),
+          error: (m) => this.log(LogLevel.ERROR, m),
+        },
+      },
+      {
+        startRetry: START_RETRY,
+        stopWhenIdle: true,
+        onStart: (client) => {
+          this.log(LogLevel.INFO, `sidecar started (pid ${client.pid}, ${client.info?.serverInfo.device ?? "?"}, mlx ${client.info?.serverInfo.mlx ?? "?"})`);
+          client.on("unavailable", () => this.log(LogLevel.ERROR, "the local model process crashed too often; local tools are off until Wooster restarts"));
+          this.warmUp(client);
+        },
+        onStartFailure: (error) => this.log(LogLevel.WARN, this.unavailableMessage(error)),
+      },
+    );
+  }
+
+  private get client(): LocalMLX | undefined {
+    return this.backend.current;
   }
 
   /** The sidecar's process id, once started. */
@@ -155,7 +170,23 @@ export class LocalMLXService {
   }
 
   get isRunning(): boolean {
-    return this.client !== undefined || this.starting !== undefined;
+    return this.client !== undefined || this.backend.status.state === "starting";
+  }
+
+  /**
+   * The tools' maxTokens and temperature: the settings' (which the sidecar got too), else the
+   * sidecar's own defaults once it has started; undefined before that.
+   */
+  get generationDefaults(): { maxTokens: number | undefined; temperature: number | undefined } {
+    const defaults = this.client?.info?.defaults;
+    return { maxTokens: this.settings.maxTokens ?? defaults?.maxTokens, temperature: this.settings.temperature ?? defaults?.temperature };
+  }
+
+  /** maxTokens and temperature of a remote request: the call's, else the tools' defaults. */
+  private remoteSampling(options: GenerationOptions): { maxTokens?: number; temperature?: number } {
+    const maxTokens = options.maxTokens ?? this.generationDefaults.maxTokens;
+    const temperature = options.temperature ?? this.generationDefaults.temperature;
+    return { ...(maxTokens !== undefined ? { maxTokens } : {}), ...(temperature !== undefined ? { temperature } : {}) };
   }
 
   /** The model the tools use (undefined: the sidecar's default). */
@@ -163,46 +194,17 @@ export class LocalMLXService {
     return this.activeModel ?? this.client?.info?.defaults.model;
   }
 
-  /** Runs `hook` when the sidecar is stopped at exit (the OpenAI endpoint registers its close here). */
+  /** Runs `hook` when the sidecar is stopped (the OpenAI endpoint registers its close here). */
   onStop(hook: () => void | Promise<void>): void {
-    this.stopHooks.push(hook);
+    this.backend.onStop(hook);
   }
 
   /** The client, starting the sidecar on first use. Rejects with LocalUnavailableError when it cannot start. */
   async mlx(): Promise<LocalMLX> {
-    if (this.client) return this.client;
-    if (this.starting) return this.starting;
-    if (this.startFailure && Date.now() - this.startFailure.at < START_RETRY_MS) {
-      throw new LocalUnavailableError(this.startFailure.message, { cause: this.startFailure.error });
-    }
-    const starting = LocalMLX.start({
-      ...(this.settings.python ? { python: this.settings.python } : {}),
-      env: this.settings.sidecarEnv,
-      clientInfo: { name: "wooster-localmlx" },
-      keepAlive: false,
-      logger: {
-        debug: (m) => this.log(LogLevel.DEBUG, m),
-        info: (m) => this.log(LogLevel.DEBUG, m),
-        warn: (m) => this.log(LogLevel.WARN, m),
-        error: (m) => this.log(LogLevel.ERROR, m),
-      },
-    });
-    this.starting = starting;
     try {
-      const client = await starting;
-      this.client = client;
-      this.startFailure = undefined;
-      this.log(LogLevel.INFO, `sidecar started (pid ${client.pid}, ${client.info?.serverInfo.device ?? "?"}, mlx ${client.info?.serverInfo.mlx ?? "?"})`);
-      client.on("unavailable", () => this.log(LogLevel.ERROR, "the local model process crashed too often; local tools are off until Wooster restarts"));
-      this.warmUp(client);
-      return client;
+      return await this.backend.acquire();
     } catch (error) {
-      const message = this.unavailableMessage(error);
-      this.startFailure = { message, error, at: Date.now() };
-      this.log(LogLevel.WARN, message);
-      throw new LocalUnavailableError(message, { cause: error });
-    } finally {
-      this.starting = undefined;
+      throw new LocalUnavailableError(this.unavailableMessage(error), { cause: error });
     }
   }
 
@@ -210,7 +212,8 @@ export class LocalMLXService {
     let reason = error instanceof Error ? error.message.split("\n")[0]! : String(error);
     if (error instanceof SidecarStartError) {
       const last = lastLine(error.stderrTail);
-      if (last) reason = `${reason.replace(/[;:]\s*stderr ends with:?$/, "")}: ${last}`;
+      const summary = error.summary.split("\n")[0]!;
+      reason = last ? `${summary}: ${last}` : summary;
     }
     return (
       `Local MLX models are not available: the localmlx sidecar could not start (${reason}). ` +
@@ -263,8 +266,9 @@ export class LocalMLXService {
     const model = options.model ?? this.activeModel;
     const common = {
       ...(model ? { model } : {}),
-      maxTokens: options.maxTokens ?? this.settings.maxTokens,
-      temperature: options.temperature ?? this.settings.temperature,
+      // Absent, the sidecar applies its defaults (LOCALMLX_MAX_TOKENS and LOCALMLX_TEMPERATURE reach it as written).
+      ...(options.maxTokens !== undefined ? { maxTokens: options.maxTokens } : {}),
+      ...(options.temperature !== undefined ? { temperature: options.temperature } : {}),
       ...(options.stop?.length ? { stop: options.stop } : {}),
       ...(options.signal ? { signal: options.signal } : {}),
     };
@@ -315,8 +319,7 @@ export class LocalMLXService {
       local: () => local().catch((error: unknown) => Promise.reject(unwrap(error))),
       remote: async () => {
         const answer = await remote.chat(messages, {
-          maxTokens: options.maxTokens ?? this.settings.maxTokens,
-          temperature: options.temperature ?? this.settings.temperature,
+          ...this.remoteSampling(options),
           ...(options.stop?.length ? { stop: options.stop } : {}),
           ...(options.signal ? { signal: options.signal } : {}),
         });
@@ -328,7 +331,7 @@ export class LocalMLXService {
     const why =
       localError === undefined
         ? "local is cooling down after a failure"
-        : `local could not serve: ${localError instanceof SidecarStartError && this.startFailure ? "the localmlx sidecar could not start" : describeError(localError)}`;
+        : `local could not serve: ${localError instanceof SidecarStartError ? "the localmlx sidecar could not start" : describeError(localError)}`;
     this.log(LogLevel.INFO, `served by ${remote.label} (${why})`);
     return { ...value, servedBy: "remote", note: why };
   }
@@ -369,7 +372,7 @@ export class LocalMLXService {
     try {
       const model = options.model ?? this.model;
       const context = (await this.contextLength(model)) ?? DEFAULT_CONTEXT;
-      const summaryTokens = Math.min(options.maxTokens ?? this.settings.maxTokens, Math.max(32, Math.floor(context / 4)));
+      const summaryTokens = Math.min(options.maxTokens ?? this.generationDefaults.maxTokens ?? Infinity, Math.max(32, Math.floor(context / 4)));
       const budget = Math.max(64, context - summaryTokens - SUMMARY_OVERHEAD_TOKENS);
       const generation = { ...options, ...(model ? { model } : {}), maxTokens: summaryTokens };
 
@@ -492,7 +495,7 @@ export class LocalMLXService {
     if (remoteReady) {
       const tokens = await this.countTokens(prompt).catch(() => Math.ceil(prompt.length / 4));
       const context = (await this.contextLength().catch(() => null)) ?? DEFAULT_CONTEXT;
-      if (tokens + this.settings.maxTokens > context) {
+      if (tokens + (this.generationDefaults.maxTokens ?? 0) > context) {
         return { target: "remote", reason: `the prompt (${tokens} tokens) is too long for the local context (${context})` };
       }
       if (/\b(latest|news|today'?s|current events|this week|stock price|search the web|browse)\b/.test(text)) {
@@ -513,11 +516,7 @@ export class LocalMLXService {
     this.log(LogLevel.INFO, `intelligent_route: ${decision.target} (${decision.reason})`);
     if (decision.target === "remote" && this.remote) {
       try {
-        const answer = await this.remote.chat(messages, {
-          maxTokens: options.maxTokens ?? this.settings.maxTokens,
-          temperature: options.temperature ?? this.settings.temperature,
-          reason: `intelligent_route chose remote: ${decision.reason}`,
-        });
+        const answer = await this.remote.chat(messages, { ...this.remoteSampling(options), reason: `intelligent_route chose remote: ${decision.reason}` });
         return { ...answer, servedBy: "remote", note: decision.reason };
       } catch (error) {
         this.log(LogLevel.WARN, `remote failed (${describeError(error)}); answering locally`);
@@ -530,7 +529,7 @@ export class LocalMLXService {
     } catch (error) {
       if (!this.remote || !isFallbackWorthy(unwrap(error))) throw error;
       const note = `${decision.reason}, but local could not serve: ${describeError(error)}`;
-      const answer = await this.remote.chat(messages, { maxTokens: options.maxTokens ?? this.settings.maxTokens, temperature: options.temperature ?? this.settings.temperature, reason: `intelligent_route: ${note}` });
+      const answer = await this.remote.chat(messages, { ...this.remoteSampling(options), reason: `intelligent_route: ${note}` });
       return { ...answer, servedBy: "remote", note };
     }
   }
@@ -581,35 +580,23 @@ export class LocalMLXService {
   // ---- lifetime -----------------------------------------------------------------------------
 
   /** Stops the sidecar (and the endpoint); a later call starts a new one. */
-  async stop(): Promise<void> {
-    const client = this.client ?? (await this.starting?.catch(() => undefined));
-    this.client = undefined;
-    for (const hook of this.stopHooks.splice(0)) await Promise.resolve(hook()).catch(() => undefined);
-    if (client) await client.close();
+  stop(): Promise<void> {
+    return this.backend.stop();
   }
 
-  /** At `exit`: nothing async runs any more; signal what runs. */
+  /** At `exit`, when nothing async runs any more: signal the sidecar (the client's own exit hook does too). */
   stopNow(): void {
-    for (const hook of this.stopHooks.splice(0)) {
-      try {
-        void hook();
-      } catch {
-        // exiting anyway
-      }
-    }
     const pid = this.client?.pid;
-    if (pid !== undefined) {
-      try {
-        process.kill(pid, "SIGTERM");
-      } catch {
-        // already gone
-      }
+    if (pid === undefined) return;
+    try {
+      process.kill(pid, "SIGTERM");
+    } catch {
+      // already gone
     }
   }
 
   /** Forgets this service (tests; a reloaded plugin). */
-  async dispose(): Promise<void> {
-    liveServices.delete(this);
-    await this.stop();
+  dispose(): Promise<void> {
+    return this.backend.close();
   }
 }

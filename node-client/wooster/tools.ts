@@ -4,7 +4,7 @@
  * (no MLX on this machine, a missing model) comes back as a clear message.
  */
 import { DynamicTool } from "@langchain/core/tools";
-import type { LoadProgress, Message } from "@localmlx/client";
+import type { LoadProgress, Message, ServerStatusResult } from "@localmlx/client";
 import { describeError, formatBytes, type Answer, type LocalMLXService, type PluginLog } from "./service";
 import { LogLevel } from "./types";
 
@@ -119,241 +119,268 @@ export const TOOL_NAMES = [
   "batch_process",
 ] as const;
 
+export type ToolName = (typeof TOOL_NAMES)[number];
+
+/** What a tool's `run` gets besides its input. */
+interface ToolContext {
+  service: LocalMLXService;
+  log: PluginLog;
+  /** Passes text on as it is generated (LOCALMLX_STREAM_RESPONSES, when the caller listens). */
+  stream: ((text: string) => void) | undefined;
+}
+
+/** One agent tool: its name, what the agent reads about it (the input it takes), and what it does. */
+interface ToolDefinition {
+  name: ToolName;
+  description: string;
+  run(input: ReturnType<typeof parseInput>, context: ToolContext): Promise<string>;
+}
+
+/** Generation options with the stream, when there is one. */
+function withStream<T extends object>(options: T, stream: ((text: string) => void) | undefined): T & { onText?: (text: string) => void } {
+  return stream ? { ...options, onText: stream } : options;
+}
+
+const localChat: ToolDefinition = {
+  name: "local_chat",
+  description:
+    "Chat with the local MLX language model, running privately on this machine (no API cost, nothing leaves the computer). " +
+    'Input: the message as plain text, or JSON {"message": "...", "system": "optional instructions", ' +
+    '"history": [{"role": "user"|"assistant", "content": "..."}], "maxTokens": 512, "temperature": 0.7, "model": "optional"}. ' +
+    "Returns the model's reply.",
+  async run({ text, fields }, { service, stream }) {
+    const message = str(fields, "message", "prompt", "input", "content") ?? text;
+    if (!message) return 'local_chat needs a message: plain text, or JSON {"message": "..."}.';
+    const system = str(fields, "system");
+    const messages: Message[] = [
+      ...(system ? [{ role: "system" as const, content: system }] : []),
+      ...history(fields.history ?? fields.messages),
+      { role: "user", content: message },
+    ];
+    return reply(await service.chat(messages, withStream(generation(fields), stream)));
+  },
+};
+
+const localGenerate: ToolDefinition = {
+  name: "local_generate",
+  description:
+    "Continue a raw text prompt with the local MLX model (no chat template): drafts, completions, templates to fill. " +
+    'Input: the prompt text, or JSON {"prompt": "...", "maxTokens": 256, "temperature": 0.7, "stop": ["\\n\\n"], "model": "optional"}. ' +
+    "Returns only the generated continuation.",
+  async run({ text, fields }, { service, stream }) {
+    const prompt = str(fields, "prompt", "text", "input") ?? text;
+    if (!prompt) return 'local_generate needs a prompt: plain text, or JSON {"prompt": "..."}.';
+    return reply(await service.generate(prompt, withStream(generation(fields), stream)));
+  },
+};
+
+const localCodeAssist: ToolDefinition = {
+  name: "local_code_assist",
+  description:
+    "Coding help from the local MLX model: write, explain, review, fix or refactor code, privately. " +
+    'Input: the request as plain text, or JSON {"task": "what to do", "code": "the code, optional", "language": "typescript"}. ' +
+    "Returns code in fenced blocks with a short explanation.",
+  async run({ text, fields }, { service, stream }) {
+    const task = str(fields, "task", "request", "instruction", "question", "prompt") ?? text;
+    const code = str(fields, "code");
+    const language = str(fields, "language", "lang");
+    if (!task && !code) return 'local_code_assist needs a request: plain text, or JSON {"task": "...", "code": "..."}.';
+    const content = [
+      task ?? "Review this code: explain what it does and point out bugs.",
+      code ? `\n\`\`\`${language ?? ""}\n${code}\n\`\`\`` : language ? `(Language: ${language})` : "",
+    ].join("\n");
+    const options = generation(fields);
+    if (options.temperature === undefined) options.temperature = Math.min(service.generationDefaults.temperature ?? 0.2, 0.2);
+    return reply(await service.chat([{ role: "system", content: CODE_SYSTEM }, { role: "user", content }], withStream(options, stream)));
+  },
+};
+
+const localSummarize: ToolDefinition = {
+  name: "local_summarize",
+  description:
+    "Summarize a text of any length with the local MLX model, privately. Long texts are split to fit the model's context, " +
+    "summarized part by part and merged. " +
+    'Input: the text itself, or JSON {"text": "...", "instructions": "optional focus, e.g. list the decisions", "maxTokens": 300}. ' +
+    "Returns the summary.",
+  async run({ text, fields }, { service }) {
+    const body = str(fields, "text", "content", "document", "input") ?? text;
+    if (!body) return 'local_summarize needs text: the text itself, or JSON {"text": "..."}.';
+    const instructions = str(fields, "instructions", "focus");
+    const answer = await service.summarize(body, { ...generation(fields), ...(instructions ? { instructions } : {}) });
+    const summary = reply(answer);
+    return answer.parts > 1 ? `${summary}\n\n(summarized in ${answer.parts} parts)` : summary;
+  },
+};
+
+const listLocalModels: ToolDefinition = {
+  name: "list_local_models",
+  description:
+    "List the language models available on this machine for the local MLX tools (downloaded, in the models folder, or built in), " +
+    "with size, architecture, context length, and which are loaded and active. Input: ignored (send an empty string).",
+  async run(_input, { service }) {
+    const models = await service.listModels();
+    if (models.length === 0) return "No local models yet. Download one with download_model (e.g. mlx-community/Qwen2.5-3B-Instruct-4bit).";
+    const active = service.model;
+    const lines = models.map((m) => {
+      const flags = [m.loaded ? "loaded" : "", m.model === active ? "active" : ""].filter(Boolean);
+      const quant = m.quantization ? `${m.quantization.bits}-bit` : "";
+      const details = [m.source, formatBytes(m.bytes), m.type ?? "", quant, m.contextLength ? `context ${m.contextLength}` : ""].filter(Boolean).join(", ");
+      return `- ${m.model} (${details})${flags.length ? ` [${flags.join(", ")}]` : ""}`;
+    });
+    return `Local models (${models.length}):\n${lines.join("\n")}`;
+  },
+};
+
+const downloadModel: ToolDefinition = {
+  name: "download_model",
+  description:
+    "Download an MLX model from the Hugging Face Hub into the local model cache (progress goes to Wooster's log). " +
+    'Input: the repo id, e.g. mlx-community/Qwen2.5-3B-Instruct-4bit, or JSON {"model": "owner/name", "revision": "main"}. ' +
+    "Then use switch_model to make it active.",
+  async run({ text, fields }, { service, log }) {
+    const model = str(fields, "model", "repo", "name", "id") ?? text;
+    if (!model || !/^[\w.-]+\/[\w.-]+$/.test(model)) {
+      return `download_model needs a Hugging Face repo id like mlx-community/Qwen2.5-3B-Instruct-4bit${model ? ` (got "${model}")` : ""}.`;
+    }
+    const revision = str(fields, "revision", "branch");
+    log(LogLevel.INFO, `downloading ${model}${revision ? `@${revision}` : ""}…`);
+    const result = await service.download(model, { ...(revision ? { revision } : {}), onProgress: progressLogger(log, `download ${model}`) });
+    const moved = result.downloadedBytes === 0 ? "already downloaded" : `${formatBytes(result.downloadedBytes)} transferred`;
+    log(LogLevel.INFO, `downloaded ${result.model} to ${result.path} (${moved})`);
+    return `Downloaded ${result.model}${result.revision ? ` (revision ${result.revision.slice(0, 12)})` : ""}: ${result.files} files, ${formatBytes(result.bytes)} on disk, ${moved}. Stored at ${result.path}. Use switch_model to make it active.`;
+  },
+};
+
+const switchModel: ToolDefinition = {
+  name: "switch_model",
+  description:
+    "Make another local model the active one for the local MLX tools (loads it into memory now). " +
+    'Input: a model name from list_local_models, a Hub repo id, or a local path; or JSON {"model": "..."}.',
+  async run({ text, fields }, { service, log }) {
+    const model = str(fields, "model", "name") ?? text;
+    if (!model) return 'switch_model needs a model name: plain text, or JSON {"model": "..."}.';
+    const previous = service.model;
+    const d = await service.switchModel(model, { onProgress: progressLogger(log, `load ${model}`) });
+    const quant = d.quantization ? `${d.quantization.bits}-bit` : "not quantized";
+    const params = d.parameters >= 1e9 ? `${(d.parameters / 1e9).toFixed(1)}B` : `${(d.parameters / 1e6).toFixed(1)}M`;
+    return (
+      `Active model is now ${d.model}${previous && previous !== d.model ? ` (was ${previous})` : ""}: ${d.type}, ${params} parameters, ${quant}, ` +
+      `context ${d.contextLength ?? "unknown"}, ${formatBytes(d.bytes)} in memory` +
+      (d.alreadyLoaded ? ", already loaded." : `, loaded in ${Math.round(d.loadTimeMs ?? 0)} ms.`)
+    );
+  },
+};
+
+const modelStatus: ToolDefinition = {
+  name: "model_status",
+  description:
+    "Status of the local MLX models: which are loaded, memory use, measured speed (tokens per second), queued requests, device. " +
+    "Input: ignored (send an empty string).",
+  async run(_input, { service }) {
+    const { status, info, pid } = await service.status();
+    const loaded = status.models.map((m) => loadedModelLine(m, service.measuredSpeeds.get(m.model)));
+    return [
+      `Local MLX sidecar: running (pid ${pid ?? "?"}), device ${info?.serverInfo.device ?? "?"}, mlx ${info?.serverInfo.mlx ?? "?"}, up ${Math.round(status.uptimeMs / 1000)} s.`,
+      `Active model: ${service.model ?? "(default)"}.`,
+      status.models.length ? "Loaded models:" : "Loaded models: none (a model loads on first use).",
+      ...loaded,
+      `Memory: ${formatBytes(status.memory.activeBytes)} active, ${formatBytes(status.memory.peakBytes)} peak, ${formatBytes(status.memory.cacheBytes)} cache, ` +
+        `${formatBytes(status.memory.rssBytes)} process${status.memory.budgetBytes ? `, budget ${formatBytes(status.memory.budgetBytes)}` : ""}.`,
+      `Requests: ${status.requests.active} running, ${status.requests.queued} queued.`,
+    ].join("\n");
+  },
+};
+
+/** One loaded model in model_status, with its last measured speed. */
+function loadedModelLine(
+  m: ServerStatusResult["models"][number],
+  speed: { tokensPerSecond: number; promptTokensPerSecond: number } | undefined,
+): string {
+  const quant = m.quantization ? `${m.quantization.bits}-bit` : "not quantized";
+  const keep = m.keepAlive === undefined || m.keepAlive < 0 ? "stays loaded" : `unloads after ${m.keepAlive} s idle`;
+  return (
+    `- ${m.model}: ${m.type}, ${quant}, context ${m.contextLength ?? "?"}, ${formatBytes(m.bytes)}, ${keep}` +
+    (speed ? `; last speed ${speed.tokensPerSecond.toFixed(1)} tokens/s generating, ${speed.promptTokensPerSecond.toFixed(0)} tokens/s reading the prompt` : "")
+  );
+}
+
+const intelligentRoute: ToolDefinition = {
+  name: "intelligent_route",
+  description:
+    "Answer a prompt with the best available model: the local MLX model for private or routine work (code, summaries, rewriting), " +
+    "a remote OpenAI-compatible model (when configured) for tasks needing fresh knowledge, long deep reasoning, or more context than local has, " +
+    "and whichever is up when the other is not. " +
+    'Input: the prompt as plain text, or JSON {"prompt": "...", "task": "optional kind of task", "prefer": "auto"|"local"|"remote"}. ' +
+    "Returns the answer and where it was served.",
+  async run({ text, fields }, { service, stream }) {
+    const prompt = str(fields, "prompt", "message", "input", "query") ?? text;
+    if (!prompt) return 'intelligent_route needs a prompt: plain text, or JSON {"prompt": "..."}.';
+    const preferRaw = str(fields, "prefer");
+    const prefer: "local" | "remote" | "auto" = preferRaw === "local" || preferRaw === "remote" ? preferRaw : "auto";
+    const task = str(fields, "task");
+    const system = str(fields, "system");
+    const answer = await service.route(prompt, withStream({ ...generation(fields), prefer, ...(task ? { task } : {}), ...(system ? { system } : {}) }, stream));
+    return reply(answer, true);
+  },
+};
+
+const batchProcess: ToolDefinition = {
+  name: "batch_process",
+  description:
+    "Run many items through the local MLX model at once (decoded together in one batch, much faster than one by one); results come back in the same order. " +
+    'Input: a JSON array of strings, or JSON {"items": ["...", "..."], "instruction": "what to do with each item, e.g. Classify the sentiment", ' +
+    '"maxTokens": 128}. Returns a JSON array of {"index", "output"} (or "error") in input order.',
+  async run({ text, fields, list }, { service, log }) {
+    const rawItems = list ?? (Array.isArray(fields.items) ? (fields.items as unknown[]) : text ? text.split("\n").filter((l) => l.trim()) : []);
+    const items = rawItems.map((item) => (typeof item === "string" ? item : JSON.stringify(item)));
+    if (items.length === 0) return 'batch_process needs items: a JSON array of strings, or JSON {"items": [...], "instruction": "..."}.';
+    if (items.length > 256) return `batch_process takes at most 256 items at once (got ${items.length}); split the list.`;
+    const instruction = str(fields, "instruction", "task", "prompt");
+    const system = str(fields, "system");
+    const started = Date.now();
+    const results = await service.batch(items, { ...generation(fields), ...(instruction ? { instruction } : {}), ...(system ? { system } : {}) });
+    log(LogLevel.INFO, `batch_process: ${items.length} items in ${Date.now() - started} ms`);
+    const rows = results.map((r, index) =>
+      "error" in r ? { index, error: r.error } : { index, output: r.text.trim(), ...(r.servedBy === "remote" ? { servedBy: "remote", model: r.model } : {}) },
+    );
+    return JSON.stringify(rows, null, 1);
+  },
+};
+
+/** The ten tools, in the order the agent is offered them. */
+const TOOLS: readonly ToolDefinition[] = [
+  localChat,
+  localGenerate,
+  localCodeAssist,
+  localSummarize,
+  listLocalModels,
+  downloadModel,
+  switchModel,
+  modelStatus,
+  intelligentRoute,
+  batchProcess,
+];
+
+/** The tools as LangChain DynamicTools: input parsed, replies streamed when asked, any failure a message for the agent. */
 export function createTools(service: LocalMLXService, log: PluginLog): DynamicTool[] {
-  /** Runs a tool body; any failure becomes a message for the agent. */
-  const safely =
-    (name: string, body: (input: string, stream?: (text: string) => void) => Promise<string>) =>
-    async (input: string, runManager?: { handleText?(text: string): unknown }): Promise<string> => {
-      const stream =
-        service.settings.streamResponses && runManager?.handleText
-          ? (text: string) => void Promise.resolve(runManager.handleText!(text)).catch(() => undefined)
-          : undefined;
-      try {
-        return await body(input, stream);
-      } catch (error) {
-        const message = describeError(error);
-        log(LogLevel.WARN, `${name} failed: ${message}`);
-        return `${name} could not complete: ${message}`;
-      }
-    };
-
-  const withStream = <T extends object>(options: T, stream?: (text: string) => void): T & { onText?: (text: string) => void } =>
-    stream ? { ...options, onText: stream } : options;
-
-  return [
-    new DynamicTool({
-      name: "local_chat",
-      description:
-        "Chat with the local MLX language model, running privately on this machine (no API cost, nothing leaves the computer). " +
-        'Input: the message as plain text, or JSON {"message": "...", "system": "optional instructions", ' +
-        '"history": [{"role": "user"|"assistant", "content": "..."}], "maxTokens": 512, "temperature": 0.7, "model": "optional"}. ' +
-        "Returns the model's reply.",
-      func: safely("local_chat", async (input, stream) => {
-        const { text, fields } = parseInput(input);
-        const message = str(fields, "message", "prompt", "input", "content") ?? text;
-        if (!message) return 'local_chat needs a message: plain text, or JSON {"message": "..."}.';
-        const system = str(fields, "system");
-        const messages: Message[] = [
-          ...(system ? [{ role: "system" as const, content: system }] : []),
-          ...history(fields.history ?? fields.messages),
-          { role: "user", content: message },
-        ];
-        return reply(await service.chat(messages, withStream(generation(fields), stream)));
+  return TOOLS.map(
+    (tool) =>
+      new DynamicTool({
+        name: tool.name,
+        description: tool.description,
+        func: async (input: string, runManager?: { handleText?(text: string): unknown }): Promise<string> => {
+          const stream =
+            service.settings.streamResponses && runManager?.handleText
+              ? (text: string) => void Promise.resolve(runManager.handleText!(text)).catch(() => undefined)
+              : undefined;
+          try {
+            return await tool.run(parseInput(input), { service, log, stream });
+          } catch (error) {
+            const message = describeError(error);
+            log(LogLevel.WARN, `${tool.name} failed: ${message}`);
+            return `${tool.name} could not complete: ${message}`;
+          }
+        },
       }),
-    }),
-
-    new DynamicTool({
-      name: "local_generate",
-      description:
-        "Continue a raw text prompt with the local MLX model (no chat template): drafts, completions, templates to fill. " +
-        'Input: the prompt text, or JSON {"prompt": "...", "maxTokens": 256, "temperature": 0.7, "stop": ["\\n\\n"], "model": "optional"}. ' +
-        "Returns only the generated continuation.",
-      func: safely("local_generate", async (input, stream) => {
-        const { text, fields } = parseInput(input);
-        const prompt = str(fields, "prompt", "text", "input") ?? text;
-        if (!prompt) return 'local_generate needs a prompt: plain text, or JSON {"prompt": "..."}.';
-        return reply(await service.generate(prompt, withStream(generation(fields), stream)));
-      }),
-    }),
-
-    new DynamicTool({
-      name: "local_code_assist",
-      description:
-        "Coding help from the local MLX model: write, explain, review, fix or refactor code, privately. " +
-        'Input: the request as plain text, or JSON {"task": "what to do", "code": "the code, optional", "language": "typescript"}. ' +
-        "Returns code in fenced blocks with a short explanation.",
-      func: safely("local_code_assist", async (input, stream) => {
-        const { text, fields } = parseInput(input);
-        const task = str(fields, "task", "request", "instruction", "question", "prompt") ?? text;
-        const code = str(fields, "code");
-        const language = str(fields, "language", "lang");
-        if (!task && !code) return 'local_code_assist needs a request: plain text, or JSON {"task": "...", "code": "..."}.';
-        const content = [
-          task ?? "Review this code: explain what it does and point out bugs.",
-          code ? `\n\`\`\`${language ?? ""}\n${code}\n\`\`\`` : language ? `(Language: ${language})` : "",
-        ].join("\n");
-        const options = generation(fields);
-        if (options.temperature === undefined) options.temperature = Math.min(service.settings.temperature, 0.2);
-        return reply(await service.chat([{ role: "system", content: CODE_SYSTEM }, { role: "user", content }], withStream(options, stream)));
-      }),
-    }),
-
-    new DynamicTool({
-      name: "local_summarize",
-      description:
-        "Summarize a text of any length with the local MLX model, privately. Long texts are split to fit the model's context, " +
-        "summarized part by part and merged. " +
-        'Input: the text itself, or JSON {"text": "...", "instructions": "optional focus, e.g. list the decisions", "maxTokens": 300}. ' +
-        "Returns the summary.",
-      func: safely("local_summarize", async (input) => {
-        const { text, fields } = parseInput(input);
-        const body = str(fields, "text", "content", "document", "input") ?? text;
-        if (!body) return 'local_summarize needs text: the text itself, or JSON {"text": "..."}.';
-        const instructions = str(fields, "instructions", "focus");
-        const answer = await service.summarize(body, { ...generation(fields), ...(instructions ? { instructions } : {}) });
-        const summary = reply(answer);
-        return answer.parts > 1 ? `${summary}\n\n(summarized in ${answer.parts} parts)` : summary;
-      }),
-    }),
-
-    new DynamicTool({
-      name: "list_local_models",
-      description:
-        "List the language models available on this machine for the local MLX tools (downloaded, in the models folder, or built in), " +
-        "with size, architecture, context length, and which are loaded and active. Input: ignored (send an empty string).",
-      func: safely("list_local_models", async () => {
-        const models = await service.listModels();
-        if (models.length === 0) return "No local models yet. Download one with download_model (e.g. mlx-community/Qwen2.5-3B-Instruct-4bit).";
-        const active = service.model;
-        const lines = models.map((m) => {
-          const flags = [m.loaded ? "loaded" : "", m.model === active ? "active" : ""].filter(Boolean);
-          const quant = m.quantization ? `${m.quantization.bits}-bit` : "";
-          const details = [m.source, formatBytes(m.bytes), m.type ?? "", quant, m.contextLength ? `context ${m.contextLength}` : ""].filter(Boolean).join(", ");
-          return `- ${m.model} (${details})${flags.length ? ` [${flags.join(", ")}]` : ""}`;
-        });
-        return `Local models (${models.length}):\n${lines.join("\n")}`;
-      }),
-    }),
-
-    new DynamicTool({
-      name: "download_model",
-      description:
-        "Download an MLX model from the Hugging Face Hub into the local model cache (progress goes to Wooster's log). " +
-        'Input: the repo id, e.g. mlx-community/Qwen2.5-3B-Instruct-4bit, or JSON {"model": "owner/name", "revision": "main"}. ' +
-        "Then use switch_model to make it active.",
-      func: safely("download_model", async (input) => {
-        const { text, fields } = parseInput(input);
-        const model = str(fields, "model", "repo", "name", "id") ?? text;
-        if (!model || !/^[\w.-]+\/[\w.-]+$/.test(model)) {
-          return `download_model needs a Hugging Face repo id like mlx-community/Qwen2.5-3B-Instruct-4bit${model ? ` (got "${model}")` : ""}.`;
-        }
-        const revision = str(fields, "revision", "branch");
-        log(LogLevel.INFO, `downloading ${model}${revision ? `@${revision}` : ""}…`);
-        const result = await service.download(model, { ...(revision ? { revision } : {}), onProgress: progressLogger(log, `download ${model}`) });
-        const moved = result.downloadedBytes === 0 ? "already downloaded" : `${formatBytes(result.downloadedBytes)} transferred`;
-        log(LogLevel.INFO, `downloaded ${result.model} to ${result.path} (${moved})`);
-        return `Downloaded ${result.model}${result.revision ? ` (revision ${result.revision.slice(0, 12)})` : ""}: ${result.files} files, ${formatBytes(result.bytes)} on disk, ${moved}. Stored at ${result.path}. Use switch_model to make it active.`;
-      }),
-    }),
-
-    new DynamicTool({
-      name: "switch_model",
-      description:
-        "Make another local model the active one for the local MLX tools (loads it into memory now). " +
-        'Input: a model name from list_local_models, a Hub repo id, or a local path; or JSON {"model": "..."}.',
-      func: safely("switch_model", async (input) => {
-        const { text, fields } = parseInput(input);
-        const model = str(fields, "model", "name") ?? text;
-        if (!model) return 'switch_model needs a model name: plain text, or JSON {"model": "..."}.';
-        const previous = service.model;
-        const d = await service.switchModel(model, { onProgress: progressLogger(log, `load ${model}`) });
-        const quant = d.quantization ? `${d.quantization.bits}-bit` : "not quantized";
-        const params = d.parameters >= 1e9 ? `${(d.parameters / 1e9).toFixed(1)}B` : `${(d.parameters / 1e6).toFixed(1)}M`;
-        return (
-          `Active model is now ${d.model}${previous && previous !== d.model ? ` (was ${previous})` : ""}: ${d.type}, ${params} parameters, ${quant}, ` +
-          `context ${d.contextLength ?? "unknown"}, ${formatBytes(d.bytes)} in memory` +
-          (d.alreadyLoaded ? ", already loaded." : `, loaded in ${Math.round(d.loadTimeMs ?? 0)} ms.`)
-        );
-      }),
-    }),
-
-    new DynamicTool({
-      name: "model_status",
-      description:
-        "Status of the local MLX models: which are loaded, memory use, measured speed (tokens per second), queued requests, device. " +
-        "Input: ignored (send an empty string).",
-      func: safely("model_status", async () => {
-        const { status, info, pid } = await service.status();
-        const speeds = service.measuredSpeeds;
-        const lines = [
-          `Local MLX sidecar: running (pid ${pid ?? "?"}), device ${info?.serverInfo.device ?? "?"}, mlx ${info?.serverInfo.mlx ?? "?"}, up ${Math.round(status.uptimeMs / 1000)} s.`,
-          `Active model: ${service.model ?? "(default)"}.`,
-          status.models.length ? "Loaded models:" : "Loaded models: none (a model loads on first use).",
-          ...status.models.map((m) => {
-            const speed = speeds.get(m.model);
-            const quant = m.quantization ? `${m.quantization.bits}-bit` : "not quantized";
-            const keep = m.keepAlive === undefined || m.keepAlive < 0 ? "stays loaded" : `unloads after ${m.keepAlive} s idle`;
-            return (
-              `- ${m.model}: ${m.type}, ${quant}, context ${m.contextLength ?? "?"}, ${formatBytes(m.bytes)}, ${keep}` +
-              (speed ? `; last speed ${speed.tokensPerSecond.toFixed(1)} tokens/s generating, ${speed.promptTokensPerSecond.toFixed(0)} tokens/s reading the prompt` : "")
-            );
-          }),
-          `Memory: ${formatBytes(status.memory.activeBytes)} active, ${formatBytes(status.memory.peakBytes)} peak, ${formatBytes(status.memory.cacheBytes)} cache, ` +
-            `${formatBytes(status.memory.rssBytes)} process${status.memory.budgetBytes ? `, budget ${formatBytes(status.memory.budgetBytes)}` : ""}.`,
-          `Requests: ${status.requests.active} running, ${status.requests.queued} queued.`,
-        ];
-        return lines.join("\n");
-      }),
-    }),
-
-    new DynamicTool({
-      name: "intelligent_route",
-      description:
-        "Answer a prompt with the best available model: the local MLX model for private or routine work (code, summaries, rewriting), " +
-        "a remote OpenAI-compatible model (when configured) for tasks needing fresh knowledge, long deep reasoning, or more context than local has, " +
-        "and whichever is up when the other is not. " +
-        'Input: the prompt as plain text, or JSON {"prompt": "...", "task": "optional kind of task", "prefer": "auto"|"local"|"remote"}. ' +
-        "Returns the answer and where it was served.",
-      func: safely("intelligent_route", async (input, stream) => {
-        const { text, fields } = parseInput(input);
-        const prompt = str(fields, "prompt", "message", "input", "query") ?? text;
-        if (!prompt) return 'intelligent_route needs a prompt: plain text, or JSON {"prompt": "..."}.';
-        const preferRaw = str(fields, "prefer");
-        const prefer: "local" | "remote" | "auto" = preferRaw === "local" || preferRaw === "remote" ? preferRaw : "auto";
-        const task = str(fields, "task");
-        const system = str(fields, "system");
-        const answer = await service.route(prompt, withStream({ ...generation(fields), prefer, ...(task ? { task } : {}), ...(system ? { system } : {}) }, stream));
-        return reply(answer, true);
-      }),
-    }),
-
-    new DynamicTool({
-      name: "batch_process",
-      description:
-        "Run many items through the local MLX model at once (decoded together in one batch, much faster than one by one); results come back in the same order. " +
-        'Input: a JSON array of strings, or JSON {"items": ["...", "..."], "instruction": "what to do with each item, e.g. Classify the sentiment", ' +
-        '"maxTokens": 128}. Returns a JSON array of {"index", "output"} (or "error") in input order.',
-      func: safely("batch_process", async (input) => {
-        const { text, fields, list } = parseInput(input);
-        const rawItems = list ?? (Array.isArray(fields.items) ? (fields.items as unknown[]) : text ? text.split("\n").filter((l) => l.trim()) : []);
-        const items = rawItems.map((item) => (typeof item === "string" ? item : JSON.stringify(item)));
-        if (items.length === 0) return 'batch_process needs items: a JSON array of strings, or JSON {"items": [...], "instruction": "..."}.';
-        if (items.length > 256) return `batch_process takes at most 256 items at once (got ${items.length}); split the list.`;
-        const instruction = str(fields, "instruction", "task", "prompt");
-        const system = str(fields, "system");
-        const started = Date.now();
-        const results = await service.batch(items, { ...generation(fields), ...(instruction ? { instruction } : {}), ...(system ? { system } : {}) });
-        log(LogLevel.INFO, `batch_process: ${items.length} items in ${Date.now() - started} ms`);
-        return JSON.stringify(
-          results.map((r, index) =>
-            "error" in r
-              ? { index, error: r.error }
-              : { index, output: r.text.trim(), ...(r.servedBy === "remote" ? { servedBy: "remote", model: r.model } : {}) },
-          ),
-          null,
-          1,
-        );
-      }),
-    }),
-  ];
+  );
 }

@@ -11,7 +11,10 @@ import {
   SidecarUnavailableError,
   TimeoutError,
   isRecord,
+  isSidecarDown,
 } from "../errors";
+
+export { isSidecarDown };
 
 /** The body of an OpenAI error response. */
 export interface OpenAIErrorBody {
@@ -85,23 +88,18 @@ function invalidParamsOf(error: RpcError): { param: string | null; message: stri
   if (Array.isArray(errors) && errors.length > 0 && isRecord(errors[0])) {
     const first = errors[0];
     const path = typeof first.path === "string" ? first.path : "";
-    const text = typeof first.message === "string" ? first.message : error.message;
+    const text = typeof first.message === "string" ? first.message : error.rawMessage;
     const param = paramFromPointer(path);
     return { param, message: param ? `${param}: ${text}` : text };
   }
-  return { param: null, message: stripMethod(error) };
-}
-
-/** The sidecar's message without the client's `method: … (code)` wrapping. */
-function stripMethod(error: RpcError): string {
-  return error.message.replace(/^[^:]+: /, "").replace(/ \(-?\d+\)$/, "");
+  return { param: null, message: error.rawMessage };
 }
 
 /** Any failure of a request, as the OpenAI error a client should get. */
 export function toOpenAIError(error: unknown): OpenAIHttpError {
   if (error instanceof OpenAIHttpError) return error;
   if (error instanceof RpcError) {
-    const message = stripMethod(error);
+    const message = error.rawMessage;
     switch (error.code) {
       case ErrorCode.ModelNotFound:
         return new OpenAIHttpError(404, message, "invalid_request_error", "model", "model_not_found");
@@ -145,19 +143,6 @@ export function toOpenAIError(error: unknown): OpenAIHttpError {
     return new OpenAIHttpError(503, error.message.split("\n")[0]!, "server_error", null, "sidecar_unavailable", { "retry-after": "5" });
   }
   return new OpenAIHttpError(500, "Internal error", "server_error", null, "internal_error");
-}
-
-/**
- * The sidecar as a whole cannot serve (not installed, failed to start, crash budget spent,
- * closed): the fallback then keeps requests off it for a cool-down.
- */
-export function isSidecarDown(error: unknown): boolean {
-  return (
-    error instanceof SidecarStartError ||
-    error instanceof SidecarUnavailableError ||
-    error instanceof SidecarCrashError ||
-    error instanceof ClientClosedError
-  );
 }
 
 /**

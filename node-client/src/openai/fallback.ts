@@ -14,10 +14,13 @@
  * no fallback is made from options then, and `request()` refuses to send anything.
  */
 import { AsyncLocalStorage } from "node:async_hooks";
-import { ErrorCode, RpcError } from "../errors";
+import { RpcError } from "../errors";
+import { retry } from "../retry";
+import { readSetting, type SettingsEnv } from "../settings";
 import { isFallbackWorthy, isSidecarDown, OpenAIHttpError, toOpenAIError } from "./errors";
 import type { LocalMLX, Logger } from "../client";
-import { LocalBackend, embedLocal, gather, resolveModel, startChat, type ModelRouting } from "./local";
+import { LocalBackend } from "../backend";
+import { embedLocal, gather, resolveModel, startChat, type ModelRouting } from "./local";
 import {
   chatCompletionOf,
   chatParamsOf,
@@ -58,12 +61,9 @@ export interface FallbackOptions {
   logger?: Logger;
 }
 
-const TRUE = new Set(["1", "true", "yes", "on"]);
-const FALSE = new Set(["0", "false", "no", "off"]);
-
 /** True when `LOCALMLX_FALLBACK_TO_OPENAI` says no (`false`, `0`, `no`, `off`): nothing may go remote. */
-export function remoteForbidden(env: NodeJS.ProcessEnv = process.env): boolean {
-  return FALSE.has((env.LOCALMLX_FALLBACK_TO_OPENAI ?? "").trim().toLowerCase());
+export function remoteForbidden(env: SettingsEnv = process.env): boolean {
+  return readSetting(env, "fallbackToOpenAI") === false;
 }
 
 /** Why the request in progress goes remote: set by `runWithFallback`, read by `Fallback.request`. */
@@ -76,15 +76,23 @@ const stderrLogger: Logger = { warn: (message) => void process.stderr.write(`${m
  * `OPENAI_API_KEY`, `OPENAI_BASE_URL`, `LOCALMLX_FALLBACK_MODEL` and
  * `LOCALMLX_FALLBACK_COOLDOWN_MS`. Undefined when it is off.
  */
-export function fallbackOptionsFromEnv(env: NodeJS.ProcessEnv = process.env): FallbackOptions | undefined {
-  if (!TRUE.has((env.LOCALMLX_FALLBACK_TO_OPENAI ?? "").trim().toLowerCase())) return undefined;
-  const options: FallbackOptions = {};
-  if (env.OPENAI_BASE_URL) options.baseURL = env.OPENAI_BASE_URL;
-  if (env.OPENAI_API_KEY) options.apiKey = env.OPENAI_API_KEY;
-  if (env.LOCALMLX_FALLBACK_MODEL) options.model = env.LOCALMLX_FALLBACK_MODEL;
-  const cooldown = Number(env.LOCALMLX_FALLBACK_COOLDOWN_MS);
-  if (env.LOCALMLX_FALLBACK_COOLDOWN_MS && Number.isFinite(cooldown) && cooldown >= 0) options.cooldownMs = cooldown;
-  return options;
+export function fallbackOptionsFromEnv(env: SettingsEnv = process.env): FallbackOptions | undefined {
+  if (readSetting(env, "fallbackToOpenAI") !== true) return undefined;
+  return remoteOptionsFromEnv(env);
+}
+
+/** The remote's address, key, model and cool-down from the environment, whether the fallback is on or not. */
+export function remoteOptionsFromEnv(env: SettingsEnv = process.env): FallbackOptions {
+  const baseURL = readSetting(env, "openAIBaseURL");
+  const apiKey = readSetting(env, "openAIApiKey");
+  const model = readSetting(env, "fallbackModel");
+  const cooldownMs = readSetting(env, "fallbackCooldownMs");
+  return {
+    ...(baseURL !== undefined ? { baseURL } : {}),
+    ...(apiKey !== undefined ? { apiKey } : {}),
+    ...(model !== undefined ? { model } : {}),
+    ...(cooldownMs !== undefined ? { cooldownMs } : {}),
+  };
 }
 
 /** `LOCALMLX_FALLBACK_TO_OPENAI=false`, yet something asked to send a request remote: refused (503). */
@@ -107,7 +115,8 @@ export class RemoteUnreachableError extends OpenAIHttpError {
 
 /**
  * The fallback's state (the cool-down) and the remote's address. Share one instance between
- * calls so the cool-down holds across them.
+ * calls so the cool-down holds across them. What `options` leave out comes from `env`, read once
+ * here; `LOCALMLX_FALLBACK_TO_OPENAI=false` there makes every `request()` refuse.
  */
 export class Fallback {
   readonly baseURL: string;
@@ -116,9 +125,19 @@ export class Fallback {
   /** Gets one warning per request sent to the remote (its method, URL, model and reason). */
   logger: Logger;
   private downUntil = 0;
+  private readonly apiKey: string | undefined;
+  private readonly model: FallbackOptions["model"];
+  private readonly forbidden: boolean;
 
-  constructor(readonly options: FallbackOptions = {}) {
-    this.baseURL = (options.baseURL ?? process.env.OPENAI_BASE_URL ?? "https://api.openai.com/v1").replace(/\/+$/, "");
+  constructor(
+    readonly options: FallbackOptions = {},
+    env: SettingsEnv = process.env,
+  ) {
+    const fromEnv = remoteOptionsFromEnv(env);
+    this.baseURL = (options.baseURL ?? fromEnv.baseURL ?? "https://api.openai.com/v1").replace(/\/+$/, "");
+    this.apiKey = options.apiKey ?? fromEnv.apiKey;
+    this.model = options.model ?? fromEnv.model;
+    this.forbidden = remoteForbidden(env);
     this.cooldownMs = options.cooldownMs ?? 30_000;
     this.busyDeadlineMs = options.busyDeadlineMs ?? 10_000;
     this.logger = options.logger ?? stderrLogger;
@@ -151,7 +170,7 @@ export class Fallback {
 
   /** The model name to send the remote. */
   remoteModel(requested: string | undefined): string | undefined {
-    const model = this.options.model ?? process.env.LOCALMLX_FALLBACK_MODEL;
+    const model = this.model;
     if (typeof model === "function") return model(requested);
     return model || requested;
   }
@@ -162,13 +181,12 @@ export class Fallback {
    * unreachable, and with `RemoteForbiddenError` under `LOCALMLX_FALLBACK_TO_OPENAI=false`.
    */
   async request(method: "GET" | "POST", path: string, body?: JsonObject, signal?: AbortSignal, reason?: string): Promise<Response> {
-    if (remoteForbidden()) throw new RemoteForbiddenError(this.baseURL, path);
+    if (this.forbidden) throw new RemoteForbiddenError(this.baseURL, path);
     const why = reason ?? remoteReason.getStore() ?? "no reason given";
     const model = typeof body?.model === "string" ? ` (model ${body.model})` : "";
     this.logger.warn?.(`localmlx fallback: sending ${method} ${this.baseURL}${path}${model} off this machine: ${why}`);
     const headers: Record<string, string> = { accept: "application/json, text/event-stream", ...this.options.headers };
-    const apiKey = this.options.apiKey ?? process.env.OPENAI_API_KEY;
-    if (apiKey) headers.authorization = `Bearer ${apiKey}`;
+    if (this.apiKey) headers.authorization = `Bearer ${this.apiKey}`;
     if (body !== undefined) headers["content-type"] = "application/json";
     const timeout = AbortSignal.timeout(this.options.timeoutMs ?? 600_000);
     const fetchImpl = this.options.fetch ?? fetch;
@@ -194,21 +212,25 @@ export class Fallback {
 
 /** The default fallback of `chatWithFallback()`: from the environment, one per process (so its cool-down holds). */
 let envFallback: Fallback | false | undefined;
-function defaultFallback(): Fallback | undefined {
-  if (envFallback === undefined) {
-    const options = fallbackOptionsFromEnv();
-    envFallback = options ? new Fallback(options) : false;
-  }
+function defaultFallback(env: SettingsEnv): Fallback | undefined {
+  if (env !== process.env) return fallbackFromEnv(env);
+  envFallback ??= fallbackFromEnv(env) ?? false;
   return envFallback || undefined;
+}
+
+function fallbackFromEnv(env: SettingsEnv): Fallback | undefined {
+  const options = fallbackOptionsFromEnv(env);
+  return options ? new Fallback(options, env) : undefined;
 }
 
 /** `Fallback`, options for one, `false` (off), or undefined (from the environment). */
 export type FallbackSetting = Fallback | FallbackOptions | false | undefined;
 
-export function fallbackOf(setting: FallbackSetting): Fallback | undefined {
-  if (setting === false || remoteForbidden()) return undefined;
-  if (setting === undefined) return defaultFallback();
-  return setting instanceof Fallback ? setting : new Fallback(setting);
+/** The fallback a setting means, under the environment's word (`LOCALMLX_FALLBACK_TO_OPENAI=false`: none). */
+export function fallbackOf(setting: FallbackSetting, env: SettingsEnv = process.env): Fallback | undefined {
+  if (setting === false || remoteForbidden(env)) return undefined;
+  if (setting === undefined) return defaultFallback(env);
+  return setting instanceof Fallback ? setting : new Fallback(setting, env);
 }
 
 /** `AbortSignal.any` (Node 20.3+), with a fallback for older Node 20 releases. */
@@ -222,26 +244,18 @@ function anySignal(a: AbortSignal, b: AbortSignal): AbortSignal {
   return controller.signal;
 }
 
-function isBusy(error: unknown): boolean {
-  return error instanceof RpcError && error.code === ErrorCode.Busy;
+/** Worth trying again shortly: the sidecar is busy, or the model is still loading (`RpcError.retryable`). */
+function isRetryable(error: unknown): boolean {
+  return error instanceof RpcError && error.retryable;
 }
 
-function delay(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    const timer = setTimeout(done, ms);
-    function done(): void {
-      clearTimeout(timer);
-      signal?.removeEventListener("abort", done);
-      resolve();
-    }
-    signal?.addEventListener("abort", done, { once: true });
-  });
-}
+/** The wait between tries of a busy sidecar: 100 ms, doubling, at most 2 s. */
+const BUSY_BACKOFF = { initialMs: 100, maxMs: 2_000 };
 
 /**
  * Runs `local`, and `remote` instead when local cannot serve and a fallback is set. A busy
- * sidecar is retried (with backoff) until the fallback's `busyDeadlineMs`. Errors that a remote
- * could not fix either (bad requests) are thrown as they are.
+ * sidecar (or a model still loading) is retried (with backoff) until the fallback's
+ * `busyDeadlineMs`. Errors that a remote could not fix either (bad requests) are thrown as they are.
  */
 export async function runWithFallback<T>(options: {
   fallback: Fallback | undefined;
@@ -253,26 +267,26 @@ export async function runWithFallback<T>(options: {
   const { fallback, backend } = options;
   const remote = (reason: string): Promise<T> => remoteReason.run(reason, options.remote);
   if (fallback?.coolingDown) return { servedBy: "remote", value: await remote("the local sidecar failed and is cooling down") };
-  const deadline = Date.now() + (fallback?.busyDeadlineMs ?? 0);
-  let wait = 100;
-  for (;;) {
-    try {
-      const value = await options.local();
-      fallback?.noteLocalSuccess();
-      backend?.noteSuccess();
-      return { servedBy: "local", value };
-    } catch (error) {
+  const local = (): Promise<T> =>
+    options.local().catch((error: unknown) => {
       backend?.noteFailure(error);
-      if (!fallback || options.signal?.aborted) throw error;
-      if (isBusy(error) && Date.now() + wait < deadline) {
-        await delay(wait, options.signal);
-        wait = Math.min(wait * 2, 2_000);
-        continue;
-      }
-      if (!fallback.canServe(error)) throw error;
-      fallback.noteLocalFailure(error);
-      return { servedBy: "remote", value: await remote(localFailureReason(error)), localError: error };
-    }
+      throw error;
+    });
+  try {
+    const value = await retry(local, {
+      backoff: BUSY_BACKOFF,
+      // Without a fallback the caller hears of a busy sidecar at once (and may retry itself).
+      retryable: (error) => fallback !== undefined && isRetryable(error),
+      deadline: Date.now() + (fallback?.busyDeadlineMs ?? 0),
+      ...(options.signal ? { signal: options.signal } : {}),
+    });
+    fallback?.noteLocalSuccess();
+    backend?.noteSuccess();
+    return { servedBy: "local", value };
+  } catch (error) {
+    if (!fallback || options.signal?.aborted || !fallback.canServe(error)) throw error;
+    fallback.noteLocalFailure(error);
+    return { servedBy: "remote", value: await remote(localFailureReason(error)), localError: error };
   }
 }
 
@@ -334,6 +348,32 @@ function backendOf(local: LocalMLX | LocalBackend): LocalBackend {
 }
 
 /**
+ * A request served by `local` on the backend's client (with the routed model), or by the remote at
+ * `path` with the body `remoteBody` makes (the client's, with the remote's model name).
+ */
+function serveWithFallback<T>(
+  options: WithFallbackOptions,
+  requested: string | undefined,
+  local: (client: LocalMLX, model: string | undefined) => Promise<T>,
+  remote: { path: string; body: (fallback: Fallback) => JsonObject },
+): Promise<{ servedBy: ServedBy; value: T; localError?: unknown }> {
+  const model = resolveModel(requested, options);
+  const backend = backendOf(options.local);
+  const fallback = fallbackOf(options.fallback);
+  return runWithFallback<T>({
+    fallback,
+    backend,
+    signal: options.signal,
+    local: async () => local(await backend.acquire(), model),
+    remote: async () => {
+      const response = await fallback!.request("POST", remote.path, remote.body(fallback!), options.signal);
+      if (!response.ok) throw await remoteError(response);
+      return (await response.json()) as T;
+    },
+  });
+}
+
+/**
  * One chat completion (an OpenAI Chat Completions request body, `stream` ignored), served locally
  * or, when the sidecar cannot serve it, by the remote. Rejects with `OpenAIHttpError` (status,
  * OpenAI error body) for bad requests and for errors neither side could get past.
@@ -342,25 +382,16 @@ export async function chatWithFallback(request: JsonObject, options: WithFallbac
   const body = requireObject(request);
   const requested = requestedModel(body);
   const params = chatParamsOf(body);
-  const model = resolveModel(requested, options);
-  const backend = backendOf(options.local);
-  const fallback = fallbackOf(options.fallback);
-  const { servedBy, value, localError } = await runWithFallback<ChatCompletion>({
-    fallback,
-    backend,
-    signal: options.signal,
-    local: async () => {
-      const client = await backend.acquire();
+  const { servedBy, value, localError } = await serveWithFallback<ChatCompletion>(
+    options,
+    requested,
+    async (client, model) => {
       const started = await startChat(client, { ...params, ...(model !== undefined ? { model } : {}) }, options);
       const result = await gather(started.prediction, started.iterator, started.first);
       return chatCompletionOf(result, responseMeta("chatcmpl", requested ?? result.model));
     },
-    remote: async () => {
-      const response = await fallback!.request("POST", "/chat/completions", { ...fallback!.remoteBody(body), stream: false }, options.signal);
-      if (!response.ok) throw await remoteError(response);
-      return (await response.json()) as ChatCompletion;
-    },
-  });
+    { path: "/chat/completions", body: (fallback) => ({ ...fallback.remoteBody(body), stream: false }) },
+  );
   return { servedBy, completion: value, ...(localError !== undefined ? { localError } : {}) };
 }
 
@@ -369,23 +400,14 @@ export async function embedWithFallback(request: JsonObject, options: WithFallba
   const body = requireObject(request);
   const requested = requestedModel(body);
   const { params, encoding } = embedParamsOf(body);
-  const model = resolveModel(requested, options);
-  const backend = backendOf(options.local);
-  const fallback = fallbackOf(options.fallback);
-  const { servedBy, value, localError } = await runWithFallback<EmbeddingsResponse>({
-    fallback,
-    backend,
-    signal: options.signal,
-    local: async () => {
-      const client = await backend.acquire();
+  const { servedBy, value, localError } = await serveWithFallback<EmbeddingsResponse>(
+    options,
+    requested,
+    async (client, model) => {
       const result = await embedLocal(client, { ...params, ...(model !== undefined ? { model } : {}) }, options);
       return embeddingsOf(result, encoding, requested ?? result.model);
     },
-    remote: async () => {
-      const response = await fallback!.request("POST", "/embeddings", fallback!.remoteBody(body), options.signal);
-      if (!response.ok) throw await remoteError(response);
-      return (await response.json()) as EmbeddingsResponse;
-    },
-  });
+    { path: "/embeddings", body: (fallback) => fallback.remoteBody(body) },
+  );
   return { servedBy, response: value, ...(localError !== undefined ? { localError } : {}) };
 }

@@ -18,6 +18,7 @@ export {
   fallbackOptionsFromEnv,
   localFailureReason,
   remoteForbidden,
+  remoteOptionsFromEnv,
   runWithFallback,
   type ChatWithFallbackResult,
   type EmbedWithFallbackResult,
@@ -26,7 +27,7 @@ export {
   type ServedBy,
   type WithFallbackOptions,
 } from "./fallback";
-export { LocalBackend, resolveModel, type LocalSource, type ModelRouting } from "./local";
+export { LocalBackend, resolveModel, type LocalBackendOptions, type LocalSource, type ModelRouting } from "./local";
 export { DEFAULT_LIMITS, type RequestLimits } from "./limits";
 export { OpenAIHttpError, isFallbackWorthy, isSidecarDown, toOpenAIError, type OpenAIErrorBody } from "./errors";
 export {

@@ -1,103 +1,13 @@
 /**
- * The local side of the endpoint: one `LocalMLX` (given, or started here and owned), brought back
- * after it failed as a whole, model-name routing, and the calls that run a request on it.
+ * The local side of the endpoint: model-name routing, and the calls that run a request on the
+ * sidecar. The client itself is held by `LocalBackend` (src/backend.ts), re-exported here.
  */
-import { LocalMLX, type LocalMLXOptions } from "../client";
-import { SidecarUnavailableError } from "../errors";
+import type { LocalMLX } from "../client";
 import type { Prediction, PredictionResult } from "../prediction";
 import type { ChatParams, EmbedParams, EmbedResult, StreamedToolCall, ToolCall } from "../protocol";
-import { isSidecarDown } from "./errors";
 import type { StreamPiece } from "./translate";
 
-/** Where the sidecar comes from: a running client, options to start one, or a factory. */
-export type LocalSource = LocalMLX | LocalMLXOptions | (() => Promise<LocalMLX>);
-
-/**
- * Holds the one client. A client it started itself is closed by `close()`; a given one is not.
- * After the sidecar failed as a whole, the next `acquire()` brings it back: it starts a client
- * that never started, or `restart()`s one whose crash budget is spent.
- */
-export class LocalBackend {
-  private client: LocalMLX | undefined;
-  private starting: Promise<LocalMLX> | undefined;
-  private lastFailure: unknown;
-  private closed = false;
-  private readonly owned: boolean;
-
-  constructor(private readonly source: LocalSource) {
-    if (source instanceof LocalMLX) {
-      this.client = source;
-      this.owned = false;
-    } else {
-      this.owned = true;
-    }
-  }
-
-  /** The client, started (or restarted after a failure) if need be. */
-  acquire(): Promise<LocalMLX> {
-    if (this.closed) return Promise.reject(new SidecarUnavailableError("The OpenAI endpoint is closed", undefined));
-    if (this.starting) return this.starting;
-    if (this.client && !(this.lastFailure instanceof SidecarUnavailableError)) return Promise.resolve(this.client);
-    this.starting = this.bringUp().finally(() => {
-      this.starting = undefined;
-    });
-    return this.starting;
-  }
-
-  /** The client if it is running now (no start). */
-  get current(): LocalMLX | undefined {
-    return this.client;
-  }
-
-  /**
-   * Where the sidecar stands, for a health check: `running` (its pid), `starting`, `stopped` (it
-   * exited; the next request starts it again), `down` (it failed as a whole: `error` says why; the
-   * next request tries again), `idle` (not started yet), or `closed`.
-   */
-  get status(): { state: "running" | "starting" | "stopped" | "down" | "idle" | "closed"; pid?: number; error?: string } {
-    const error = this.lastFailure === undefined ? undefined : String((this.lastFailure as Error)?.message ?? this.lastFailure).split("\n")[0]!;
-    if (this.closed) return { state: "closed" };
-    if (this.starting) return { state: "starting" };
-    if (error !== undefined) return { state: "down", error };
-    const pid = this.client?.pid;
-    if (pid !== undefined) return { state: "running", pid };
-    return { state: this.client ? "stopped" : "idle" };
-  }
-
-  /** Tell the backend a call failed; a failure of the whole sidecar makes the next acquire bring it back. */
-  noteFailure(error: unknown): void {
-    if (isSidecarDown(error)) this.lastFailure = error;
-  }
-
-  noteSuccess(): void {
-    this.lastFailure = undefined;
-  }
-
-  private async bringUp(): Promise<LocalMLX> {
-    if (this.client) {
-      await this.client.restart();
-      this.lastFailure = undefined;
-      return this.client;
-    }
-    const source = this.source as Exclude<LocalSource, LocalMLX>;
-    const client = typeof source === "function" ? await source() : await LocalMLX.start(source);
-    if (this.closed) {
-      if (this.owned) await client.close();
-      throw new SidecarUnavailableError("The OpenAI endpoint is closed", undefined);
-    }
-    this.client = client;
-    this.lastFailure = undefined;
-    return client;
-  }
-
-  /** Closes a client this backend started (a given one stays open). */
-  async close(): Promise<void> {
-    this.closed = true;
-    const starting = this.starting;
-    if (starting) await starting.catch(() => undefined);
-    if (this.owned && this.client) await this.client.close();
-  }
-}
+export { LocalBackend, type LocalBackendOptions, type LocalSource } from "../backend";
 
 /** Model names as clients send them → what the sidecar loads. */
 export interface ModelRouting {

@@ -23,7 +23,8 @@ import { OpenAIHttpError, badRequest, toOpenAIError } from "./errors";
 import { badTarget, clientErrorOf, decodeSegment, logValue, pathOfTarget, rawResponse } from "./http-edges";
 import { limitsOf, nestingPastLimit, tooDeep, type RequestLimits } from "./limits";
 import { Fallback, fallbackOf, remoteError, runWithFallback, type FallbackSetting, type ServedBy } from "./fallback";
-import { LocalBackend, embedLocal, gather, pieceOf, resolveModel, startChat, startGenerate, type ModelRouting } from "./local";
+import { LocalBackend } from "../backend";
+import { embedLocal, gather, pieceOf, resolveModel, startChat, startGenerate, type ModelRouting } from "./local";
 import {
   ChatDeltaStream,
   chatCompletionOf,
@@ -50,8 +51,11 @@ export interface OpenAIListen extends ModelRouting {
 }
 
 export interface OpenAIServerOptions extends ModelRouting {
-  /** A running client to serve with (left open by `close()`). Default: one is started with `localmlx`. */
-  client?: LocalMLX;
+  /**
+   * A running client to serve with, or the `LocalBackend` that holds one for others too (both are
+   * left open by `close()`). Default: one is started with `localmlx`.
+   */
+  client?: LocalMLX | LocalBackend;
   /** Options of the client started when `client` is not given (it is closed by `close()`). */
   localmlx?: LocalMLXOptions;
   /** The port (0: any free one). Default 8080. Ignored when `listen` is given. */
@@ -163,6 +167,8 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
   readonly local: LocalBackend;
   /** The remote fallback, when one is set. */
   readonly fallback: Fallback | undefined;
+  /** False when `local` was given (shared with others): `close()` leaves it open. */
+  private readonly ownsLocal: boolean;
   private listeners: Listener[];
   /** Listeners `setListeners()` took away, still finishing their requests (until the promise resolves). */
   private readonly retired = new Map<Listener, Promise<void>>();
@@ -177,16 +183,17 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
   private readonly inFlight = new WeakMap<object, RequestContext>();
 
   /**
-   * Path (without `/v1`) → method → handler. An unknown path (404) and a wrong method (405, with
-   * `Allow`) both fall out of this one table.
+   * Path (without `/v1`) → method → handler, and whether a request there only polls (health
+   * checks, model lists: a service logs them quietly). An unknown path (404), a wrong method (405,
+   * with `Allow`) and what CONNECT is told all fall out of this one table.
    */
-  private readonly routes = new Map<string, Map<string, Handler>>([
-    ["/models", new Map([["GET", (context) => this.listModels(context)]])],
-    ["/models/{id}", new Map([["GET", (context, id) => this.getModel(context, id)]])],
-    ["/health", new Map([["GET", (context) => this.sendHealth(context)]])],
-    ["/chat/completions", new Map([["POST", async (context) => this.chat(context, await this.readJson(context))]])],
-    ["/completions", new Map([["POST", async (context) => this.completions(context, await this.readJson(context))]])],
-    ["/embeddings", new Map([["POST", async (context) => this.embeddings(context, await this.readJson(context))]])],
+  private readonly routes = new Map<string, { methods: Map<string, Handler>; poll?: boolean }>([
+    ["/models", { methods: new Map([["GET", (context) => this.listModels(context)]]), poll: true }],
+    ["/models/{id}", { methods: new Map([["GET", (context, id) => this.getModel(context, id)]]) }],
+    ["/health", { methods: new Map([["GET", (context) => this.sendHealth(context)]]), poll: true }],
+    ["/chat/completions", { methods: new Map([["POST", async (context) => this.chat(context, await this.readJson(context))]]) }],
+    ["/completions", { methods: new Map([["POST", async (context) => this.completions(context, await this.readJson(context))]]) }],
+    ["/embeddings", { methods: new Map([["POST", async (context) => this.embeddings(context, await this.readJson(context))]]) }],
   ]);
 
   /**
@@ -220,7 +227,8 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     super();
     this.options = options;
     this.limits = limitsOf(options.limits);
-    this.local = new LocalBackend(options.client ?? options.localmlx ?? {});
+    this.ownsLocal = !(options.client instanceof LocalBackend);
+    this.local = options.client instanceof LocalBackend ? options.client : new LocalBackend(options.client ?? options.localmlx ?? {});
     this.fallback = fallbackOf(options.fallback);
     this.base = { aliases: options.aliases ?? {}, ...(options.defaultModel !== undefined ? { defaultModel: options.defaultModel } : {}) };
     this.listeners = (options.listen ?? [options.port ?? DEFAULT_PORT]).map((spec) => this.createListener(spec));
@@ -365,7 +373,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
       clearTimeout(timer);
       for (const res of this.open) res.destroy();
       for (const listener of all) listener.server.closeAllConnections();
-      await this.local.close();
+      if (this.ownsLocal) await this.local.close();
     })();
     return this.closing;
   }
@@ -418,11 +426,22 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     }
   }
 
-  private async route(context: RequestContext): Promise<void> {
-    const { path, method } = context.info;
+  /** The route of a path (`/v1/models/x` → `/models/{id}`, with id `x`), found or not. */
+  private routeOf(path: string): { route: { methods: Map<string, Handler>; poll?: boolean } | undefined; id: string } {
     const route = path.startsWith("/v1/") ? path.slice(3) : path;
     const id = route.startsWith("/models/") ? route.slice("/models/".length) : "";
-    const methods = this.routes.get(route.startsWith("/models/") ? "/models/{id}" : route);
+    return { route: this.routes.get(route.startsWith("/models/") ? "/models/{id}" : route), id };
+  }
+
+  /** Whether a request to `path` only polls (a health check, the model list). */
+  isPoll(path: string): boolean {
+    return this.routeOf(path).route?.poll === true;
+  }
+
+  private async route(context: RequestContext): Promise<void> {
+    const { path, method } = context.info;
+    const { route, id } = this.routeOf(path);
+    const methods = route?.methods;
     if (!methods) throw new OpenAIHttpError(404, `Unknown path ${path}`, "invalid_request_error", null, "unknown_url");
     const handler = methods.get(method);
     if (!handler) {
@@ -464,12 +483,17 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     setTimeout(() => socket.destroy(), CLOSE_GRACE_MS).unref();
   }
 
+  /** Every method some route takes: `GET, POST`. */
+  private allMethods(): string {
+    return [...new Set([...this.routes.values()].flatMap((route) => [...route.methods.keys()]))].sort().join(", ");
+  }
+
   /** CONNECT (a proxy tunnel) has no route here: 405 (401 first without the key), then the connection closes. */
   private refuseTunnel(req: IncomingMessage, socket: Duplex, listener: Listener): void {
     socket.on("error", () => socket.destroy());
     try {
       const failure = this.authorized(req)
-        ? new OpenAIHttpError(405, "CONNECT is not supported", "invalid_request_error", null, "method_not_allowed", { allow: "GET, POST" })
+        ? new OpenAIHttpError(405, "CONNECT is not supported", "invalid_request_error", null, "method_not_allowed", { allow: this.allMethods() })
         : unauthorized();
       socket.end(rawResponse(failure));
       const path = req.url ?? "";

@@ -6,6 +6,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { homedir } from "node:os";
 import { join } from "node:path";
+import { readSetting, type SettingsEnv } from "../settings";
 
 /** One tier: a port, and the model it serves whatever model name a request sends. */
 export interface TierConfig {
@@ -64,8 +65,9 @@ export function defaultServiceConfig(): ServiceConfig {
  * `~/Library/Application Support/localmlx/serve.json` on macOS, else
  * `$XDG_CONFIG_HOME/localmlx/serve.json` (`~/.config/localmlx/serve.json`).
  */
-export function defaultConfigPath(env: NodeJS.ProcessEnv = process.env, platform: string = process.platform, home: string = homedir()): string {
-  if (env.LOCALMLX_SERVE_CONFIG) return env.LOCALMLX_SERVE_CONFIG;
+export function defaultConfigPath(env: SettingsEnv = process.env, platform: string = process.platform, home: string = homedir()): string {
+  const given = readSetting(env, "serveConfig");
+  if (given) return given;
   if (platform === "darwin") return join(home, "Library", "Application Support", "localmlx", "serve.json");
   return join(env.XDG_CONFIG_HOME || join(home, ".config"), "localmlx", "serve.json");
 }
@@ -93,9 +95,9 @@ export interface LoadedServiceConfig {
  * The configuration: from `path` when given (it must exist), else from `LOCALMLX_SERVE_CONFIG`
  * (which must exist too), else from the default path when a file is there, else the defaults.
  */
-export function loadServiceConfig(options: { path?: string; env?: NodeJS.ProcessEnv; platform?: string; home?: string } = {}): LoadedServiceConfig {
+export function loadServiceConfig(options: { path?: string; env?: SettingsEnv; platform?: string; home?: string } = {}): LoadedServiceConfig {
   const env = options.env ?? process.env;
-  const explicit = options.path ?? (env.LOCALMLX_SERVE_CONFIG || undefined);
+  const explicit = options.path ?? readSetting(env, "serveConfig");
   const path = explicit ?? defaultConfigPath(env, options.platform, options.home);
   if (!existsSync(path)) {
     if (explicit !== undefined) throw new ServiceConfigError(path, "", "no such file");

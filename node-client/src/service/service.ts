@@ -6,6 +6,7 @@
  */
 import { packageVersion, type LocalMLXOptions, type Logger } from "../client";
 import { Fallback, fallbackOptionsFromEnv } from "../openai/fallback";
+import { readSetting } from "../settings";
 import { startOpenAIServer, type OpenAIListen, type OpenAIRequestInfo, type OpenAIServer } from "../openai/server";
 import { loadServiceConfig, type LoadedServiceConfig, type ServiceConfig, type ServiceLogFormat } from "./config";
 import { ServiceLog } from "./log";
@@ -32,8 +33,6 @@ export interface TierStatus {
   available?: boolean;
 }
 
-/** Requests that only poll (health checks, model lists) are logged at debug level. */
-const POLLS = new Set(["/health", "/v1/health", "/models", "/v1/models"]);
 
 export function startEndpointService(options: EndpointServiceOptions = {}): Promise<EndpointService> {
   return EndpointService.start(options);
@@ -87,7 +86,7 @@ export class EndpointService {
   private async open(): Promise<void> {
     const { config } = this.loaded;
     const fallbackOptions = fallbackOptionsFromEnv(this.env); // none unless LOCALMLX_FALLBACK_TO_OPENAI=true
-    const fallback = fallbackOptions ? new Fallback({ ...fallbackOptions, logger: this.log.logger("fallback", ["warn"]) }) : false;
+    const fallback = fallbackOptions ? new Fallback({ ...fallbackOptions, logger: this.log.logger("fallback", ["warn"]) }, this.env) : false;
     this.server = await startOpenAIServer({
       localmlx: this.sidecarOptions(config),
       listen: listenersOf(config),
@@ -178,7 +177,8 @@ export class EndpointService {
 
   private logRequest(info: OpenAIRequestInfo): void {
     const tier = this.tiers().find((t) => t.port === info.port)?.name;
-    const level = POLLS.has(info.path) && info.status < 400 ? "debug" : info.status >= 500 ? "warn" : "info";
+    // Requests that only poll (health checks, model lists) are logged at debug level.
+    const level = this.server.isPoll(info.path) && info.status < 400 ? "debug" : info.status >= 500 ? "warn" : "info";
     this.log.log(level, "request", { tier, ...info });
   }
 
@@ -194,7 +194,8 @@ export class EndpointService {
       this.log.warn("could not list the sidecar's models", { error: (error as Error).message });
       return;
     }
-    const autoDownload = /^(1|true|yes|on)$/i.test(this.config.sidecar.env.LOCALMLX_AUTO_DOWNLOAD ?? this.env.LOCALMLX_AUTO_DOWNLOAD ?? "");
+    // The sidecar's environment: the config's over the service's (it started, so the value parsed there too).
+    const autoDownload = readSetting({ ...this.env, ...this.config.sidecar.env }, "autoDownload") === true;
     for (const [name, tier] of Object.entries(this.config.tiers)) {
       const available = names.has(tier.model) || /^[/~.]/.test(tier.model);
       this.available.set(tier.model, available);

@@ -1,0 +1,176 @@
+/**
+ * Every environment variable the TypeScript side reads, in one table: its name, how its text
+ * parses and prints, and its default. The client, the endpoint, the service and the Wooster
+ * plugin read the environment once, where they start, through `readSetting`, and pass the values
+ * down. Booleans follow the sidecar's rule (sidecar/settings.py `_bool`); a value that does not
+ * parse is a `SettingsError` naming the variable, never a silent default.
+ *
+ * Settings the sidecar owns (`LOCALMLX_MAX_TOKENS`, `LOCALMLX_TEMPERATURE`, …) have no default
+ * here: they reach the sidecar as written, and the sidecar's defaults apply (its `initialize`
+ * result says which). The few the plugin also reads are parsed by the sidecar's rules.
+ */
+import { LocalMLXError } from "./errors";
+
+/** The environment as read at the edge (`process.env`, a .env file, a config's `env`). */
+export type SettingsEnv = Readonly<Record<string, string | undefined>>;
+
+/** A variable whose text does not parse: `variable`, its `value`, and what is wrong. */
+export class SettingsError extends LocalMLXError {
+  override name = "SettingsError";
+
+  constructor(
+    readonly variable: string,
+    readonly value: string,
+    readonly problem: string,
+  ) {
+    super(`bad ${variable}=${JSON.stringify(value)}: ${problem}`);
+  }
+}
+
+/** The sidecar's boolean rule: 1/true/yes/on, 0/false/no/off/empty (any case); anything else throws. */
+export function parseBool(text: string): boolean {
+  const value = text.trim().toLowerCase();
+  if (["1", "true", "yes", "on"].includes(value)) return true;
+  if (["0", "false", "no", "off", ""].includes(value)) return false;
+  throw new Error(`not a boolean (1/true/yes/on or 0/false/no/off)`);
+}
+
+const DIGITS = String.raw`\d(?:_?\d)*`;
+const INTEGER = new RegExp(String.raw`^[+-]?${DIGITS}$`);
+const FLOAT = new RegExp(String.raw`^[+-]?(?:${DIGITS}(?:\.(?:${DIGITS})?)?|\.${DIGITS})(?:[eE][+-]?${DIGITS})?$`);
+/** The sidecar's keep-alive (`parse_duration`): seconds, 0 or more, or "1h30m", "5m", "30s", "250ms". */
+const SECONDS = /^(?:\d+\.?\d*|\.\d+)$/;
+const DURATION = /^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$/;
+
+/** Python's `int()` of a decimal text, as the sidecar reads its integer settings. */
+export function parseInteger(text: string): number {
+  const value = text.trim();
+  if (!INTEGER.test(value)) throw new Error("not an integer");
+  return Number(value.replace(/_/g, ""));
+}
+
+const SPECIAL = /^([+-]?)(inf|infinity|nan)$/i;
+
+/** Python's `float()` of a text (decimal, or inf/nan), as the sidecar reads its number settings. */
+export function parseNumber(text: string): number {
+  const value = text.trim();
+  const special = SPECIAL.exec(value);
+  if (special) return special[2]!.toLowerCase() === "nan" ? NaN : special[1] === "-" ? -Infinity : Infinity;
+  if (!FLOAT.test(value)) throw new Error("not a number");
+  return Number(value.replace(/_/g, ""));
+}
+
+/** One variable: how its text parses and prints, its default, and values its round trip is tested with. */
+export interface Setting<T> {
+  readonly env: string;
+  readonly help: string;
+  /** The value of a non-empty text; throws an Error saying what is wrong. */
+  parse(text: string): T;
+  /** The text that parses back to `value`. */
+  format(value: T): string;
+  /** The value when unset or empty; undefined: none here (the sidecar's applies, or the feature is off). */
+  readonly default?: T;
+  /** Values `parse(format(value))` must give back (test/settings.test.ts tries each). */
+  readonly examples: readonly T[];
+}
+
+function text(env: string, help: string, extra: { default?: string; examples?: string[] } = {}): Setting<string> {
+  return { env, help, parse: (t) => t.trim(), format: (v) => v, examples: extra.examples ?? ["x", "/a path/with spaces"], ...(extra.default !== undefined ? { default: extra.default } : {}) };
+}
+
+function flag(env: string, help: string, defaultValue?: boolean): Setting<boolean> {
+  return { env, help, parse: parseBool, format: String, examples: [true, false], ...(defaultValue !== undefined ? { default: defaultValue } : {}) };
+}
+
+function number(env: string, help: string, parse: (text: string) => number, examples: number[]): Setting<number> {
+  return { env, help, parse, format: String, examples };
+}
+
+/** `true` or `false` when the text is a boolean by the sidecar's rule, else what `otherwise` makes of it. */
+function flagOr<T>(text: string, otherwise: (value: string) => T): boolean | T {
+  try {
+    return parseBool(text);
+  } catch {
+    return otherwise(text.trim());
+  }
+}
+
+/** `true`, `false`, or a comma list of models. */
+function modelList(env: string, help: string): Setting<boolean | string[]> {
+  return {
+    env,
+    help,
+    parse: (t) => flagOr(t, (list) => list.split(",").map((m) => m.trim()).filter(Boolean)),
+    format: (v) => (typeof v === "boolean" ? String(v) : v.join(",")),
+    examples: [true, false, ["demo"], ["mlx-community/Qwen2.5-3B-Instruct-4bit", "demo"]],
+  };
+}
+
+/** `true`, `false`, or a keep-alive duration the sidecar reads ("10m", "1h30m", seconds, -1). */
+function keepAlive(env: string, help: string): Setting<boolean | string> {
+  const duration = (value: string): string => {
+    if (value === "-1" || SECONDS.test(value) || DURATION.test(value)) return value;
+    throw new Error('not true, false or a duration ("5m", "1h30m", seconds, -1)');
+  };
+  return { env, help, parse: (t) => flagOr(t, duration), format: String, examples: [true, false, "10m", "1h30m", "90", "-1"] };
+}
+
+/**
+ * Every variable the TypeScript side reads. The key is the setting's name in Wooster's
+ * `config.plugins.localMLX` object too.
+ */
+export const SETTINGS = {
+  // Where the sidecar comes from (process.ts).
+  python: text("LOCALMLX_PYTHON", "the Python that runs the sidecar (it then is the only one tried)"),
+  venv: text("LOCALMLX_VENV", "the private virtualenv of `npx @localmlx/client setup`"),
+  // The service (service/config.ts).
+  serveConfig: text("LOCALMLX_SERVE_CONFIG", "the service's config file"),
+  // The remote fallback (openai/fallback.ts).
+  fallbackToOpenAI: flag("LOCALMLX_FALLBACK_TO_OPENAI", "true: the remote answers when local cannot; false: nothing ever goes remote; unset: only a fallback given in code"),
+  fallbackModel: text("LOCALMLX_FALLBACK_MODEL", "the model asked of the remote (default: the name the client asked for)"),
+  fallbackCooldownMs: number("LOCALMLX_FALLBACK_COOLDOWN_MS", "after the sidecar failed as a whole, requests go remote for this long", nonNegative, [0, 30_000, 1.5]),
+  openAIApiKey: text("OPENAI_API_KEY", "the remote's key (Authorization: Bearer)", { examples: ["sk-test"] }),
+  openAIBaseURL: text("OPENAI_BASE_URL", "the remote's base URL, /v1 included", { examples: ["http://127.0.0.1:9000/v1"] }),
+  // The Wooster plugin (wooster/config.ts).
+  toolsEnabled: flag("TOOLS_LOCALMLX_ENABLED", "offer the ten agent tools", true),
+  autoStartServer: flag("LOCALMLX_AUTO_START_SERVER", "start the loopback OpenAI-compatible endpoint with the plugin", false),
+  serverUrl: text("LOCALMLX_SERVER_URL", "where the plugin's endpoint listens", { default: "http://127.0.0.1:8000", examples: ["http://127.0.0.1:8080"] }),
+  serveTiers: flag("LOCALMLX_SERVE_TIERS", "the plugin's endpoint also listens on Wooster's tier URLs", false),
+  streamResponses: flag("LOCALMLX_STREAM_RESPONSES", "stream the tools' replies to LangChain callbacks and the debug log", false),
+  preloadModels: modelList("LOCALMLX_PRELOAD_MODELS", "true (the default model) or a comma list, warmed by the plugin after start-up"),
+  offloadInactive: keepAlive("LOCALMLX_OFFLOAD_INACTIVE", "true (5 minutes), false, or how long an idle model stays loaded"),
+  // The sidecar's own, read by the plugin too: no default here.
+  defaultModel: text("LOCALMLX_DEFAULT_MODEL", "the model used when a call names none (sidecar)"),
+  maxTokens: number("LOCALMLX_MAX_TOKENS", "default maxTokens of chat and generate (sidecar)", parseInteger, [1, 24, 2048]),
+  temperature: number("LOCALMLX_TEMPERATURE", "default sampling temperature (sidecar)", parseNumber, [0, 0.2, 1.5]),
+  modelsDir: text("LOCALMLX_MODELS_DIR", "the local models directory (sidecar)"),
+  autoDownload: flag("LOCALMLX_AUTO_DOWNLOAD", "download a Hub model on first load (sidecar)"),
+  quantization: text("LOCALMLX_QUANTIZATION", "4bit, 8bit or none, for converting non-MLX downloads (sidecar)", { examples: ["4bit", "none"] }),
+  enableCache: flag("LOCALMLX_ENABLE_CACHE", "the exact response cache (sidecar)"),
+} satisfies Record<string, Setting<unknown>>;
+
+function nonNegative(text: string): number {
+  const value = parseNumber(text);
+  if (!(value >= 0)) throw new Error("must be a number, 0 or more");
+  return value;
+}
+
+export type SettingName = keyof typeof SETTINGS;
+/** The value type of one setting. */
+export type SettingValue<K extends SettingName> = ReturnType<(typeof SETTINGS)[K]["parse"]>;
+
+/**
+ * One setting from `env`: its parsed value, its default when unset or empty (an empty variable
+ * means the default, as Wooster reads its .env), or undefined. Throws `SettingsError` when the text
+ * does not parse.
+ */
+export function readSetting<K extends SettingName>(env: SettingsEnv, name: K): SettingValue<K> | undefined {
+  const setting = SETTINGS[name] as Setting<SettingValue<K>>;
+  const raw = env[setting.env];
+  if (raw === undefined || raw.trim() === "") return setting.default;
+  try {
+    return setting.parse(raw);
+  } catch (error) {
+    throw new SettingsError(setting.env, raw, (error as Error).message);
+  }
+}
