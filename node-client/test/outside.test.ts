@@ -90,16 +90,18 @@ describe("the packed client in an app outside the repository", { timeout: 180_00
     writeFileSync(join(app, "sidecar", "__init__.py"), "");
     writeFileSync(join(app, "sidecar", "__main__.py"), "import sys\nsys.stderr.write('HIJACKED\\n')\nsys.exit(7)\n");
 
-    // localmlx-client setup: the private virtualenv, pip-installing this checkout (without its
-    // dependencies, which the project's environment lends it below: no downloads of MLX).
+    // localmlx-client setup: the private virtualenv, pip-installing this checkout without its
+    // dependencies (no downloads of MLX): the project's environment lends them through a .pth in a
+    // virtualenv made beforehand, which setup reuses, so its own import check sees them.
+    const purelib = async (py: string) =>
+      (await run(py, ["-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])).stdout.trim();
+    await run(python, ["-m", "venv", venv]);
+    writeFileSync(join(await purelib(join(venv, "bin", "python")), "localmlx-test-deps.pth"), `${await purelib(python)}\n`);
     const bin = join(app, "node_modules", "@localmlx", "client", "bin", "localmlx-client.cjs");
     await run(process.execPath, [bin, "setup", "--venv", venv, "--python", python, "--from", repositoryRoot, "--", "--no-deps", "--quiet"], {
       cwd: app,
       env: appEnv({}),
     });
-    const purelib = async (py: string) =>
-      (await run(py, ["-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])).stdout.trim();
-    writeFileSync(join(await purelib(join(venv, "bin", "python")), "localmlx-test-deps.pth"), `${await purelib(python)}\n`);
   });
 
   test("the package declares @types/node for its declarations, and `setup` installed this checkout's sidecar", async () => {
