@@ -28,18 +28,11 @@ def serve(args: argparse.Namespace) -> None:
     # Ctrl-C stops the sidecar gracefully instead (see Session).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    import asyncio
+    import anyio
 
     from .session import Session
 
-    async def run() -> int:
-        session = Session(settings, wire_fd, parent_pid=parent)
-        try:
-            return await session.run()
-        finally:
-            await session.close()
-
-    code = asyncio.run(run())  # SIGTERM: a graceful stop, see Session.terminate
+    code = anyio.run(Session(settings, wire_fd, parent_pid=parent).run, backend="asyncio")  # SIGTERM: see Session.terminate
     logging.shutdown()
     sys.stderr.flush()
     # Skip interpreter teardown: a daemon thread may still be inside MLX.

@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+import anyio
+
 from ..embeddings.work import EmbeddingWork
 from ..embeddings.work import tokenize as embedding_tokens
 from ..errors import InvalidParams, ModelLoadFailed, ModelLoading, ModelNotLoaded, RpcError, brief
@@ -59,7 +61,6 @@ class Engine:
         self.registry = ModelRegistry(settings)
         self._device: asyncio.Future = loop.create_future()
         self._loads: dict[str, asyncio.Task] = {}
-        self._background: set[asyncio.Task] = set()
         self._tokenizer_locks: dict[str, threading.Lock] = {}
         self._holds: collections.Counter[str] = collections.Counter()  # on the loop thread only
         self.scheduler = Scheduler(settings, self.registry, on_start=self._start_engine_thread)
@@ -220,7 +221,8 @@ class Engine:
         self.scheduler.submit_control(job)
         await job.future
 
-    def preload(self, refs: tuple[str, ...]) -> None:
+    async def preload(self, refs: tuple[str, ...]) -> None:
+        """LOCALMLX_PRELOAD_MODELS, side by side; a model that cannot load is logged."""
         async def preload_one(ref: str) -> None:
             ref = self.settings.default_model if ref.lower() == "true" else ref
             try:
@@ -228,10 +230,9 @@ class Engine:
             except Exception as exc:
                 log.error("cannot preload %s: %s", ref, getattr(exc, "message", exc))
 
-        for ref in refs:
-            task = self.loop.create_task(preload_one(ref))
-            self._background.add(task)  # the loop keeps only weak references to tasks
-            task.add_done_callback(self._background.discard)
+        async with anyio.create_task_group() as loads:
+            for ref in refs:
+                loads.start_soon(preload_one, ref)
 
     # ---- generation --------------------------------------------------------------------
 

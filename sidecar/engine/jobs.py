@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..errors import RequestCancelled, RpcError, ServerCancelled
+
 
 class CancelReason(str, enum.Enum):
     """Why work stops before it is done. The value is what `data.reason` says on the wire."""
@@ -16,6 +18,13 @@ class CancelReason(str, enum.Enum):
     SHUTDOWN = "shutdown"  # the shutdown request
     EXIT = "exit"  # the client is gone: exit, end of stdin, broken pipe
     UNLOAD = "unload"  # the model it runs on was unloaded
+
+    def error(self) -> RpcError:
+        """What a request cancelled for this reason is answered, unless its work answers for
+        itself: -32800 when its client cancelled it, -32802 when the server did."""
+        if self is CancelReason.CLIENT:
+            return RequestCancelled("Request cancelled")
+        return ServerCancelled(f"Cancelled by the server ({self.value})", reason=self.value)
 
 
 @dataclass(eq=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 from ..errors import Busy, InternalError, OutOfMemory, RpcError
@@ -84,14 +85,14 @@ class Scheduler:
                 job.cancel_reason = reason
             if job in self._waiting:
                 self._waiting.remove(job)
-                job.settle(GenerationResult.cancelled_before_start(job.model, job.payload.request, reason))
+                job.settle(_cancelled_before_start(job, reason))
             elif job in self._embeds:  # between micro-batches (the running one checks after its step)
                 self._embeds.remove(job)
                 _log_embed_stopped(job, reason)
-                job.settle(_cancel_error(reason), failed=True)
+                job.settle(reason.error(), failed=True)
             elif job in self._control:
                 self._control.remove(job)
-                job.settle(_cancel_error(reason), failed=True)
+                job.settle(reason.error(), failed=True)
             self._poked = True
             self._ready.notify()
 
@@ -192,8 +193,7 @@ class Scheduler:
                     continue  # cancelled meanwhile: already answered
                 self._waiting.remove(job)
             if loaded is None:  # unloaded while the request was being prepared: as its work would be
-                job.settle(GenerationResult.cancelled_before_start(job.model, job.payload.request,
-                                                                   CancelReason.UNLOAD))
+                job.settle(_cancelled_before_start(job, CancelReason.UNLOAD))
                 continue
             self._start_generation(job, loaded, lane)
 
@@ -204,8 +204,6 @@ class Scheduler:
         return SoloLane(loaded, settings.max_batch_size, settings.prefill_step_size)
 
     def _start_generation(self, job: Job, loaded: LoadedModel, lane: Lane) -> None:
-        import time
-
         order = job.payload
         if order.request.keep_alive is not None:  # as Ollama: a request's keepAlive becomes the model's
             loaded.options.keep_alive = order.request.keep_alive
@@ -256,13 +254,13 @@ class Scheduler:
             job = self._embeds.popleft()
         work = job.payload
         try:
-            if job.cancelled:
-                raise _cancel_error(job.cancel_reason)
+            if job.cancel_reason is not None:
+                raise job.cancel_reason.error()
             if self.registry.peek(job.model) is not work.loaded:  # unloaded since it was prepared
-                raise _cancel_error(CancelReason.UNLOAD)
+                raise CancelReason.UNLOAD.error()
             done = work.step()
-            if job.cancelled:
-                raise _cancel_error(job.cancel_reason)
+            if job.cancel_reason is not None:
+                raise job.cancel_reason.error()
         except Exception as exc:
             if job.cancelled:
                 _log_embed_stopped(job, job.cancel_reason)
@@ -339,18 +337,13 @@ def _injected_fault(tokens: Any, logits: Any) -> Any:
     raise RuntimeError("injected fault (LOCALMLX_INJECT_FAULTS=generation)")
 
 
-def _cancel_error(reason: CancelReason) -> Exception:
-    from ..errors import RequestCancelled, ServerCancelled
-
-    if reason is CancelReason.CLIENT:
-        return RequestCancelled("Request cancelled")
-    return ServerCancelled(f"Cancelled by the server ({reason.value})", reason=reason.value)
+def _cancelled_before_start(job: Job, reason: CancelReason) -> GenerationResult:
+    request = job.payload.request
+    return GenerationResult.cancelled_before_start(job.model or "", request.received_at, request.stream, reason)
 
 
 def _engine_error(exc: Exception, model: str, method: str) -> Exception:
     """What the request is answered: never the exception's text (it stays in the log)."""
-    from ..errors import RpcError
-
     if isinstance(exc, RpcError):
         return exc
     if is_out_of_memory(exc):
