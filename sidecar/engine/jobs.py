@@ -32,11 +32,12 @@ class Job:
     """One request's work for the engine thread. `cancel_reason` is written by the event
     loop (through `Engine.cancel`) and read by the engine thread between steps."""
 
-    kind: str  # "load" | "unload" | "generate" | "probe"
+    kind: str  # "load" | "unload" | "options" | "generate" | "embed"
     loop: asyncio.AbstractEventLoop
     model: str | None = None
     run: Callable[["Job"], Any] | None = None  # control work; generations carry a request instead
     payload: Any = None
+    keep_alive: float | None = None  # the request's keepAlive: its model's once the engine takes the job
     cancel_reason: CancelReason | None = None
     queued_at: float = field(default_factory=time.perf_counter)
     future: asyncio.Future = field(init=False)

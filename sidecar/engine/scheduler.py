@@ -205,8 +205,7 @@ class Scheduler:
 
     def _start_generation(self, job: Job, loaded: LoadedModel, lane: Lane) -> None:
         order = job.payload
-        if order.request.keep_alive is not None:  # as Ollama: a request's keepAlive becomes the model's
-            loaded.options.keep_alive = order.request.keep_alive
+        _adopt_keep_alive(job, loaded)
         try:
             generation = Generation(job, loaded, order.prepared, order.stream)
             if "generation" in self._faults:  # a test asked for a failure inside mlx-lm
@@ -258,6 +257,8 @@ class Scheduler:
                 raise job.cancel_reason.error()
             if self.registry.peek(job.model) is not work.loaded:  # unloaded since it was prepared
                 raise CancelReason.UNLOAD.error()
+            if work.started_at is None:
+                _adopt_keep_alive(job, work.loaded)
             done = work.step()
             if job.cancel_reason is not None:
                 raise job.cancel_reason.error()
@@ -325,6 +326,13 @@ class Scheduler:
             pending = list(self._waiting) + list(self._control) + list(self._embeds)
         for job in pending:
             self.cancel(job, reason)
+
+
+def _adopt_keep_alive(job: Job, loaded: LoadedModel) -> None:
+    """As Ollama: a request's keepAlive becomes its model's, once its work starts. On this
+    thread, the one that owns a loaded model's options."""
+    if job.keep_alive is not None:
+        loaded.options.keep_alive = job.keep_alive
 
 
 def _log_embed_stopped(job: Job, reason: Any) -> None:

@@ -39,10 +39,10 @@ async def embed(context: InFlightRequest, params: dict[str, Any]) -> dict[str, A
             raise InvalidParams(f"dimensions {dimensions} is more than the model's {size}",
                                 errors=[{"path": "/dimensions", "message": f"at most {size}"}],
                                 model=loaded.name, maxDimensions=size)
-        if params.get("keepAlive") is not None:  # as for generations: it becomes the model's
-            loaded.options.keep_alive = parse_duration(params["keepAlive"])
         work = await engine.prepare_embedding(loaded, params["input"], dimensions, params.get("normalize", True),
                                               context.progress)
-        result = await context.outcome_of(engine.submit_embedding(work, loaded.name), engine.cancel)
+        keep_alive = params.get("keepAlive")  # as for generations: it becomes the model's
+        job = engine.submit_embedding(work, loaded.name, None if keep_alive is None else parse_duration(keep_alive))
+        result = await context.outcome_of(job, engine.cancel)
     result["timings"]["totalMs"] = round((time.perf_counter() - context.received_at) * 1000, 3)
     return result
