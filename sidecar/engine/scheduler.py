@@ -63,19 +63,17 @@ class Scheduler:
             self._ready.notify()
 
     def submit_generation(self, job: Job) -> None:
-        with self._ready:
-            if len(self._waiting) >= self.settings.max_queue:
-                raise Busy(f"Busy: {len(self._waiting)} requests already queued",
-                           queued=len(self._waiting), maxQueue=self.settings.max_queue)
-            self._waiting.append(job)
-            self._ready.notify()
+        self._enqueue(job, self._waiting, "requests")
 
     def submit_embedding(self, job: Job) -> None:
+        self._enqueue(job, self._embeds, "embed requests")
+
+    def _enqueue(self, job: Job, queue: collections.deque[Job], what: str) -> None:
         with self._ready:
-            if len(self._embeds) >= self.settings.max_queue:
-                raise Busy(f"Busy: {len(self._embeds)} embed requests already queued",
-                           queued=len(self._embeds), maxQueue=self.settings.max_queue)
-            self._embeds.append(job)
+            if len(queue) >= self.settings.max_queue:
+                raise Busy(f"Busy: {len(queue)} {what} already queued", queued=len(queue),
+                           maxQueue=self.settings.max_queue)
+            queue.append(job)
             self._ready.notify()
 
     def cancel(self, job: Job, reason: CancelReason) -> None:

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 from typing import Any
 
 from .. import model_config
-from ..engine.registry import ModelOptions
+from ..engine.registry import ModelOptions, iso_utc
 from ..errors import InvalidParams, ModelLoading
 from ..hub import delete_model_files
 from ..inflight import InFlightRequest
 from ..settings import parse_duration
 from .table import rpc_method
-
-
-def _iso(wall: float) -> str:
-    return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @rpc_method("models/list")
@@ -32,7 +27,7 @@ async def list_models(context: InFlightRequest, params: dict[str, Any]) -> dict[
     for entry in models:
         loaded = engine.registry.peek(entry["model"])
         entry["loaded"] = loaded is not None
-        entry["lastUsed"] = _iso(loaded.last_used_at) if loaded is not None else None
+        entry["lastUsed"] = iso_utc(loaded.last_used_at) if loaded is not None else None
     return {"models": models}
 
 
