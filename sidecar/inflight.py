@@ -2,7 +2,7 @@
 `RequestResponder`).
 
 An `InFlightRequest` owns its request's id, its answer (sent exactly once), its `$/progress`
-reporter, the cancel scope its task runs in, and what cancelling it does. Until its method
+reporter, its task (whose cancel scope it cancels), and what cancelling it does. Until its method
 hands work to the engine, a cancel ends its task and the request answers what its method
 answers when cancelled early (-32800 or -32802; a generation: finishReason cancelled). Once
 the engine has the work, a cancel asks the engine to stop it, and the work still answers for
@@ -107,7 +107,7 @@ class InFlightRequest:
         self.params = call.params  # as sent: the method checks them
         self.received_at = received_at  # perf_counter when its line was read
         self.progress = ProgressReporter(progress_token(call.params), session.writer)
-        self.cancel_scope = anyio.CancelScope()
+        self.task: anyio.TaskHandle[None] | None = None  # the task that answers it, in its own cancel scope
         self.cancel_reason: CancelReason | None = None
         self.model: str | None = None  # once resolved: names the result of a generation cancelled early
         self.answered = False
@@ -157,8 +157,8 @@ class InFlightRequest:
             self.cancel_reason = reason
         if self._stop_work is not None:
             self._stop_work(self.cancel_reason)
-        else:
-            self.cancel_scope.cancel()
+        elif self.task is not None:
+            self.task.cancel()
 
     async def outcome_of(self, job: Job, cancel: Callable[[Job, CancelReason], None]) -> Any:
         """The outcome of the engine work `job`. From now on cancelling the request calls
@@ -168,7 +168,7 @@ class InFlightRequest:
         try:
             if self.cancel_reason is None:
                 return await job.future
-            # Cancelled on its way to the engine, and its cancel scope has not fired yet:
+            # Cancelled on its way to the engine, and its task's cancel scope has not fired yet:
             # stopped at once, and its answer, which comes within a step, is the request's.
             cancel(job, self.cancel_reason)
             with anyio.CancelScope(shield=True):

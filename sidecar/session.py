@@ -2,7 +2,7 @@
 
 `Session.run` owns one anyio task group, and everything the session does in the background
 runs in it and ends with it: reading lines (handed over by the reader thread), one task per
-request (in the cancel scope of its `InFlightRequest`), the parent watchdog, the stop
+request (cancelled through its `InFlightRequest`), the parent watchdog, the stop
 signals, preloading, and giving memory back. jsonrpcserver dispatches each single request to
 its method (see methods); everything JSON-RPC says about batches, notifications and ids is
 handled here, to the letter of the spec.
@@ -11,6 +11,7 @@ handled here, to the letter of the spec.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -131,14 +132,21 @@ class Session:
 
     async def _read_lines(self, lines: MemoryObjectReceiveStream[Frame]) -> None:
         async with lines:
-            async for frame, release, received_at in lines:
-                try:
-                    if self.exit_code is None:  # exiting: nothing more is read or answered
-                        self._answer_line(frame, received_at)
-                finally:
-                    release()  # its place in the input gate
+            async for frame in lines:
+                self._take(frame)
+                with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
+                    while True:  # every line already handed over, in this turn of the loop
+                        self._take(lines.receive_nowait())
         log.info("stdin closed: exiting")
         self._finish(0)
+
+    def _take(self, frame: Frame) -> None:
+        line, release, received_at = frame
+        try:
+            if self.exit_code is None:  # exiting: nothing more is read or answered
+                self._answer_line(line, received_at)
+        finally:
+            release()  # its place in the input gate
 
     async def _stop_on_signals(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -231,7 +239,7 @@ class Session:
 
         request = InFlightRequest(self, call, received_at, answered, when_cancelled(call.method))
         self._inflight[key] = request
-        self._tasks.start_soon(self._serve, request)
+        request.task = self._tasks.start_soon(self._serve, request)
 
     def _refusal(self, call: jsonrpc.Call, key: tuple[str, Any]) -> RpcError | None:
         if key in self._inflight:
@@ -246,9 +254,8 @@ class Session:
         """The request's task: answered by its method, or, if its task ends first (it was
         cancelled, or the session is ending), answered as cancelled."""
         try:
-            with request.cancel_scope:
-                if not request.cancel_scope.cancel_called:  # not cancelled before it could start
-                    request.respond(await self._response(request))
+            if request.cancel_reason is None:  # not cancelled before it could start
+                request.respond(await self._response(request))
         finally:
             if not request.answered:
                 request.respond_cancelled()
