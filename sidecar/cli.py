@@ -32,7 +32,8 @@ def serve(args: argparse.Namespace) -> None:
 
     from .session import Session
 
-    code = anyio.run(Session(settings, wire_fd, parent_pid=parent).run, backend="asyncio")  # SIGTERM: see Session.terminate
+    session = Session(settings, wire_fd, parent_pid=parent)
+    code = anyio.run(session.run, backend="asyncio")  # SIGTERM: a graceful stop, see Session.terminate
     logging.shutdown()
     sys.stderr.flush()
     # Skip interpreter teardown: a daemon thread may still be inside MLX.
