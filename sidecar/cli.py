@@ -32,19 +32,13 @@ def serve(args: argparse.Namespace) -> None:
     # Ctrl-C stops the sidecar gracefully instead (see Session).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    # Only now: the other commands (and --help) never need asyncio, jsonschema or the engine.
-    import asyncio
+    # Only now: the other commands (and --help) never need anyio, jsonschema or the engine.
+    import anyio
 
     from .session import Session
 
-    async def run() -> int:
-        session = Session(settings, wire_fd, parent_pid=parent)
-        try:
-            return await session.run()
-        finally:
-            await session.close()
-
-    code = asyncio.run(run())  # SIGTERM: a graceful stop, see Session.terminate
+    session = Session(settings, wire_fd, parent_pid=parent)
+    code = anyio.run(session.run, backend="asyncio")  # SIGTERM: a graceful stop, see Session.terminate
     logging.shutdown()
     sys.stderr.flush()
     # Skip interpreter teardown: a daemon thread may still be inside MLX.

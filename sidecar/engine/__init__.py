@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+import anyio
+
 from ..embeddings.work import EmbeddingWork
 from ..embeddings.work import tokenize as embedding_tokens
 from ..errors import InvalidParams, ModelLoadFailed, ModelLoading, ModelNotLoaded, RpcError, brief
@@ -59,7 +61,6 @@ class Engine:
         self.registry = ModelRegistry(settings)
         self._device: asyncio.Future = loop.create_future()
         self._loads: dict[str, asyncio.Task] = {}
-        self._background: set[asyncio.Task] = set()
         self._tokenizer_locks: dict[str, threading.Lock] = {}
         self._holds: collections.Counter[str] = collections.Counter()  # on the loop thread only
         self.scheduler = Scheduler(settings, self.registry, on_start=self._start_engine_thread)
@@ -128,7 +129,7 @@ class Engine:
         loaded = self.registry.get(location.name)
         if loaded is not None:
             if options is not None:
-                self._change_options(loaded, options)
+                await self._change_options(loaded, options)
             return loaded, True
         task = self._loads.get(location.name)
         if task is None:
@@ -140,12 +141,18 @@ class Engine:
     def default_options(self) -> ModelOptions:
         return ModelOptions(keep_alive=self.settings.offload_inactive)
 
-    def _change_options(self, loaded: LoadedModel, options: ModelOptions) -> None:
-        kv_changed = (options.kv_bits, options.max_kv_size) != (loaded.options.kv_bits, loaded.options.max_kv_size)
-        loaded.options = options
-        if kv_changed and loaded.response_cache is not None:
-            loaded.response_cache.clear()  # its answers were computed with the other KV cache
-        self.scheduler.poke()  # a keep-alive may now run out sooner
+    async def _change_options(self, loaded: LoadedModel, options: ModelOptions) -> None:
+        """On the engine thread, which owns a loaded model's options (and then looks at
+        keep-alives again: this one may now run out sooner)."""
+        def change(job: Job) -> None:
+            kv_changed = (options.kv_bits, options.max_kv_size) != (loaded.options.kv_bits, loaded.options.max_kv_size)
+            loaded.options = options
+            if kv_changed and loaded.response_cache is not None:
+                loaded.response_cache.clear()  # its answers were computed with the other KV cache
+
+        job = Job("options", self.loop, model=loaded.name, run=change)
+        self.scheduler.submit_control(job)
+        await job.future
 
     def _load_ended(self, name: str, task: asyncio.Task) -> None:
         self._loads.pop(name, None)
@@ -220,7 +227,8 @@ class Engine:
         self.scheduler.submit_control(job)
         await job.future
 
-    def preload(self, refs: tuple[str, ...]) -> None:
+    async def preload(self, refs: tuple[str, ...]) -> None:
+        """LOCALMLX_PRELOAD_MODELS, side by side; a model that cannot load is logged."""
         async def preload_one(ref: str) -> None:
             ref = self.settings.default_model if ref.lower() == "true" else ref
             try:
@@ -228,10 +236,9 @@ class Engine:
             except Exception as exc:
                 log.error("cannot preload %s: %s", ref, getattr(exc, "message", exc))
 
-        for ref in refs:
-            task = self.loop.create_task(preload_one(ref))
-            self._background.add(task)  # the loop keeps only weak references to tasks
-            task.add_done_callback(self._background.discard)
+        async with anyio.create_task_group() as loads:
+            for ref in refs:
+                loads.start_soon(preload_one, ref)
 
     # ---- generation --------------------------------------------------------------------
 
@@ -245,7 +252,7 @@ class Engine:
         return await asyncio.to_thread(with_lock, prepare, loaded, request)
 
     def submit_generation(self, order: GenerationOrder, model: str) -> Job:
-        job = Job("generate", self.loop, model=model, payload=order)
+        job = Job("generate", self.loop, model=model, payload=order, keep_alive=order.request.keep_alive)
         self.scheduler.submit_generation(job)
         return job
 
@@ -260,8 +267,8 @@ class Engine:
         rows = await asyncio.to_thread(self._with_tokenizer_lock(loaded), tokens)
         return EmbeddingWork(loaded, rows, dimensions, normalize, progress)
 
-    def submit_embedding(self, work: EmbeddingWork, model: str) -> Job:
-        job = Job("embed", self.loop, model=model, payload=work)
+    def submit_embedding(self, work: EmbeddingWork, model: str, keep_alive: float | None = None) -> Job:
+        job = Job("embed", self.loop, model=model, payload=work, keep_alive=keep_alive)
         self.scheduler.submit_embedding(job)
         return job
 

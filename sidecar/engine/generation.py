@@ -222,12 +222,13 @@ class GenerationResult:
         return usage
 
     @classmethod
-    def cancelled_before_start(cls, model: str, request: GenerationRequest,
-                               reason: CancelReason = CancelReason.CLIENT) -> "GenerationResult":
-        elapsed = _ms(time.perf_counter() - request.received_at)
+    def cancelled_before_start(cls, model: str, received_at: float, stream: bool,
+                               reason: CancelReason) -> "GenerationResult":
+        """A generation cancelled before it ran a step: no tokens, all of its time queued."""
+        elapsed = _ms(time.perf_counter() - received_at)
         return cls(model, "cancelled", 0, 0, 0,
                    {"ttftMs": elapsed, "queueMs": elapsed, "tokensPerSecond": 0.0, "totalMs": elapsed},
-                   text=None if request.stream else "", cancel_reason=reason)
+                   text=None if stream else "", cancel_reason=reason)
 
 
 @dataclass(eq=False)

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..errors import RequestCancelled, RpcError, ServerCancelled
+
 
 class CancelReason(str, enum.Enum):
     """Why work stops before it is done. The value is what `data.reason` says on the wire."""
@@ -17,17 +19,25 @@ class CancelReason(str, enum.Enum):
     EXIT = "exit"  # the client is gone: exit, end of stdin, broken pipe
     UNLOAD = "unload"  # the model it runs on was unloaded
 
+    def error(self) -> RpcError:
+        """What a request cancelled for this reason is answered, unless its work answers for
+        itself: -32800 when its client cancelled it, -32802 when the server did."""
+        if self is CancelReason.CLIENT:
+            return RequestCancelled("Request cancelled")
+        return ServerCancelled(f"Cancelled by the server ({self.value})", reason=self.value)
+
 
 @dataclass(eq=False)
 class Job:
     """One request's work for the engine thread. `cancel_reason` is written by the event
     loop (through `Engine.cancel`) and read by the engine thread between steps."""
 
-    kind: str  # "load" | "unload" | "generate" | "probe"
+    kind: str  # "load" | "unload" | "options" | "generate" | "embed"
     loop: asyncio.AbstractEventLoop
     model: str | None = None
     run: Callable[["Job"], Any] | None = None  # control work; generations carry a request instead
     payload: Any = None
+    keep_alive: float | None = None  # the request's keepAlive: its model's once the engine takes the job
     cancel_reason: CancelReason | None = None
     queued_at: float = field(default_factory=time.perf_counter)
     future: asyncio.Future = field(init=False)

@@ -7,6 +7,9 @@ faster than a batch of one) and moves into the batch, KV cache and all, when ano
 arrives. `SoloLane` runs generations one after another, in order, for models whose caches
 cannot merge into a batch. Every lane routes each sampled token to its `Generation` and
 hands back the ones that finished.
+
+MLX and mlx-lm are imported where they are used, on the engine thread: this module is
+imported at start-up, and `initialize` does not wait for them.
 """
 
 from __future__ import annotations
@@ -157,6 +160,17 @@ class SoloRun:
             self._steps.close()
         if keep and self.generation.plain_kv:
             keep_prefix(self.loaded, self.history, self.cache)
+
+    @property
+    def cancelled_while_throttled(self) -> bool:
+        """No step will see its cancel: a throttled run is not stepped."""
+        return self.generation.throttled and self.generation.job.cancelled
+
+    def stop(self) -> Generation:
+        """Stop between steps (cancelled, or its lane closing): the generation, finished."""
+        self.close()
+        self.generation.cancel_now()
+        return self.generation
 
     def hand_over(self) -> tuple[list[int], Any, list[int]]:
         """Stop here and return (tokens to feed next, cache, tokens in the cache), so the
@@ -326,11 +340,9 @@ class BatchLane:
             generation.parked = None
             generation.cancel_now()
         solo = self._solo
-        if solo is not None and solo.generation.throttled and solo.generation.job.cancelled:
+        if solo is not None and solo.cancelled_while_throttled:
             self._solo = None
-            solo.close()
-            solo.generation.cancel_now()
-            done.append(solo.generation)
+            done.append(solo.stop())
         return done + self._apart.take_cancelled()
 
     def stop_all(self) -> list[Generation]:
@@ -342,9 +354,7 @@ class BatchLane:
         self._parked.clear()
         solo, self._solo = self._solo, None
         if solo is not None:
-            solo.close()
-            solo.generation.cancel_now()
-            stopped.append(solo.generation)
+            stopped.append(solo.stop())
         return stopped + self._apart.stop_all()
 
     def close(self) -> None:
@@ -415,19 +425,15 @@ class SoloLane:
             self._waiting.remove(generation)
             generation.cancel_now()
         current = self._current
-        if current is not None and current.generation.throttled and current.generation.job.cancelled:
+        if current is not None and current.cancelled_while_throttled:
             self._current = None
-            current.close()
-            current.generation.cancel_now()
-            done.append(current.generation)
+            done.append(current.stop())
         return done
 
     def stop_all(self) -> list[Generation]:
         current, self._current = self._current, None
-        stopped = [current.generation] if current is not None else []
-        if current is not None:
-            current.close()
-        for generation in [*stopped, *self._waiting]:
+        stopped = [current.stop()] if current is not None else []
+        for generation in self._waiting:
             generation.cancel_now()
         stopped.extend(self._waiting)
         self._waiting.clear()

@@ -2,11 +2,13 @@
 
 A `LoadedModel` owns its prefix (KV) cache and its exact response cache: unloading the
 model drops both. Loads and unloads run on the engine thread; other threads only read
-`describe_all()` snapshots and counters.
+`describe_all()` snapshots and counters. MLX and mlx-lm are imported where they are used, on
+the engine thread: this module is imported at start-up, and `initialize` does not wait for them.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable  # noqa: F401
 
 from ..embeddings.detect import embedding_kind
+from ..embeddings.embedder import load_embedder, load_tokenizer
 from ..errors import ModelLoadFailed, OutOfMemory, brief
 from ..hub import ModelLocation
 from ..length_bound import most_bytes_per_token
@@ -81,9 +84,8 @@ def capabilities(tokenizer: Any) -> list[str]:
             + (["thinking"] if chat and getattr(tokenizer, "has_thinking", False) else []))
 
 
-def _iso(wall: float) -> str:
-    import datetime
-
+def iso_utc(wall: float) -> str:
+    """A wall-clock time as the protocol shows it (ISO 8601, UTC, to the second)."""
     return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -132,7 +134,7 @@ class LoadedModel:
         expires = self.expires_in
         return dict(self.description, keepAlive=self.options.keep_alive, kvBits=self.options.kv_bits,
                     maxKvSize=self.options.max_kv_size,
-                    expiresAt=None if expires is None else _iso(time.time() + expires))
+                    expiresAt=None if expires is None else iso_utc(time.time() + expires))
 
     @property
     def context_length(self) -> int | None:
@@ -229,8 +231,6 @@ class ModelRegistry:
     def _load_embedder(self, location: ModelLocation, path: Path, kind: str, options: ModelOptions,
                        progress: Progress) -> LoadedModel:
         """An embedding model: no lane, no prefix or response cache; warmed up by one embedding."""
-        from ..embeddings.embedder import load_embedder, load_tokenizer
-
         embedder, config = load_embedder(path, kind)
         tokenizer = load_tokenizer(path)
         progress("warmup", 2, 3, "step")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 from ..errors import Busy, InternalError, OutOfMemory, RpcError
@@ -62,19 +63,17 @@ class Scheduler:
             self._ready.notify()
 
     def submit_generation(self, job: Job) -> None:
-        with self._ready:
-            if len(self._waiting) >= self.settings.max_queue:
-                raise Busy(f"Busy: {len(self._waiting)} requests already queued",
-                           queued=len(self._waiting), maxQueue=self.settings.max_queue)
-            self._waiting.append(job)
-            self._ready.notify()
+        self._enqueue(job, self._waiting, "requests")
 
     def submit_embedding(self, job: Job) -> None:
+        self._enqueue(job, self._embeds, "embed requests")
+
+    def _enqueue(self, job: Job, queue: collections.deque[Job], what: str) -> None:
         with self._ready:
-            if len(self._embeds) >= self.settings.max_queue:
-                raise Busy(f"Busy: {len(self._embeds)} embed requests already queued",
-                           queued=len(self._embeds), maxQueue=self.settings.max_queue)
-            self._embeds.append(job)
+            if len(queue) >= self.settings.max_queue:
+                raise Busy(f"Busy: {len(queue)} {what} already queued", queued=len(queue),
+                           maxQueue=self.settings.max_queue)
+            queue.append(job)
             self._ready.notify()
 
     def cancel(self, job: Job, reason: CancelReason) -> None:
@@ -84,14 +83,14 @@ class Scheduler:
                 job.cancel_reason = reason
             if job in self._waiting:
                 self._waiting.remove(job)
-                job.settle(GenerationResult.cancelled_before_start(job.model, job.payload.request, reason))
+                job.settle(_cancelled_before_start(job, reason))
             elif job in self._embeds:  # between micro-batches (the running one checks after its step)
                 self._embeds.remove(job)
                 _log_embed_stopped(job, reason)
-                job.settle(_cancel_error(reason), failed=True)
+                job.settle(reason.error(), failed=True)
             elif job in self._control:
                 self._control.remove(job)
-                job.settle(_cancel_error(reason), failed=True)
+                job.settle(reason.error(), failed=True)
             self._poked = True
             self._ready.notify()
 
@@ -192,8 +191,7 @@ class Scheduler:
                     continue  # cancelled meanwhile: already answered
                 self._waiting.remove(job)
             if loaded is None:  # unloaded while the request was being prepared: as its work would be
-                job.settle(GenerationResult.cancelled_before_start(job.model, job.payload.request,
-                                                                   CancelReason.UNLOAD))
+                job.settle(_cancelled_before_start(job, CancelReason.UNLOAD))
                 continue
             self._start_generation(job, loaded, lane)
 
@@ -204,11 +202,8 @@ class Scheduler:
         return SoloLane(loaded, settings.max_batch_size, settings.prefill_step_size)
 
     def _start_generation(self, job: Job, loaded: LoadedModel, lane: Lane) -> None:
-        import time
-
         order = job.payload
-        if order.request.keep_alive is not None:  # as Ollama: a request's keepAlive becomes the model's
-            loaded.options.keep_alive = order.request.keep_alive
+        _adopt_keep_alive(job, loaded)
         try:
             generation = Generation(job, loaded, order.prepared, order.stream)
             if "generation" in self._faults:  # a test asked for a failure inside mlx-lm
@@ -256,13 +251,15 @@ class Scheduler:
             job = self._embeds.popleft()
         work = job.payload
         try:
-            if job.cancelled:
-                raise _cancel_error(job.cancel_reason)
+            if job.cancel_reason is not None:
+                raise job.cancel_reason.error()
             if self.registry.peek(job.model) is not work.loaded:  # unloaded since it was prepared
-                raise _cancel_error(CancelReason.UNLOAD)
+                raise CancelReason.UNLOAD.error()
+            if work.started_at is None:
+                _adopt_keep_alive(job, work.loaded)
             done = work.step()
-            if job.cancelled:
-                raise _cancel_error(job.cancel_reason)
+            if job.cancel_reason is not None:
+                raise job.cancel_reason.error()
         except Exception as exc:
             if job.cancelled:
                 _log_embed_stopped(job, job.cancel_reason)
@@ -329,6 +326,13 @@ class Scheduler:
             self.cancel(job, reason)
 
 
+def _adopt_keep_alive(job: Job, loaded: LoadedModel) -> None:
+    """As Ollama: a request's keepAlive becomes its model's, once its work starts. On this
+    thread, the one that owns a loaded model's options."""
+    if job.keep_alive is not None:
+        loaded.options.keep_alive = job.keep_alive
+
+
 def _log_embed_stopped(job: Job, reason: Any) -> None:
     work = job.payload
     log.info("embed request on %s stopped (%s) after %d of %d inputs", job.model,
@@ -339,18 +343,13 @@ def _injected_fault(tokens: Any, logits: Any) -> Any:
     raise RuntimeError("injected fault (LOCALMLX_INJECT_FAULTS=generation)")
 
 
-def _cancel_error(reason: CancelReason) -> Exception:
-    from ..errors import RequestCancelled, ServerCancelled
-
-    if reason is CancelReason.CLIENT:
-        return RequestCancelled("Request cancelled")
-    return ServerCancelled(f"Cancelled by the server ({reason.value})", reason=reason.value)
+def _cancelled_before_start(job: Job, reason: CancelReason) -> GenerationResult:
+    request = job.payload.request
+    return GenerationResult.cancelled_before_start(job.model or "", request.received_at, request.stream, reason)
 
 
 def _engine_error(exc: Exception, model: str, method: str) -> Exception:
     """What the request is answered: never the exception's text (it stays in the log)."""
-    from ..errors import RpcError
-
     if isinstance(exc, RpcError):
         return exc
     if is_out_of_memory(exc):

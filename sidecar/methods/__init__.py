@@ -1,39 +1,31 @@
-"""Protocol methods, one module per family. Each is `async def fn(context, params) -> result`,
-registered under its wire name; params arrive already checked against the schema."""
+"""Protocol methods, one module per family, and the dispatch of a request to its method
+through jsonrpcserver (see table)."""
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any
 
-from jsonrpcserver import Error, Success
+from jsonrpcserver.async_dispatcher import dispatch_request
+from jsonrpcserver.dispatcher import to_response
+from jsonrpcserver.request import Request
+from jsonrpcserver.response import to_serializable
 
-from ..errors import INTERNAL_ERROR
+from ..inflight import CancelledAnswer, InFlightRequest, cancel_error
+from . import downloads, embed, generate, lifecycle, models  # noqa: F401  (they register their methods)
+from .table import METHODS, WHEN_CANCELLED
 
-Handler = Callable[[Any, dict[str, Any]], Awaitable[Any]]
-_registry: dict[str, Handler] = {}
-
-
-def rpc_method(name: str) -> Callable[[Handler], Handler]:
-    """Register `fn` under its wire name. jsonrpcserver calls it; whatever it raises travels
-    back untouched as the error's `data` (jsonrpcserver's own catch-all would turn it into an
-    error carrying the exception's text), for the session to answer: an RpcError as itself,
-    anything else as a bare -32603 with the traceback on stderr."""
-    def register(fn: Handler) -> Handler:
-        async def dispatched(context: Any, /, **params: Any) -> Any:
-            try:
-                context.session.inject_fault(f"method:{name}")
-                return Success(await fn(context, params))
-            except Exception as exc:
-                return Error(INTERNAL_ERROR, "raised", exc)
-
-        dispatched.__name__ = fn.__name__
-        _registry[name] = dispatched
-        return fn
-
-    return register
+__all__ = ["METHODS", "dispatch", "when_cancelled"]
 
 
-def register_all(methods: dict[str, Any]) -> None:
-    from . import downloads, embed, generate, lifecycle, models  # noqa: F401  (registration by import)
+async def dispatch(request: InFlightRequest) -> dict[str, Any]:
+    """The response to a request whose method is in the table. Its params are the method's
+    to check against the schema, so jsonrpcserver passes the method only the request."""
+    response = to_serializable(to_response(*await dispatch_request(METHODS, request, Request(
+        request.method, [], request.id))))
+    outcome = "error" if "error" in response else "result"
+    return {"jsonrpc": "2.0", "id": request.id, outcome: response[outcome]}  # the id first, as ever
 
-    methods.update(_registry)
+
+def when_cancelled(method: str) -> CancelledAnswer:
+    """What a request answers when cancelled before its work can answer for itself."""
+    return WHEN_CANCELLED.get(method, cancel_error)

@@ -6,14 +6,15 @@ import asyncio
 import threading
 from typing import Any, Callable
 
-from . import rpc_method
+from ..inflight import InFlightRequest
+from .table import rpc_method
 
 
 @rpc_method("models/download")
-async def download_model(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def download_model(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     """A cancel answers -32800 at once; the transfer stops at its next read and what arrived
     stays, so the next download of the model resumes it."""
-    from ..downloads import check_revision, pull
+    from ..downloads import check_revision, pull  # here: the transfer code is not needed to start serving
 
     repo_id = params["model"]
     context.engine.locator.check_download_allowed(repo_id)

@@ -8,10 +8,10 @@ import time
 from typing import Any
 
 from ..embeddings.detect import embedding_kind
-from ..engine import CancelReason
 from ..errors import InvalidParams
+from ..inflight import InFlightRequest
 from ..settings import parse_duration
-from . import rpc_method
+from .table import rpc_method
 
 
 def _cannot_embed(name: str) -> InvalidParams:
@@ -21,7 +21,8 @@ def _cannot_embed(name: str) -> InvalidParams:
 
 
 @rpc_method("embed")
-async def embed(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def embed(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
+    """A cancel stops it between micro-batches (-32800, or -32802 by the server)."""
     engine = context.engine
     location = await engine.resolve(params.get("model"))
     context.model = location.name
@@ -38,15 +39,10 @@ async def embed(context: Any, params: dict[str, Any]) -> dict[str, Any]:
             raise InvalidParams(f"dimensions {dimensions} is more than the model's {size}",
                                 errors=[{"path": "/dimensions", "message": f"at most {size}"}],
                                 model=loaded.name, maxDimensions=size)
-        if params.get("keepAlive") is not None:  # as for generations: it becomes the model's
-            loaded.options.keep_alive = parse_duration(params["keepAlive"])
         work = await engine.prepare_embedding(loaded, params["input"], dimensions, params.get("normalize", True),
                                               context.progress)
-        job = context.job = engine.submit_embedding(work, loaded.name)
-        try:
-            result = await job.future
-        except asyncio.CancelledError:  # $/cancelRequest, shutdown: stop between micro-batches
-            engine.cancel(job, context.cancel_reason or CancelReason.CLIENT)
-            raise
+        keep_alive = params.get("keepAlive")  # as for generations: it becomes the model's
+        job = engine.submit_embedding(work, loaded.name, None if keep_alive is None else parse_duration(keep_alive))
+        result = await context.outcome_of(job, engine.cancel)
     result["timings"]["totalMs"] = round((time.perf_counter() - context.received_at) * 1000, 3)
     return result

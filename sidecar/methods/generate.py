@@ -10,12 +10,13 @@ from ..engine.generation import GenerationOrder
 from ..engine.response_cache import CachedResponse
 from ..engine.sampling import SamplingParams
 from ..errors import ServerCancelled
+from ..inflight import InFlightRequest
 from ..protocol_defs import GENERATION_DEFAULTS
 from ..settings import parse_duration
-from . import rpc_method
+from .table import rpc_method
 
 
-def _sampling(context: Any, params: dict[str, Any]) -> SamplingParams:
+def _sampling(context: InFlightRequest, params: dict[str, Any]) -> SamplingParams:
     bias = params.get("logitBias")
     params = {**GENERATION_DEFAULTS, **params}
     return SamplingParams(
@@ -27,7 +28,7 @@ def _sampling(context: Any, params: dict[str, Any]) -> SamplingParams:
         repetition_context_size=params["repetitionContextSize"])
 
 
-def _generation_request(context: Any, params: dict[str, Any], *, messages: Any = None,
+def _generation_request(context: InFlightRequest, params: dict[str, Any], *, messages: Any = None,
                         prompt: str | None = None) -> GenerationRequest:
     keep_alive = params.get("keepAlive")
     return GenerationRequest(
@@ -44,10 +45,10 @@ def _generation_request(context: Any, params: dict[str, Any], *, messages: Any =
         progress=context.progress)
 
 
-def _replay(context: Any, model: str, request: GenerationRequest, hit: CachedResponse) -> GenerationResult:
+def _replay(context: InFlightRequest, model: str, request: GenerationRequest, hit: CachedResponse) -> GenerationResult:
     """An exact-cache hit, delivered the way a generation is: the same chunks, then the result."""
     if request.stream:
-        stream = context.session.writer.open_stream(context.id)
+        stream = context.open_stream()
         for piece in hit.pieces:
             stream.write_whole(piece)
     now = time.perf_counter()
@@ -59,7 +60,9 @@ def _replay(context: Any, model: str, request: GenerationRequest, hit: CachedRes
                             text=None if request.stream else "".join(hit.pieces), cached=True)
 
 
-async def _run_generation(context: Any, params: dict[str, Any], request: GenerationRequest) -> dict[str, Any]:
+async def _run_generation(context: InFlightRequest, params: dict[str, Any],
+                          request: GenerationRequest) -> dict[str, Any]:
+    """A cancel stops it at its next step, and it answers with what it generated so far."""
     engine = context.engine
     location = await engine.resolve(params.get("model"))
     context.model = location.name
@@ -69,30 +72,38 @@ async def _run_generation(context: Any, params: dict[str, Any], request: Generat
         if hit is not None:
             return _replay(context, loaded.name, request, hit).to_wire()
         prepared = await engine.prepare(loaded, request)
-        stream = context.session.writer.open_stream(context.id) if request.stream else None
+        stream = context.open_stream() if request.stream else None
         job = engine.submit_generation(GenerationOrder(prepared, stream), loaded.name)
-        context.job = job
-        if context.cancel_reason is not None:  # cancelled while it was being prepared
-            engine.cancel(job, context.cancel_reason)
-        result: GenerationResult = await job.future
+        result: GenerationResult = await context.outcome_of(job, engine.cancel)
     if result.cancel_reason not in (None, CancelReason.CLIENT):
         raise ServerCancelled(f"Generation cancelled by the server ({result.cancel_reason.value})",
                               reason=result.cancel_reason.value, usage=result.usage)
     return result.to_wire()
 
 
-@rpc_method("generate")
-async def generate(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+def _cancelled_before_the_engine(context: InFlightRequest, reason: CancelReason) -> dict[str, Any]:
+    """A generation its client cancelled before the engine had it: finishReason cancelled,
+    no tokens, as when the engine has it; one the server cancelled is -32802."""
+    if reason is not CancelReason.CLIENT:
+        raise reason.error()
+    params = context.params if isinstance(context.params, dict) else {}
+    model = context.model or params.get("model") or context.engine.default_model()
+    return GenerationResult.cancelled_before_start(str(model), context.received_at, bool(params.get("stream")),
+                                                   reason).to_wire()
+
+
+@rpc_method("generate", when_cancelled=_cancelled_before_the_engine)
+async def generate(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     return await _run_generation(context, params, _generation_request(context, params, prompt=params["prompt"]))
 
 
-@rpc_method("chat")
-async def chat(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+@rpc_method("chat", when_cancelled=_cancelled_before_the_engine)
+async def chat(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     return await _run_generation(context, params, _generation_request(context, params, messages=params["messages"]))
 
 
 @rpc_method("tokenize")
-async def tokenize(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def tokenize(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     engine = context.engine
     location = await engine.resolve(params.get("model"))
     with engine.holding(location.name):

@@ -9,8 +9,9 @@ from typing import Any
 
 from .. import __version__, schema
 from ..blas import blas_in_use
+from ..inflight import InFlightRequest
 from ..protocol_defs import PROTOCOL_VERSION
-from . import rpc_method
+from .table import rpc_method
 
 log = logging.getLogger("localmlx.session")
 
@@ -23,7 +24,7 @@ def _package_version(name: str) -> str:
 
 
 @rpc_method("initialize")
-async def initialize(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def initialize(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     session, settings = context.session, context.settings
     session.lifecycle.initialized = True
     session.lifecycle.client_info = params.get("clientInfo") or {}
@@ -46,18 +47,18 @@ async def initialize(context: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 @rpc_method("ping")
-async def ping(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def ping(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
 @rpc_method("shutdown")
-async def shutdown(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def shutdown(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     await context.session.shutdown(context.id)
     return {}
 
 
 @rpc_method("server/status")
-async def server_status(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def server_status(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     status = context.engine.status()
     status["uptimeMs"] = round((time.monotonic() - context.session.started_at) * 1000, 3)
     status["blas"] = blas_in_use().to_json()

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 from typing import Any
 
 from .. import model_config
-from ..engine.registry import ModelOptions
+from ..engine.registry import ModelOptions, iso_utc
 from ..errors import InvalidParams, ModelLoading
 from ..hub import delete_model_files
+from ..inflight import InFlightRequest
 from ..settings import parse_duration
-from . import rpc_method
-
-
-def _iso(wall: float) -> str:
-    return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat(timespec="seconds")
+from .table import rpc_method
 
 
 @rpc_method("models/list")
-async def list_models(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def list_models(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     engine = context.engine
 
     def on_disk() -> list[dict[str, Any]]:  # walks directories and reads configs
@@ -31,11 +27,11 @@ async def list_models(context: Any, params: dict[str, Any]) -> dict[str, Any]:
     for entry in models:
         loaded = engine.registry.peek(entry["model"])
         entry["loaded"] = loaded is not None
-        entry["lastUsed"] = _iso(loaded.last_used_at) if loaded is not None else None
+        entry["lastUsed"] = iso_utc(loaded.last_used_at) if loaded is not None else None
     return {"models": models}
 
 
-def _options(context: Any, params: dict[str, Any]) -> ModelOptions | None:
+def _options(context: InFlightRequest, params: dict[str, Any]) -> ModelOptions | None:
     """The options a models/load names; None when it names none (a loaded model keeps its own)."""
     if not any(key in params for key in ("keepAlive", "kvBits", "maxKvSize")):
         return None
@@ -46,25 +42,23 @@ def _options(context: Any, params: dict[str, Any]) -> ModelOptions | None:
 
 
 @rpc_method("models/load")
-async def load_model(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def load_model(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     location = await context.engine.resolve(params["model"])
-    context.model = location.name
     loaded, already = await context.engine.load(location, context.progress, _options(context, params))
     return dict(loaded.describe(), alreadyLoaded=already)
 
 
 @rpc_method("models/unload")
-async def unload_model(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def unload_model(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     """Work running or waiting on the model is the server's to cancel (-32802, reason unload)."""
     engine = context.engine
     location = await engine.resolve(params["model"])
-    context.job = engine.submit_unload(location.name)
-    unloaded = await context.job.future
+    unloaded = await engine.submit_unload(location.name).future  # a cancel does not stop it
     return {"model": location.name, "unloaded": bool(unloaded)}
 
 
 @rpc_method("models/delete")
-async def delete_model(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def delete_model(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     """Only files under the models dir or in the Hugging Face cache are ever deleted."""
     engine = context.engine
     location = await engine.resolve(params["model"])
@@ -76,14 +70,13 @@ async def delete_model(context: Any, params: dict[str, Any]) -> dict[str, Any]:
             raise InvalidParams(f"Model {location.name} is loaded: unload it first, or pass force: true",
                                 errors=[{"path": "/force", "message": "the model is loaded"}],
                                 model=location.name, loaded=True)
-        context.job = engine.submit_unload(location.name)
-        unloaded = bool(await context.job.future)
+        unloaded = bool(await engine.submit_unload(location.name).future)
     freed = await asyncio.to_thread(delete_model_files, engine.locator, location)
     return {"model": location.name, "deleted": freed is not None, "bytesFreed": freed or 0, "unloaded": unloaded}
 
 
 @rpc_method("models/status")
-async def model_status(context: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def model_status(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     engine = context.engine
     location = await engine.resolve(params["model"])
     status: dict[str, Any] = {"model": location.name, "source": location.source,
