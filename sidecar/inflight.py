@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 PROGRESS_INTERVAL_S = 0.05
+
+T = TypeVar("T")
 
 
 class ProgressReporter:
@@ -84,7 +86,7 @@ class Server(Protocol):
     lifecycle: Lifecycle
     started_at: float
 
-    async def shutdown(self, own_id: Any) -> None: ...
+    async def shutdown(self, own_id: jsonrpc.RequestId) -> None: ...
 
     def inject_fault(self, name: str) -> None: ...
 
@@ -161,7 +163,7 @@ class InFlightRequest:
         elif self.task is not None:
             self.task.cancel()
 
-    async def outcome_of(self, job: Job, cancel: Callable[[Job, CancelReason], None]) -> Any:
+    async def outcome_of(self, job: Job[T], cancel: Callable[[Job[Any], CancelReason], None]) -> T:
         """The outcome of the engine work `job`. From now on cancelling the request calls
         `cancel(job, reason)` instead of ending its task: the work stops and answers for
         itself, so that the request is answered exactly once, by its work."""
@@ -173,7 +175,8 @@ class InFlightRequest:
             # stopped at once, and its answer, which comes within a step, is the request's.
             cancel(job, self.cancel_reason)
             with anyio.CancelScope(shield=True):
-                return await job.future
+                outcome = await job.future
+            return outcome
         except anyio.get_cancelled_exc_class():  # the session is ending: its work ends too
             cancel(job, self.cancel_reason or CancelReason.EXIT)
             raise

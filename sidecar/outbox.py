@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .jsonrpc import RequestId
 from .transport import encode_message
 
 log = logging.getLogger("localmlx.outbox")
@@ -31,7 +32,7 @@ class ChunkStream:
     the same channel in a row join into one chunk; a change of channel starts the next, so
     the order of answer, reasoning and calls survives coalescing."""
 
-    def __init__(self, outbox: Outbox, request_id: Any, limit_bytes: int) -> None:
+    def __init__(self, outbox: Outbox, request_id: RequestId, limit_bytes: int) -> None:
         self._outbox = outbox
         self.request_id = request_id
         self.limit_bytes = limit_bytes
@@ -109,7 +110,7 @@ class Outbox:
         """Queue one message (any thread); encoded here so the writer only writes."""
         self._enqueue(encode_message(message))
 
-    def open_stream(self, request_id: Any) -> ChunkStream:
+    def open_stream(self, request_id: RequestId) -> ChunkStream:
         return ChunkStream(self, request_id, self._stream_limit_bytes)
 
     def close(self, timeout: float = 5.0) -> None:

@@ -19,7 +19,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -49,7 +50,7 @@ Frame = tuple[bytes | OversizedLine, Callable[[], None], float]  # a line, its r
 Reply = Callable[[Any], None]  # a line's (or a batch member's) one answer; None for a notification
 
 
-def _stop_signals() -> tuple[int, ...]:
+def _stop_signals() -> tuple[signal.Signals, ...]:
     """SIGTERM; and SIGINT run by hand at a terminal (spawned, the client decides)."""
     by_hand = sys.stdin is not None and sys.stdin.isatty()
     return (signal.SIGTERM, signal.SIGINT) if by_hand else (signal.SIGTERM,)
@@ -74,7 +75,7 @@ class BatchAnswer:
 
 class Session:
     def __init__(self, settings: Settings, wire_fd: int, read_fd: int = 0, parent_pid: int | None = None,
-                 stop_signals: tuple[int, ...] | None = None) -> None:
+                 stop_signals: tuple[signal.Signals, ...] | None = None) -> None:
         self.settings = settings
         self._parent_pid = os.getppid() if parent_pid is None else parent_pid
         self._stop_signals = _stop_signals() if stop_signals is None else stop_signals
@@ -82,7 +83,7 @@ class Session:
         self.lifecycle = Lifecycle()
         self._wire_fd = wire_fd
         self._read_fd = read_fd
-        self._inflight: dict[tuple[str, Any], InFlightRequest] = {}
+        self._inflight: dict[jsonrpc.IdKey, InFlightRequest] = {}
         self._faults = {f for f in settings.inject_faults if f.startswith("method:")}
         self.exit_code: int | None = None
         self._large_lines = 0  # large lines whose requests are not all answered yet
@@ -241,7 +242,7 @@ class Session:
         self._inflight[key] = request
         request.task = self._tasks.start_soon(self._serve, request)
 
-    def _refusal(self, call: jsonrpc.Call, key: tuple[str, Any]) -> RpcError | None:
+    def _refusal(self, call: jsonrpc.Call, key: jsonrpc.IdKey) -> RpcError | None:
         if key in self._inflight:
             return InvalidRequest("Invalid Request: this id is already in use by a request in flight", id=call.id)
         limit = self.settings.max_pending_requests
@@ -291,7 +292,7 @@ class Session:
         except RpcError as error:
             log.warning("bad %s notification: %s", call.method, error.message)
 
-    def cancel(self, id_: Any, reason: CancelReason = CancelReason.CLIENT) -> None:
+    def cancel(self, id_: jsonrpc.RequestId, reason: CancelReason = CancelReason.CLIENT) -> None:
         """Unknown or finished ids are ignored, as the spec says."""
         request = self._inflight.get(jsonrpc.id_key(id_))
         if request is not None:
@@ -299,13 +300,13 @@ class Session:
 
     # ---- shutdown and exit ---------------------------------------------------------------
 
-    async def shutdown(self, own_id: Any) -> None:
+    async def shutdown(self, own_id: jsonrpc.RequestId) -> None:
         self.lifecycle.shutting_down = True
         self.lifecycle.shutdown_requested = True
         self._cancel_all(CancelReason.SHUTDOWN, keep=jsonrpc.id_key(own_id))
         await self.engine.unload_all(CancelReason.SHUTDOWN)
 
-    def _cancel_all(self, reason: CancelReason, keep: tuple[str, Any] | None = None) -> None:
+    def _cancel_all(self, reason: CancelReason, keep: jsonrpc.IdKey | None = None) -> None:
         for key, request in list(self._inflight.items()):
             if key != keep:
                 request.cancel(reason)
@@ -341,10 +342,8 @@ class Session:
 def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
     """From another thread: `fn` runs on the loop, unless the session is over and the loop
     closed (then there is no one left to tell)."""
-    try:
+    with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:
-        pass
 
 
 def _send_or_drop(stream: MemoryObjectSendStream[Frame], frame: Frame) -> None:

@@ -10,24 +10,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 
 from ..embeddings.work import EmbeddingWork
 from ..embeddings.work import tokenize as embedding_tokens
 from ..errors import InvalidParams, ModelLoadFailed, ModelLoading, ModelNotLoaded, RpcError, brief
-from ..hub import ModelLocation, ModelLocator
+from ..hub import ModelLocation, ModelLocator, Progress
 from ..settings import Settings
-from .generation import (GenerationOrder, GenerationRequest, GenerationResult, PreparedGeneration,
-                         clean_text, prepare)
+from ..text import clean_text
+from .budget import weight_bytes
+from .generation import GenerationOrder, GenerationRequest, GenerationResult, PreparedGeneration, prepare
 from .jobs import CancelReason, Job
 from .memory import memory_snapshot
-from .budget import weight_bytes
-from .registry import LoadedModel, ModelOptions, ModelRegistry, Progress
+from .registry import LoadedModel, ModelOptions, ModelRegistry
 from .residency import Residency
 from .response_cache import CachedResponse, response_key
 from .scheduler import Scheduler
@@ -36,8 +39,10 @@ __all__ = ["CancelReason", "Engine", "GenerationRequest", "GenerationResult", "J
 
 log = logging.getLogger("localmlx.engine")
 
+T = TypeVar("T")
 
-def _no_progress(*_: Any, **__: Any) -> None:
+
+def _no_progress(*_: Any, **__: Any) -> None:  # any arguments: downloads and conversion pass message, details
     pass
 
 
@@ -59,8 +64,8 @@ class Engine:
         self.loop = loop
         self.locator = ModelLocator(settings)
         self.registry = ModelRegistry(settings)
-        self._device: asyncio.Future = loop.create_future()
-        self._loads: dict[str, asyncio.Task] = {}
+        self._device: asyncio.Future[str] = loop.create_future()
+        self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
         self._tokenizer_locks: dict[str, threading.Lock] = {}
         self._holds: collections.Counter[str] = collections.Counter()  # on the loop thread only
         self.scheduler = Scheduler(settings, self.registry, on_start=self._start_engine_thread)
@@ -72,23 +77,26 @@ class Engine:
         """First thing on the engine thread: ask MLX for the device and the memory budget
         (what `initialize` waits for), then import mlx-lm, which takes seconds, while the
         client proceeds."""
+        device: str | BaseException
         try:
-            device, failed = _describe_device(), False
+            device = _describe_device()
             self.residency.budget  # noqa: B018 (asked now, on this thread)
         except BaseException as exc:
-            device, failed = exc, True
-        self._settle(self._device, device, failed)
+            device = exc
+        self._settle_device(device)
         import mlx_lm  # noqa: F401
 
-    def _settle(self, future: asyncio.Future, outcome: Any, failed: bool) -> None:
+    def _settle_device(self, outcome: str | BaseException) -> None:
         def set_outcome() -> None:
-            if not future.done():
-                future.set_exception(outcome) if failed else future.set_result(outcome)
+            if self._device.done():
+                return
+            if isinstance(outcome, BaseException):
+                self._device.set_exception(outcome)
+            else:
+                self._device.set_result(outcome)
 
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
             self.loop.call_soon_threadsafe(set_outcome)
-        except RuntimeError:
-            pass
 
     async def device_description(self) -> str:
         """"gpu (Apple M3 Max)" or "cpu": asked on the engine thread, like all MLX calls."""
@@ -135,7 +143,7 @@ class Engine:
         if task is None:
             task = self.loop.create_task(self._load(location, progress, options or self.default_options()))
             self._loads[location.name] = task
-            task.add_done_callback(lambda t, name=location.name: self._load_ended(name, t))
+            task.add_done_callback(functools.partial(self._load_ended, location.name))
         return await asyncio.shield(task), False
 
     def default_options(self) -> ModelOptions:
@@ -144,7 +152,7 @@ class Engine:
     async def _change_options(self, loaded: LoadedModel, options: ModelOptions) -> None:
         """On the engine thread, which owns a loaded model's options (and then looks at
         keep-alives again: this one may now run out sooner)."""
-        def change(job: Job) -> None:
+        def change(job: Job[None]) -> None:
             kv_changed = (options.kv_bits, options.max_kv_size) != (loaded.options.kv_bits, loaded.options.max_kv_size)
             loaded.options = options
             if kv_changed and loaded.response_cache is not None:
@@ -154,13 +162,13 @@ class Engine:
         self.scheduler.submit_control(job)
         await job.future
 
-    def _load_ended(self, name: str, task: asyncio.Task) -> None:
+    def _load_ended(self, name: str, task: asyncio.Task[LoadedModel]) -> None:
         self._loads.pop(name, None)
         if not task.cancelled() and task.exception() is not None:
             log.info("load of %s failed: %s", name, task.exception())
 
     async def _load(self, location: ModelLocation, progress: Progress, options: ModelOptions) -> LoadedModel:
-        def files_and_size() -> tuple[Any, int]:
+        def files_and_size() -> tuple[Path, int]:
             path = self.locator.materialize(location, progress)
             return path, weight_bytes(path)
 
@@ -173,7 +181,7 @@ class Engine:
             raise ModelLoadFailed(f"Model load failed for {location.name}: {brief(exc)}",
                                   model=location.name, reason=type(exc).__name__) from exc
 
-        def run(job: Job) -> LoadedModel:
+        def run(job: Job[LoadedModel]) -> LoadedModel:
             return self.residency.load(location, path, required, options, progress)
 
         job = Job("load", self.loop, model=location.name, run=run)
@@ -213,13 +221,13 @@ class Engine:
         """Read from the engine thread: a copy, made in one step."""
         return set(self._holds.copy())
 
-    def submit_unload(self, name: str) -> Job:
+    def submit_unload(self, name: str) -> Job[bool]:
         job = Job("unload", self.loop, model=name, run=lambda job: self.residency.unload(name))
         self.scheduler.submit_control(job)
         return job
 
     async def unload_all(self, reason: CancelReason = CancelReason.SHUTDOWN) -> None:
-        def run(job: Job) -> None:
+        def run(job: Job[None]) -> None:
             for name in self.registry.names():
                 self.residency.unload(name, reason)
 
@@ -248,11 +256,11 @@ class Engine:
             raise InvalidParams(f"Model {loaded.name} is an embedding model: it serves embed, not {request.method}",
                                 errors=[{"path": "/model", "message": "an embedding model cannot generate"}],
                                 model=loaded.name, capabilities=["embed"])
-        with_lock = self._with_tokenizer_lock(loaded)
-        return await asyncio.to_thread(with_lock, prepare, loaded, request)
+        return await self._tokenizing(loaded, functools.partial(prepare, loaded, request))
 
-    def submit_generation(self, order: GenerationOrder, model: str) -> Job:
-        job = Job("generate", self.loop, model=model, payload=order, keep_alive=order.request.keep_alive)
+    def submit_generation(self, order: GenerationOrder, model: str) -> Job[GenerationResult]:
+        job = Job[GenerationResult]("generate", self.loop, model=model, payload=order,
+                                    keep_alive=order.request.keep_alive)
         self.scheduler.submit_generation(job)
         return job
 
@@ -261,23 +269,26 @@ class Engine:
     async def prepare_embedding(self, loaded: LoadedModel, texts: list[str], dimensions: int,
                                 normalize: bool, progress: Progress = _no_progress) -> EmbeddingWork:
         """Tokenize and check on a worker thread: the engine thread only runs the model."""
-        def tokens() -> list[list[int]]:
-            return embedding_tokens(loaded.tokenizer, texts, loaded.embedder.max_tokens, loaded.bytes_per_token)
+        embedder = loaded.embedder
+        assert embedder is not None  # the embed method has checked that it is an embedding model
 
-        rows = await asyncio.to_thread(self._with_tokenizer_lock(loaded), tokens)
+        def tokens() -> list[list[int]]:
+            return embedding_tokens(loaded.tokenizer, texts, embedder.max_tokens, loaded.bytes_per_token)
+
+        rows = await self._tokenizing(loaded, tokens)
         return EmbeddingWork(loaded, rows, dimensions, normalize, progress)
 
-    def submit_embedding(self, work: EmbeddingWork, model: str, keep_alive: float | None = None) -> Job:
-        job = Job("embed", self.loop, model=model, payload=work, keep_alive=keep_alive)
+    def submit_embedding(self, work: EmbeddingWork, model: str, keep_alive: float | None = None) -> Job[dict[str, Any]]:
+        job = Job[dict[str, Any]]("embed", self.loop, model=model, payload=work, keep_alive=keep_alive)
         self.scheduler.submit_embedding(job)
         return job
 
     def cached_response(self, loaded: LoadedModel, request: GenerationRequest) -> CachedResponse | None:
         cache = loaded.response_cache
         key = response_key(request) if cache is not None else None
-        return cache.get(key) if key is not None else None
+        return cache.get(key) if cache is not None and key is not None else None
 
-    def cancel(self, job: Job, reason: CancelReason) -> None:
+    def cancel(self, job: Job[Any], reason: CancelReason) -> None:
         """The one way work is cancelled: by the client, shutdown, exit or unload."""
         self.scheduler.cancel(job, reason)
 
@@ -285,17 +296,18 @@ class Engine:
         def encode() -> list[int]:
             return list(loaded.tokenizer.encode(clean_text(text), add_special_tokens=add_special_tokens))
 
-        return await asyncio.to_thread(self._with_tokenizer_lock(loaded), encode)
+        return await self._tokenizing(loaded, encode)
 
-    def _with_tokenizer_lock(self, loaded: LoadedModel) -> Callable[..., Any]:
-        """Fast tokenizers are not safe to drive from several threads at once."""
+    async def _tokenizing(self, loaded: LoadedModel, work: Callable[[], T]) -> T:
+        """`work` on a worker thread, holding the model's tokenizer: fast tokenizers are not
+        safe to drive from several threads at once."""
         lock = self._tokenizer_locks.setdefault(loaded.name, threading.Lock())
 
-        def call(fn: Callable[..., Any], *args: Any) -> Any:
+        def locked() -> T:
             with lock:
-                return fn(*args)
+                return work()
 
-        return call
+        return await asyncio.to_thread(locked)
 
     # ---- status ------------------------------------------------------------------------
 

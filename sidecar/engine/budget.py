@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelLoadFailed, OutOfMemory
+
+if TYPE_CHECKING:
+    from .registry import LoadedModel
 
 DEFAULT_SHARE = 0.7  # of physical memory, when LOCALMLX_MEMORY_BUDGET is not set
 
@@ -67,7 +71,8 @@ def _tensor_bytes(path: Path) -> int:
     return end
 
 
-def models_to_unload(required: int, budget: int, loaded: Iterable[Any], busy: set[str]) -> list[Any]:
+def models_to_unload(required: int, budget: int, loaded: Iterable[LoadedModel],
+                     busy: set[str]) -> list[LoadedModel]:
     """The idle models to unload, least recently used first, so that `required` more bytes
     fit in `budget`; OutOfMemory when even unloading every idle one is not enough."""
     models = list(loaded)

@@ -17,6 +17,10 @@ from .tools import marks_tool_calls
 ANSWER, REASONING, TOOL = "normal", "reasoning", "tool"
 UNFINISHED_TOOL = "unfinished_tool"
 
+# mlx-lm's TextStateMachine state, which it leaves untyped: (channel, trie node, its states,
+# held-back text); the channel is None once a stop string has matched.
+MachineState = tuple[str | None, Any, Any, str]
+
 
 def _transitions(tokenizer: Any, stop: list[str], reasoning: bool,
                  tool_calls: bool) -> dict[str, list[tuple[str, str | None]]]:
@@ -41,7 +45,9 @@ def starts_in_reasoning(tokenizer: Any, prompt: list[int]) -> bool:
     a forced think prefix): its first tokens are reasoning."""
     if not getattr(tokenizer, "has_thinking", False):
         return False
-    return tokenizer.rfind_think_start(prompt) > tokenizer.rfind_think_end(prompt)
+    opened: int = tokenizer.rfind_think_start(prompt)
+    closed: int = tokenizer.rfind_think_end(prompt)
+    return opened > closed
 
 
 class OutputChannels:
@@ -58,7 +64,7 @@ class OutputChannels:
         transitions = _transitions(tokenizer, stop, reasoning, tool_calls)
         transitions.setdefault(initial, [])
         self._ends_with_marker = bool(transitions.get(TOOL))
-        self._state = TextStateMachine(transitions).make_state(initial)
+        self._state: MachineState = TextStateMachine(transitions).make_state(initial)
         self._tool_text: list[str] | None = None
         self.stopped = False  # a stop string matched: the answer is over
 

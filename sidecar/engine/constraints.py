@@ -16,16 +16,20 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidParams
+
+if TYPE_CHECKING:  # llguidance is imported when a grammar is first compiled
+    from llguidance import LLMatcher
+    from llguidance._lib import JsonCompileOptions  # a TypedDict of its stubs only
 
 log = logging.getLogger("localmlx.engine")
 
 # JSON layout the mask allows between tokens: one space, or a newline and an indent (as
 # llama.cpp's JSON grammars do), so both compact and pretty-printed JSON fit but a model (or
 # random weights) cannot spend its budget on blanks. A schema's own "x-guidance" overrides it.
-JSON_OPTIONS = {"whitespace_pattern": r"(?: |\n[ \t]{0,20})"}
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_pattern": r"(?: |\n[ \t]{0,20})"}
 GRAMMARS_PER_MODEL = 32  # compiled grammars kept per loaded model (least recently used go)
 _SHORT = 240
 
@@ -35,16 +39,24 @@ _SHORT = 240
 
 def response_format_grammar(response_format: dict[str, Any] | None) -> str | None:
     """The llguidance grammar for a `responseFormat`, or None for plain text."""
-    kind = (response_format or {}).get("type", "text")
-    if kind == "text":
+    schema = _requested_schema(response_format)
+    if schema is None:
         return None
-    schema = {"type": "object"} if kind == "json_object" else response_format["schema"]
     try:
         from llguidance import LLMatcher
 
         return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
     except ValueError as exc:
         raise _cannot_compile(str(exc), "/responseFormat/schema") from None
+
+
+def _requested_schema(response_format: dict[str, Any] | None) -> Any:
+    """The JSON Schema a `responseFormat` asks for (any object for json_object), or None for
+    plain text."""
+    kind = (response_format or {}).get("type", "text")
+    if response_format is None or kind == "text":
+        return None
+    return {"type": "object"} if kind == "json_object" else response_format["schema"]
 
 
 def _tool_call_schema(tools: list[dict[str, Any]], choice: str) -> dict[str, Any]:
@@ -84,10 +96,10 @@ class _ModelGrammars:
         self.eos_ids = sorted(tokenizer.eos_token_ids)
         self.hf = hf
         self.ll = llguidance.hf.from_tokenizer(hf, n_vocab=self.n_vocab, eos_token=self.eos_ids)
-        self._compiled: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._compiled: collections.OrderedDict[str, LLMatcher] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def matcher(self, grammar: str, path: str) -> Any:
+    def matcher(self, grammar: str, path: str) -> LLMatcher:
         """A fresh matcher for `grammar` (a copy of the compiled one, which stays unused)."""
         from llguidance import LLMatcher
 
@@ -238,8 +250,7 @@ def compile_response_format(tokenizer: Any, vocab_size: int | None, response_for
     from llguidance import LLMatcher
 
     grammars = _grammars(tokenizer, vocab_size)
-    kind = response_format["type"]
-    schema = {"type": "object"} if kind == "json_object" else response_format["schema"]
+    schema = _requested_schema(response_format)
     if isinstance(schema, dict) and "x-guidance" not in schema:
         schema = {**schema, "x-guidance": JSON_OPTIONS}
     rules = [f"start: {_reasoning_prefix(reasoning, opened)}answer", f"answer: %json {json.dumps(schema)}",
@@ -263,7 +274,7 @@ class Constraint:
     """One request's grammar state. `processor(prompt_length)` is its mlx-lm logits processor;
     `mask_ms_per_token` what it cost."""
 
-    matcher: Any
+    matcher: LLMatcher
     grammars: _ModelGrammars
     mask_seconds: float = 0.0
     masks: int = 0

@@ -9,26 +9,32 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ContextLengthExceeded, InvalidParams, brief
+from ..hub import Progress
+from ..jsonrpc import RequestId
 from ..length_bound import fewest_tokens
+from ..outbox import ChunkStream
 from ..schema import MAX_SCHEMA_VALUES, check_size
 from ..text import clean_text
 from .channels import ANSWER, REASONING, TOOL, OutputChannels, starts_in_reasoning
-from .constraints import compile_response_format, compile_tool_call
+from .constraints import Constraint, compile_response_format, compile_tool_call
 from .jobs import CancelReason, Job
 from .reasoning import ThinkingBudget
+from .registry import LoadedModel
 from .sampling import SamplingParams, check_logit_bias, make_logits_processors, make_sampler
-from .tools import (ToolCallReader, check_tool_schemas, forces_a_call, marks_tool_calls, offered_tools,
-                    template_message)
+from .tools import ToolCallReader, check_tool_schemas, forces_a_call, marks_tool_calls, offered_tools, template_message
+
+if TYPE_CHECKING:  # mlx-lm is imported on the engine thread, when used
+    from mlx_lm.sample_utils import LogitsProcessor, Sampler
 
 
 @dataclass
 class GenerationRequest:
-    request_id: Any
+    request_id: RequestId
     received_at: float  # perf_counter when the request line was read
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     prompt: str | None
     max_tokens: int
     sampling: SamplingParams
@@ -43,14 +49,14 @@ class GenerationRequest:
     tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
     thinking: bool | None = None  # None: the template's default
     thinking_budget: int | None = None
-    progress: Any = None  # the request's $/progress reporter: prompt processing is reported
+    progress: Progress | None = None  # the request's $/progress reporter: prompt processing is reported
 
     @property
     def method(self) -> str:
         return "chat" if self.messages is not None else "generate"
 
 
-def check_length(loaded: Any, text: str) -> None:
+def check_length(loaded: LoadedModel, text: str) -> None:
     """-32016 for a prompt whose length alone shows that it cannot fit the model's context,
     before any of it is tokenized (see length_bound)."""
     context, per_token = loaded.context_length, loaded.bytes_per_token
@@ -63,7 +69,7 @@ def check_length(loaded: Any, text: str) -> None:
             f"the model's context is {context}", promptTokens=fewest, contextLength=context, judgedBy="length")
 
 
-def prompt_tokens(loaded: Any, request: GenerationRequest, tools: list[dict[str, Any]]) -> list[int]:
+def prompt_tokens(loaded: LoadedModel, request: GenerationRequest, tools: list[dict[str, Any]]) -> list[int]:
     """The request as token ids: messages through the chat template (with `tools`, those
     offered), or the raw prompt. A text far too long for the context is refused before it
     is tokenized."""
@@ -102,19 +108,20 @@ class PreparedGeneration:
     max_tokens: int  # clipped to the context
     tools: list[dict[str, Any]] = field(default_factory=list)  # offered to the model
     reasoning_first: bool = False  # the template opened a think block
-    constraint: Any = None  # constraints.Constraint: the token mask of a structured output or forced call
+    constraint: Constraint | None = None  # the token mask of a structured output or forced call
 
     @property
     def reads_tool_calls(self) -> bool:
         return bool(self.tools)
 
 
-def prepare(loaded: Any, request: GenerationRequest) -> PreparedGeneration:
+def prepare(loaded: LoadedModel, request: GenerationRequest) -> PreparedGeneration:
     """Tokenize and check a request against its model (runs on a worker thread)."""
     if request.tools:
         check_tool_schemas(request.tools)
-    if isinstance((request.response_format or {}).get("schema"), dict):
-        check_size(request.response_format["schema"], "/responseFormat/schema", levels=0, max_values=MAX_SCHEMA_VALUES)
+    schema = (request.response_format or {}).get("schema")
+    if isinstance(schema, dict):
+        check_size(schema, "/responseFormat/schema", levels=0, max_values=MAX_SCHEMA_VALUES)
     tools = offered_tools(request.tools, request.tool_choice) if request.messages is not None else []
     prompt = prompt_tokens(loaded, request, tools)
     if not prompt:
@@ -146,8 +153,8 @@ def _reasoning_markers(tokenizer: Any, request: GenerationRequest) -> tuple[str,
     return tokenizer.think_start, tokenizer.think_end
 
 
-def _tool_call_constraint(loaded: Any, request: GenerationRequest, tools: list[dict[str, Any]],
-                          reasoning: tuple[str, str] | None, reasoning_first: bool) -> Any:
+def _tool_call_constraint(loaded: LoadedModel, request: GenerationRequest, tools: list[dict[str, Any]],
+                          reasoning: tuple[str, str] | None, reasoning_first: bool) -> Constraint | None:
     """toolChoice "required" or a named tool: the output is made to be one call in the
     model's own format (after the reasoning block, for a model that reasons)."""
     choice = request.tool_choice
@@ -167,7 +174,7 @@ class GenerationOrder:
     """What the engine thread is handed: the prepared generation and where its text goes."""
 
     prepared: PreparedGeneration
-    stream: Any  # outbox ChunkStream when streaming, else None
+    stream: ChunkStream | None  # None: not streamed
 
     @property
     def request(self) -> GenerationRequest:
@@ -223,7 +230,7 @@ class GenerationResult:
 
     @classmethod
     def cancelled_before_start(cls, model: str, received_at: float, stream: bool,
-                               reason: CancelReason) -> "GenerationResult":
+                               reason: CancelReason) -> GenerationResult:
         """A generation cancelled before it ran a step: no tokens, all of its time queued."""
         elapsed = _ms(time.perf_counter() - received_at)
         return cls(model, "cancelled", 0, 0, 0,
@@ -236,16 +243,16 @@ class Generation:
     """A generation admitted to the engine: routes each sampled token to text, stop strings
     and the client's stream, and keeps the numbers its result reports."""
 
-    job: Job
-    loaded: Any  # LoadedModel
+    job: Job[GenerationResult]
+    loaded: LoadedModel
     prepared: PreparedGeneration
-    stream: Any  # outbox ChunkStream when streaming, else None
-    sampler: Any = None
-    logits_processors: list[Any] = field(default_factory=list)
+    stream: ChunkStream | None  # None: not streamed
+    sampler: Sampler = field(init=False)
+    logits_processors: list[LogitsProcessor] = field(init=False)
     cached_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
-    parked: Any = None  # (cache, tokens, last_token) while parked for back-pressure
+    parked: tuple[Any, list[int], int] | None = None  # (mlx-lm cache, tokens, last token) while parked
     peak_memory: int = 0
     _parts: list[str] = field(default_factory=list)
     _reasoning: list[str] = field(default_factory=list)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Generic, TypeVar
 
 from ..errors import RequestCancelled, RpcError, ServerCancelled
 
+T = TypeVar("T")
 
-class CancelReason(str, enum.Enum):
+
+class CancelReason(enum.StrEnum):
     """Why work stops before it is done. The value is what `data.reason` says on the wire."""
 
     CLIENT = "client"  # $/cancelRequest
@@ -28,19 +32,20 @@ class CancelReason(str, enum.Enum):
 
 
 @dataclass(eq=False)
-class Job:
-    """One request's work for the engine thread. `cancel_reason` is written by the event
-    loop (through `Engine.cancel`) and read by the engine thread between steps."""
+class Job(Generic[T]):
+    """One request's work for the engine thread, whose outcome is a `T`. `cancel_reason` is
+    written by the event loop (through `Engine.cancel`) and read by the engine thread between
+    steps."""
 
     kind: str  # "load" | "unload" | "options" | "generate" | "embed"
     loop: asyncio.AbstractEventLoop
-    model: str | None = None
-    run: Callable[["Job"], Any] | None = None  # control work; generations carry a request instead
-    payload: Any = None
+    model: str = ""  # the model it works on; "" for work on none in particular (unloading all)
+    run: Callable[[Job[T]], T] | None = None  # control work; generations carry a request instead
+    payload: object = None  # what the scheduler reads: a GenerationOrder, or an EmbeddingWork
     keep_alive: float | None = None  # the request's keepAlive: its model's once the engine takes the job
     cancel_reason: CancelReason | None = None
     queued_at: float = field(default_factory=time.perf_counter)
-    future: asyncio.Future = field(init=False)
+    future: asyncio.Future[T] = field(init=False)
 
     def __post_init__(self) -> None:
         self.future = self.loop.create_future()
@@ -49,18 +54,18 @@ class Job:
     def cancelled(self) -> bool:
         return self.cancel_reason is not None
 
-    def settle(self, outcome: Any, failed: bool = False) -> None:
-        """Deliver the outcome from any thread; the first outcome wins."""
+    def settle(self, outcome: T) -> None:
+        """Deliver the outcome from any thread; the first outcome (or failure) wins."""
+        self._deliver(lambda future: future.set_result(outcome))
 
-        def set_outcome() -> None:
-            if self.future.done():
-                return
-            if failed:
-                self.future.set_exception(outcome)
-            else:
-                self.future.set_result(outcome)
+    def fail(self, error: BaseException) -> None:
+        """Deliver a failure from any thread; the first outcome (or failure) wins."""
+        self._deliver(lambda future: future.set_exception(error))
 
-        try:
-            self.loop.call_soon_threadsafe(set_outcome)
-        except RuntimeError:  # the loop is closed: the process is ending
-            pass
+    def _deliver(self, set_outcome: Callable[[asyncio.Future[T]], None]) -> None:
+        def on_loop() -> None:
+            if not self.future.done():
+                set_outcome(self.future)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
+            self.loop.call_soon_threadsafe(on_loop)

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .generation import Generation
 from .registry import LoadedModel
+
+if TYPE_CHECKING:
+    from mlx_lm.sample_utils import LogitsProcessor
 
 log = logging.getLogger("localmlx.engine")
 
@@ -67,7 +70,7 @@ def _step_back(generation: Generation, cache: Any) -> None:
         rewind()
 
 
-def _with_history(processors: list[Callable[[Any, Any], Any]], history: list[int]) -> list[Callable[[Any, Any], Any]]:
+def _with_history(processors: list[LogitsProcessor], history: list[int]) -> list[LogitsProcessor]:
     """`generate_step` shows logits processors only the tokens it was given; a batch shows
     the whole prompt. Prepend the rest, so penalties see the same context either way."""
     if not processors or not history:
@@ -76,10 +79,17 @@ def _with_history(processors: list[Callable[[Any, Any], Any]], history: list[int
 
     before = mx.array(history, dtype=mx.uint32)
 
-    def seeing_history(process: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def seeing_history(process: LogitsProcessor) -> LogitsProcessor:
         return lambda tokens, logits: process(mx.concatenate([before, tokens.astype(mx.uint32)]), logits)
 
     return [seeing_history(p) for p in processors]
+
+
+def _unpark(generation: Generation) -> tuple[Any, list[int], int]:
+    """A parked generation's (cache, tokens in it, last token), taken back from it."""
+    assert generation.parked is not None  # a lane parks it before it is unparked
+    parked, generation.parked = generation.parked, None
+    return parked
 
 
 class SoloRun:
@@ -249,10 +259,12 @@ class BatchLane:
 
     def _insert(self, generation: Generation, tokens: list[int], cache: Any, history: list[int],
                 max_tokens: int) -> None:
+        stops = self.loaded.eos_stops
+        assert stops is not None  # only an embedding model has none, and it has no lane
         (uid,) = self._batch.insert(
             [tokens], max_tokens=[max_tokens], caches=[cache] if cache is not None else None,
             all_tokens=[history], samplers=[generation.sampler],
-            logits_processors=[generation.logits_processors], stop_sequences=[self.loaded.eos_stops])
+            logits_processors=[generation.logits_processors], stop_sequences=[stops])
         self._by_uid[uid] = generation
 
     def step(self) -> list[Generation]:
@@ -317,15 +329,15 @@ class BatchLane:
             _step_back(generation, cache)
             generation.parked = (cache, list(tokens[:-1]), tokens[-1])
             self._parked.append(generation)
+            stream = generation.stream  # there is one: only a stream throttles
             log.info("request %r paused: its client has not read %d bytes of its stream",
-                     generation.request.request_id, generation.stream.pending_bytes)
+                     generation.request.request_id, stream.pending_bytes if stream is not None else 0)
 
     def resume_drained(self) -> None:
         self._apart.resume_drained()
         for generation in [g for g in self._parked if g.drained and not g.job.cancelled]:
             self._parked.remove(generation)
-            cache, history, last = generation.parked
-            generation.parked = None
+            cache, history, last = _unpark(generation)
             log.info("request %r resumed", generation.request.request_id)
             remaining = generation.max_tokens - generation.completion_tokens
             self._insert(generation, [last], cache, history, max(1, remaining))
@@ -335,9 +347,8 @@ class BatchLane:
         done = [g for g in self._parked if g.job.cancelled]
         for generation in done:
             self._parked.remove(generation)
-            cache, history, last = generation.parked
+            cache, history, _ = _unpark(generation)
             keep_prefix(self.loaded, history, cache)
-            generation.parked = None
             generation.cancel_now()
         solo = self._solo
         if solo is not None and solo.cancelled_while_throttled:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
-from typing import Any, Callable
+from collections.abc import Callable
 
 import psutil
 
@@ -59,7 +59,7 @@ def release_memory(mlx_cache: bool = False) -> None:
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], Any] | None:
+def _malloc_trim() -> Callable[[int], int] | None:
     try:
         trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     except (OSError, TypeError):  # no C library to look in

@@ -30,7 +30,7 @@ class ThinkingBudget:
         return _forced(logits, self._end[self._closing_progress()])
 
     def _follow(self, token: int) -> None:
-        self._recent = (self._recent + [token])[-max(len(self._start), len(self._end), 1):]
+        self._recent = [*self._recent, token][-max(len(self._start), len(self._end), 1):]
         if self._reasoning:
             self._spent += 1
             if self._ends_with(self._end):

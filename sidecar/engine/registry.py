@@ -14,12 +14,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable  # noqa: F401
+from typing import TYPE_CHECKING, Any
 
 from ..embeddings.detect import embedding_kind
-from ..embeddings.embedder import load_embedder, load_tokenizer
+from ..embeddings.embedder import Embedder, load_embedder, load_tokenizer
 from ..errors import ModelLoadFailed, OutOfMemory, brief
-from ..hub import ModelLocation
+from ..hub import ModelLocation, Progress
 from ..length_bound import most_bytes_per_token
 from ..model_config import context_length as _context_length
 from ..model_config import quantization as _quantization
@@ -28,9 +28,11 @@ from ..settings import Settings
 from .memory import is_out_of_memory, release_memory
 from .response_cache import ResponseCache
 
-log = logging.getLogger("localmlx.registry")
+if TYPE_CHECKING:  # imported on the engine thread when used (see above)
+    from mlx_lm.generate import StopSequences
+    from mlx_lm.models.cache import LRUPromptCache
 
-Progress = Callable[[str, float, float | None, str], None]
+log = logging.getLogger("localmlx.registry")
 
 def _warm_up(model: Any, tokenizer: Any) -> None:
     """Run two decode steps once, so kernel compilation is paid at load time and not in
@@ -86,7 +88,7 @@ def capabilities(tokenizer: Any) -> list[str]:
 
 def iso_utc(wall: float) -> str:
     """A wall-clock time as the protocol shows it (ISO 8601, UTC, to the second)."""
-    return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.fromtimestamp(wall, datetime.UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -108,11 +110,11 @@ class LoadedModel:
     description: dict[str, Any]
     location: ModelLocation  # where it was loaded from (its files may since be gone)
     batchable: bool
-    prefix_cache: Any  # mlx_lm LRUPromptCache, or None when disabled
+    prefix_cache: LRUPromptCache | None  # None when disabled
     response_cache: ResponseCache | None
-    eos_stops: Any  # mlx_lm StopSequences of the end-of-sequence tokens
-    options: "ModelOptions"
-    embedder: Any = None  # sidecar.embeddings Embedder for an embedding model (it then only embeds)
+    eos_stops: StopSequences | None  # of the end-of-sequence tokens; None for an embedding model
+    options: ModelOptions
+    embedder: Embedder | None = None  # for an embedding model (it then only embeds)
     last_used: float = field(default_factory=time.monotonic)
     last_used_at: float = field(default_factory=time.time)  # wall clock, for listings
 
@@ -138,7 +140,7 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int | None:
-        return self.description["contextLength"]
+        return _context_length(self.config)
 
     @property
     def vocab_size(self) -> int | None:
@@ -194,7 +196,9 @@ class ModelRegistry:
             else:
                 from mlx_lm import load
 
-                model, tokenizer, config = load(str(path), return_config=True)
+                loaded_parts = load(str(path), return_config=True)
+                assert len(loaded_parts) == 3  # return_config: mlx-lm types it "2 or 3 parts"
+                model, tokenizer, config = loaded_parts
                 progress("warmup", 2, 3, "step")
                 _warm_up(model, tokenizer)
                 loaded = self._wrap(location, path, model, tokenizer, config, options)

@@ -6,14 +6,16 @@ scheduler's loop); other threads only read counters.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ..hub import ModelLocation
+from ..hub import ModelLocation, Progress
 from ..settings import Settings
 from .budget import default_budget_bytes, models_to_unload
 from .jobs import CancelReason
-from .registry import LoadedModel, ModelOptions, ModelRegistry, Progress
+from .registry import LoadedModel, ModelOptions, ModelRegistry
+from .scheduler import Scheduler
 
 log = logging.getLogger("localmlx.residency")
 
@@ -23,7 +25,7 @@ def _quiet(*_: Any) -> None:
 
 
 class Residency:
-    def __init__(self, settings: Settings, registry: ModelRegistry, scheduler: Any,
+    def __init__(self, settings: Settings, registry: ModelRegistry, scheduler: Scheduler,
                  held: Callable[[], set[str]] = set) -> None:
         self.settings = settings
         self.registry = registry

@@ -9,10 +9,15 @@ tokens whether the request runs alone, in a batch, or is parked and resumed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidParams
+
+if TYPE_CHECKING:  # MLX is imported on the engine thread, when used
+    import mlx.core as mx
+    from mlx_lm.sample_utils import LogitsProcessor, Sampler
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64 increment
@@ -55,7 +60,7 @@ class KeyedSampler:
         self._temperature = params.temperature
         self._seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         self._step = 0
-        self._filters: list[Callable[[Any], Any]] = []
+        self._filters: list[Callable[[mx.array], mx.array]] = []
         if 0 < params.top_p < 1:
             self._filters.append(lambda x: apply_top_p(x, params.top_p))
         if params.min_p > 0:
@@ -64,7 +69,7 @@ class KeyedSampler:
         if params.top_k > 0 and (vocab_size is None or params.top_k < vocab_size):
             self._filters.append(lambda x: apply_top_k(x, params.top_k))
 
-    def __call__(self, logprobs: Any) -> Any:
+    def __call__(self, logprobs: mx.array) -> mx.array:
         import mlx.core as mx
 
         key = mx.random.key(_draw_seed(self._seed, self._step))
@@ -77,7 +82,7 @@ class KeyedSampler:
         self._step = max(0, self._step - draws)
 
 
-def make_sampler(params: SamplingParams, vocab_size: int | None) -> Callable[[Any], Any]:
+def make_sampler(params: SamplingParams, vocab_size: int | None) -> Sampler:
     """Greedy requests share mlx-lm's one greedy sampler, so a greedy batch samples in one call."""
     from mlx_lm.sample_utils import greedy_sampler
 
@@ -95,7 +100,7 @@ def check_logit_bias(bias: dict[int, float] | None, vocab_size: int | None) -> N
                     for token in outside[:8]])
 
 
-def make_logits_processors(params: SamplingParams) -> list[Callable[[Any, Any], Any]]:
+def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
     from mlx_lm.sample_utils import make_logits_processors as mlx_lm_processors
 
     def penalty(value: float | None, neutral: float) -> float | None:

@@ -15,11 +15,13 @@ import collections
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from ..embeddings.work import EmbeddingWork
 from ..errors import Busy, InternalError, OutOfMemory, RpcError
 from ..settings import Settings
-from .generation import Generation, GenerationResult
+from .generation import Generation, GenerationOrder, GenerationResult
 from .jobs import CancelReason, Job
 from .lanes import BatchLane, SoloLane
 from .memory import active_bytes, is_out_of_memory
@@ -30,26 +32,29 @@ from .sampling import reset_global_random_state
 log = logging.getLogger("localmlx.engine")
 
 Lane = BatchLane | SoloLane
+GenerationJob = Job[GenerationResult]
+EmbedJob = Job[dict[str, Any]]  # its outcome is the embed result, but for totalMs
+Queued = TypeVar("Queued", bound=Job[Any])
 
 
 class Scheduler:
     def __init__(self, settings: Settings, registry: ModelRegistry,
-                 on_start: Callable[[], Any]) -> None:
+                 on_start: Callable[[], None]) -> None:
         self.settings = settings
         self.registry = registry
         self._on_start = on_start
         self._ready = threading.Condition()
-        self._control: collections.deque[Job] = collections.deque()
-        self._waiting: collections.deque[Job] = collections.deque()  # generations not yet admitted
+        self._control: collections.deque[Job[Any]] = collections.deque()
+        self._waiting: collections.deque[GenerationJob] = collections.deque()  # generations not yet admitted
         self._lanes: dict[str, Lane] = {}
-        self._embeds: collections.deque[Job] = collections.deque()  # embed requests, one micro-batch a turn
+        self._embeds: collections.deque[EmbedJob] = collections.deque()  # embed requests, one micro-batch a turn
         self._turn = 0
         self._poked = False
         self._stopping = False
         self._started = False
         self._faults = set(settings.inject_faults)
         self.housekeeping: Callable[[], float | None] | None = None  # keep-alive expiry, set by the engine
-        self.running_control: Job | None = None
+        self.running_control: Job[Any] | None = None
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
 
     def start(self) -> None:
@@ -57,18 +62,18 @@ class Scheduler:
 
     # ---- from the event loop ---------------------------------------------------------------
 
-    def submit_control(self, job: Job) -> None:
+    def submit_control(self, job: Job[Any]) -> None:
         with self._ready:
             self._control.append(job)
             self._ready.notify()
 
-    def submit_generation(self, job: Job) -> None:
+    def submit_generation(self, job: GenerationJob) -> None:
         self._enqueue(job, self._waiting, "requests")
 
-    def submit_embedding(self, job: Job) -> None:
+    def submit_embedding(self, job: EmbedJob) -> None:
         self._enqueue(job, self._embeds, "embed requests")
 
-    def _enqueue(self, job: Job, queue: collections.deque[Job], what: str) -> None:
+    def _enqueue(self, job: Queued, queue: collections.deque[Queued], what: str) -> None:
         with self._ready:
             if len(queue) >= self.settings.max_queue:
                 raise Busy(f"Busy: {len(queue)} {what} already queued", queued=len(queue),
@@ -76,7 +81,7 @@ class Scheduler:
             queue.append(job)
             self._ready.notify()
 
-    def cancel(self, job: Job, reason: CancelReason) -> None:
+    def cancel(self, job: Job[Any], reason: CancelReason) -> None:
         """Work not started is answered at once; running work stops at its next step."""
         with self._ready:
             if job.cancel_reason is None:
@@ -87,10 +92,10 @@ class Scheduler:
             elif job in self._embeds:  # between micro-batches (the running one checks after its step)
                 self._embeds.remove(job)
                 _log_embed_stopped(job, reason)
-                job.settle(reason.error(), failed=True)
+                job.fail(reason.error())
             elif job in self._control:
                 self._control.remove(job)
-                job.settle(reason.error(), failed=True)
+                job.fail(reason.error())
             self._poked = True
             self._ready.notify()
 
@@ -165,15 +170,20 @@ class Scheduler:
                 return True
         return False
 
-    def _run_control(self, job: Job) -> None:
+    def _run_control(self, job: Job[Any]) -> None:
         self.running_control = job
+        error: BaseException | None = None
         try:
-            outcome, failed = job.run(job), False
+            assert job.run is not None  # control work is a function to run
+            outcome = job.run(job)
         except BaseException as exc:  # delivered to the awaiting request
-            outcome, failed = exc, True
+            error = exc
         finally:
             self.running_control = None
-        job.settle(outcome, failed)
+        if error is not None:
+            job.fail(error)
+        else:
+            job.settle(outcome)
 
     def _admit(self) -> None:
         """Move waiting generations into their lanes, in arrival order, while slots last."""
@@ -181,19 +191,23 @@ class Scheduler:
             waiting = list(self._waiting)
         for job in waiting:
             loaded = self.registry.get(job.model)
-            lane = self._lanes.get(job.model) if loaded is not None else None
-            if loaded is not None and lane is None:
-                lane = self._lanes[job.model] = self._open_lane(loaded)
+            lane = self._lane_for(job.model, loaded) if loaded is not None else None
             if lane is not None and lane.free_slots <= 0:
                 continue
             with self._ready:
                 if job not in self._waiting:
                     continue  # cancelled meanwhile: already answered
                 self._waiting.remove(job)
-            if loaded is None:  # unloaded while the request was being prepared: as its work would be
+            if loaded is None or lane is None:  # unloaded while it was prepared: as its work would be
                 job.settle(_cancelled_before_start(job, CancelReason.UNLOAD))
                 continue
             self._start_generation(job, loaded, lane)
+
+    def _lane_for(self, name: str, loaded: LoadedModel) -> Lane:
+        lane = self._lanes.get(name)
+        if lane is None:
+            lane = self._lanes[name] = self._open_lane(loaded)
+        return lane
 
     def _open_lane(self, loaded: LoadedModel) -> Lane:
         settings = self.settings
@@ -201,8 +215,8 @@ class Scheduler:
             return BatchLane(loaded, settings.max_batch_size, settings.prefill_step_size)
         return SoloLane(loaded, settings.max_batch_size, settings.prefill_step_size)
 
-    def _start_generation(self, job: Job, loaded: LoadedModel, lane: Lane) -> None:
-        order = job.payload
+    def _start_generation(self, job: GenerationJob, loaded: LoadedModel, lane: Lane) -> None:
+        order = _order(job)
         _adopt_keep_alive(job, loaded)
         try:
             generation = Generation(job, loaded, order.prepared, order.stream)
@@ -213,7 +227,7 @@ class Scheduler:
             lane.admit(generation)
         except Exception as exc:
             log.exception("could not start a generation on %s", loaded.name)
-            job.settle(_engine_error(exc, loaded.name, order.request.method), failed=True)
+            job.fail(_engine_error(exc, loaded.name, order.request.method))
 
     def _settle_unstepped(self) -> None:
         """Cancelled work no step will see, and parked work whose client caught up."""
@@ -249,14 +263,15 @@ class Scheduler:
             if not self._embeds:
                 return
             job = self._embeds.popleft()
-        work = job.payload
+        work = _work(job)
         try:
             if job.cancel_reason is not None:
                 raise job.cancel_reason.error()
-            if self.registry.peek(job.model) is not work.loaded:  # unloaded since it was prepared
+            loaded = self.registry.peek(job.model)
+            if loaded is None or loaded is not work.loaded:  # unloaded since it was prepared
                 raise CancelReason.UNLOAD.error()
             if work.started_at is None:
-                _adopt_keep_alive(job, work.loaded)
+                _adopt_keep_alive(job, loaded)
             done = work.step()
             if job.cancel_reason is not None:
                 raise job.cancel_reason.error()
@@ -265,10 +280,10 @@ class Scheduler:
                 _log_embed_stopped(job, job.cancel_reason)
             elif not isinstance(exc, RpcError):
                 log.error("embedding on %s failed: %s", job.model, exc, exc_info=not is_out_of_memory(exc))
-            job.settle(_engine_error(exc, job.model or "", "embed"), failed=True)
+            job.fail(_engine_error(exc, job.model, "embed"))
             return
         if done:
-            work.loaded.touch()
+            loaded.touch()
             job.settle(work.result(job.queued_at))
             return
         with self._ready:
@@ -279,8 +294,7 @@ class Scheduler:
         result = generation.result()
         recording = generation.recording
         cache = generation.loaded.response_cache
-        key = response_key(generation.request) if recording is not None and cache is not None else None
-        if key is not None:
+        if recording is not None and cache is not None and (key := response_key(generation.request)) is not None:
             cache.put(key, CachedResponse(tuple(recording), result.finish_reason,
                                           result.prompt_tokens, result.completion_tokens))
         log.info("request %r on %s: %s after %d+%d tokens (%d cached), %.0f ms", generation.request.request_id,
@@ -293,7 +307,7 @@ class Scheduler:
         lane = self._lanes.pop(name)
         log.error("generation on %s failed: %s", name, exc, exc_info=not is_out_of_memory(exc))
         for generation in lane.generations():
-            generation.job.settle(_engine_error(exc, name, generation.request.method), failed=True)
+            generation.job.fail(_engine_error(exc, name, generation.request.method))
         try:
             lane.stop_all()
             lane.close()
@@ -313,7 +327,8 @@ class Scheduler:
                 self._finish(generation)
             lane.close()
         with self._ready:
-            doomed = [job for job in [*self._waiting, *self._embeds] if job.model == name]
+            queued: list[Job[Any]] = [*self._waiting, *self._embeds]
+            doomed = [job for job in queued if job.model == name]
         for job in doomed:
             self.cancel(job, reason)
 
@@ -326,15 +341,25 @@ class Scheduler:
             self.cancel(job, reason)
 
 
-def _adopt_keep_alive(job: Job, loaded: LoadedModel) -> None:
+def _adopt_keep_alive(job: Job[Any], loaded: LoadedModel) -> None:
     """As Ollama: a request's keepAlive becomes its model's, once its work starts. On this
     thread, the one that owns a loaded model's options."""
     if job.keep_alive is not None:
         loaded.options.keep_alive = job.keep_alive
 
 
-def _log_embed_stopped(job: Job, reason: Any) -> None:
-    work = job.payload
+def _order(job: GenerationJob) -> GenerationOrder:
+    assert isinstance(job.payload, GenerationOrder)  # what a generation job carries (Engine.submit_generation)
+    return job.payload
+
+
+def _work(job: EmbedJob) -> EmbeddingWork:
+    assert isinstance(job.payload, EmbeddingWork)  # what an embed job carries (Engine.submit_embedding)
+    return job.payload
+
+
+def _log_embed_stopped(job: EmbedJob, reason: CancelReason | None) -> None:
+    work = _work(job)
     log.info("embed request on %s stopped (%s) after %d of %d inputs", job.model,
              getattr(reason, "value", reason), work.finished, len(work.tokens))
 
@@ -343,9 +368,9 @@ def _injected_fault(tokens: Any, logits: Any) -> Any:
     raise RuntimeError("injected fault (LOCALMLX_INJECT_FAULTS=generation)")
 
 
-def _cancelled_before_start(job: Job, reason: CancelReason) -> GenerationResult:
-    request = job.payload.request
-    return GenerationResult.cancelled_before_start(job.model or "", request.received_at, request.stream, reason)
+def _cancelled_before_start(job: GenerationJob, reason: CancelReason) -> GenerationResult:
+    request = _order(job).request
+    return GenerationResult.cancelled_before_start(job.model, request.received_at, request.stream, reason)
 
 
 def _engine_error(exc: Exception, model: str, method: str) -> Exception:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import InvalidParams, brief
 from ..schema import MAX_SCHEMA_VALUES, MAX_TOOL_SCHEMA_VALUES, check_size, json_text_value
 
 
-def template_message(message: dict[str, Any], clean: Any, path: str) -> dict[str, Any]:
+def template_message(message: dict[str, Any], clean: Callable[[str], str], path: str) -> dict[str, Any]:
     """One protocol message (at `path` in params) as chat templates read it (`clean` fixes
     lone surrogates)."""
     content = message.get("content")

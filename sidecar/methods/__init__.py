@@ -22,6 +22,7 @@ async def dispatch(request: InFlightRequest) -> dict[str, Any]:
     to check against the schema, so jsonrpcserver passes the method only the request."""
     response = to_serializable(to_response(*await dispatch_request(METHODS, request, Request(
         request.method, [], request.id))))
+    assert isinstance(response, dict)  # one request, one response (jsonrpcserver's type allows a batch)
     outcome = "error" if "error" in response else "result"
     return {"jsonrpc": "2.0", "id": request.id, outcome: response[outcome]}  # the id first, as ever
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ..inflight import InFlightRequest
 from .table import rpc_method
+
+T = TypeVar("T")
 
 
 @rpc_method("models/download")
@@ -31,25 +36,23 @@ async def download_model(context: InFlightRequest, params: dict[str, Any]) -> di
     return pulled.to_wire()
 
 
-async def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
+async def _on_a_thread_of_its_own(work: Callable[[], T]) -> T:
     """Hours of network work: not on the shared worker threads that tokenize and resolve for
     generations, and a daemon, so the sidecar's exit never waits for a stalled transfer."""
     loop = asyncio.get_running_loop()
-    future = loop.create_future()
+    future: asyncio.Future[T] = loop.create_future()
 
-    def settle(outcome: Any, failed: bool) -> None:
+    def settle(set_outcome: Callable[[], None]) -> None:
         if not future.done():
-            future.set_exception(outcome) if failed else future.set_result(outcome)
+            set_outcome()
 
     def run() -> None:
         try:
-            outcome, failed = work(), False
+            set_outcome = functools.partial(future.set_result, work())
         except BaseException as exc:
-            outcome, failed = exc, True
-        try:
-            loop.call_soon_threadsafe(settle, outcome, failed)
-        except RuntimeError:  # the loop is closed: the sidecar is exiting
-            pass
+            set_outcome = functools.partial(future.set_exception, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the sidecar is exiting
+            loop.call_soon_threadsafe(settle, set_outcome)
 
     threading.Thread(target=run, daemon=True, name="localmlx-download").start()
     return await future

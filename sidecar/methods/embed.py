@@ -27,9 +27,9 @@ async def embed(context: InFlightRequest, params: dict[str, Any]) -> dict[str, A
     location = await engine.resolve(params.get("model"))
     context.model = location.name
     with engine.holding(location.name):
-        if not engine.registry.is_loaded(location.name) and location.path is not None:
-            if await asyncio.to_thread(embedding_kind, location.path, location.name) is None:
-                raise _cannot_embed(location.name)  # before spending a load on it
+        if (not engine.registry.is_loaded(location.name) and location.path is not None
+                and await asyncio.to_thread(embedding_kind, location.path, location.name) is None):
+            raise _cannot_embed(location.name)  # before spending a load on it
         loaded = await engine.ensure_loaded(location, context.progress)
         if loaded.embedder is None:
             raise _cannot_embed(loaded.name)

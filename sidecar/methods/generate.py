@@ -28,7 +28,8 @@ def _sampling(context: InFlightRequest, params: dict[str, Any]) -> SamplingParam
         repetition_context_size=params["repetitionContextSize"])
 
 
-def _generation_request(context: InFlightRequest, params: dict[str, Any], *, messages: Any = None,
+def _generation_request(context: InFlightRequest, params: dict[str, Any], *,
+                        messages: list[dict[str, Any]] | None = None,
                         prompt: str | None = None) -> GenerationRequest:
     keep_alive = params.get("keepAlive")
     return GenerationRequest(

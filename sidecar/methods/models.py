@@ -21,7 +21,8 @@ async def list_models(context: InFlightRequest, params: dict[str, Any]) -> dict[
     def on_disk() -> list[dict[str, Any]]:  # walks directories and reads configs
         return [{"model": loc.name, "path": str(loc.path), "source": loc.source, "bytes": size,
                  "repo": loc.repo_id, **model_config.summary(loc.path)}
-                for loc, size in engine.locator.list_local()]
+                for loc, size in engine.locator.list_local()
+                if loc.path is not None]  # always: a model on disk has a path
 
     models = await asyncio.to_thread(on_disk)
     for entry in models:

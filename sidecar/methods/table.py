@@ -6,7 +6,8 @@ stderr and never on the wire."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 from jsonrpcserver import Error, Result, Success
