@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..embeddings.detect import embedding_kind
-from ..embeddings.embedder import Embedder, load_embedder, load_tokenizer
 from ..errors import ModelLoadFailed, OutOfMemory, brief
 from ..hub import ModelLocation, Progress
 from ..length_bound import most_bytes_per_token
@@ -31,6 +30,8 @@ from .response_cache import ResponseCache
 if TYPE_CHECKING:  # imported on the engine thread when used (see above)
     from mlx_lm.generate import StopSequences
     from mlx_lm.models.cache import LRUPromptCache
+
+    from ..embeddings.embedder import Embedder
 
 log = logging.getLogger("localmlx.registry")
 
@@ -235,6 +236,9 @@ class ModelRegistry:
     def _load_embedder(self, location: ModelLocation, path: Path, kind: str, options: ModelOptions,
                        progress: Progress) -> LoadedModel:
         """An embedding model: no lane, no prefix or response cache; warmed up by one embedding."""
+        # On use: it imports mlx-lm and transformers (about 1 s), which serving chat does not wait for.
+        from ..embeddings.embedder import load_embedder, load_tokenizer
+
         embedder, config = load_embedder(path, kind)
         tokenizer = load_tokenizer(path)
         progress("warmup", 2, 3, "step")
