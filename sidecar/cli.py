@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
-from .demo import run_demo
 from .logs import configure_logging
 from .models_cli import add_arguments as add_models_arguments
-from .models_cli import run as run_models
 from .repl import add_arguments as add_repl_arguments
-from .repl import run as run_repl
 from .settings import add_setting_flags, settings_from_args
 from .transport import claim_stdout
 
@@ -32,6 +31,9 @@ def serve(args: argparse.Namespace) -> None:
     # Ctrl-C stops the sidecar gracefully instead (see Session).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+    # MLX loads (a few hundred ms of shared libraries and kernels) while this thread imports the
+    # session: `initialize` waits for both, so they overlap instead of adding up.
+    threading.Thread(target=importlib.import_module, args=("mlx.core",), name="mlx-import", daemon=True).start()
     # Only now: the other commands (and --help) never need anyio, jsonschema or the engine.
     import anyio
 
@@ -54,15 +56,23 @@ def demo_model(args: argparse.Namespace) -> None:
     print(build_demo_model(dest))
 
 
+# The commands below import their clients on use: `serve`, spawned for every session, never runs
+# them, and its time to the first answer is what a user waits for.
 def demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
     raise SystemExit(run_demo(args))
 
 
 def repl(args: argparse.Namespace) -> None:
+    from .repl import run as run_repl
+
     raise SystemExit(run_repl(args))
 
 
 def models(args: argparse.Namespace) -> None:
+    from .models_cli import run as run_models
+
     raise SystemExit(run_models(args))
 
 

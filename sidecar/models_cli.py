@@ -12,8 +12,6 @@ import argparse
 import json
 from typing import Any
 
-from .client import RpcCallError, SidecarClient, sidecar_command
-from .repl.formatting import size
 from .settings import add_setting_flags, env_from_args
 
 
@@ -34,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console  # rich on use: every `localmlx` command imports this module
+    # On use: every `localmlx` command, `serve` included, imports this module for its flags.
+    from rich.console import Console
+
+    from .client import RpcCallError, SidecarClient, sidecar_command
 
     out, err = Console(), Console(stderr=True)
     bar = _ProgressBar(err)
@@ -71,6 +72,8 @@ def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 def _show(out: Any, action: str, result: dict[str, Any]) -> None:
     from rich.table import Table  # on use, as in `run`
+
+    from .repl.formatting import size  # on use: see run
 
     if action == "list":
         table = Table(box=None)
