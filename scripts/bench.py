@@ -1125,6 +1125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter runs, fewer repeats")
+    parser.add_argument("--distributed", action="store_true",
+                        help="the sharded benchmark instead (scripts/bench_distributed.py; its own flags)")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}")
     parser.add_argument("--json", type=Path, help="write every figure and the raw numbers here")
@@ -1248,4 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if "--distributed" in sys.argv[1:]:  # one model over several hosts: its own script
+        script = str(Path(__file__).with_name("bench_distributed.py"))
+        os.execv(sys.executable, [sys.executable, script, *(a for a in sys.argv[1:] if a != "--distributed")])
     sys.exit(main())

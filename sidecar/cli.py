@@ -47,6 +47,13 @@ def serve(args: argparse.Namespace) -> None:
     os._exit(code)
 
 
+def follower(args: argparse.Namespace) -> None:
+    claim_stdout()  # a follower's stdout is nobody's wire, but nothing may print there either
+    from .distributed.follower import run_follower
+
+    run_follower()
+
+
 def demo_model(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)
@@ -103,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="The local model cache, through a sidecar.")
     add_models_arguments(models_cmd)
     models_cmd.set_defaults(func=models)
+
+    follower_cmd = commands.add_parser("follower", help="one rank of a group (started by rank 0 itself)")
+    follower_cmd.set_defaults(func=follower)
 
     model_cmd = commands.add_parser("demo-model", help="build the embedded demo model")
     add_setting_flags(model_cmd)

@@ -23,6 +23,7 @@ from .protocol_defs import (  # noqa: F401  (the codes, generated from the schem
     NOT_INITIALIZED,
     OUT_OF_MEMORY,
     PARSE_ERROR,
+    RANK_LOST,
     REQUEST_CANCELLED,
     SERVER_CANCELLED,
 )
@@ -116,3 +117,7 @@ class MessageTooLarge(RpcError):
 
 class Forbidden(RpcError):
     code = FORBIDDEN
+
+
+class RankLost(RpcError):
+    code = RANK_LOST

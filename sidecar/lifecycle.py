@@ -14,9 +14,12 @@ class Lifecycle:
     shutting_down: bool = False
     shutdown_requested: bool = False
     client_info: dict[str, Any] = field(default_factory=dict)
+    lost: RpcError | None = None  # a rank of the group is gone: every request is refused with it
 
     def refusal(self, method: str) -> RpcError | None:
         """Why `method` may not run now, or None."""
+        if self.lost is not None:
+            return self.lost
         if method == "initialize" and self.initialized:
             return InvalidRequest("Invalid Request: already initialized")
         if not self.initialized and method not in ("initialize", "ping"):

@@ -45,6 +45,8 @@ MESSAGE_TOO_LARGE: Final = -32017
 """Message too large: a line over the limit announced in initialize."""
 FORBIDDEN: Final = -32018
 """Forbidden: a path outside the allowed roots, or a repo that is not allowed."""
+RANK_LOST: Final = -32019
+"""Rank lost: a rank of the sharded group stopped answering (it died, hung, or lost its network link); every request in flight is answered with it, then the sidecar exits so the client's supervisor restarts the group."""
 
 ERROR_CODES: Final[dict[str, int]] = {
     'PARSE_ERROR':             -32700,
@@ -64,6 +66,7 @@ ERROR_CODES: Final[dict[str, int]] = {
     'CONTEXT_LENGTH_EXCEEDED': -32016,
     'MESSAGE_TOO_LARGE':       -32017,
     'FORBIDDEN':               -32018,
+    'RANK_LOST':               -32019,
 }
 """Every error code by name."""
 
@@ -85,6 +88,7 @@ ERROR_MEANINGS: Final[dict[int, str]] = {
     -32016: 'Context length exceeded.',
     -32017: 'Message too large: a line over the limit announced in initialize.',
     -32018: 'Forbidden: a path outside the allowed roots, or a repo that is not allowed.',
+    -32019: "Rank lost: a rank of the sharded group stopped answering (it died, hung, or lost its network link); every request in flight is answered with it, then the sidecar exits so the client's supervisor restarts the group.",
 }
 """What each error code means, one line each."""
 

@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from . import jsonrpc, schema
 from .engine import CancelReason, Engine
 from .engine.memory import release_memory
-from .errors import Busy, InvalidRequest, MessageTooLarge, MethodNotFound, RpcError
+from .errors import Busy, InvalidRequest, MessageTooLarge, MethodNotFound, RankLost, RpcError
 from .inflight import InFlightRequest
 from .lifecycle import Lifecycle
 from .methods import METHODS, dispatch, when_cancelled
@@ -99,7 +100,7 @@ class Session:
         self.writer = Outbox(self._wire_fd, on_broken=functools.partial(_on_loop, loop, self._on_peer_gone),
                              stream_limit_bytes=self.settings.stream_buffer_bytes)
         try:
-            self.engine = Engine(self.settings, loop)
+            self.engine = Engine(self.settings, loop, join_group=self._group_joiner(loop))
             self.writer.on_drain = self.engine.scheduler.poke
             async with anyio.create_task_group() as self._tasks:
                 self._tasks.start_soon(self._read_lines, self._start_reader(loop))
@@ -114,7 +115,30 @@ class Session:
             for request in list(self._inflight.values()):  # each still gets its one answer
                 request.respond_cancelled()
             self.writer.close()
+            if self.engine.group is not None:
+                self.engine.group.close()  # no rank outlives rank 0
         return self.exit_code or 0
+
+    def _group_joiner(self, loop: asyncio.AbstractEventLoop) -> Any:
+        """With LOCALMLX_HOSTFILE, this sidecar is rank 0 of a group (imported only then)."""
+        if self.settings.hostfile is None:
+            return None
+        from .distributed.runtime import joiner
+
+        return joiner(self.settings, functools.partial(_on_loop, loop, self._rank_lost))
+
+    def _rank_lost(self, info: Any) -> None:
+        """A rank of the group is gone (or the ranks diverged): the group cannot compute any
+        more. Every request in flight, and any that comes now, is answered -32019; then the
+        sidecar exits (code 3) for its client to restart it, and the group with it. A rank-0
+        engine thread waiting in a collective cannot be stopped: the exit does not wait for it."""
+        error = RankLost(f"{info.message()}; the sidecar exits to re-form the group", rank=info.rank,
+                         host=info.host, reason=info.reason)
+        self.lifecycle.lost = error
+        for request in list(self._inflight.values()):
+            request.respond(jsonrpc.error_message(request.id, error))
+        threading.Timer(EXIT_GRACE_S + 3.0, _exit_now, (3,)).start()  # if winding down waits on MLX
+        self._finish(3)
 
     def _start_reader(self, loop: asyncio.AbstractEventLoop) -> MemoryObjectReceiveStream[Frame]:
         """Blocking reads stay on the reader thread; each line comes over to the loop (stamped
@@ -344,6 +368,11 @@ def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: An
     closed (then there is no one left to tell)."""
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(fn, *args)
+
+
+def _exit_now(code: int) -> None:
+    logging.shutdown()
+    os._exit(code)
 
 
 def _send_or_drop(stream: MemoryObjectSendStream[Frame], frame: Frame) -> None:

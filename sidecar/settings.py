@@ -119,6 +119,19 @@ def _log_format(text: str) -> str:
     return value
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected {' or '.join(allowed)}")
+        return value
+    return parse
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text).expanduser() if text.strip() else None
+
+
 def _blas_choice(text: str) -> str:
     choice = text.strip()
     if choice.lower() in ("", "auto", "bundled"):
@@ -141,6 +154,9 @@ NAMES = Codec(_names, _format_names)  # model names, Hub owners, fault names: no
 QUANTIZATION = Codec(_quantization, str)
 LOG_FORMAT = Codec(_log_format, str)
 BLAS = Codec(_blas_choice, str)
+OPTIONAL_PATH = Codec(_optional_path, lambda path: "" if path is None else str(path))
+DISTRIBUTED_MODE = Codec(_choice("tensor", "pipeline"), str)
+DISTRIBUTED_BACKEND = Codec(_choice("ring", "jaccl", "any"), str)
 
 
 @dataclass(frozen=True)
@@ -246,6 +262,35 @@ class Settings:
         (), "LOCALMLX_ALLOWED_ROOTS",
         f"extra directories ('{os.pathsep}'-separated) a local model path may live "
         "under, besides the models dir and the Hugging Face cache", PATHS)
+    hostfile: Path | None = _setting(
+        None, "LOCALMLX_HOSTFILE",
+        "serve models sharded over several machines: mlx.launch's hostfile JSON (the first host is "
+        "this one, rank 0; the others are started through LOCALMLX_DISTRIBUTED_LAUNCHER); unset: one "
+        "machine", OPTIONAL_PATH)
+    distributed_mode: str = _setting(
+        "tensor", "LOCALMLX_DISTRIBUTED_MODE",
+        "how a model is split over the group: tensor (every layer split, all ranks work on each "
+        "token) or pipeline (consecutive layers per rank)", DISTRIBUTED_MODE)
+    distributed_backend: str = _setting(
+        "ring", "LOCALMLX_DISTRIBUTED_BACKEND",
+        "mlx.distributed backend: ring (TCP: Ethernet, Wi-Fi, Thunderbolt IP), jaccl (RDMA over "
+        "Thunderbolt 5) or any", DISTRIBUTED_BACKEND)
+    distributed_launcher: str = _setting(
+        "ssh -o BatchMode=yes -o ConnectTimeout=10 {ssh}", "LOCALMLX_DISTRIBUTED_LAUNCHER",
+        "command that starts rank {rank} on its host ({ssh}: the hostfile's ssh name, {ip}: its first "
+        "address); the rank's command is appended as one argument for ssh, else run through sh -c", TEXT)
+    distributed_port: int = _setting(
+        32323, "LOCALMLX_DISTRIBUTED_PORT", "first TCP port of the ring backend (rank r listens on port + r)",
+        POSITIVE_INT)
+    distributed_timeout: float = _setting(
+        5.0, "LOCALMLX_DISTRIBUTED_TIMEOUT",
+        "seconds without a heartbeat after which a rank counts as lost (requests in flight get "
+        "-32019 and the sidecar exits for its client to restart the group); forming the group may "
+        "take 6 times as long", FLOAT)
+    distributed_allow_public: bool = _setting(
+        False, "LOCALMLX_DISTRIBUTED_ALLOW_PUBLIC",
+        "allow a hostfile address on a public network (the ring backend has no authentication: keep "
+        "it on a Thunderbolt bridge or a private LAN)", BOOL)
     blas: str = _setting(
         "auto", "LOCALMLX_BLAS",
         "BLAS for MLX on a Linux CPU: auto (an optimized one such as OpenBLAS when installed, else "

@@ -35,6 +35,7 @@ import type {
   TokenizeResult,
 } from "./protocol";
 import type { CloseResult, Session, SessionEnd, SessionOptions, StopTimeouts } from "./session";
+import { distributedEnv, type DistributedOptions } from "./settings";
 import { DEFAULT_RESTART_POLICY, Supervisor, type RestartPolicy, type SupervisorHooks } from "./supervisor";
 
 /** Where log lines go: any console-like object (`console`, pino, winston…); every method optional. */
@@ -65,6 +66,11 @@ export interface LocalMLXOptions {
   cwd?: string;
   /** Extra environment (`LOCALMLX_*` settings), merged over `process.env`. */
   env?: Record<string, string | undefined>;
+  /**
+   * Serve models sharded over several machines (README "Several Macs"): the `LOCALMLX_HOSTFILE`
+   * and `LOCALMLX_DISTRIBUTED_*` settings, merged over `env`. A bad value throws `SettingsError`.
+   */
+  distributed?: DistributedOptions;
   /** Sent in `initialize`. Default `{ name: "@localmlx/client", version }`. */
   clientInfo?: { name: string; version?: string };
   /** Spawn + `initialize` must finish within this. Default 60000. */
@@ -181,6 +187,8 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
   private readonly supervisor: Supervisor;
   private readonly options: LocalMLXOptions;
   private readonly closeTimeouts: StopTimeouts;
+  /** What the sidecar gets over `process.env`: `env`, then the `distributed` settings. */
+  private readonly env: Record<string, string | undefined>;
   private lastId = 0;
 
   /** Model management. */
@@ -220,11 +228,12 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
     super();
     this.options = options;
     this.closeTimeouts = { ...DEFAULTS.closeTimeouts, ...options.closeTimeouts };
+    this.env = { ...options.env, ...distributedEnv(options.distributed) };
     const candidates = findSidecar({
       python: options.python,
       args: options.args,
       cwd: options.cwd,
-      env: { ...process.env, ...options.env },
+      env: { ...process.env, ...this.env },
     });
     this.supervisor = new Supervisor(
       this.sessionOptions(candidates.find((candidate) => candidate.command)),
@@ -244,7 +253,7 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
         args: first?.args ?? options.args ?? DEFAULT_SIDECAR_ARGS,
         cwd: first?.cwd ?? options.cwd,
         // Structured log lines (one JSON object each); the host's own env setting wins.
-        env: { LOCALMLX_LOG_FORMAT: "json", ...options.env },
+        env: { LOCALMLX_LOG_FORMAT: "json", ...this.env },
         stderrTailBytes: options.stderrTailBytes ?? DEFAULTS.stderrTailBytes,
         onStderrLine: (line, record) => {
           if (record) {

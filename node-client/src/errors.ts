@@ -53,7 +53,10 @@ export class RpcError extends LocalMLXError {
     return (Object.keys(ErrorCode) as ErrorCodeName[]).find((name) => ErrorCode[name] === this.code);
   }
 
-  /** Worth retrying later: the model is still loading, or the queue is full. */
+  /**
+   * Worth retrying later: the model is still loading, or the queue is full. Not -32019
+   * (`RankLost`): that sidecar is going away; the supervisor restarts it on the next call.
+   */
   get retryable(): boolean {
     return this.code === ErrorCode.ModelLoading || this.code === ErrorCode.Busy;
   }
@@ -123,6 +126,11 @@ export class SidecarStartError extends LocalMLXError {
       tried?: readonly SidecarAttempt[];
       /** Why it failed, without the command: "initialize failed: …", "cannot run …". */
       reason?: string;
+      /**
+       * What the sidecar said when it refused to start (its stderr lines `localmlx: <why>`: a bad
+       * setting, a group that cannot form, naming the host), without the prefix; also in `reason`.
+       */
+      refusal?: string;
     },
     options?: { cause?: unknown },
   ) {
@@ -200,14 +208,16 @@ export function abortError(signal: AbortSignal, method?: string): AbortError {
 
 /**
  * The sidecar as a whole cannot serve (not installed, failed to start, crash budget spent,
- * closed): the fallback then keeps requests off it for a cool-down, and `LocalBackend` brings it back.
+ * closed, or a rank of its group was lost: -32019, after which it exits): the fallback then keeps
+ * requests off it for a cool-down, and `LocalBackend` brings it back.
  */
 export function isSidecarDown(error: unknown): boolean {
   return (
     error instanceof SidecarStartError ||
     error instanceof SidecarUnavailableError ||
     error instanceof SidecarCrashError ||
-    error instanceof ClientClosedError
+    error instanceof ClientClosedError ||
+    (error instanceof RpcError && error.code === ErrorCode.RankLost)
   );
 }
 

@@ -50,10 +50,12 @@ export * from "./protocol";
 export {
   SETTINGS,
   SettingsError,
+  distributedEnv,
   parseBool,
   parseInteger,
   parseNumber,
   readSetting,
+  type DistributedOptions,
   type SettingsEnv,
   type Setting,
   type SettingName,

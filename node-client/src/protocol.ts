@@ -43,6 +43,8 @@ export const ErrorCodes = {
   MessageTooLarge: -32017,
   /** Forbidden: a path outside the allowed roots, or a repo that is not allowed. */
   Forbidden: -32018,
+  /** Rank lost: a rank of the sharded group stopped answering (it died, hung, or lost its network link); every request in flight is answered with it, then the sidecar exits so the client's supervisor restarts the group. */
+  RankLost: -32019,
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
@@ -270,6 +272,65 @@ export interface BlasInUse {
 }
 
 /**
+ * The machines that serve models sharded with mlx.distributed (LOCALMLX_HOSTFILE): this process is rank 0, the only one that speaks the protocol; the others run on the hosts of the hostfile. Where one machine serves, the field that holds it is null.
+ */
+export interface GroupDescription {
+  /**
+   * How many ranks (machines, or processes) the group has.
+   */
+  size: number;
+  /**
+   * This process's rank: always 0.
+   */
+  rank: 0;
+  /**
+   * The mlx.distributed backend the group runs on (LOCALMLX_DISTRIBUTED_BACKEND; `any` resolves to one of these).
+   */
+  backend: "ring" | "jaccl";
+  /**
+   * How a model is split over the ranks (LOCALMLX_DISTRIBUTED_MODE): `pipeline`, a run of layers on each rank; `tensor`, a slice of every layer on each rank.
+   */
+  mode: "pipeline" | "tensor";
+  /**
+   * Every rank, rank 0 first.
+   *
+   * @minItems 2
+   */
+  ranks: GroupRank[];
+}
+
+/**
+ * One rank of the group, as rank 0 last heard of it.
+ */
+export interface GroupRank {
+  rank: number;
+  /**
+   * The host as the hostfile names it (what the launcher connects to).
+   */
+  host: string;
+  /**
+   * The address the backend reaches it at: the hostfile's first IP for it (its ssh name when it lists none).
+   */
+  address: string;
+  /**
+   * Its heartbeat arrived within LOCALMLX_DISTRIBUTED_TIMEOUT.
+   */
+  alive: boolean;
+  /**
+   * Milliseconds since rank 0 last heard its heartbeat (0 for rank 0 itself); null before the first one.
+   */
+  lastSeenMs: number | null;
+  /**
+   * The rank's memory as of its last heartbeat (MLX active and peak bytes, process RSS); null until one has arrived.
+   */
+  memory: null | {
+    activeBytes: number;
+    peakBytes: number;
+    rssBytes: number;
+  };
+}
+
+/**
  * How long a model stays loaded after its last use (Ollama's semantics): a duration such as "30s", "5m", "1h", "1h30m", or a number of seconds; -1 (or "-1") keeps it loaded until unloaded; 0 unloads it once the reply is sent. Default LOCALMLX_OFFLOAD_INACTIVE.
  */
 export type KeepAlive = number | string;
@@ -459,6 +520,10 @@ export interface InitializeResult {
     mlxLm: string;
     device: string;
     blas: BlasInUse;
+    /**
+     * The group of machines serving sharded models (LOCALMLX_HOSTFILE); null where this machine serves alone.
+     */
+    group: null | GroupDescription;
   };
   capabilities: {
     streaming: boolean;
@@ -679,6 +744,10 @@ export interface ServerStatusResult {
         }
       | undefined;
   };
+  /**
+   * The group as of now: each rank's liveness and memory; null where this machine serves alone.
+   */
+  group: null | GroupDescription;
 }
 
 export type GenerateParams = GenerationParams & {

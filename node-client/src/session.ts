@@ -96,12 +96,17 @@ export class Session {
     } catch (error) {
       await session.kill();
       const exit = await session.process.exited;
+      const refusal = error instanceof SidecarCrashError ? refusalOf(exit.stderrTail) : undefined;
       const reason = session.process.spawnError
         ? `cannot run ${spawn.python}: ${session.process.spawnError.message}`
         : error instanceof SidecarCrashError
-          ? `the sidecar ${exit.signal ? `was killed by ${exit.signal}` : `exited with code ${exit.code}`} before answering initialize`
+          ? `the sidecar ${exit.signal ? `was killed by ${exit.signal}` : `exited with code ${exit.code}`} before answering initialize${refusal ? `: ${refusal}` : ""}`
           : `initialize failed: ${(error as Error).message}`;
-      throw new SidecarStartError(`Cannot start the localmlx sidecar (${spawn.python} ${spawn.args.join(" ")}): ${reason}`, { ...details(), exit, reason }, { cause: error });
+      throw new SidecarStartError(
+        `Cannot start the localmlx sidecar (${spawn.python} ${spawn.args.join(" ")}): ${reason}`,
+        { ...details(), exit, reason, ...(refusal ? { refusal } : {}) },
+        { cause: error },
+      );
     }
     if (result.protocolVersion !== PROTOCOL_VERSION) {
       await session.stop({ gracefulMs: 2000, terminateMs: 2000, killMs: 2000 });
@@ -169,4 +174,21 @@ export class Session {
   private updateRef(busy: boolean): void {
     this.process.setRef(busy || this.stopping || this.options.keepAlive);
   }
+}
+
+/** Lines of this many, at most, make a refusal. */
+const REFUSAL_LINES = 5;
+
+/**
+ * Why the sidecar refused to start, in its own words: the stderr lines it writes as
+ * `localmlx: <why>` just before it exits (a setting it cannot read, a group that cannot form,
+ * naming the host), the last few joined by "; ". Undefined when it wrote none.
+ */
+export function refusalOf(stderrTail: string): string | undefined {
+  const lines = stderrTail
+    .split("\n")
+    .filter((line) => line.startsWith("localmlx: "))
+    .map((line) => line.slice("localmlx: ".length).trim())
+    .filter(Boolean);
+  return lines.length > 0 ? lines.slice(-REFUSAL_LINES).join("; ") : undefined;
 }

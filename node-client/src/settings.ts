@@ -95,6 +95,23 @@ function flagOr<T>(text: string, otherwise: (value: string) => T): boolean | T {
   }
 }
 
+/** One of `values`, any case (the sidecar's `_choice`). */
+function choice<const T extends string>(env: string, help: string, values: readonly T[]): Setting<T> {
+  const parse = (text: string): T => {
+    const value = text.trim().toLowerCase();
+    if (!(values as readonly string[]).includes(value)) throw new Error(`expected ${values.join(" or ")}`);
+    return value as T;
+  };
+  return { env, help, parse, format: (v) => v, examples: values };
+}
+
+/** Seconds, more than 0. */
+function positiveSeconds(text: string): number {
+  const value = parseNumber(text);
+  if (!(value > 0 && Number.isFinite(value))) throw new Error("must be a number of seconds, more than 0");
+  return value;
+}
+
 /** `true`, `false`, or a comma list of models. */
 function modelList(env: string, help: string): Setting<boolean | string[]> {
   return {
@@ -147,6 +164,13 @@ export const SETTINGS = {
   autoDownload: flag("LOCALMLX_AUTO_DOWNLOAD", "download a Hub model on first load (sidecar)"),
   quantization: text("LOCALMLX_QUANTIZATION", "4bit, 8bit or none, for converting non-MLX downloads (sidecar)", { examples: ["4bit", "none"] }),
   enableCache: flag("LOCALMLX_ENABLE_CACHE", "the exact response cache (sidecar)"),
+  // One model sharded over several machines (sidecar; README "Several Macs"): no default here.
+  hostfile: text("LOCALMLX_HOSTFILE", "mlx.launch's hostfile JSON: serve models sharded over its hosts (sidecar)", { examples: ["/Users/me/.localmlx/hosts.json", "/a path/with spaces.json"] }),
+  distributedMode: choice("LOCALMLX_DISTRIBUTED_MODE", "how a model is split over the group: pipeline or tensor (sidecar)", ["pipeline", "tensor"]),
+  distributedBackend: choice("LOCALMLX_DISTRIBUTED_BACKEND", "mlx.distributed backend: ring, jaccl or any (sidecar)", ["ring", "jaccl", "any"]),
+  distributedLauncher: text("LOCALMLX_DISTRIBUTED_LAUNCHER", "the command that starts a rank on its host, a template ({ssh}, {ip}, {rank}); default ssh (sidecar)", { examples: ["ssh -o BatchMode=yes {ssh}", "ssh -i /keys/id {ssh}"] }),
+  distributedAllowPublic: flag("LOCALMLX_DISTRIBUTED_ALLOW_PUBLIC", "allow a hostfile address on a public network: the ring backend has no authentication (sidecar)"),
+  distributedTimeout: number("LOCALMLX_DISTRIBUTED_TIMEOUT", "seconds without a heartbeat before a rank counts as lost (sidecar)", positiveSeconds, [5, 0.5, 30]),
 } satisfies Record<string, Setting<unknown>>;
 
 function nonNegative(text: string): number {
@@ -173,4 +197,50 @@ export function readSetting<K extends SettingName>(env: SettingsEnv, name: K): S
   } catch (error) {
     throw new SettingsError(setting.env, raw, (error as Error).message);
   }
+}
+
+/**
+ * Serving models sharded over several machines (README "Several Macs"), as `LocalMLX`'s
+ * `distributed` option: each field is the sidecar setting named beside it, unset ones left to the
+ * environment and the sidecar's defaults.
+ */
+export interface DistributedOptions {
+  /** LOCALMLX_HOSTFILE: mlx.launch's hostfile JSON; its first host is this machine (rank 0). */
+  hostfile?: string;
+  /** LOCALMLX_DISTRIBUTED_MODE: `pipeline` (a run of layers per rank) or `tensor` (a slice of every layer). */
+  mode?: SettingValue<"distributedMode">;
+  /** LOCALMLX_DISTRIBUTED_BACKEND: `ring` (TCP), `jaccl` (RDMA over Thunderbolt 5) or `any`. */
+  backend?: SettingValue<"distributedBackend">;
+  /** LOCALMLX_DISTRIBUTED_LAUNCHER: the command that starts a rank on its host ({ssh}, {ip}, {rank}); default ssh. */
+  launcher?: string;
+  /** LOCALMLX_DISTRIBUTED_ALLOW_PUBLIC: allow a hostfile address on a public network (the ring backend has no authentication). */
+  allowPublic?: boolean;
+  /** LOCALMLX_DISTRIBUTED_TIMEOUT: seconds without a heartbeat before a rank counts as lost (default 5). */
+  timeoutSeconds?: number;
+}
+
+const DISTRIBUTED_SETTINGS = {
+  hostfile: "hostfile",
+  mode: "distributedMode",
+  backend: "distributedBackend",
+  launcher: "distributedLauncher",
+  allowPublic: "distributedAllowPublic",
+  timeoutSeconds: "distributedTimeout",
+} as const satisfies Record<keyof DistributedOptions, SettingName>;
+
+/**
+ * The sidecar's environment for `options`: each given field as its variable, written by the
+ * table's `format` and read back through it, so a bad value (a mode from untyped code, a negative
+ * timeout) is a `SettingsError` naming the variable before anything is spawned.
+ */
+export function distributedEnv(options: DistributedOptions = {}): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const [field, name] of Object.entries(DISTRIBUTED_SETTINGS) as Array<[keyof DistributedOptions, SettingName]>) {
+    const value = options[field];
+    if (value === undefined) continue;
+    const setting = SETTINGS[name] as Setting<unknown>;
+    env[setting.env] = setting.format(value);
+    readSetting(env, name);
+  }
+  return env;
 }

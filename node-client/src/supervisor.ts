@@ -163,6 +163,9 @@ export class Supervisor {
         return session;
       } catch (error) {
         if (!(error instanceof SidecarStartError)) throw error;
+        // This one is the sidecar, and it refused its settings (or its group): another install
+        // would refuse them too, and "install it" would mislead. Its own words go to the host.
+        if (error.details.refusal) throw error;
         last = error;
         tried.push({ label: candidate.label, command: candidate.command, args: candidate.args, outcome: startFailure(error) });
       }

@@ -36,6 +36,12 @@ const PLUGIN_FIELD: Partial<Record<SettingName, (value: unknown) => unknown>> = 
   streamResponses: (v) => v,
   enableCache: (v) => v,
   python: (v) => v,
+  hostfile: (v) => v,
+  distributedMode: (v) => v,
+  distributedBackend: (v) => v,
+  distributedLauncher: (v) => v,
+  distributedAllowPublic: (v) => v,
+  distributedTimeout: (v) => v,
 };
 
 /** What the real sidecar makes of each text (`settings_from_env`), or "error" when it refuses it. */
@@ -125,6 +131,11 @@ describe("settings", () => {
       maxTokens: ["24", " 24 ", "+5", "-3", "1_000", "0", "24.0", "2e3", "abc", "1__0", "_1"],
       temperature: ["0.2", " 0.7 ", "1e-1", ".5", "5.", "-0.5", "1_0.5", "1e1_0", "abc", "0x10", "1.2.3", "inf", "-Infinity", "nan", "1_"],
       defaultModel: ["demo", "mlx-community/Qwen2.5-3B-Instruct-4bit"],
+      distributedMode: ["pipeline", "Tensor", " TENSOR ", "pipe", "data"],
+      distributedBackend: ["ring", "JACCL", " any ", "tcp", "mpi"],
+      distributedAllowPublic: ["true", "off", "maybe"],
+      distributedTimeout: ["5", " 0.5 ", "1e1", "3_0", "abc", "5s"],
+      distributedLauncher: ["ssh -o BatchMode=yes {ssh}"],
     };
     const cases = Object.entries(texts).flatMap(([name, list]) => list.map((text) => [name as SettingName, text] as const));
     const sidecar = sidecarReads(cases.map(([name, text]) => [settingOf(name).env, text]));

@@ -40,6 +40,18 @@ export interface LocalMLXPluginSettings {
   enableCache: boolean | undefined;
   /** LOCALMLX_PYTHON: the Python that runs the sidecar. */
   python: string | undefined;
+  /** LOCALMLX_HOSTFILE (sidecar): mlx.launch's hostfile JSON, to serve models sharded over its hosts; undefined: this machine alone. */
+  hostfile: string | undefined;
+  /** LOCALMLX_DISTRIBUTED_MODE (sidecar): pipeline or tensor. */
+  distributedMode: SettingValue<"distributedMode"> | undefined;
+  /** LOCALMLX_DISTRIBUTED_BACKEND (sidecar): ring, jaccl or any. */
+  distributedBackend: SettingValue<"distributedBackend"> | undefined;
+  /** LOCALMLX_DISTRIBUTED_LAUNCHER (sidecar): the command that starts a rank on its host; default ssh. */
+  distributedLauncher: string | undefined;
+  /** LOCALMLX_DISTRIBUTED_ALLOW_PUBLIC (sidecar): allow a hostfile address on a public network. */
+  distributedAllowPublic: boolean | undefined;
+  /** LOCALMLX_DISTRIBUTED_TIMEOUT (sidecar): seconds without a heartbeat before a rank counts as lost. */
+  distributedTimeout: number | undefined;
   /** The environment given to the sidecar: every LOCALMLX_* setting as written, the plugin's own spellings translated. */
   sidecarEnv: Record<string, string>;
 }
@@ -109,6 +121,13 @@ export function readSettings(config?: AppConfig, env: SettingsEnv = process.env)
     streamResponses: read("streamResponses")!,
     enableCache: read("enableCache"),
     python: read("python"),
+    // Checked here (a bad value stops the plugin with the variable's name), passed on as written.
+    hostfile: read("hostfile"),
+    distributedMode: read("distributedMode"),
+    distributedBackend: read("distributedBackend"),
+    distributedLauncher: read("distributedLauncher"),
+    distributedAllowPublic: read("distributedAllowPublic"),
+    distributedTimeout: read("distributedTimeout"),
     sidecarEnv,
   };
 }

@@ -100,6 +100,8 @@ export function describeError(error: unknown): string {
         return `${text}. The local model is busy; try again shortly.`;
       case ErrorCode.ContextLengthExceeded:
         return `${text}. The input is too long for the local model; use local_summarize first.`;
+      case ErrorCode.RankLost:
+        return `${text}. A machine of the local model's group stopped answering; the group restarts on the next call.`;
       default:
         return text;
     }
@@ -209,6 +211,11 @@ export class LocalMLXService {
   }
 
   private unavailableMessage(error: unknown): string {
+    const orFallback = this.settings.fallbackToOpenAI ? "." : ", or set LOCALMLX_FALLBACK_TO_OPENAI=true to answer through OpenAI instead.";
+    // It is installed, and said why it will not start (a setting, a host of its group).
+    if (error instanceof SidecarStartError && error.details.refusal) {
+      return `Local MLX models are not available: the localmlx sidecar refused to start: ${error.details.refusal}. Fix that${orFallback}`;
+    }
     let reason = error instanceof Error ? error.message.split("\n")[0]! : String(error);
     if (error instanceof SidecarStartError) {
       const last = lastLine(error.stderrTail);
@@ -218,7 +225,7 @@ export class LocalMLXService {
     return (
       `Local MLX models are not available: the localmlx sidecar could not start (${reason}). ` +
       "Install localmlx's Python environment (an MLX build for this machine) and point LOCALMLX_PYTHON at its interpreter" +
-      (this.settings.fallbackToOpenAI ? "." : ", or set LOCALMLX_FALLBACK_TO_OPENAI=true to answer through OpenAI instead.")
+      orFallback
     );
   }
 

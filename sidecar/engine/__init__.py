@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 
@@ -26,6 +26,7 @@ from ..errors import InvalidParams, ModelLoadFailed, ModelLoading, ModelNotLoade
 from ..hub import ModelLocation, ModelLocator, Progress
 from ..settings import Settings
 from ..text import clean_text
+from . import operations
 from .budget import weight_bytes
 from .generation import GenerationOrder, GenerationRequest, GenerationResult, PreparedGeneration, prepare
 from .jobs import CancelReason, Job
@@ -58,10 +59,23 @@ def _describe_device() -> str:
     return f"{kind} ({name})" if name else kind
 
 
+class GroupView(Protocol):
+    """The group this engine is rank 0 of, as status shows it (see sidecar.distributed)."""
+
+    def describe(self, own_memory: dict[str, int] | None = None) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
 class Engine:
-    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop,
+                 join_group: Callable[[Engine], GroupView] | None = None) -> None:
+        """`join_group`: forms the group this engine is rank 0 of, first thing on the engine
+        thread (it starts the other ranks and wires them to this engine)."""
         self.settings = settings
         self.loop = loop
+        self._join_group = join_group
+        self.group: GroupView | None = None
         self.locator = ModelLocator(settings)
         self.registry = ModelRegistry(settings)
         self._device: asyncio.Future[str] = loop.create_future()
@@ -78,6 +92,8 @@ class Engine:
         (what `initialize` waits for), then import mlx-lm, which takes seconds, while the
         client proceeds."""
         device: str | BaseException
+        if self._join_group is not None:
+            self.group = self._join_group(self)
         try:
             device = _describe_device()
             self.residency.budget  # noqa: B018 (asked now, on this thread)
@@ -154,6 +170,9 @@ class Engine:
         keep-alives again: this one may now run out sooner)."""
         def change(job: Job[None]) -> None:
             kv_changed = (options.kv_bits, options.max_kv_size) != (loaded.options.kv_bits, loaded.options.max_kv_size)
+            mirror = self.scheduler.mirror
+            if mirror is not None and loaded.sharded:
+                mirror.send(operations.options(loaded.name, options))
             loaded.options = options
             if kv_changed and loaded.response_cache is not None:
                 loaded.response_cache.clear()  # its answers were computed with the other KV cache
@@ -324,6 +343,7 @@ class Engine:
             "requests": self.scheduler.counts(),
             "memory": memory,
             "caches": {m.name: self._describe_caches(m) for m in models},
+            "group": self.group.describe(memory_snapshot()) if self.group is not None else None,
         }
 
     def memory_budget(self) -> int:

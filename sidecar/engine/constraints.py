@@ -152,6 +152,13 @@ def _grammars(tokenizer: Any, vocab_size: int | None) -> _ModelGrammars:
         return grammars
 
 
+def prepare_grammars(tokenizer: Any, vocab_size: int | None) -> None:
+    """Build a model's llguidance tokenizer now (a group's ranks do it while loading): it holds
+    the GIL for seconds, which a follower must not spend inside a request, silent to its
+    heartbeats while rank 0 waits for it."""
+    _grammars(tokenizer, vocab_size)
+
+
 def _cannot_compile(reason: str, path: str) -> InvalidParams:
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     # llguidance's regex errors end in the useful line ("error: look-around ... not supported").

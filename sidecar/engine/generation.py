@@ -7,6 +7,7 @@ no part of one ever reaches the client.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -109,6 +110,9 @@ class PreparedGeneration:
     tools: list[dict[str, Any]] = field(default_factory=list)  # offered to the model
     reasoning_first: bool = False  # the template opened a think block
     constraint: Constraint | None = None  # the token mask of a structured output or forced call
+    # The seed of a sampled request that gave none: drawn here, once, so that every rank of a
+    # group (which replays this prepared generation) draws the same tokens.
+    draw_seed: int = field(default_factory=lambda: int.from_bytes(os.urandom(8), "little"))
 
     @property
     def reads_tool_calls(self) -> bool:
@@ -267,7 +271,7 @@ class Generation:
 
     def __post_init__(self) -> None:
         sampling = self.request.sampling
-        self.sampler = make_sampler(sampling, self.loaded.vocab_size)
+        self.sampler = make_sampler(sampling, self.loaded.vocab_size, self.prepared.draw_seed)
         self.logits_processors = make_logits_processors(sampling)
         tokenizer = self.loaded.tokenizer
         self._detokenizer = tokenizer.detokenizer
@@ -335,8 +339,10 @@ class Generation:
 
     @property
     def throttled(self) -> bool:
-        """The client has not read this stream down: generating more would only buffer it."""
-        return self.stream is not None and self.stream.over_limit
+        """The client has not read this stream down: generating more would only buffer it.
+        Never on a sharded model: whether to step must not depend on rank 0's client (its
+        stream buffers instead)."""
+        return self.stream is not None and not self.loaded.sharded and self.stream.over_limit
 
     # ---- step ----------------------------------------------------------------------------
 

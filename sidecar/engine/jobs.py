@@ -44,6 +44,7 @@ class Job(Generic[T]):
     payload: object = None  # what the scheduler reads: a GenerationOrder, or an EmbeddingWork
     keep_alive: float | None = None  # the request's keepAlive: its model's once the engine takes the job
     cancel_reason: CancelReason | None = None
+    mirror_seq: int | None = None  # a generation the group's followers replay: its number there
     queued_at: float = field(default_factory=time.perf_counter)
     future: asyncio.Future[T] = field(init=False)
 

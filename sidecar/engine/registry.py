@@ -12,6 +12,7 @@ import datetime
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from ..model_config import vocab_size as _vocab_size
 from ..settings import Settings
 from .memory import is_out_of_memory, release_memory
 from .response_cache import ResponseCache
+from .sharding import check_shardable, load_shard
 
 if TYPE_CHECKING:  # imported on the engine thread when used (see above)
     from mlx_lm.generate import StopSequences
@@ -116,6 +118,7 @@ class LoadedModel:
     eos_stops: StopSequences | None  # of the end-of-sequence tokens; None for an embedding model
     options: ModelOptions
     embedder: Embedder | None = None  # for an embedding model (it then only embeds)
+    sharded: bool = False  # this process holds one rank's shard of it (see sidecar.distributed)
     last_used: float = field(default_factory=time.monotonic)
     last_used_at: float = field(default_factory=time.time)  # wall clock, for listings
 
@@ -158,10 +161,28 @@ class LoadedModel:
         return int(self.prefix_cache.nbytes) if self.prefix_cache is not None else 0
 
 
+@dataclass
+class Sharding:
+    """How this process's text models are loaded when it is one rank of a group."""
+
+    world: Any  # the mx.distributed group
+    mode: str  # "tensor" or "pipeline"
+    # On rank 0: tells the followers to load what this rank is about to (None on a follower).
+    announce_load: Callable[[ModelLocation, Path, ModelOptions], None] | None = None
+    # On rank 0: the ranks no longer run the same operations (a load or a step failed here
+    # after the followers were told): the group must end. None on a follower, which exits.
+    diverged: Callable[[str], None] | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.world.size())
+
+
 class ModelRegistry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._models: dict[str, LoadedModel] = {}
+        self.sharding: Sharding | None = None  # set once a group is formed
 
     def get(self, name: str) -> LoadedModel | None:
         loaded = self._models.get(name)
@@ -195,14 +216,14 @@ class ModelRegistry:
             if kind is not None:
                 loaded = self._load_embedder(location, path, kind, options, progress)
             else:
-                from mlx_lm import load
-
-                loaded_parts = load(str(path), return_config=True)
-                assert len(loaded_parts) == 3  # return_config: mlx-lm types it "2 or 3 parts"
-                model, tokenizer, config = loaded_parts
+                model, tokenizer, config = self._load_text(location, path, options)
                 progress("warmup", 2, 3, "step")
                 _warm_up(model, tokenizer)
                 loaded = self._wrap(location, path, model, tokenizer, config, options)
+                if self.sharding is not None:
+                    from .constraints import prepare_grammars
+
+                    prepare_grammars(tokenizer, loaded.vocab_size)
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise OutOfMemory(f"Out of memory loading {name}: {brief(exc)}", model=name) from exc
@@ -216,14 +237,36 @@ class ModelRegistry:
                  "batched" if loaded.batchable else "one request at a time")
         return loaded
 
+    def _load_text(self, location: ModelLocation, path: Path, options: ModelOptions) -> tuple[Any, Any, dict[str, Any]]:
+        sharding = self.sharding
+        if sharding is None:
+            from mlx_lm import load
+
+            loaded_parts = load(str(path), return_config=True)
+            assert len(loaded_parts) == 3  # return_config: mlx-lm types it "2 or 3 parts"
+            return loaded_parts[0], loaded_parts[1], loaded_parts[2]
+        if sharding.announce_load is not None:  # rank 0: check before any rank starts, then start them
+            check_shardable(path, location.name, sharding.mode, sharding.size)
+            sharding.announce_load(location, path, options)
+        # A follower without the files at rank 0's path fetches its shard from the Hub.
+        source = str(path) if path.exists() or location.repo_id is None else location.repo_id
+        try:
+            return load_shard(source, sharding.world, sharding.mode)
+        except Exception as exc:
+            if sharding.diverged is not None:
+                sharding.diverged(f"loading {location.name} failed on rank 0: {brief(exc)}")
+            raise
+
     def _wrap(self, location: ModelLocation, path: Path, model: Any, tokenizer: Any,
               config: dict[str, Any], options: ModelOptions) -> LoadedModel:
         from mlx_lm.generate import make_stop_sequences
         from mlx_lm.models.cache import LRUPromptCache
 
         settings = self.settings
-        prefix_cache = (LRUPromptCache(settings.prompt_cache_size, settings.prompt_cache_bytes)
-                        if settings.prefix_cache else None)
+        # A shard's KV bytes differ between ranks (pipeline stages hold different layers): a
+        # group's prefix caches are bounded by count alone, so every rank keeps the same ones.
+        cache_bytes = settings.prompt_cache_bytes if self.sharding is None else 1 << 62
+        prefix_cache = LRUPromptCache(settings.prompt_cache_size, cache_bytes) if settings.prefix_cache else None
         response_cache = (ResponseCache(settings.response_cache_entries, settings.response_cache_bytes)
                           if settings.enable_cache else None)
         name = location.name
@@ -231,7 +274,7 @@ class ModelRegistry:
         return LoadedModel(name, path, model, tokenizer, config, description, location,
                            batchable=can_batch(model, config), prefix_cache=prefix_cache,
                            response_cache=response_cache, eos_stops=make_stop_sequences(tokenizer),
-                           options=options)
+                           options=options, sharded=self.sharding is not None)
 
     def _load_embedder(self, location: ModelLocation, path: Path, kind: str, options: ModelOptions,
                        progress: Progress) -> LoadedModel:

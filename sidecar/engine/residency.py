@@ -10,8 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..embeddings.detect import embedding_kind
+from ..errors import OutOfMemory
 from ..hub import ModelLocation, Progress
 from ..settings import Settings
+from . import operations
 from .budget import default_budget_bytes, models_to_unload
 from .jobs import CancelReason
 from .registry import LoadedModel, ModelOptions, ModelRegistry
@@ -52,6 +55,7 @@ class Residency:
         existing = self.registry.get(location.name)
         if existing is not None:
             return existing
+        required = self._share(location, path, required)
         evicted = models_to_unload(required, self.budget, self.registry.loaded_models(), self.busy())
         for model in evicted:
             log.info("unloading %s to make room for %s (%d bytes needed, budget %d)",
@@ -64,6 +68,22 @@ class Residency:
             raise
         self._keep_count(loaded.name)
         return loaded
+
+    def _share(self, location: ModelLocation, path: Path, required: int) -> int:
+        """What this rank must hold of a model: on a group the budget is per rank, and a text
+        model is split over every rank (an embedding model stays whole on rank 0)."""
+        sharding = self.registry.sharding
+        if sharding is None or embedding_kind(path, location.name) is not None:
+            return required
+        share = -(-required // sharding.size)
+        try:
+            models_to_unload(share, self.budget, [], set())
+        except OutOfMemory:
+            raise OutOfMemory(f"Not enough memory in the group: {location.name} needs {required} bytes, "
+                              f"{share} on each of its {sharding.size} ranks, and each rank's budget is "
+                              f"{self.budget} bytes", requiredBytes=required, perRankBytes=share,
+                              ranks=sharding.size, budgetBytes=self.budget) from None
+        return share
 
     def _bring_back(self, models: list[LoadedModel]) -> None:
         for model in models:
@@ -85,6 +105,10 @@ class Residency:
             self.unload(idle[0].name)
 
     def unload(self, name: str, reason: CancelReason = CancelReason.UNLOAD) -> bool:
+        loaded = self.registry.peek(name)
+        mirror = self.scheduler.mirror
+        if mirror is not None and loaded is not None and loaded.sharded:
+            mirror.send(operations.unload(name, reason))
         self.scheduler.stop_model(name, reason)
         return self.registry.unload(name)
 

@@ -54,11 +54,11 @@ class KeyedSampler:
     """Samples row-wise with its own key per draw; `rewind` undoes draws that were thrown
     away (a parked request recomputes its next token and must draw the same one)."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int | None) -> None:
+    def __init__(self, params: SamplingParams, vocab_size: int | None, draw_seed: int) -> None:
         from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
         self._temperature = params.temperature
-        self._seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self._seed = params.seed if params.seed is not None else draw_seed
         self._step = 0
         self._filters: list[Callable[[mx.array], mx.array]] = []
         if 0 < params.top_p < 1:
@@ -82,11 +82,12 @@ class KeyedSampler:
         self._step = max(0, self._step - draws)
 
 
-def make_sampler(params: SamplingParams, vocab_size: int | None) -> Sampler:
-    """Greedy requests share mlx-lm's one greedy sampler, so a greedy batch samples in one call."""
+def make_sampler(params: SamplingParams, vocab_size: int | None, draw_seed: int) -> Sampler:
+    """Greedy requests share mlx-lm's one greedy sampler, so a greedy batch samples in one call.
+    `draw_seed` seeds a sampled request that gave no seed of its own."""
     from mlx_lm.sample_utils import greedy_sampler
 
-    return greedy_sampler if params.temperature == 0 else KeyedSampler(params, vocab_size)
+    return greedy_sampler if params.temperature == 0 else KeyedSampler(params, vocab_size, draw_seed)
 
 
 def check_logit_bias(bias: dict[int, float] | None, vocab_size: int | None) -> None:

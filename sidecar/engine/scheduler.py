@@ -7,6 +7,11 @@ another to finish; then run one micro-batch of one embed request (round robin to
 embedding batch and streaming generations take turns. The loop sleeps on a condition when there is nothing to do: no polling.
 
 The event loop only submits jobs, asks for cancellation, and awaits futures.
+
+On rank 0 of a group (`mirror` set) every decision that touches a sharded model is also sent
+to the followers as an operation, which they replay with this same code (sidecar.distributed):
+admissions, the lanes each turn steps, and cancellations, which then take effect at the start
+of a turn rather than mid-step, so that every rank sees them at the same point.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from typing import Any, TypeVar
 from ..embeddings.work import EmbeddingWork
 from ..errors import Busy, InternalError, OutOfMemory, RpcError
 from ..settings import Settings
+from . import operations
 from .generation import Generation, GenerationOrder, GenerationResult
 from .jobs import CancelReason, Job
 from .lanes import BatchLane, SoloLane
 from .memory import active_bytes, is_out_of_memory
+from .operations import Mirror
 from .registry import LoadedModel, ModelRegistry
 from .response_cache import CachedResponse, response_key
 from .sampling import reset_global_random_state
@@ -55,10 +62,18 @@ class Scheduler:
         self._faults = set(settings.inject_faults)
         self.housekeeping: Callable[[], float | None] | None = None  # keep-alive expiry, set by the engine
         self.running_control: Job[Any] | None = None
+        self.mirror: Mirror | None = None  # rank 0 of a group: the followers
+        self._deferred_cancels: list[tuple[Job[Any], CancelReason]] = []  # mirrored: applied at a turn's start
+        self._admitted = 0  # mirrored generations so far: their sequence numbers
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+        self._engine_ident: int | None = None
 
     def start(self) -> None:
         self._thread.start()
+
+    def act_as_engine_thread(self) -> None:
+        """A follower drives this scheduler from its own main thread, without `start`."""
+        self._engine_ident = threading.get_ident()
 
     # ---- from the event loop ---------------------------------------------------------------
 
@@ -82,8 +97,14 @@ class Scheduler:
             self._ready.notify()
 
     def cancel(self, job: Job[Any], reason: CancelReason) -> None:
-        """Work not started is answered at once; running work stops at its next step."""
+        """Work not started is answered at once; running work stops at its next step (on a
+        group, at the start of the next turn, on every rank at once)."""
         with self._ready:
+            if job.mirror_seq is not None and threading.get_ident() != self._engine_ident:
+                self._deferred_cancels.append((job, reason))
+                self._poked = True
+                self._ready.notify()
+                return
             if job.cancel_reason is None:
                 job.cancel_reason = reason
             if job in self._waiting:
@@ -138,6 +159,7 @@ class Scheduler:
     # ---- the engine thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        self._engine_ident = threading.get_ident()
         self._on_start()
         self._started = True
         wake_in: float | None = None
@@ -150,17 +172,23 @@ class Scheduler:
                 self._poked = False
                 control = list(self._control)
                 self._control.clear()
+                cancels, self._deferred_cancels = self._deferred_cancels, []
+            for job, reason in cancels:
+                self._cancel_mirrored(job, reason)
             for job in control:
                 self._run_control(job)
             wake_in = self.housekeeping() if self.housekeeping is not None else None
             self._admit()
-            self._settle_unstepped()
-            self._step_lanes()
+            settled = self.settle_unstepped()
+            lanes = self._lanes_with_work()
+            if self.mirror is not None and (settled or lanes):
+                self.mirror.send(operations.turn(lanes))
+            self.step(lanes)
             self._step_embedding()
         self._stop_everything(CancelReason.EXIT)
 
     def _has_work(self) -> bool:
-        return bool(self._control or self._poked or self._embeds or self._admissible()
+        return bool(self._control or self._poked or self._embeds or self._deferred_cancels or self._admissible()
                     or any(lane.has_work for lane in self._lanes.values()))
 
     def _admissible(self) -> bool:
@@ -215,9 +243,23 @@ class Scheduler:
             return BatchLane(loaded, settings.max_batch_size, settings.prefill_step_size)
         return SoloLane(loaded, settings.max_batch_size, settings.prefill_step_size)
 
+    def _cancel_mirrored(self, job: Job[Any], reason: CancelReason) -> None:
+        if job.cancel_reason is None:
+            job.cancel_reason = reason
+        if self.mirror is not None and job.mirror_seq is not None:
+            self.mirror.send(operations.cancel(job.mirror_seq, reason))
+
+    def start_mirrored(self, job: GenerationJob, loaded: LoadedModel) -> None:
+        """A follower: admit the generation rank 0 admitted (its `job.mirror_seq` is set)."""
+        self._start_generation(job, loaded, self._lane_for(loaded.name, loaded))
+
     def _start_generation(self, job: GenerationJob, loaded: LoadedModel, lane: Lane) -> None:
         order = _order(job)
         _adopt_keep_alive(job, loaded)
+        if self.mirror is not None and loaded.sharded:
+            self._admitted += 1
+            job.mirror_seq = self._admitted
+            self.mirror.send(operations.admit(job.mirror_seq, loaded.name, order.prepared))
         try:
             generation = Generation(job, loaded, order.prepared, order.stream)
             if "generation" in self._faults:  # a test asked for a failure inside mlx-lm
@@ -229,21 +271,29 @@ class Scheduler:
             log.exception("could not start a generation on %s", loaded.name)
             job.fail(_engine_error(exc, loaded.name, order.request.method))
 
-    def _settle_unstepped(self) -> None:
-        """Cancelled work no step will see, and parked work whose client caught up."""
+    def settle_unstepped(self) -> bool:
+        """Cancelled work no step will see, and parked work whose client caught up; whether
+        there was any."""
+        settled = False
         for lane in self._lanes.values():
             for generation in lane.take_cancelled():
                 self._finish(generation)
-            lane.resume_drained()
+                settled = True
+            lane.resume_drained()  # never on a sharded model: its generations are not paused
+        return settled
 
-    def _step_lanes(self) -> None:
+    def _lanes_with_work(self) -> list[str]:
+        """The lanes to step this turn, in order: a fair start each turn."""
         names = list(self._lanes)
         if not names:
-            return
+            return []
         self._turn = (self._turn + 1) % len(names)
-        for name in names[self._turn:] + names[: self._turn]:  # a fair start each turn
-            lane = self._lanes[name]
-            if not lane.has_work:
+        return [name for name in names[self._turn:] + names[: self._turn] if self._lanes[name].has_work]
+
+    def step(self, names: list[str]) -> None:
+        for name in names:
+            lane = self._lanes.get(name)
+            if lane is None:
                 continue
             try:
                 finished = lane.step()
@@ -306,6 +356,11 @@ class Scheduler:
         """A step failed (out of memory, or a bug): its requests get the error, the model stays."""
         lane = self._lanes.pop(name)
         log.error("generation on %s failed: %s", name, exc, exc_info=not is_out_of_memory(exc))
+        sharding = self.registry.sharding
+        if lane.loaded.sharded and sharding is not None:
+            if sharding.diverged is None:  # a follower: rank 0 may not have failed; the group ends
+                raise exc
+            sharding.diverged(f"a step on {name} failed on rank 0: {type(exc).__name__}")
         for generation in lane.generations():
             generation.job.fail(_engine_error(exc, name, generation.request.method))
         try:

@@ -33,7 +33,7 @@ async def initialize(context: InFlightRequest, params: dict[str, Any]) -> dict[s
         "protocolVersion": PROTOCOL_VERSION,
         "serverInfo": {"name": "localmlx", "version": __version__, "mlx": _package_version("mlx"),
                        "mlxLm": _package_version("mlx-lm"), "device": await context.engine.device_description(),
-                       "blas": blas_in_use().to_json()},
+                       "blas": blas_in_use().to_json(), "group": _group(context)},
         "capabilities": {"streaming": True, "cancellation": True, "progress": True,
                          "batching": settings.batching, "responseCache": settings.enable_cache,
                          "methods": schema.method_names()},
@@ -44,6 +44,12 @@ async def initialize(context: InFlightRequest, params: dict[str, Any]) -> dict[s
         "defaults": {"model": settings.default_model, "maxTokens": settings.max_tokens,
                      "temperature": settings.temperature},
     }
+
+
+def _group(context: InFlightRequest) -> dict[str, Any] | None:
+    """The ranks of the group this sidecar is rank 0 of (formed before the device is known)."""
+    group = context.engine.group
+    return group.describe() if group is not None else None
 
 
 @rpc_method("ping")

@@ -125,6 +125,9 @@ export function toOpenAIError(error: unknown): OpenAIHttpError {
         return new OpenAIHttpError(501, message, "server_error", null, "not_implemented");
       case ErrorCode.ModelLoadFailed:
         return new OpenAIHttpError(500, message, "server_error", "model", "model_load_failed");
+      case ErrorCode.RankLost:
+        // The sidecar exits after it; the next request restarts it (and its group).
+        return new OpenAIHttpError(503, message, "server_error", null, "rank_lost", { "retry-after": "5" });
       case ErrorCode.ServerCancelled:
       case ErrorCode.RequestCancelled:
         return new OpenAIHttpError(503, message, "server_error", null, "cancelled", { "retry-after": "1" });

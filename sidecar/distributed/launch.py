@@ -1,0 +1,43 @@
+"""Starting a follower on its host, as mlx.launch does: a shell command over SSH (or through
+whatever LOCALMLX_DISTRIBUTED_LAUNCHER names), with the environment written into it, since
+SSH passes none."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+from ..settings import Settings, env_from_settings
+from .hostfile import GroupSpec, Host
+
+FOLLOWER_ENV = "LOCALMLX_GROUP"
+
+
+def follower_command(spec: GroupSpec, host: Host, settings: Settings, group_env: str) -> str:
+    """The shell command that runs rank `host.rank`: the same Python, in the same directory when
+    it exists there, with the sidecar's settings and the group's description."""
+    env = {k: v for k, v in env_from_settings(settings).items() if v}
+    env.update(item.partition("=")[::2] for item in spec.envs if "=" in item)
+    env[FOLLOWER_ENV] = group_env
+    env["MLX_RANK"] = str(host.rank)
+    assignments = " ".join(f"{key}={shlex.quote(value)}" for key, value in sorted(env.items()))
+    cwd = shlex.quote(os.getcwd())
+    return f"cd {cwd} 2>/dev/null; exec env {assignments} {shlex.quote(sys.executable)} -m sidecar follower"
+
+
+def launcher_argv(template: str, host: Host, command: str) -> list[str]:
+    """The launcher, filled in for `host`, then the command: one argument for ssh (the remote
+    shell reads it), through `sh -c` for anything local (ip netns exec, sudo -u, ...)."""
+    prefix = shlex.split(template.format(rank=host.rank, ssh=host.ssh, ip=host.address))
+    if prefix and os.path.basename(prefix[0]) == "ssh":
+        return [*prefix, command]
+    return [*prefix, "sh", "-c", command]
+
+
+def start(argv: list[str]) -> subprocess.Popen[bytes]:
+    """Its stdout is not ours (ours is the wire); its log goes to our stderr, for the client's
+    log. Its own session: a signal meant for the sidecar's group does not reach it first."""
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None,
+                            start_new_session=True)
