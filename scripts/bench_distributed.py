@@ -130,8 +130,8 @@ OnText = Callable[[str], None]
 class Target(Protocol):
     def chat(self, messages: list[dict[str, str]], max_tokens: int, on_text: OnText | None = None,
              timeout: float = REQUEST_TIMEOUT_S) -> Completion:
-        """One greedy streamed chat; raises on an error or a dropped stream. `completion.
-        finish_reason` is None when the stream closed without a proper end."""
+        """One greedy streamed chat (`on_text` gets each piece of text as it is read); raises
+        on an error; a stream that closes without a proper end has `finish_reason` None."""
 
     def rank_pids(self) -> list[int]:
         """Process ids, rank 0 first."""

@@ -39,6 +39,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(f"must be a number above 0, not {text}")
+    return value
+
+
 def _quantization(text: str) -> str:
     value = text.strip().lower()
     if value in ("", "none", "false", "off"):
@@ -145,6 +152,7 @@ TEXT = Codec(str, str)
 INT = Codec(int, str)
 POSITIVE_INT = Codec(_positive_int, str)
 FLOAT = Codec(float, repr)
+POSITIVE_FLOAT = Codec(_positive_float, repr)
 BOOL = Codec(_bool, lambda value: "true" if value else "false")
 BYTES = Codec(_bytes, str)
 DURATION = Codec(parse_duration, _format_duration)
@@ -286,7 +294,7 @@ class Settings:
         5.0, "LOCALMLX_DISTRIBUTED_TIMEOUT",
         "seconds without a heartbeat after which a rank counts as lost (requests in flight get "
         "-32019 and the sidecar exits for its client to restart the group); forming the group may "
-        "take 6 times as long", FLOAT)
+        "take 6 times as long", POSITIVE_FLOAT)
     distributed_allow_public: bool = _setting(
         False, "LOCALMLX_DISTRIBUTED_ALLOW_PUBLIC",
         "allow a hostfile address on a public network (the ring backend has no authentication: keep "

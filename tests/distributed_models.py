@@ -13,6 +13,17 @@ ranks, never 3. ``build_group_model`` builds a family at a shape that splits ove
 in both modes (6 heads, 6 KV heads, MLP 192, 6 layers: still tiny). ``divides`` says whether a
 model splits over N ranks in a mode.
 
+Measured with real rings across namespaces (greedy tokens of the sharded model against one
+process): on fp32 weights every supported (family, mode) gives the same tokens, over 2 ranks for
+the tiny builds and over 2 and 3 for ``build_group_model``'s. Three things to know:
+- bf16 tensor mode is not token-identical on random tiny weights: a split matmul sums in another
+  order, and bf16 rounding then flips near-tied logits (qwen2.5 with the real Qwen vocabulary
+  diverged at its 3rd token). Compare tensor-mode output on fp32 copies of the weights.
+- MoE families need fp32 on MLX's CPU backend (``GatherMM`` supports only float32), sharded or not.
+- 4-bit tensor sharding needs each rank's slice of a sharded input (attention output, MLP width)
+  to be whole quantization groups (64): the tiny 4-bit builds fail over 2 ranks ("last dimension
+  ... divisible by the quantization group size 64"); pipeline mode is unaffected.
+
 ``sharded_load`` in pipeline mode reads ``model.safetensors.index.json`` to find the files a
 rank needs; ``shardable_copy`` writes one for a checkpoint that has none (the demo-model builder
 writes a single ``model.safetensors`` without it).
@@ -65,13 +76,20 @@ def sharding_modes(model_dir: Path) -> set[str]:
 
 
 def divides(model_dir: Path, ranks: int, mode: str) -> bool:
-    """Whether the checkpoint's shape splits evenly over ``ranks`` ranks in ``mode``."""
+    """Whether the checkpoint's shape splits evenly over ``ranks`` ranks in ``mode``. Quantized
+    weights split in tensor mode only where each rank's slice of a sharded input width (attention
+    output, MLP width) is whole quantization groups."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     if mode == "pipeline":
         return config["num_hidden_layers"] >= ranks
-    widths = [config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"],
-              config.get("moe_intermediate_size") or config["intermediate_size"], config["intermediate_size"]]
-    return all(w % ranks == 0 for w in widths)
+    heads = config["num_attention_heads"]
+    attention = heads * (config.get("head_dim") or config["hidden_size"] // heads)
+    mlps = [config["intermediate_size"], *([config["moe_intermediate_size"]] if "moe_intermediate_size" in config else [])]
+    counts = [heads, config.get("num_key_value_heads") or heads, attention, *mlps]
+    if any(c % ranks for c in counts):
+        return False
+    group = (config.get("quantization") or {}).get("group_size")
+    return group is None or all((width // ranks) % group == 0 for width in (attention, *mlps))
 
 
 # ---- the index pipeline mode needs -------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The simulated-hosts harness itself (tests/netns.py), with real MLX across namespaces."""
+"""The simulated-hosts harness itself (tests/netns.py), with real MLX across namespaces, and the
+shardable copies of tests/distributed_models.py."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed_models import INDEX_FILE, safetensors_names, shardable_copy, sharding_modes
 from tests.netns import SimulatedHosts, available
 
 _OK, _WHY = available()
-pytestmark = pytest.mark.skipif(not _OK, reason=f"no simulated hosts: {_WHY}")
+needs_namespaces = pytest.mark.skipif(not _OK, reason=f"no simulated hosts: {_WHY}")
 
 # One rank of a ring: all_sum of (rank + 1) over the group, printed as JSON.
 RING_RANK = """
@@ -69,6 +71,7 @@ def run_ring(hosts: SimulatedHosts, directory: Path) -> list[dict]:
     return [json.loads(out) for out, _ in outputs]
 
 
+@needs_namespaces
 @pytest.mark.parametrize("n", [2, 3])
 def test_a_ring_all_sum_spans_the_hosts(n: int, tmp_path: Path) -> None:
     with SimulatedHosts(n) as hosts:
@@ -78,6 +81,7 @@ def test_a_ring_all_sum_spans_the_hosts(n: int, tmp_path: Path) -> None:
     assert all(r["size"] == n and r["sum"] == expected for r in results)
 
 
+@needs_namespaces
 def test_names_addresses_and_hostfile(tmp_path: Path) -> None:
     with SimulatedHosts(3) as hosts:
         assert hosts.exec_prefix(0) == [] and hosts.namespace(0) is None
@@ -95,6 +99,7 @@ def test_names_addresses_and_hostfile(tmp_path: Path) -> None:
             assert other.bridge != hosts.bridge and other.address(0) != hosts.address(0)
 
 
+@needs_namespaces
 def test_link_down_cuts_a_host_off_and_link_up_restores_it() -> None:
     with SimulatedHosts(2) as hosts:
         address, port = hosts.address(1), 7000
@@ -120,6 +125,7 @@ def sleeper(hosts: SimulatedHosts, i: int) -> subprocess.Popen[str]:
     return process
 
 
+@needs_namespaces
 def test_teardown_leaves_no_namespace_link_or_process() -> None:
     with SimulatedHosts(3) as hosts:
         sleepers = [sleeper(hosts, i) for i in (1, 2)]
@@ -129,9 +135,22 @@ def test_teardown_leaves_no_namespace_link_or_process() -> None:
     assert [s.wait(timeout=10) for s in sleepers] == [-9, -9]
 
 
+@needs_namespaces
 def test_teardown_also_after_a_failure() -> None:
     with pytest.raises(RuntimeError, match="boom"), SimulatedHosts(2) as hosts:
         inside = sleeper(hosts, 1)
         raise RuntimeError("boom")
     assert names_left(hosts) == []
     assert inside.wait(timeout=10) == -9
+
+
+def test_a_shardable_copy_links_the_files_and_indexes_every_tensor(demo_model_path: Path, tmp_path: Path) -> None:
+    copy = shardable_copy(demo_model_path, tmp_path / "demo")
+    weights = copy / "model.safetensors"
+    assert weights.stat().st_ino == (demo_model_path / "model.safetensors").stat().st_ino  # linked, not copied
+    index = json.loads((copy / INDEX_FILE).read_text())
+    assert index["weight_map"] == {name: "model.safetensors" for name in safetensors_names(weights)}
+    made = (copy / INDEX_FILE).stat().st_ino
+    assert shardable_copy(demo_model_path, tmp_path / "demo") == copy
+    assert (copy / INDEX_FILE).stat().st_ino == made  # already there: kept as it was
+    assert sharding_modes(copy) == {"tensor"}  # a llama: no pipeline in mlx-lm 0.32

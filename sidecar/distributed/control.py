@@ -64,6 +64,7 @@ class FollowerLink:
     last_seen: float = field(default_factory=time.monotonic)
     memory: dict[str, int] | None = None
     alive: bool = True
+    loading_until: float = 0.0  # a load: it may be silent (busy loading) until then, or until it says it is done
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, data: bytes, wait: bool = True) -> bool:
@@ -97,7 +98,6 @@ class FollowerLinks:
         self._lost = threading.Event()
         self._closed = threading.Event()
         self._listener: socket.socket | None = None
-        self._quiet_until = 0.0  # a load: followers may be silent (busy loading) until then
 
     def listen(self, address: str) -> int:
         """Listen on rank 0's own group address (never on every interface); the port."""
@@ -167,6 +167,8 @@ class FollowerLinks:
                 link.last_seen = time.monotonic()
                 if "memory" in message:
                     link.memory = message["memory"]
+                if "loaded" in message:
+                    link.loading_until = 0.0
                 if "failed" in message:
                     detail = f"it failed: {message['failed']}"
         except (OSError, ValueError) as exc:
@@ -179,8 +181,14 @@ class FollowerLinks:
 
     def expect_silence(self, seconds: float) -> None:
         """Loading holds a follower's GIL for seconds at a time (safetensors, the grammar
-        tokenizer): a silence that long then is no fault. A closed link still is."""
-        self._quiet_until = max(self._quiet_until, time.monotonic() + seconds)
+        tokenizer): a silence then is no fault, until it says it has loaded (or `seconds`
+        pass). A closed link still is a fault at once."""
+        for link in self.links.values():
+            link.loading_until = time.monotonic() + seconds
+
+    def wait_for_loss(self, seconds: float) -> bool:
+        """Whether a link is (or within `seconds` turns out) lost: what made a collective fail."""
+        return self._lost.wait(seconds)
 
     def _monitor(self) -> None:
         interval = self._timeout / HEARTBEATS_PER_TIMEOUT
@@ -191,7 +199,7 @@ class FollowerLinks:
             now = time.monotonic()
             starved, last_turn = now - last_turn > 2 * interval, now
             for link in self.links.values():
-                if starved or now < self._quiet_until:
+                if starved or now < link.loading_until:
                     # This process could not read the heartbeats (its own GIL was held), or a
                     # load is going on: count the silence from now.
                     link.last_seen = max(link.last_seen, now - interval)
@@ -286,6 +294,10 @@ class LeaderLink:
 
     def next_op(self) -> dict[str, Any]:
         return self._ops.get()
+
+    def report(self, message: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            self._send(message)
 
     def report_failure(self, detail: str) -> None:
         with contextlib.suppress(OSError):

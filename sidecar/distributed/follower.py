@@ -44,7 +44,8 @@ def run_follower() -> None:
     from ..engine.registry import Sharding
     from .mirror import Replica
 
-    replica = Replica(settings.with_overrides(enable_cache=False), Sharding(world, group["mode"]))
+    replica = Replica(settings.with_overrides(enable_cache=False), Sharding(world, group["mode"]),
+                      loaded=lambda name: link.report({"loaded": name}))
     log.info("rank %d of %d joined (%s backend, %s parallel)", rank, world.size(), group["backend"], group["mode"])
     while True:
         op = link.next_op()

@@ -99,6 +99,9 @@ class Group:
         print(f"localmlx: cannot form the group: {error}", file=sys.stderr, flush=True)
         os._exit(4)
 
+    def wait_for_loss(self, seconds: float) -> bool:
+        return self._links.wait_for_loss(seconds)
+
     def send(self, op: dict[str, Any]) -> None:
         if op["op"] == "load":
             self._links.expect_silence(max(30.0, FORMATION_TIMEOUTS * self.settings.distributed_timeout))

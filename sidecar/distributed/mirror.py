@@ -30,8 +30,9 @@ log = logging.getLogger("localmlx.follower")
 class Replica:
     """A follower's engine: the scheduler's own lanes and registry, driven by rank 0's operations."""
 
-    def __init__(self, settings: Settings, sharding: Any) -> None:
+    def __init__(self, settings: Settings, sharding: Any, loaded: Any = lambda name: None) -> None:
         self.settings = settings
+        self.loaded = loaded  # tells rank 0 a load is done (its heartbeats may have paused)
         self.registry = ModelRegistry(settings)
         self.registry.sharding = sharding
         self.scheduler = Scheduler(settings, self.registry, on_start=lambda: None)
@@ -52,6 +53,7 @@ class Replica:
                 self.scheduler.cancel(job, CancelReason(op["reason"]))
         elif kind == "load":
             self._load(op)
+            self.loaded(op["name"])
         elif kind == "unload":
             self.scheduler.stop_model(op["name"], CancelReason(op["reason"]))
             self.registry.unload(op["name"])

@@ -35,7 +35,10 @@ def joiner(settings: Settings, on_lost: Callable[[RankLostInfo], None]) -> Calla
             group.send(operations.load(location, path, options))
 
         def diverged(detail: str) -> None:
-            on_lost(RankLostInfo(0, host0.ssh, "failed", detail))
+            # A collective fails when a peer is gone: its link says so within moments, and
+            # that is the cause to report; otherwise rank 0 itself failed.
+            if not group.wait_for_loss(min(2.0, settings.distributed_timeout)):
+                on_lost(RankLostInfo(0, host0.ssh, "failed", detail))
 
         engine.registry.sharding = Sharding(group.world, spec.mode, announce_load, diverged)
         engine.scheduler.mirror = group
