@@ -436,6 +436,7 @@ class Run:
     idle_cpu_percent: list[float | None] = field(default_factory=list)
     faults: list[FaultOutcome] = field(default_factory=list)
     error: str | None = None
+    load: str = ""  # the machine's load average when the run began (others share it)
 
     def tokens_per_second(self, concurrency: int) -> float | None:
         return next((loop["tokensPerSecond"] for loop in self.loops if loop["concurrency"] == concurrency), None)
@@ -452,7 +453,7 @@ def summary(result: LoopResult) -> dict[str, Any]:
 
 def measure_load(target_name: str, start: Starter, setup: Setup, scale: Scale, words: list[str]) -> Run:
     """Throughput at each concurrency, then idle CPU of every rank."""
-    run = Run(target_name, setup.label, setup.mode, setup.ranks)
+    run = Run(target_name, setup.label, setup.mode, setup.ranks, load=load_average())
     progress(f"{target_name}, {setup.label}: starting")
     try:
         target = start(setup)
@@ -572,12 +573,12 @@ def print_report(runs: list[Run], faults: dict[tuple[str, str], list[FaultOutcom
         print(f"{key + ':':<14}{value}", file=out)
     width = max([len(f"{r.target} {r.label}") for r in runs] + [24])
     print("\nthroughput: aggregate tokens/s (TTFT p50 ms)", file=out)
-    print(f"  {'':<{width}}" + "".join(f"{f'{c} stream' + ('s' if c > 1 else ''):>20}" for c in concurrencies),
-          file=out)
+    print(f"  {'':<{width}}" + "".join(f"{f'{c} stream' + ('s' if c > 1 else ''):>20}" for c in concurrencies)
+          + "   load avg at start", file=out)
     for run in runs:
         cells = [f"{fmt(run.tokens_per_second(c))} ({fmt(run.ttft_p50(c), '.0f')})" for c in concurrencies]
         print(f"  {run.target + ' ' + run.label:<{width}}" + "".join(f"{cell:>20}" for cell in cells)
-              + (f"   ERROR {run.error}" if run.error else ""), file=out)
+              + f"   {run.load}" + (f"   ERROR {run.error}" if run.error else ""), file=out)
 
     print("\nratios (aggregate tokens/s)", file=out)
     by_key = {(r.target, r.label): r for r in runs}
