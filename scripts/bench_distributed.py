@@ -18,6 +18,9 @@ means the same thing for each target:
   loopback, rank r runs inside namespace r. `--pipeline` selects pipeline mode, else a group
   larger than one is tensor parallel (mlx_lm/server.py's ModelProvider). OpenBLAS is preloaded
   into every rank (LD_PRELOAD) where installed, as scripts/bench.py does.
+- Every rank of every target gets OPENBLAS_NUM_THREADS = cores / ranks (`--blas-threads`): the
+  simulated hosts share this machine's cores, and oversubscribing them costs more than sharding
+  gains.
 - `sidecar`: `python -m sidecar` spawned normally (rank 0), configured by LOCALMLX_HOSTFILE,
   LOCALMLX_DISTRIBUTED_MODE, LOCALMLX_DISTRIBUTED_BACKEND=ring and LOCALMLX_DISTRIBUTED_LAUNCHER
   (`ip netns exec <ns>{rank}`); it starts the other ranks itself through the launcher.
@@ -114,6 +117,7 @@ class Setup:
     blas_library: str | None
     children: Children
     logs: Logs
+    blas_threads: int | None = None  # OPENBLAS_NUM_THREADS of every rank (None: OpenBLAS's default)
 
     @property
     def ranks(self) -> int:
@@ -122,6 +126,10 @@ class Setup:
     @property
     def label(self) -> str:
         return "1 rank" if self.hosts is None else f"{self.mode} {self.ranks} ranks"
+
+    def rank_env(self, env: dict[str, str]) -> dict[str, str]:
+        """`env` with this configuration's BLAS threads (every rank, every target)."""
+        return env if self.blas_threads is None else {**env, "OPENBLAS_NUM_THREADS": str(self.blas_threads)}
 
 
 OnText = Callable[[str], None]
@@ -177,7 +185,7 @@ class MlxLmServerGroup:
         self.port = free_port("127.0.0.1")
         self.processes: list[subprocess.Popen[bytes]] = []
         self.log_paths: list[Path] = []
-        env = with_preloaded(setup.blas_library, dict(os.environ))
+        env = setup.rank_env(with_preloaded(setup.blas_library, dict(os.environ)))
         if setup.hosts is not None:
             ring = setup.hosts.write_ring_hostfile(
                 setup.logs.directory / f"ring-{self.port}.json", free_port(setup.hosts.address(0)))
@@ -311,6 +319,7 @@ class SidecarGroup:
                         "LOCALMLX_DISTRIBUTED_PORT": str(free_port(setup.hosts.address(0)))})
         if os.environ.get("LD_PRELOAD"):
             env["LD_PRELOAD"] = ""  # the sidecar picks its BLAS itself
+        env = setup.rank_env(env)  # its followers inherit it through the launcher
         name = f"sidecar-{setup.label.replace(' ', '-')}-{time.monotonic_ns()}"
         self.log_path = setup.logs.directory / f"{name}.log"
         self.client = SidecarClient(sidecar_command(), env=env, stderr=setup.logs.open(name).fileno())
@@ -323,6 +332,8 @@ class SidecarGroup:
              timeout: float = REQUEST_TIMEOUT_S) -> Completion:
         from sidecar.client import RpcCallError
 
+        if self.client.process.poll() is not None:
+            raise RuntimeError(f"the sidecar exited ({self.client.process.returncode})")
         params = {"model": self.model, "messages": messages, "maxTokens": max_tokens, "temperature": 0,
                   "cache": False}
         sent_at = time.perf_counter()
@@ -354,6 +365,8 @@ class SidecarGroup:
         return pids
 
     def health(self) -> str:
+        if self.client.process.poll() is not None:
+            return f"exited ({self.client.process.returncode})"
         try:
             response = self.client.call("ping", timeout=HEALTH_TIMEOUT_S)
         except TimeoutError:
@@ -629,10 +642,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-single", action="store_true", help="skip the 1-rank configuration")
     parser.add_argument("--concurrency", help="comma-separated stream counts [1,4,8]")
     parser.add_argument("--seconds", type=float, help="closed-loop duration per level")
+    parser.add_argument("--blas-threads", default="auto",
+                        help="OPENBLAS_NUM_THREADS per rank: auto (cores / ranks), default (unset), or N")
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     parser.add_argument("--log-dir", type=Path)
     parser.add_argument("--json", type=Path)
     return parser.parse_args(argv)
+
+
+def blas_threads(args: argparse.Namespace, ranks: int) -> int | None:
+    """All ranks share this machine's cores: more BLAS threads than cores oversubscribe them (a
+    2-rank tensor group on 2 cores ran 3x slower at 4 streams with 2 threads per rank than 1)."""
+    if args.blas_threads == "default":
+        return None
+    if args.blas_threads == "auto":
+        return max(1, (os.cpu_count() or 1) // ranks)
+    return int(args.blas_threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -669,20 +694,23 @@ def main(argv: list[str] | None = None) -> int:
         "model": f"{model_dir.name}: qwen2, {parameter_count(model_dir) / 1e6:.1f}M, hidden {config['hidden_size']}, "
                  f"{config['num_hidden_layers']} layers, fp32",
         "machine": f"{os.cpu_count()} cores, load {load_average()} at start",
-        "blas": f"mlx_lm.server ranks: {blas or 'bundled (no OpenBLAS to preload)'}; sidecar: its own choice",
+        "blas": f"mlx_lm.server ranks: {blas or 'bundled (no OpenBLAS to preload)'}; sidecar: its own choice; "
+                f"threads per rank: {args.blas_threads}"
+                + (f" (cores / ranks: {os.cpu_count()} cores shared by the ranks)" if args.blas_threads == "auto" else ""),
         "hosts": "network namespaces on one bridge (tests/netns.py), ring backend, no added delay",
         "scale": f"{'quick' if args.quick else 'full'}: {scale.loop_seconds:g} s per level",
     }
     try:
         if not args.no_single:
-            single = Setup(model_dir, None, None, None, None, blas, children, logs)
+            single = Setup(model_dir, None, None, None, None, blas, children, logs, blas_threads(args, 1))
             for name in targets:
                 runs.append(measure_load(name, TARGETS[name], single, scale, words))
         for n in sizes:
             with SimulatedHosts(n) as hosts:
                 hostfile = hosts.write_hostfile(logs.directory / f"hosts-{n}.json")
                 for mode in modes:
-                    setup = Setup(model_dir, hosts, hostfile, hosts.launcher(), mode, blas, children, logs)
+                    setup = Setup(model_dir, hosts, hostfile, hosts.launcher(), mode, blas, children, logs,
+                                  blas_threads(args, n))
                     for name in targets:
                         runs.append(measure_load(name, TARGETS[name], setup, scale, words))
                         if mode == args.fault_mode and fault_kinds:
