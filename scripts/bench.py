@@ -577,12 +577,14 @@ class MlxLmServer:
         raise AssertionError("unreachable")
 
 
-def read_event_stream(response, sent_at: float) -> Completion:
-    """Server-sent events of an OpenAI chat completion, to the `[DONE]` line."""
+def read_event_stream(response, sent_at: float, on_text=None, finish_needs_done: bool = False) -> Completion:
+    """Server-sent events of an OpenAI chat completion, to the `[DONE]` line; each text to
+    `on_text`. With `finish_needs_done`, a stream cut off before `[DONE]` has no finish reason."""
     times: list[float] = []
     texts: list[str] = []
     tokens = None
     finish_reason = None
+    done = False
     while True:
         line = response.readline()
         if not line:
@@ -591,6 +593,7 @@ def read_event_stream(response, sent_at: float) -> Completion:
             continue  # blank separators, ": keepalive" comments
         payload = line[6:].strip()
         if payload == b"[DONE]":
+            done = True
             break
         event = json.loads(payload)
         if event.get("usage"):
@@ -600,11 +603,13 @@ def read_event_stream(response, sent_at: float) -> Completion:
             if text:
                 times.append(time.perf_counter())
                 texts.append(text)
+                if on_text is not None:
+                    on_text(text)
             finish_reason = choice.get("finish_reason") or finish_reason
     done_at = time.perf_counter()
     return Completion(sent_at, times[0] if times else None, done_at,
                       tokens if tokens is not None else len(times), times, "".join(texts),
-                      finish_reason=finish_reason)
+                      finish_reason=None if finish_needs_done and not done else finish_reason)
 
 
 def free_loopback_port() -> int:

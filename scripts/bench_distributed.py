@@ -75,6 +75,7 @@ from bench import (
     optimized_blas_library,
     percentile,
     progress,
+    read_event_stream,
     run_closed_loop,
     warm_up_at,
     with_preloaded,
@@ -235,7 +236,7 @@ class MlxLmServerGroup:
             try:
                 if response.status != 200:
                     raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
-                return read_events(response, sent_at, on_text)
+                return read_event_stream(response, sent_at, on_text, finish_needs_done=True)
             finally:
                 connection.close()
         raise AssertionError("unreachable")
@@ -264,34 +265,6 @@ class MlxLmServerGroup:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGCONT)  # a stopped rank takes SIGTERM only once resumed
             self.setup.children.stop(process, grace=3.0)
-
-
-def read_events(response: http.client.HTTPResponse, sent_at: float, on_text: OnText | None) -> Completion:
-    """Server-sent events of an OpenAI chat completion; finish_reason None without `[DONE]`."""
-    times: list[float] = []
-    texts: list[str] = []
-    tokens, finish_reason, done = None, None, False
-    while line := response.readline():
-        if not line.startswith(b"data: "):
-            continue
-        payload = line[6:].strip()
-        if payload == b"[DONE]":
-            done = True
-            break
-        event = json.loads(payload)
-        if event.get("usage"):
-            tokens = event["usage"].get("completion_tokens")
-        for choice in event.get("choices") or []:
-            text = (choice.get("delta") or {}).get("content")
-            if text:
-                times.append(time.perf_counter())
-                texts.append(text)
-                if on_text is not None:
-                    on_text(text)
-            finish_reason = choice.get("finish_reason") or finish_reason
-    return Completion(sent_at, times[0] if times else None, time.perf_counter(),
-                      tokens if tokens is not None else len(times), times, "".join(texts),
-                      finish_reason=finish_reason if done else None)
 
 
 def start_mlx_lm_server(setup: Setup) -> Target:

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .demo_model import DEMO_MODEL_ALIAS, DEMO_MODEL_DIRNAME, ensure_demo_model
 from .downloads import MODEL_FILE_PATTERNS, converted_dir, is_complete_snapshot, pull
@@ -30,6 +31,10 @@ log = logging.getLogger("localmlx.hub")
 # this module at start-up, and answering initialize must not wait for them.
 
 Progress = Callable[[str, float, "float | None", str], None]
+
+
+def no_progress(*_: Any, **__: Any) -> None:
+    """A Progress that reports nowhere (any arguments: downloads and conversion pass message, details)."""
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")

@@ -45,16 +45,15 @@ import os
 import shutil
 import struct
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.families import FAMILIES_BY_NAME, build
+from sidecar.engine.sharding import INDEX_FILE
+from tests.families import FAMILIES_BY_NAME, build, install
 
 # Checked against mlx-lm 0.32.2 (see the module docstring); ``sharding_modes`` asks the model.
 TENSOR_FAMILIES = ("llama3", "mistral", "qwen2.5", "qwen2.5-coder", "qwen3", "qwen3-moe", "deepseek-v2")
 PIPELINE_FAMILIES = ("qwen2.5", "qwen2.5-coder", "qwen3-moe", "deepseek-v2")
-INDEX_FILE = "model.safetensors.index.json"
 
 # Splits evenly over 1, 2, 3 and 6 ranks: heads, KV heads, MLP width and layers.
 GROUP_SHAPE = {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 6, "head_dim": 16,
@@ -127,7 +126,7 @@ def shardable_copy(src_dir: Path, dest_dir: Path) -> Path:
                 _link_or_copy(file, tmp / file.name)
         if not (tmp / INDEX_FILE).exists():
             (tmp / INDEX_FILE).write_text(json.dumps(weight_index(tmp), indent=2) + "\n")
-        _install(tmp, dest_dir, lambda: {p.name for p in dest_dir.iterdir()} == wanted)
+        _install(tmp, dest_dir, lambda: dest_dir.is_dir() and {p.name for p in dest_dir.iterdir()} == wanted)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest_dir
@@ -141,22 +140,8 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 def _install(tmp: Path, dest: Path, complete: Any) -> None:
-    """Rename ``tmp`` onto ``dest``, racing other builders (the loser's copy is discarded)."""
-    tmp.chmod(0o755)
-    for _ in range(10):
-        try:
-            os.rename(tmp, dest)
-            return
-        except OSError:
-            if dest.is_dir() and complete():
-                return
-        aside = dest.parent / f".{dest.name}.stale-{uuid.uuid4().hex}"
-        try:
-            os.rename(dest, aside)
-        except FileNotFoundError:
-            continue
-        shutil.rmtree(aside, ignore_errors=True)
-    raise RuntimeError(f"could not install {dest}")
+    tmp.chmod(0o755)  # mkdtemp's 0700: readable by the ranks whatever user they run as
+    install(tmp, dest, complete)
 
 
 # ---- a family at a shape that splits over 2 and 3 ranks ----------------------------------------

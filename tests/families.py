@@ -38,6 +38,7 @@ import shutil
 import tempfile
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,7 +248,7 @@ def build(models_dir: Path, family: Family, quantization: str) -> Path:
             _write_quantized(tmp, build(models_dir, family, "bf16"))
         (tmp / MARKER_FILE).write_text(json.dumps({"digest": digest, "family": family.name,
                                                    "quantization": quantization}) + "\n")
-        _install(tmp, dest, digest)
+        install(tmp, dest, lambda: _is_complete(dest, digest))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -260,13 +261,15 @@ def _is_complete(path: Path, digest: str) -> bool:
         return False
 
 
-def _install(tmp: Path, dest: Path, digest: str) -> None:
+def install(tmp: Path, dest: Path, complete: Callable[[], bool]) -> None:
+    """Rename ``tmp`` onto ``dest``, racing other builders: when ``dest`` is already there and
+    ``complete()``, the loser's copy is discarded; an incomplete one is set aside and replaced."""
     for _ in range(10):
         try:
             os.rename(tmp, dest)
             return
         except OSError:
-            if _is_complete(dest, digest):
+            if complete():
                 return
         aside = dest.parent / f".{dest.name}.stale-{uuid.uuid4().hex}"
         try:
@@ -567,7 +570,7 @@ def build_embedding_model(models_dir: Path) -> Path:
             "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": True, "include_prompt": True})
         (tmp / MARKER_FILE).write_text(json.dumps({"digest": digest, "family": family.name,
                                                    "quantization": "bf16"}) + "\n")
-        _install(tmp, dest, digest)
+        install(tmp, dest, lambda: _is_complete(dest, digest))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

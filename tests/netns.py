@@ -35,6 +35,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from sidecar.conversion import pid_alive
+
 _NAME_PREFIX = "lmh"  # every name this harness makes starts with it (links: <= 15 characters)
 _NAME = re.compile(rf"^{_NAME_PREFIX}(\d+)([a-z])[nbhp]\d*$")
 _LOCK_FILE = Path("/run/lock/localmlx-netns.lock")
@@ -222,13 +224,6 @@ def _remove_namespace(name: str) -> None:
     _ip("netns", "del", name, check=False)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -238,9 +233,9 @@ def sweep_stale() -> None:
     links = re.findall(r"^\d+: ([^:@\s]+)", _ip("-o", "link", check=False).stdout, re.M)
     for name in names:
         match = _NAME.match(name)
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             _remove_namespace(name)
     for link in links:
         match = _NAME.match(link)
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             _ip("link", "del", link, check=False)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from sidecar import schema
 from sidecar.client import RpcCallError, SidecarClient, SidecarExited
 from tests.conftest import serving
 from tests.distributed_models import build_group_model, shardable_copy
@@ -148,7 +149,7 @@ def hosts3() -> Iterator[SimulatedHosts]:
 
 def spawn_group(env: dict[str, str]) -> SidecarClient:
     client = SidecarClient(env=env)
-    client.initialize()
+    schema.check("methods", "initialize", "result", client.initialize())
     return client
 
 
@@ -168,8 +169,9 @@ def test_a_sharded_model_answers_as_one_process_does(mode: str, group_models: Pa
             assert loaded["bytes"] < reference["qwen2.5"]["bytes"]  # rank 0 holds a share, not all
             assert run_all(client, "qwen2.5") == reference["qwen2.5"]["single"]
             assert run_batched(client, "qwen2.5") == reference["qwen2.5"]["batched"]
-            status = client.request("server/status")["group"]
-            follower = status["ranks"][1]
+            status = client.request("server/status")
+            schema.check("methods", "server/status", "result", status)  # the group as the schema says
+            follower = status["group"]["ranks"][1]
             assert follower["alive"] and follower["memory"]["activeBytes"] > 0
         finally:
             assert client.close() == 0

@@ -321,11 +321,12 @@ export interface GroupRank {
    */
   lastSeenMs: number | null;
   /**
-   * The rank's memory as of its last heartbeat (MLX active and peak bytes, process RSS); null until one has arrived.
+   * The rank's memory as of its last heartbeat (MLX active, peak and buffer-cache bytes, process RSS), as server/status's memory counts them; null until one has arrived.
    */
   memory: null | {
     activeBytes: number;
     peakBytes: number;
+    cacheBytes: number;
     rssBytes: number;
   };
 }

@@ -175,7 +175,9 @@ class FollowerLinks:
             detail = f"its control connection broke: {exc}"
         if self._closed.is_set():
             return
-        time.sleep(0.2)  # a process that is exiting: let it finish, to say so
+        if link.process is not None:  # a process that is exiting: let it finish, to say so
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                link.process.wait(0.2)
         reason = "exited" if link.exit_status() is not None or detail.startswith("it failed") else "disconnected"
         self._lose(link, reason, detail)
 
@@ -300,5 +302,4 @@ class LeaderLink:
             self._send(message)
 
     def report_failure(self, detail: str) -> None:
-        with contextlib.suppress(OSError):
-            self._send({"failed": detail})
+        self.report({"failed": detail})

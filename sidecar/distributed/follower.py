@@ -14,12 +14,16 @@ import time
 
 import orjson
 
+from ..blas import use_best_blas
+from ..engine.memory import memory_snapshot
+from ..engine.registry import Sharding
 from ..errors import brief
 from ..logs import configure_logging
 from ..settings import settings_from_env
 from .backend_env import apply_backend_env, init_world
 from .control import LeaderLink
 from .launch import FOLLOWER_ENV
+from .mirror import Replica
 
 log = logging.getLogger("localmlx.follower")
 
@@ -30,20 +34,13 @@ def run_follower() -> None:
     settings = settings_from_env()
     configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("localmlx.engine").setLevel(logging.WARNING)  # rank 0 logs each request already
-    from ..blas import use_best_blas
-
-    use_best_blas(settings.blas)
+    use_best_blas(settings.blas)  # before MLX is imported (init_world): its CPU kernels bind to it then
     group = orjson.loads(os.environ[FOLLOWER_ENV])
     rank = int(group["rank"])
-    from ..engine.memory import memory_snapshot
-
     link = LeaderLink(group["leader"], group["token"], rank, memory_snapshot)
     link.connect(time.monotonic() + CONNECT_TIMEOUT_S)
     apply_backend_env(group["world"], rank)
     world = init_world(group["backend"], int(group["size"]))
-    from ..engine.registry import Sharding
-    from .mirror import Replica
-
     replica = Replica(settings.with_overrides(enable_cache=False), Sharding(world, group["mode"]),
                       loaded=lambda name: link.report({"loaded": name}))
     log.info("rank %d of %d joined (%s backend, %s parallel)", rank, world.size(), group["backend"], group["mode"])

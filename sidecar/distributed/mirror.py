@@ -21,8 +21,9 @@ from ..engine import operations
 from ..engine.generation import GenerationOrder, prepare
 from ..engine.jobs import CancelReason, Job
 from ..engine.registry import ModelOptions, ModelRegistry
+from ..engine.residency import Residency
 from ..engine.scheduler import Scheduler
-from ..hub import ModelLocation
+from ..hub import ModelLocation, no_progress
 from ..settings import Settings
 
 log = logging.getLogger("localmlx.follower")
@@ -37,6 +38,7 @@ class Replica:
         self.registry.sharding = sharding
         self.scheduler = Scheduler(settings, self.registry, on_start=lambda: None)
         self.scheduler.act_as_engine_thread()
+        self.residency = Residency(settings, self.registry, self.scheduler)  # for unload; no mirror here
         self._loop = asyncio.new_event_loop()  # the jobs' futures: settled here, read by no one
         self._jobs: dict[int, Job[Any]] = {}
 
@@ -55,8 +57,7 @@ class Replica:
             self._load(op)
             self.loaded(op["name"])
         elif kind == "unload":
-            self.scheduler.stop_model(op["name"], CancelReason(op["reason"]))
-            self.registry.unload(op["name"])
+            self.residency.unload(op["name"], CancelReason(op["reason"]))
         elif kind == "options":
             loaded = self.registry.peek(op["name"])
             if loaded is not None:
@@ -78,10 +79,11 @@ class Replica:
         self.scheduler.start_mirrored(job, loaded)
 
     def _load(self, op: dict[str, Any]) -> None:
+        """At rank 0's path; where this host has no such files, the registry fetches the shard
+        of the Hub repo instead."""
         path = Path(op["path"])
-        source = path if path.exists() or not op.get("repo") else None
-        location = ModelLocation(op["name"], "local-path" if source else "hub", source, op.get("repo"))
-        self.registry.load(location, source or Path(op["repo"]), ModelOptions(**op["options"]), _no_progress)
+        location = ModelLocation(op["name"], "local-path", path, op.get("repo"))
+        self.registry.load(location, path, ModelOptions(**op["options"]), no_progress)
 
     def _forget_finished(self) -> None:
         """Run the jobs' settle callbacks, and drop the jobs that are done."""
@@ -90,6 +92,3 @@ class Replica:
         for seq in [seq for seq, job in self._jobs.items() if job.future.done()]:
             del self._jobs[seq]
 
-
-def _no_progress(*_: Any, **__: Any) -> None:
-    pass

@@ -23,7 +23,7 @@ import anyio
 from ..embeddings.work import EmbeddingWork
 from ..embeddings.work import tokenize as embedding_tokens
 from ..errors import InvalidParams, ModelLoadFailed, ModelLoading, ModelNotLoaded, RpcError, brief
-from ..hub import ModelLocation, ModelLocator, Progress
+from ..hub import ModelLocation, ModelLocator, Progress, no_progress
 from ..settings import Settings
 from ..text import clean_text
 from . import operations
@@ -41,10 +41,6 @@ __all__ = ["CancelReason", "Engine", "GenerationRequest", "GenerationResult", "J
 log = logging.getLogger("localmlx.engine")
 
 T = TypeVar("T")
-
-
-def _no_progress(*_: Any, **__: Any) -> None:  # any arguments: downloads and conversion pass message, details
-    pass
 
 
 def _describe_device() -> str:
@@ -145,7 +141,7 @@ class Engine:
             return "loading"
         return "downloadable" if location.path is None else "available"
 
-    async def load(self, location: ModelLocation, progress: Progress = _no_progress,
+    async def load(self, location: ModelLocation, progress: Progress = no_progress,
                    options: ModelOptions | None = None) -> tuple[LoadedModel, bool]:
         """Returns (model, already_loaded). Concurrent loads of one model share one load,
         which goes on even when the request that started it is cancelled. Options given for
@@ -207,7 +203,7 @@ class Engine:
         self.scheduler.submit_control(job)
         return await job.future
 
-    async def ensure_loaded(self, location: ModelLocation, progress: Progress = _no_progress) -> LoadedModel:
+    async def ensure_loaded(self, location: ModelLocation, progress: Progress = no_progress) -> LoadedModel:
         """The model for a request: loaded just in time when allowed (as Ollama does)."""
         loaded = self.registry.get(location.name)
         if loaded is not None:
@@ -286,7 +282,7 @@ class Engine:
     # ---- embeddings --------------------------------------------------------------------
 
     async def prepare_embedding(self, loaded: LoadedModel, texts: list[str], dimensions: int,
-                                normalize: bool, progress: Progress = _no_progress) -> EmbeddingWork:
+                                normalize: bool, progress: Progress = no_progress) -> EmbeddingWork:
         """Tokenize and check on a worker thread: the engine thread only runs the model."""
         embedder = loaded.embedder
         assert embedder is not None  # the embed method has checked that it is an embedding model

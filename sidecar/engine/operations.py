@@ -15,9 +15,10 @@ from .sampling import SamplingParams
 
 Operation = dict[str, Any]
 
-REQUEST_FIELDS = ("request_id", "messages", "prompt", "max_tokens", "stop", "stream", "use_response_cache",
-                  "keep_alive", "kv_bits", "max_kv_size", "response_format", "tools", "tool_choice", "thinking",
-                  "thinking_budget")
+# What a follower needs of a request: all of it but when it arrived here, its sampling
+# (sent apart) and its progress reporter (rank 0 reports).
+REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest)
+                       if f.name not in ("received_at", "sampling", "progress"))
 
 
 class Mirror(Protocol):

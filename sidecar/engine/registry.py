@@ -25,6 +25,7 @@ from ..model_config import context_length as _context_length
 from ..model_config import quantization as _quantization
 from ..model_config import vocab_size as _vocab_size
 from ..settings import Settings
+from .constraints import prepare_grammars
 from .memory import is_out_of_memory, release_memory
 from .response_cache import ResponseCache
 from .sharding import check_shardable, load_shard
@@ -221,8 +222,6 @@ class ModelRegistry:
                 _warm_up(model, tokenizer)
                 loaded = self._wrap(location, path, model, tokenizer, config, options)
                 if self.sharding is not None:
-                    from .constraints import prepare_grammars
-
                     prepare_grammars(tokenizer, loaded.vocab_size)
         except Exception as exc:
             if is_out_of_memory(exc):

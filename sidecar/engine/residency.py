@@ -8,11 +8,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from ..embeddings.detect import embedding_kind
 from ..errors import OutOfMemory
-from ..hub import ModelLocation, Progress
+from ..hub import ModelLocation, Progress, no_progress
 from ..settings import Settings
 from . import operations
 from .budget import default_budget_bytes, models_to_unload
@@ -21,10 +20,6 @@ from .registry import LoadedModel, ModelOptions, ModelRegistry
 from .scheduler import Scheduler
 
 log = logging.getLogger("localmlx.residency")
-
-
-def _quiet(*_: Any) -> None:
-    pass
 
 
 class Residency:
@@ -88,7 +83,7 @@ class Residency:
     def _bring_back(self, models: list[LoadedModel]) -> None:
         for model in models:
             try:
-                self.registry.load(model.location, model.path, model.options, _quiet)
+                self.registry.load(model.location, model.path, model.options, no_progress)
                 log.info("reloaded %s after the failed load that had unloaded it", model.name)
             except Exception as exc:  # its files changed meanwhile: it stays unloaded
                 log.warning("could not reload %s: %s", model.name, exc)

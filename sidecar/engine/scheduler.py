@@ -250,7 +250,7 @@ class Scheduler:
             self.mirror.send(operations.cancel(job.mirror_seq, reason))
 
     def start_mirrored(self, job: GenerationJob, loaded: LoadedModel) -> None:
-        """A follower: admit the generation rank 0 admitted (its `job.mirror_seq` is set)."""
+        """A follower: admit the generation rank 0 admitted, into its model's lane."""
         self._start_generation(job, loaded, self._lane_for(loaded.name, loaded))
 
     def _start_generation(self, job: GenerationJob, loaded: LoadedModel, lane: Lane) -> None:
