@@ -306,7 +306,8 @@ class Settings:
     inject_faults: tuple[str, ...] = _setting(
         (), "LOCALMLX_INJECT_FAULTS",
         "for tests of failure handling only: comma-separated faults to cause once each "
-        "('generation': the next generation raises inside mlx-lm's decode step; 'method:NAME': the "
+        "('generation': the next generation raises inside mlx-lm's decode step; 'freeze': the next one "
+        "waits for ever holding the GIL, as MLX can when a rank of its group stops; 'method:NAME': the "
         "next call of method NAME raises inside the method)", NAMES)
     log_level: str = _setting(
         "INFO", "LOCALMLX_LOG_LEVEL", "stderr log level (DEBUG, INFO, WARNING, ERROR)", TEXT)

@@ -326,6 +326,84 @@ def test_a_lost_follower_fails_every_request_and_the_group_re_forms(
             assert again.close() == 0
 
 
+def test_a_follower_stopped_at_the_first_token_cannot_freeze_rank_0(
+        group_models: Path, sidecar_env: dict[str, str], tmp_path: Path) -> None:
+    """Stopped right at a stream's first token, the follower leaves rank 0's next collective
+    waiting while mlx-lm's decode loop calls mx.clear_cache, which waits for it holding the
+    GIL: every thread of rank 0 stops (the bench saw it each time). Within 10 s the request
+    still ends: -32019 when rank 0 could answer, else rank 0's C-level backstop exits it
+    (code 1, its threads' stacks on stderr); either way no rank is left and a restart re-forms."""
+    with SimulatedHosts(2) as hosts:
+        env = group_env(_env(sidecar_env, group_models), hosts, tmp_path / "hosts.json", "tensor",
+                        LOCALMLX_DISTRIBUTED_TIMEOUT="3")
+        client = spawn_group(env)
+        try:
+            client.request("models/load", {"model": "qwen2.5"})
+            follower = hosts.pids(1)[0]
+            first_text = threading.Event()
+
+            def stop_at_first_text(message: dict[str, Any]) -> None:
+                if message.get("params", {}).get("text") and not first_text.is_set():
+                    os.kill(follower, signal.SIGSTOP)
+                    first_text.set()
+
+            client.on_notification = stop_at_first_text
+            stream_id = client.start_request("chat", dict(chat(PROMPTS[0], maxTokens=100000), model="qwen2.5",
+                                                          stream=True))
+            assert first_text.wait(60)
+            started = time.monotonic()
+            try:
+                error = client.wait_response(stream_id, timeout=30).get("error")
+                outcome = "answered"
+            except SidecarExited:
+                error, outcome = None, "exited"
+            code = client.process.wait(timeout=15)
+            assert time.monotonic() - started < DETECTION_S
+            print(f"rank 0 {outcome}, code {code}")
+            if outcome == "answered":
+                assert error is not None and error["code"] == -32019 and error["data"]["rank"] == 1, error
+                assert code == 3
+            else:
+                assert code == 1 and any("Timeout" in line for line in client.stderr_lines), client.stderr_lines[-5:]
+            deadline = time.monotonic() + 10
+            while hosts.pids(1) and time.monotonic() < deadline:
+                time.sleep(0.05)  # the kill of a stopped follower lands
+            assert hosts.pids(1) == []
+        finally:
+            client.wait_or_kill(5)
+        again = spawn_group(env)
+        try:
+            assert again.request("chat", dict(REQUESTS["greedy"], model="qwen2.5"))["finishReason"]
+        finally:
+            assert again.close() == 0
+
+
+def test_a_frozen_rank_0_exits_by_its_backstop_and_leaves_no_rank(
+        group_models: Path, sidecar_env: dict[str, str], tmp_path: Path) -> None:
+    """The frozen case made certain: a generation waits in C holding the GIL (as mx.clear_cache
+    does on a stuck collective). The monitor cannot run; its C-level backstop exits rank 0 within
+    the timeout and two heartbeats, and the follower goes with it (killed with its parent)."""
+    with SimulatedHosts(2) as hosts:
+        env = group_env(_env(sidecar_env, group_models), hosts, tmp_path / "hosts.json", "tensor",
+                        LOCALMLX_DISTRIBUTED_TIMEOUT="3", LOCALMLX_INJECT_FAULTS="freeze")
+        client = spawn_group(env)
+        try:
+            client.request("models/load", {"model": "qwen2.5"})
+            request_id = client.start_request("chat", dict(REQUESTS["greedy"], model="qwen2.5"))
+            started = time.monotonic()
+            with pytest.raises(SidecarExited):
+                client.wait_response(request_id, timeout=30)
+            assert time.monotonic() - started < DETECTION_S
+            assert client.process.wait(timeout=5) == 1
+            assert any("Timeout" in line for line in client.stderr_lines), client.stderr_lines[-5:]
+            deadline = time.monotonic() + 10
+            while hosts.pids(1) and time.monotonic() < deadline:
+                time.sleep(0.05)  # the follower's parent-death signal lands
+            assert hosts.pids(1) == []
+        finally:
+            client.wait_or_kill(5)
+
+
 def test_an_unreachable_host_is_named_when_the_group_cannot_form(
         group_models: Path, sidecar_env: dict[str, str], tmp_path: Path) -> None:
     with SimulatedHosts(2) as hosts:

@@ -6,11 +6,21 @@ thread (a closed connection is noticed at once), and a monitor thread pings ever
 declares a rank lost once it has been silent for the timeout (a stopped process, a cable
 pulled). A follower answers pings from its reader thread, so a long step does not look like
 a hang. An idle group sends one small ping per second per rank and nothing else.
+
+One case needs more than a thread: MLX calls that synchronize its streams (`mx.clear_cache`,
+which mlx-lm's decode loops call) wait while holding the GIL, so a collective stuck on a
+silent peer at that moment freezes every Python thread of rank 0, this monitor included. The
+monitor therefore keeps re-arming CPython's own C-level watchdog (`faulthandler`), which needs
+no GIL: if the monitor misses its turns for the timeout and two heartbeats, the process dumps
+its threads' stacks to stderr and exits (code 1), the client restarts it, and the followers it
+started go with it (see launch.start). Only in that case do requests in flight see the exit
+rather than -32019.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import hmac
 import logging
 import os
@@ -98,6 +108,7 @@ class FollowerLinks:
         self._lost = threading.Event()
         self._closed = threading.Event()
         self._listener: socket.socket | None = None
+        self._loads = threading.Condition()  # a follower said it has loaded
 
     def listen(self, address: str) -> int:
         """Listen on rank 0's own group address (never on every interface); the port."""
@@ -144,7 +155,8 @@ class FollowerLinks:
         log.info("%s joined", link.host.describe())
 
     def watch(self) -> None:
-        """Start the reader of every link and the monitor."""
+        """Start the reader of every link and the monitor (and its backstop)."""
+        self._arm_backstop(time.monotonic())
         for link in self.links.values():
             threading.Thread(target=self._read, args=(link,), name=f"rank-{link.host.rank}-link", daemon=True).start()
         threading.Thread(target=self._monitor, name="group-monitor", daemon=True).start()
@@ -168,7 +180,10 @@ class FollowerLinks:
                 if "memory" in message:
                     link.memory = message["memory"]
                 if "loaded" in message:
-                    link.loading_until = 0.0
+                    with self._loads:
+                        link.loading_until = 0.0
+                        self._loads.notify_all()
+                    self._arm_backstop(time.monotonic())  # without the load's allowance now
                 if "failed" in message:
                     detail = f"it failed: {message['failed']}"
         except (OSError, ValueError) as exc:
@@ -188,6 +203,18 @@ class FollowerLinks:
         for link in self.links.values():
             link.loading_until = time.monotonic() + seconds
 
+    def wait_loaded(self) -> None:
+        """Until every follower still alive has said it finished its load (or its allowance for
+        silence ran out: the monitor then calls it lost)."""
+        def done() -> bool:
+            now = time.monotonic()
+            return self._lost.is_set() or all(not link.alive or link.loading_until <= now
+                                              for link in self.links.values())
+
+        with self._loads:
+            while not done():
+                self._loads.wait(0.5)
+
     def wait_for_loss(self, seconds: float) -> bool:
         """Whether a link is (or within `seconds` turns out) lost: what made a collective fail."""
         return self._lost.wait(seconds)
@@ -200,6 +227,7 @@ class FollowerLinks:
             ping += 1
             now = time.monotonic()
             starved, last_turn = now - last_turn > 2 * interval, now
+            self._arm_backstop(now)
             for link in self.links.values():
                 if starved or now < link.loading_until:
                     # This process could not read the heartbeats (its own GIL was held), or a
@@ -212,6 +240,14 @@ class FollowerLinks:
                     continue
                 with contextlib.suppress(OSError):  # its reader says why
                     link.send(_line({"ping": ping}), wait=False)
+
+    def _arm_backstop(self, now: float) -> None:
+        """Exit unless the monitor comes round again in time (a load may be silent longer)."""
+        if self._closed.is_set():  # closing: cancelled for good
+            return
+        allowance = self._timeout * (1 + 2 / HEARTBEATS_PER_TIMEOUT)
+        loading = max((link.loading_until - now for link in self.links.values()), default=0.0)
+        faulthandler.dump_traceback_later(allowance + max(0.0, loading), exit=True)
 
     def _lose(self, link: FollowerLink, reason: str, detail: str) -> None:
         link.alive = False
@@ -229,6 +265,7 @@ class FollowerLinks:
     def close(self) -> None:
         """Followers exit when their link closes; a process that cannot (stopped) is killed."""
         self._closed.set()
+        faulthandler.cancel_dump_traceback_later()
         for link in self.links.values():
             if link.sock is not None:
                 with contextlib.suppress(OSError):

@@ -99,6 +99,9 @@ class Group:
         print(f"localmlx: cannot form the group: {error}", file=sys.stderr, flush=True)
         os._exit(4)
 
+    def wait_loaded(self) -> None:
+        self._links.wait_loaded()
+
     def wait_for_loss(self, seconds: float) -> bool:
         return self._links.wait_for_loss(seconds)
 

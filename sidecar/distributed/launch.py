@@ -4,15 +4,20 @@ SSH passes none."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import shlex
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 from ..settings import Settings, env_from_settings
 from .hostfile import GroupSpec, Host
 
 FOLLOWER_ENV = "LOCALMLX_GROUP"
+PR_SET_PDEATHSIG = 1
 
 
 def follower_command(spec: GroupSpec, host: Host, settings: Settings, group_env: str) -> str:
@@ -38,6 +43,18 @@ def launcher_argv(template: str, host: Host, command: str) -> list[str]:
 
 def start(argv: list[str]) -> subprocess.Popen[bytes]:
     """Its stdout is not ours (ours is the wire); its log goes to our stderr, for the client's
-    log. Its own session: a signal meant for the sidecar's group does not reach it first."""
+    log. Its own session: a signal meant for the sidecar's group does not reach it first. On
+    Linux it is killed when rank 0 dies however it dies (a stopped follower cannot notice its
+    link closing); ssh, the launcher elsewhere, ends the remote side when it goes."""
+    prctl = _prctl()  # looked up here: the child, forked from a threaded process, only calls it
+    die_with_parent = None if prctl is None else lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=die_with_parent)
+
+
+@functools.cache
+def _prctl() -> Callable[[int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    function: Callable[[int, int], int] = ctypes.CDLL(None).prctl
+    return function

@@ -40,7 +40,7 @@ def joiner(settings: Settings, on_lost: Callable[[RankLostInfo], None]) -> Calla
             if not group.wait_for_loss(min(2.0, settings.distributed_timeout)):
                 on_lost(RankLostInfo(0, host0.ssh, "failed", detail))
 
-        engine.registry.sharding = Sharding(group.world, spec.mode, announce_load, diverged)
+        engine.registry.sharding = Sharding(group.world, spec.mode, announce_load, diverged, group.wait_loaded)
         engine.scheduler.mirror = group
         return group
 

@@ -173,6 +173,9 @@ class Sharding:
     # On rank 0: the ranks no longer run the same operations (a load or a step failed here
     # after the followers were told): the group must end. None on a follower, which exits.
     diverged: Callable[[str], None] | None = None
+    # On rank 0: returns once every follower has finished the load this rank has (they may be
+    # silent to heartbeats until then), so the load answers only when the group can serve it.
+    followers_loaded: Callable[[], None] | None = None
 
     @property
     def size(self) -> int:
@@ -223,6 +226,8 @@ class ModelRegistry:
                 loaded = self._wrap(location, path, model, tokenizer, config, options)
                 if self.sharding is not None:
                     prepare_grammars(tokenizer, loaded.vocab_size)
+                    if self.sharding.followers_loaded is not None:
+                        self.sharding.followers_loaded()
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise OutOfMemory(f"Out of memory loading {name}: {brief(exc)}", model=name) from exc

@@ -262,9 +262,10 @@ class Scheduler:
             self.mirror.send(operations.admit(job.mirror_seq, loaded.name, order.prepared))
         try:
             generation = Generation(job, loaded, order.prepared, order.stream)
-            if "generation" in self._faults:  # a test asked for a failure inside mlx-lm
-                self._faults.discard("generation")
-                generation.logits_processors.append(_injected_fault)
+            for fault, processor in (("generation", _injected_fault), ("freeze", _injected_freeze)):
+                if fault in self._faults:  # a test asked for a failure inside mlx-lm
+                    self._faults.discard(fault)
+                    generation.logits_processors.append(processor)
             generation.admitted_at = time.perf_counter()
             lane.admit(generation)
         except Exception as exc:
@@ -421,6 +422,15 @@ def _log_embed_stopped(job: EmbedJob, reason: CancelReason | None) -> None:
 
 def _injected_fault(tokens: Any, logits: Any) -> Any:
     raise RuntimeError("injected fault (LOCALMLX_INJECT_FAULTS=generation)")
+
+
+def _injected_freeze(tokens: Any, logits: Any) -> Any:
+    """What an MLX call that synchronizes while a collective is stuck does: wait in C holding
+    the GIL (ctypes' PyDLL keeps it), so no thread of this process runs again."""
+    import ctypes
+
+    while True:
+        ctypes.PyDLL(None).sleep(3600)
 
 
 def _cancelled_before_start(job: GenerationJob, reason: CancelReason) -> GenerationResult:
