@@ -29,6 +29,7 @@ from sidecar import schema
 from sidecar.client import RpcCallError, SidecarClient, SidecarExited
 from tests.conftest import serving
 from tests.distributed_models import build_group_model, shardable_copy
+from tests.families import FAMILIES_BY_NAME, build
 from tests.netns import SimulatedHosts, available
 
 _ok, _why = available()
@@ -85,6 +86,9 @@ def group_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     for family in ("qwen2.5", "llama3"):
         fp32 = as_float32(build_group_model(root, family), tmp_path_factory.mktemp(f"{family}-fp32"))
         shardable_copy(fp32, here / family)
+    # The family's own tiny 4-bit build: a rank's slice in tensor mode is narrower than a
+    # quantization group, which mlx-lm's split refuses.
+    shardable_copy(build(root, FAMILIES_BY_NAME["qwen2.5"], "4bit"), here / "qwen2.5-4bit")
     return here
 
 
@@ -233,8 +237,23 @@ def test_a_model_without_the_mode_is_refused_and_the_group_serves_on(
             with pytest.raises(RpcCallError) as refused:
                 client.request("models/load", {"model": "llama3"})
             assert refused.value.code == -32013 and "pipeline" in refused.value.message
+            assert refused.value.data["reason"] == "no pipeline mode"
             # Within one rank's budget only because it is split over two.
             assert run_all(client, "qwen2.5") == reference["qwen2.5"]["single"]
+        finally:
+            assert client.close() == 0
+
+
+def test_a_model_mlx_lm_cannot_split_is_refused_before_any_follower_loads(
+        group_models: Path, reference: dict[str, Any], sidecar_env: dict[str, str], tmp_path: Path) -> None:
+    with SimulatedHosts(2) as hosts:
+        client = spawn_group(group_env(_env(sidecar_env, group_models), hosts, tmp_path / "hosts.json", "tensor"))
+        try:
+            with pytest.raises(RpcCallError) as refused:
+                client.request("models/load", {"model": "qwen2.5-4bit"})
+            assert refused.value.code == -32013 and "cannot be split in tensor mode" in refused.value.message
+            assert "quantization group" in refused.value.message
+            assert run_all(client, "qwen2.5") == reference["qwen2.5"]["single"]  # the group serves on
         finally:
             assert client.close() == 0
 

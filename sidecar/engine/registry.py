@@ -228,6 +228,8 @@ class ModelRegistry:
                     prepare_grammars(tokenizer, loaded.vocab_size)
                     if self.sharding.followers_loaded is not None:
                         self.sharding.followers_loaded()
+        except ModelLoadFailed:  # says why itself (a model that cannot be split for the group)
+            raise
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise OutOfMemory(f"Out of memory loading {name}: {brief(exc)}", model=name) from exc
@@ -250,7 +252,7 @@ class ModelRegistry:
             assert len(loaded_parts) == 3  # return_config: mlx-lm types it "2 or 3 parts"
             return loaded_parts[0], loaded_parts[1], loaded_parts[2]
         if sharding.announce_load is not None:  # rank 0: check before any rank starts, then start them
-            check_shardable(path, location.name, sharding.mode, sharding.size)
+            check_shardable(path, location.name, sharding.mode, sharding.world)
             sharding.announce_load(location, path, options)
         # A follower without the files at rank 0's path fetches its shard from the Hub.
         source = str(path) if path.exists() or location.repo_id is None else location.repo_id

@@ -6,16 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelLoadFailed
+from ..errors import ModelLoadFailed, brief
 
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def check_shardable(path: Path, name: str, mode: str, size: int) -> None:
-    """A clear error for a model that cannot be split `mode`-wise over `size` ranks, raised on
-    rank 0 before the followers are asked to load anything."""
+def check_shardable(path: Path, name: str, mode: str, world: Any) -> None:
+    """A clear error for a model that cannot be split `mode`-wise over the group, raised on
+    rank 0 before the followers are asked to load anything: the cases named here, then whatever
+    mlx-lm's own split of the lazily loaded model refuses (a quantization group wider than a
+    rank's slice, say). Splitting reads no weights and talks to no other rank."""
     from mlx_lm.utils import load_model
 
+    size = int(world.size())
     model, config = load_model(path, lazy=True, strict=False)
     if mode == "pipeline":
         if not (hasattr(model, "model") and hasattr(model.model, "pipeline")):
@@ -39,6 +42,14 @@ def check_shardable(path: Path, name: str, mode: str, size: int) -> None:
         if uneven:
             raise ModelLoadFailed(f"Model {name} has {uneven[0]} attention heads: they do not split evenly over "
                                   f"{size} ranks in tensor mode", model=name, reason="heads do not split")
+    try:
+        if mode == "pipeline":
+            model.model.pipeline(world)
+        else:
+            model.shard(world)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelLoadFailed(f"Model {name} cannot be split in {mode} mode over {size} ranks: {brief(exc)}",
+                              model=name, reason=f"no {mode} split") from None
 
 
 def load_shard(source: str, world: Any, mode: str) -> tuple[Any, Any, dict[str, Any]]:
