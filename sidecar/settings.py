@@ -109,6 +109,25 @@ def _format_names(names: tuple[str, ...]) -> str:
     return ",".join(names)
 
 
+def _pairs(text: str) -> tuple[tuple[str, str], ...]:
+    """`a=b,c=d`: (name, name) pairs, such as a target model and its draft model."""
+    pairs = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        left, sep, right = (side.strip() for side in item.partition("="))
+        if not sep or not left or not right:
+            raise ValueError(f"expected target=draft, got {item!r}")
+        pairs.append((left, right))
+    return tuple(pairs)
+
+
+def _format_pairs(pairs: tuple[tuple[str, str], ...]) -> str:
+    if any("," in name or "=" in name or name != name.strip() or not name for pair in pairs for name in pair):
+        raise ValueError("a name in a pair cannot contain ',' or '=' or be blank at either end")
+    return ",".join(f"{left}={right}" for left, right in pairs)
+
+
 def _paths(text: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser() for p in text.split(os.pathsep) if p.strip())
 
@@ -159,6 +178,7 @@ DURATION = Codec(parse_duration, _format_duration)
 PATH = Codec(lambda text: Path(text).expanduser(), str)
 PATHS = Codec(_paths, _format_paths)  # os.pathsep between paths, as in $PATH
 NAMES = Codec(_names, _format_names)  # model names, Hub owners, fault names: no commas in any
+PAIRS = Codec(_pairs, _format_pairs)
 QUANTIZATION = Codec(_quantization, str)
 LOG_FORMAT = Codec(_log_format, str)
 BLAS = Codec(_blas_choice, str)
@@ -190,6 +210,10 @@ class Settings:
     preload_models: tuple[str, ...] = _setting(
         (), "LOCALMLX_PRELOAD_MODELS",
         "comma-separated models to load at start-up ('true' means the default model)", NAMES)
+    draft_models: tuple[tuple[str, str], ...] = _setting(
+        (), "LOCALMLX_DRAFT_MODELS",
+        "comma-separated target=draft pairs: the draft model each target decodes speculatively with "
+        "when a request is alone on it (loaded beside it, under the same memory budget)", PAIRS)
     max_tokens: int = _setting(
         2048, "LOCALMLX_MAX_TOKENS", "default maxTokens for generate/chat", INT)
     temperature: float = _setting(

@@ -33,6 +33,7 @@ SAMPLES: dict[str, Any] = {
     "models_dir": Path("/srv/models, with a comma"),
     "default_model": "mlx-community/Qwen2.5-0.5B-Instruct-4bit",
     "preload_models": ("demo", "mlx-community/a:b", "/abs/path:with-colon"),
+    "draft_models": (("mlx-community/Qwen3-8B-4bit", "mlx-community/Qwen3-0.6B-4bit"), ("/m/a:b", "demo")),
     "max_tokens": 123_457,
     "temperature": 0.1 + 0.2,  # 0.30000000000000004: no digit may be lost
     "jit_load": False,

@@ -35,6 +35,7 @@ from .registry import LoadedModel, ModelOptions, ModelRegistry
 from .residency import Residency
 from .response_cache import CachedResponse, response_key
 from .scheduler import Scheduler
+from .speculation import Speculation, check_draft
 
 __all__ = ["CancelReason", "Engine", "GenerationRequest", "GenerationResult", "Job"]
 
@@ -153,13 +154,17 @@ class Engine:
             return loaded, True
         task = self._loads.get(location.name)
         if task is None:
-            task = self.loop.create_task(self._load(location, progress, options or self.default_options()))
+            options = options or self.default_options(location.name)
+            task = self.loop.create_task(self._load(location, progress, options))
             self._loads[location.name] = task
             task.add_done_callback(functools.partial(self._load_ended, location.name))
         return await asyncio.shield(task), False
 
-    def default_options(self) -> ModelOptions:
-        return ModelOptions(keep_alive=self.settings.offload_inactive)
+    def default_options(self, name: str) -> ModelOptions:
+        """What a model gets when it loads without options of its own: the keep-alive and the
+        draft model that the settings give it."""
+        drafts = dict(self.settings.draft_models)
+        return ModelOptions(keep_alive=self.settings.offload_inactive, draft_model=drafts.get(name))
 
     async def _change_options(self, loaded: LoadedModel, options: ModelOptions) -> None:
         """On the engine thread, which owns a loaded model's options (and then looks at
@@ -272,6 +277,30 @@ class Engine:
                                 errors=[{"path": "/model", "message": "an embedding model cannot generate"}],
                                 model=loaded.name, capabilities=["embed"])
         return await self._tokenizing(loaded, functools.partial(prepare, loaded, request))
+
+    async def speculation_for(self, loaded: LoadedModel, request: GenerationRequest,
+                              progress: Progress = no_progress) -> Speculation | None:
+        """How a request drafts when it is alone on its model: with its draft model (its own,
+        else its model's), loaded beside the target under the same budget and unloaded with
+        it; else from its own n-grams when it (or its model) asks for prompt lookup."""
+        options = loaded.options
+        if loaded.sharded:
+            return None  # every rank would have to draft and check alike: not done on a group
+        name = None if request.no_draft else request.draft_model or options.draft_model
+        tokens = request.num_draft_tokens or options.num_draft_tokens
+        if name is None:
+            lookup = options.prompt_lookup if request.prompt_lookup is None else request.prompt_lookup
+            return Speculation(None, tokens) if lookup else None
+        location = await self.resolve(name)
+        if location.name == loaded.name:
+            raise InvalidParams(f"Model {loaded.name} cannot be its own draft model",
+                                errors=[{"path": "/draftModel", "message": "names the model itself"}])
+        draft, already = await self.load(location, progress)
+        if not already:
+            self.residency.bind_draft(loaded.name, draft.name)
+        check_draft(loaded, draft)
+        draft.touch()
+        return Speculation(draft, tokens)
 
     def submit_generation(self, order: GenerationOrder, model: str) -> Job[GenerationResult]:
         job = Job[GenerationResult]("generate", self.loop, model=model, payload=order,

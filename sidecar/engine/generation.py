@@ -30,6 +30,8 @@ from .tools import ToolCallReader, check_tool_schemas, forces_a_call, marks_tool
 if TYPE_CHECKING:  # mlx-lm is imported on the engine thread, when used
     from mlx_lm.sample_utils import LogitsProcessor, Sampler
 
+    from .speculation import Speculation
+
 
 @dataclass
 class GenerationRequest:
@@ -51,6 +53,10 @@ class GenerationRequest:
     thinking: bool | None = None  # None: the template's default
     thinking_budget: int | None = None
     progress: Progress | None = None  # the request's $/progress reporter: prompt processing is reported
+    draft_model: str | None = None  # draftModel; None: its model's default draft model
+    no_draft: bool = False  # draftModel null: no draft model, whatever its model's default
+    num_draft_tokens: int | None = None  # else its model's default, else adaptive
+    prompt_lookup: bool | None = None  # None: its model's default
 
     @property
     def method(self) -> str:
@@ -113,6 +119,7 @@ class PreparedGeneration:
     # The seed of a sampled request that gave none: drawn here, once, so that every rank of a
     # group (which replays this prepared generation) draws the same tokens.
     draw_seed: int = field(default_factory=lambda: int.from_bytes(os.urandom(8), "little"))
+    speculation: Speculation | None = None  # how it drafts when alone on its model (see speculation)
 
     @property
     def reads_tool_calls(self) -> bool:
@@ -253,11 +260,15 @@ class Generation:
     stream: ChunkStream | None  # None: not streamed
     sampler: Sampler = field(init=False)
     logits_processors: list[LogitsProcessor] = field(init=False)
+    sampling_processors: list[LogitsProcessor] = field(init=False)
     cached_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
     parked: tuple[Any, list[int], int] | None = None  # (mlx-lm cache, tokens, last token) while parked
     peak_memory: int = 0
+    drafter: Any = None  # a speculative run's drafter, kept while the generation is in a batch
+    drafted_tokens: int | None = None  # None: it never decoded speculatively
+    accepted_tokens: int = 0
     _parts: list[str] = field(default_factory=list)
     _reasoning: list[str] = field(default_factory=list)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
@@ -272,7 +283,9 @@ class Generation:
     def __post_init__(self) -> None:
         sampling = self.request.sampling
         self.sampler = make_sampler(sampling, self.loaded.vocab_size, self.prepared.draw_seed)
-        self.logits_processors = make_logits_processors(sampling)
+        # Penalties and bias: functions of the sequence alone, so a draft model may apply them too.
+        self.sampling_processors = make_logits_processors(sampling)
+        self.logits_processors = list(self.sampling_processors)
         tokenizer = self.loaded.tokenizer
         self._detokenizer = tokenizer.detokenizer
         self._channels = OutputChannels(tokenizer, self.request.stop, reasoning=self.request.method == "chat",
@@ -444,6 +457,9 @@ class Generation:
             "totalMs": _ms(ended - received),
             "peakMemoryBytes": self.peak_memory,
         }
+        if self.drafted_tokens is not None:
+            timings["draftedTokens"] = self.drafted_tokens
+            timings["acceptedTokens"] = self.accepted_tokens
         if self.prepared.constraint is not None:
             timings["maskMsPerToken"] = self.prepared.constraint.mask_ms_per_token
         finish = self.finish_reason or "cancelled"

@@ -2,9 +2,10 @@
 
 `BatchLane` keeps one mlx-lm `BatchGenerator` per model: generations join and leave it
 between steps, and each step advances every one of them. A generation that is alone on its
-model runs as a `SoloRun` instead (mlx-lm's single-stream `generate_step`, a few percent
-faster than a batch of one) and moves into the batch, KV cache and all, when another
-arrives. `SoloLane` runs generations one after another, in order, for models whose caches
+model runs on its own instead (a `SoloRun`: mlx-lm's single-stream `generate_step`, a few
+percent faster than a batch of one; or a `SpeculativeRun`, when it drafts) and moves into the
+batch, KV cache and all, when another arrives; one that drafts leaves the batch again when it
+is the last one left. `SoloLane` runs generations one after another, in order, for models whose caches
 cannot merge into a batch. Every lane routes each sampled token to its `Generation` and
 hands back the ones that finished.
 
@@ -16,180 +17,14 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .generation import Generation
 from .registry import LoadedModel
-
-if TYPE_CHECKING:
-    from mlx_lm.sample_utils import LogitsProcessor
+from .runs import SoloRun, caches_step_back, fetch_prefix, keep_prefix, step_back, unpark
+from .speculation import SPECULATE_AGAIN_AFTER, SpeculativeRun, run_alone
 
 log = logging.getLogger("localmlx.engine")
-
-KV_GROUP_SIZE = 64  # mlx-lm's default group size for a quantized KV cache
-
-
-def fetch_prefix(loaded: LoadedModel, prompt: list[int]) -> tuple[Any, list[int]]:
-    """The longest cached prefix of `prompt` (a private copy) and the tokens left to compute.
-    At least one token is always left: the model must run on something to sample."""
-    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
-    if loaded.prefix_cache is None:
-        return None, prompt
-    cache, rest = loaded.prefix_cache.fetch_nearest_cache(0, prompt)
-    if cache is not None and not rest:
-        if not can_trim_prompt_cache(cache):
-            return None, prompt
-        trim_prompt_cache(cache, 1)
-        rest = prompt[-1:]
-    return (cache, rest) if cache is not None else (None, prompt)
-
-
-def keep_prefix(loaded: LoadedModel, tokens: list[int], cache: Any) -> None:
-    """Remember the KV of `tokens` for later requests that share a prefix with them."""
-    if loaded.prefix_cache is not None and tokens and cache:
-        loaded.prefix_cache.insert_cache(0, list(tokens), cache)
-
-
-def _caches_step_back(loaded: LoadedModel) -> bool:
-    """Moving a running generation (into a batch, or out of it to pause) steps its cache
-    back one token: plain KV caches always can."""
-    from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-    return all(type(c) is KVCache for c in make_prompt_cache(loaded.model))
-
-
-def _step_back(generation: Generation, cache: Any) -> None:
-    """The cache holds the last emitted token, and the next token was already drawn from
-    it: drop that token from the cache and take the draw back, to recompute both."""
-    from mlx_lm.models.cache import trim_prompt_cache
-
-    trim_prompt_cache(cache, 1)
-    rewind = getattr(generation.sampler, "rewind", None)
-    if rewind is not None:
-        rewind()
-
-
-def _with_history(processors: list[LogitsProcessor], history: list[int]) -> list[LogitsProcessor]:
-    """`generate_step` shows logits processors only the tokens it was given; a batch shows
-    the whole prompt. Prepend the rest, so penalties see the same context either way."""
-    if not processors or not history:
-        return processors
-    import mlx.core as mx
-
-    before = mx.array(history, dtype=mx.uint32)
-
-    def seeing_history(process: LogitsProcessor) -> LogitsProcessor:
-        return lambda tokens, logits: process(mx.concatenate([before, tokens.astype(mx.uint32)]), logits)
-
-    return [seeing_history(p) for p in processors]
-
-
-def _unpark(generation: Generation) -> tuple[Any, list[int], int]:
-    """A parked generation's (cache, tokens in it, last token), taken back from it."""
-    assert generation.parked is not None  # a lane parks it before it is unparked
-    parked, generation.parked = generation.parked, None
-    return parked
-
-
-class SoloRun:
-    """One generation through mlx-lm's `generate_step`, its prompt processed in chunks
-    between steps (so control work and other models are served during a long prompt)."""
-
-    def __init__(self, loaded: LoadedModel, generation: Generation, prefill_step: int) -> None:
-        from mlx_lm.models.cache import make_prompt_cache
-
-        self.loaded = loaded
-        self.generation = generation
-        self._prefill_step = prefill_step
-        self._kv_bits, max_kv_size = generation.kv_options
-        if generation.plain_kv:
-            cache, rest = fetch_prefix(loaded, generation.prompt)
-        else:  # its own kind of cache: none from the prefix cache (plain KV only) fits it
-            cache, rest = None, generation.prompt
-        generation.cached_tokens = len(generation.prompt) - len(rest)
-        self.cache = cache if cache is not None else make_prompt_cache(loaded.model, max_kv_size=max_kv_size)
-        self.history = list(generation.prompt[: generation.cached_tokens])  # the tokens in the cache
-        self._to_prefill = rest[:-1]
-        self._last_prompt_token = rest[-1]
-        self._steps: Any = None  # the generate_step generator, once the prompt is in
-
-    def step(self) -> bool:
-        """One prompt chunk or one token; True when the generation is done."""
-        generation = self.generation
-        if generation.job.cancelled:
-            generation.cancel_now()
-            return True
-        if self._to_prefill:
-            self._prefill_chunk()
-            return False
-        token, _ = next(self._decoding())  # never exhausted: the generation ends at max_tokens first
-        self.history.append(token)
-        last = generation.completion_tokens + 1 >= generation.max_tokens
-        eos = token in self.loaded.tokenizer.eos_token_ids
-        generation.on_token(token, "stop" if eos else ("length" if last else None))
-        return generation.done
-
-    def _prefill_chunk(self) -> None:
-        import mlx.core as mx
-        from mlx_lm.generate import generation_stream
-
-        chunk, self._to_prefill = self._to_prefill[: self._prefill_step], self._to_prefill[self._prefill_step:]
-        with mx.stream(generation_stream):
-            self.loaded.model(mx.array(chunk)[None], cache=self.cache)
-            self._quantize_cache()
-            mx.eval([c.state for c in self.cache])
-        self.history.extend(chunk)
-        cached = self.generation.cached_tokens
-        self.generation.on_prefill(len(self.history) - cached, len(self.generation.prompt) - cached)
-
-    def _quantize_cache(self) -> None:
-        if self._kv_bits is not None:
-            from mlx_lm.generate import maybe_quantize_kv_cache
-
-            maybe_quantize_kv_cache(self.cache, quantized_kv_start=0, kv_group_size=KV_GROUP_SIZE,
-                                    kv_bits=self._kv_bits)
-
-    def _decoding(self) -> Any:
-        if self._steps is None:
-            import mlx.core as mx
-            from mlx_lm.generate import generate_step
-
-            generation = self.generation
-            processors = _with_history(generation.logits_processors, self.history)
-            self._steps = generate_step(
-                mx.array([self._last_prompt_token]), self.loaded.model, max_tokens=generation.max_tokens,
-                sampler=generation.sampler, logits_processors=processors, prompt_cache=self.cache,
-                kv_bits=self._kv_bits, kv_group_size=KV_GROUP_SIZE, quantized_kv_start=0)
-            self.history.append(self._last_prompt_token)
-            generation.on_prompt_done()
-        return self._steps
-
-    def close(self, keep: bool = True) -> None:
-        if self._steps is not None:
-            self._steps.close()
-        if keep and self.generation.plain_kv:
-            keep_prefix(self.loaded, self.history, self.cache)
-
-    @property
-    def cancelled_while_throttled(self) -> bool:
-        """No step will see its cancel: a throttled run is not stepped."""
-        return self.generation.throttled and self.generation.job.cancelled
-
-    def stop(self) -> Generation:
-        """Stop between steps (cancelled, or its lane closing): the generation, finished."""
-        self.close()
-        self.generation.cancel_now()
-        return self.generation
-
-    def hand_over(self) -> tuple[list[int], Any, list[int]]:
-        """Stop here and return (tokens to feed next, cache, tokens in the cache), so the
-        generation continues elsewhere exactly as it would have continued here."""
-        if self._steps is None:  # still in its prompt
-            return [*self._to_prefill, self._last_prompt_token], self.cache, self.history
-        self._steps.close()
-        _step_back(self.generation, self.cache)
-        return self.history[-1:], self.cache, self.history[:-1]
 
 
 class BatchLane:
@@ -204,7 +39,7 @@ class BatchLane:
         self._by_uid: dict[int, Generation] = {}
         self._parked: list[Generation] = []
         self._solo: SoloRun | None = None
-        self._can_move = _caches_step_back(loaded)
+        self._can_move = caches_step_back(loaded)
         # Requests that want their own kind of KV cache (quantized, bounded) cannot join the
         # batch: they run one at a time beside it, a step each in turn.
         self._apart = SoloLane(loaded, max_batch, prefill_step)
@@ -240,7 +75,7 @@ class BatchLane:
             self._apart.admit(generation)
             return
         if self._can_move and not self._by_uid and not self._parked and self._solo is None:
-            self._solo = SoloRun(self.loaded, generation, self._prefill_step)
+            self._solo = run_alone(self.loaded, generation, self._prefill_step, self._can_move)
             return
         self._move_solo_into_batch()
         cache, rest = fetch_prefix(self.loaded, generation.prompt)
@@ -298,7 +133,24 @@ class BatchLane:
         stopped = [uid for uid, g in self._by_uid.items() if g.done or g.job.cancelled]
         finished.extend(self._remove(stopped))
         self._park_throttled()
+        self._speculate_again()
         return finished
+
+    def _speculate_again(self) -> None:
+        """The last generation in the batch goes back to drafting on its own, when it drafts
+        and has enough left to gain from it (it leaves as a parked one does)."""
+        if len(self._by_uid) != 1 or self._parked or self._solo is not None or not self._can_move:
+            return
+        ((uid, generation),) = self._by_uid.items()
+        left = generation.max_tokens - generation.completion_tokens
+        if (generation.prepared.speculation is None or generation.first_token_at is None
+                or generation.throttled or left < SPECULATE_AGAIN_AFTER):
+            return
+        cache, tokens = self._batch.remove([uid], return_prompt_caches=True)[uid]
+        del self._by_uid[uid]
+        step_back(generation, cache)
+        self._solo = SpeculativeRun(self.loaded, generation, self._prefill_step,
+                                    resume=(cache, list(tokens[:-1]), tokens[-1]))
 
     def _remove(self, uids: list[int]) -> list[Generation]:
         if not uids:
@@ -326,7 +178,7 @@ class BatchLane:
         for uid in throttled:
             generation = self._by_uid.pop(uid)
             cache, tokens = caches[uid]
-            _step_back(generation, cache)
+            step_back(generation, cache)
             generation.parked = (cache, list(tokens[:-1]), tokens[-1])
             self._parked.append(generation)
             stream = generation.stream  # there is one: only a stream throttles
@@ -337,7 +189,7 @@ class BatchLane:
         self._apart.resume_drained()
         for generation in [g for g in self._parked if g.drained and not g.job.cancelled]:
             self._parked.remove(generation)
-            cache, history, last = _unpark(generation)
+            cache, history, last = unpark(generation)
             log.info("request %r resumed", generation.request.request_id)
             remaining = generation.max_tokens - generation.completion_tokens
             self._insert(generation, [last], cache, history, max(1, remaining))
@@ -347,7 +199,7 @@ class BatchLane:
         done = [g for g in self._parked if g.job.cancelled]
         for generation in done:
             self._parked.remove(generation)
-            cache, history, _ = _unpark(generation)
+            cache, history, _ = unpark(generation)
             keep_prefix(self.loaded, history, cache)
             generation.cancel_now()
         solo = self._solo
@@ -383,6 +235,7 @@ class SoloLane:
         self._prefill_step = prefill_step
         self._waiting: collections.deque[Generation] = collections.deque()
         self._current: SoloRun | None = None
+        self._trims: bool | None = None  # its caches can step back (asked on first use)
 
     @property
     def active(self) -> int:
@@ -418,7 +271,9 @@ class SoloLane:
         if self._current is None:
             if not self._waiting:
                 return []
-            self._current = SoloRun(self.loaded, self._waiting.popleft(), self._prefill_step)
+            if self._trims is None:
+                self._trims = caches_step_back(self.loaded)
+            self._current = run_alone(self.loaded, self._waiting.popleft(), self._prefill_step, self._trims)
         current = self._current
         if not current.step():
             return []

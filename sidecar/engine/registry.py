@@ -102,6 +102,9 @@ class ModelOptions:
     keep_alive: float = -1.0  # seconds after its last use; -1: until unloaded; 0: after each reply
     kv_bits: int | None = None
     max_kv_size: int | None = None
+    draft_model: str | None = None  # its requests draft with this model (speculative decoding)
+    num_draft_tokens: int | None = None  # None: adaptive
+    prompt_lookup: bool = False  # its requests draft from their own n-grams
 
 
 @dataclass(eq=False)
@@ -139,8 +142,10 @@ class LoadedModel:
 
     def describe(self) -> dict[str, Any]:
         expires = self.expires_in
-        return dict(self.description, keepAlive=self.options.keep_alive, kvBits=self.options.kv_bits,
-                    maxKvSize=self.options.max_kv_size,
+        options = self.options
+        return dict(self.description, keepAlive=options.keep_alive, kvBits=options.kv_bits,
+                    maxKvSize=options.max_kv_size, draftModel=options.draft_model,
+                    numDraftTokens=options.num_draft_tokens, promptLookup=options.prompt_lookup,
                     expiresAt=None if expires is None else iso_utc(time.time() + expires))
 
     @property

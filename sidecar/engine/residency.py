@@ -30,6 +30,7 @@ class Residency:
         self.scheduler = scheduler
         self._held = held
         self._budget = settings.memory_budget or None  # asked of MLX on first use
+        self._drafts: dict[str, str] = {}  # a draft model loaded for a target -> that target
 
     @property
     def budget(self) -> int:
@@ -99,13 +100,23 @@ class Residency:
             log.info("unloading %s (at most %d models loaded)", idle[0].name, self.settings.max_loaded_models)
             self.unload(idle[0].name)
 
+    def bind_draft(self, target: str, draft: str) -> None:
+        """`draft` was loaded for `target`'s requests: it goes when `target` goes."""
+        self._drafts[draft] = target
+
     def unload(self, name: str, reason: CancelReason = CancelReason.UNLOAD) -> bool:
         loaded = self.registry.peek(name)
         mirror = self.scheduler.mirror
         if mirror is not None and loaded is not None and loaded.sharded:
             mirror.send(operations.unload(name, reason))
         self.scheduler.stop_model(name, reason)
-        return self.registry.unload(name)
+        self._drafts.pop(name, None)
+        unloaded = self.registry.unload(name)
+        busy = self.busy()
+        for draft in [d for d, target in self._drafts.items() if target == name and d not in busy]:
+            log.info("unloading %s with %s, which it was loaded to draft for", draft, name)
+            self.unload(draft, reason)
+        return unloaded
 
     # ---- keep-alive ------------------------------------------------------------------------
 

@@ -70,16 +70,34 @@ class KeyedSampler:
             self._filters.append(lambda x: apply_top_k(x, params.top_k))
 
     def __call__(self, logprobs: mx.array) -> mx.array:
+        drawn = self.draw_at(logprobs, self._step)
+        self._step += 1
+        return drawn
+
+    def draw_at(self, logprobs: mx.array, step: int) -> mx.array:
+        """Draw `step` of this request, without moving its count: speculative decoding draws
+        each output position with that position's key, however many drafts it threw away."""
         import mlx.core as mx
 
-        key = mx.random.key(_draw_seed(self._seed, self._step))
-        self._step += 1
+        key = mx.random.key(_draw_seed(self._seed, step))
         for keep_likely in self._filters:
             logprobs = keep_likely(logprobs)
         return mx.random.categorical(logprobs * (1.0 / self._temperature), key=key)
 
     def rewind(self, draws: int = 1) -> None:
         self._step = max(0, self._step - draws)
+
+    def seek(self, step: int) -> None:
+        """The next draw is draw `step` (a generation handed over after speculating)."""
+        self._step = step
+
+
+def draw_at(sampler: Sampler, logprobs: mx.array, step: int) -> mx.array:
+    """Output position `step`'s token under `sampler`: keyed by the position for a sampled
+    request; greedy needs no key."""
+    if isinstance(sampler, KeyedSampler):
+        return sampler.draw_at(logprobs, step)
+    return sampler(logprobs)
 
 
 def make_sampler(params: SamplingParams, vocab_size: int | None, draw_seed: int) -> Sampler:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -43,7 +44,9 @@ def _generation_request(context: InFlightRequest, params: dict[str, Any], *,
         response_format=params.get("responseFormat"),
         tools=params.get("tools"), tool_choice=params.get("toolChoice"),
         thinking=params.get("thinking"), thinking_budget=params.get("thinkingBudget"),
-        progress=context.progress)
+        progress=context.progress, draft_model=params.get("draftModel"),
+        no_draft="draftModel" in params and params["draftModel"] is None,
+        num_draft_tokens=params.get("numDraftTokens"), prompt_lookup=params.get("promptLookup"))
 
 
 def _replay(context: InFlightRequest, model: str, request: GenerationRequest, hit: CachedResponse) -> GenerationResult:
@@ -67,12 +70,16 @@ async def _run_generation(context: InFlightRequest, params: dict[str, Any],
     engine = context.engine
     location = await engine.resolve(params.get("model"))
     context.model = location.name
-    with engine.holding(location.name):
+    with contextlib.ExitStack() as holds:
+        holds.enter_context(engine.holding(location.name))
         loaded = await engine.ensure_loaded(location, context.progress)
         hit = engine.cached_response(loaded, request)
         if hit is not None:
             return _replay(context, loaded.name, request, hit).to_wire()
         prepared = await engine.prepare(loaded, request)
+        prepared.speculation = await engine.speculation_for(loaded, request, context.progress)
+        if prepared.speculation is not None and prepared.speculation.draft is not None:
+            holds.enter_context(engine.holding(prepared.speculation.draft.name))
         stream = context.open_stream() if request.stream else None
         job = engine.submit_generation(GenerationOrder(prepared, stream), loaded.name)
         result: GenerationResult = await context.outcome_of(job, engine.cancel)

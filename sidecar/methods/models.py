@@ -32,20 +32,24 @@ async def list_models(context: InFlightRequest, params: dict[str, Any]) -> dict[
     return {"models": models}
 
 
-def _options(context: InFlightRequest, params: dict[str, Any]) -> ModelOptions | None:
+def _options(context: InFlightRequest, params: dict[str, Any], name: str) -> ModelOptions | None:
     """The options a models/load names; None when it names none (a loaded model keeps its own)."""
-    if not any(key in params for key in ("keepAlive", "kvBits", "maxKvSize")):
+    if not any(key in params for key in ("keepAlive", "kvBits", "maxKvSize", "draftModel", "numDraftTokens",
+                                         "promptLookup")):
         return None
     keep_alive = params.get("keepAlive")
+    defaults = context.engine.default_options(name)
     return ModelOptions(
         keep_alive=context.settings.offload_inactive if keep_alive is None else parse_duration(keep_alive),
-        kv_bits=params.get("kvBits"), max_kv_size=params.get("maxKvSize"))
+        kv_bits=params.get("kvBits"), max_kv_size=params.get("maxKvSize"),
+        draft_model=params.get("draftModel", defaults.draft_model),
+        num_draft_tokens=params.get("numDraftTokens"), prompt_lookup=bool(params.get("promptLookup", False)))
 
 
 @rpc_method("models/load")
 async def load_model(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     location = await context.engine.resolve(params["model"])
-    loaded, already = await context.engine.load(location, context.progress, _options(context, params))
+    loaded, already = await context.engine.load(location, context.progress, _options(context, params, location.name))
     return dict(loaded.describe(), alreadyLoaded=already)
 
 
