@@ -10,7 +10,9 @@ its default `LOCALMLX_BLAS=auto`. Every request is greedy (temperature 0) and st
 
 What is measured, and how:
 
-- **throughput** (sidecar and `mlx_lm.server`): a closed loop at 1, 4, 8 and 16 concurrent
+- **throughput** (sidecar, `mlx_lm.server`, and with `--vllm-mlx` also `vllm-mlx serve
+  --continuous-batching`, installed on first use into its own environment under the models
+  directory, preloaded with the same BLAS as `mlx_lm.server`): a closed loop at 1, 4, 8 and 16 concurrent
   streams. Each stream sends a request, reads its stream to the end, and sends the next at
   once, until the section's duration has passed (requests already sent run to completion).
   Prompts are distinct (nothing a cache holds can help), `maxTokens` cycles through a
@@ -18,9 +20,11 @@ What is measured, and how:
   the same sequence of requests (the faster one gets further along it), each after a short
   unmeasured warm-up loop at the same concurrency. Aggregate tokens/s = completion tokens
   of all requests / (last response - first request). TTFT = client-side, request written
-  to first visible text read; p50 and p95 over all requests. Ratio = sidecar /
-  `mlx_lm.server` aggregate at the same concurrency. The two servers take turns per
-  concurrency level, so drift in the machine's load hits both.
+  to first visible text read; p50 and p95 over all requests. Ratio = sidecar / each other
+  server's aggregate at the same concurrency, and / the best of them when there are two.
+  Several rounds (3; `--rounds`), each with its own prompts; the servers take turns, the order
+  rotated by one at each level and round, so drift in the machine's load hits all; a level's
+  figures sum its rounds.
 - **single stream vs in-process**: the same prompts through the sidecar and through
   `mlx_lm.stream_generate` in a plain worker process (same BLAS), interleaved in a shuffled
   order. At temperature 0 both produce the same tokens, so visible text starts and ends at
@@ -98,7 +102,8 @@ REQUEST_TIMEOUT_S = 900.0
 @dataclass(frozen=True)
 class Scale:
     concurrencies: tuple[int, ...] = (1, 4, 8, 16)
-    loop_seconds: float = 20.0  # per concurrency level and server
+    loop_seconds: float = 20.0  # per concurrency level, server and round
+    throughput_rounds: int = 3  # every level on every server, the order rotated each round
     token_mix: tuple[int, ...] = (64, 96, 128, 160, 192)
     single_runs: int = 7
     single_max_tokens: int = 256
@@ -111,7 +116,7 @@ class Scale:
 
 
 FULL = Scale()
-QUICK = Scale(loop_seconds=5.0, token_mix=(32, 48, 64, 80, 96), single_runs=3,
+QUICK = Scale(loop_seconds=5.0, throughput_rounds=1, token_mix=(32, 48, 64, 80, 96), single_runs=3,
               single_max_tokens=128, system_tokens=600, prefix_repeats=1, cold_starts=3,
               stall_streams=2, stall_max_tokens=512)
 
@@ -407,6 +412,7 @@ class Completion:
     cached_tokens: int | None = None
     from_response_cache: bool | None = None
     finish_reason: str | None = None
+    timings: dict[str, Any] | None = None  # the sidecar's result.timings (not on mlx_lm.server)
 
     @property
     def ttft_ms(self) -> float | None:
@@ -471,8 +477,8 @@ class SidecarUnderTest:
 
     def stream(self, method: str, params: dict[str, Any], max_tokens: int,
                response_cache: bool) -> Completion:
-        params = {**params, "model": self.model, "maxTokens": max_tokens, "temperature": 0,
-                  "stream": True}
+        params = {"model": self.model, **params, "maxTokens": max_tokens, "temperature": 0,
+                  "stream": True}  # params may name another loaded model
         if self.sends_cache_flag and not response_cache:
             params["cache"] = False
         sent_at = time.perf_counter()
@@ -489,7 +495,7 @@ class SidecarUnderTest:
         return Completion(sent_at, chunks[0][0] if chunks else None, done_at,
                           usage.get("completionTokens", 0), [t for t, _ in chunks],
                           "".join(text for _, text in chunks), usage.get("cachedTokens"),
-                          result.get("cached"), result.get("finishReason"))
+                          result.get("cached"), result.get("finishReason"), result.get("timings"))
 
     def refused_the_cache_flag(self, error: dict[str, Any], params: dict[str, Any]) -> bool:
         """A sidecar that does not know `cache` rejects it (-32602): stop sending it."""
@@ -516,24 +522,33 @@ def sidecar_env(extra: dict[str, str]) -> dict[str, str]:
 class MlxLmServer:
     """`python -m mlx_lm server` on loopback, driven over HTTP with streaming."""
 
+    name = "mlx_lm.server"
+
     def __init__(self, model_dir: Path, blas_library: str | None, children: Children,
-                 log) -> None:
+                 log, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.port = free_loopback_port()
-        env = with_preloaded(blas_library, dict(os.environ))
+        self.model_dir = model_dir
         self.children = children
         self.connection_retries = 0
         self._lock = threading.Lock()
         self.process = children.spawn(
-            [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--host",
-             "127.0.0.1", "--port", str(self.port), "--log-level", "WARNING"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+            [*self.command(model_dir), "--host", "127.0.0.1", "--port", str(self.port), *extra_args],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            env=with_preloaded(blas_library, {**os.environ, **(env or {})}))
         self.wait_until_healthy()
+
+    def command(self, model_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--log-level", "WARNING"]
+
+    def request_fields(self) -> dict[str, Any]:
+        """What every request body carries besides the messages and sampling."""
+        return {}
 
     def wait_until_healthy(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mlx_lm.server exited with code {self.process.returncode}")
+                raise RuntimeError(f"{self.name} exited with code {self.process.returncode}")
             try:
                 connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 connection.request("GET", "/health")
@@ -542,14 +557,14 @@ class MlxLmServer:
             except OSError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError("mlx_lm.server did not become healthy")
+        raise TimeoutError(f"{self.name} did not become healthy")
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int) -> Completion:
         """One streamed chat completion. Its accept backlog is 5 (socketserver's default):
         with many clients connecting at once, a connection can be reset before the server
         reads it. Like the OpenAI SDKs, retry those; the time lost stays in the TTFT."""
-        body = json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0,
-                           "stream": True, "stream_options": {"include_usage": True}})
+        body = json.dumps({**self.request_fields(), "messages": messages, "max_tokens": max_tokens,
+                           "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
         sent_at = time.perf_counter()
         for attempt in range(4):
             connection = http.client.HTTPConnection("127.0.0.1", self.port,
@@ -569,12 +584,48 @@ class MlxLmServer:
                 continue
             try:
                 if response.status != 200:
-                    raise RuntimeError(f"mlx_lm.server: HTTP {response.status}: "
+                    raise RuntimeError(f"{self.name}: HTTP {response.status}: "
                                        f"{response.read()[:500]!r}")
                 return read_event_stream(response, sent_at)
             finally:
                 connection.close()
         raise AssertionError("unreachable")
+
+
+class VllmMlxServer(MlxLmServer):
+    """`vllm-mlx serve` (continuous batching) from its own environment, on loopback. Its home
+    is a fresh directory: it keeps its prefix cache under ~/.cache/vllm-mlx across runs, and
+    the benchmark's prompts repeat from one run to the next."""
+
+    name = "vllm-mlx"
+
+    def __init__(self, env_dir: Path, model_dir: Path, blas_library: str | None,
+                 children: Children, log: Any, home: Path) -> None:
+        self.env_dir = env_dir
+        super().__init__(model_dir, blas_library, children, log,
+                         env={"HOME": str(home), "HF_HUB_OFFLINE": "1"})
+
+    def command(self, model_dir: Path) -> list[str]:
+        return [str(self.env_dir / "bin" / "vllm-mlx"), "serve", str(model_dir), "--continuous-batching"]
+
+    def request_fields(self) -> dict[str, Any]:
+        return {"model": str(self.model_dir)}  # required; it serves the one model it was given
+
+
+def ensure_vllm_mlx(env_dir: Path, children: Children, logs: Logs) -> str:
+    """A virtual environment with vllm-mlx (and MLX's CPU wheel off macOS) at `env_dir`,
+    created on first use; returns the installed vllm-mlx version."""
+    python = env_dir / "bin" / "python"
+    if not (env_dir / "bin" / "vllm-mlx").is_file():
+        progress(f"installing vllm-mlx into {env_dir} (once; several GB)")
+        log = logs.open("vllm-mlx-install")
+        packages = ["vllm-mlx"] if sys.platform == "darwin" else ["vllm-mlx", "mlx[cpu]"]
+        for args in ([sys.executable, "-m", "venv", str(env_dir)],
+                     [str(python), "-m", "pip", "install", *packages]):
+            if children.spawn(args, stdout=log, stderr=log).wait() != 0:
+                raise RuntimeError(f"installing vllm-mlx failed; see {log.name}")
+    return subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('vllm-mlx'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
 
 
 def read_event_stream(response, sent_at: float, on_text=None, finish_needs_done: bool = False) -> Completion:
@@ -683,32 +734,55 @@ def run_closed_loop(chat: Callable[[list[dict[str, str]], int], Completion], con
                       errors)
 
 
-def measure_throughput(report: Report, sidecar: SidecarUnderTest, server: MlxLmServer,
+def measure_throughput(report: Report, sidecar: SidecarUnderTest, servers: list[MlxLmServer],
                        scale: Scale, words: list[str]) -> None:
+    """Every level on every server, `scale.throughput_rounds` times; the servers take turns,
+    the order rotated by one at each level and round, so drift in the machine's load hits all.
+    Each round has its own prompts (no cache holds them); rounds are summed per level."""
     section = "throughput (closed loop, aggregate tokens/s; TTFT client-side)"
-    results: dict[str, list[LoopResult]] = {"sidecar": [], "mlx_lm.server": []}
-    sides = {"sidecar": sidecar.chat, "mlx_lm.server": server.chat}
-    for level, concurrency in enumerate(scale.concurrencies):
-        order = ["sidecar", "mlx_lm.server"][:: 1 if level % 2 == 0 else -1]
-        for side in order:
-            progress(f"throughput: {side}, {concurrency} streams, {scale.loop_seconds:g} s")
-            warm_up_at(sides[side], concurrency, words)
-            result = run_closed_loop(sides[side], concurrency, scale.loop_seconds,
-                                     scale.token_mix, words, f"load{level}")
-            results[side].append(result)
-            progress(f"  {result.tokens_per_second:.1f} tok/s over {result.requests} requests"
-                     + (f", {len(result.errors)} errors: {result.errors[0]}" if result.errors else ""))
+    sides = {"sidecar": sidecar.chat, **{server.name: server.chat for server in servers}}
+    names = list(sides)
+    runs: dict[str, list[list[LoopResult]]] = {name: [[] for _ in scale.concurrencies] for name in names}
+    for round_ in range(scale.throughput_rounds):
+        for level, concurrency in enumerate(scale.concurrencies):
+            turn = (round_ * len(scale.concurrencies) + level) % len(names)
+            for side in names[turn:] + names[:turn]:
+                progress(f"throughput: {side}, {concurrency} streams, {scale.loop_seconds:g} s"
+                         f" (round {round_ + 1} of {scale.throughput_rounds})")
+                warm_up_at(sides[side], concurrency, words)
+                result = run_closed_loop(sides[side], concurrency, scale.loop_seconds, scale.token_mix,
+                                         words, f"load{level}" + (f"-{round_}" if round_ else ""))
+                runs[side][level].append(result)
+                progress(f"  {result.tokens_per_second:.1f} tok/s over {result.requests} requests"
+                         + (f", {len(result.errors)} errors: {result.errors[0]}" if result.errors else ""))
+    results = {name: [merge_loops(rounds) for rounds in runs[name]] for name in names}
     report.raw["throughput"] = {side: [r.summary() for r in rs] for side, rs in results.items()}
-    report.raw["throughput"]["mlxLmServerConnectionRetries"] = server.connection_retries
-    for ours, theirs in zip(results["sidecar"], results["mlx_lm.server"], strict=True):
-        add_throughput_figures(report, section, ours, theirs)
-    report.add(section, "mlx_lm.server connections reset and retried", server.connection_retries)
+    report.raw["throughput"]["rounds"] = {side: [[r.summary() for r in rounds] for rounds in levels]
+                                          for side, levels in runs.items()}
+    for server in servers:
+        report.raw["throughput"][f"{server.name} connection retries"] = server.connection_retries
+    for level in range(len(scale.concurrencies)):
+        add_throughput_figures(report, section, {name: results[name][level] for name in names})
+    for server in servers:
+        report.add(section, f"{server.name} connections reset and retried", server.connection_retries)
 
 
-def add_throughput_figures(report: Report, section: str, ours: LoopResult,
-                           theirs: LoopResult) -> None:
+def merge_loops(rounds: list[LoopResult]) -> LoopResult:
+    """Rounds of one level on one server as one loop: tokens and seconds summed."""
+    return LoopResult(rounds[0].concurrency, sum(r.requests for r in rounds), sum(r.tokens for r in rounds),
+                      sum(r.seconds for r in rounds), [t for r in rounds for t in r.ttfts_ms],
+                      [e for r in rounds for e in r.errors])
+
+
+def add_throughput_figures(report: Report, section: str, results: dict[str, LoopResult]) -> None:
+    """Each server's figures at one level; the sidecar against each other server, and against
+    the best of them when there are several. Targets from 4 streams: >= 1.2x the aggregate,
+    TTFT p50 no worse."""
+    ours = results["sidecar"]
+    others = {name: result for name, result in results.items() if name != "sidecar"}
     streams = f"{ours.concurrency:>2} stream{'s' if ours.concurrency > 1 else ' '}"
-    for side, result in (("sidecar", ours), ("mlx_lm.server", theirs)):
+    busy = ours.concurrency >= 4
+    for side, result in results.items():
         report.add(section, f"{streams}: {side} aggregate", result.tokens_per_second, "tok/s")
         report.add(section, f"{streams}: {side} TTFT p50 / p95",
                    format_pair(percentile(result.ttfts_ms, 0.5),
@@ -716,12 +790,25 @@ def add_throughput_figures(report: Report, section: str, ours: LoopResult,
         if result.errors:
             report.add(section, f"{streams}: {side} failed requests", len(result.errors),
                        target="0", passed=False)
-    ratio = ratio_or_none(ours.tokens_per_second, theirs.tokens_per_second)
-    label = f"{streams}: sidecar / mlx_lm.server"
-    if ours.concurrency >= 4:
-        report.add_at_least(section, label, ratio, 1.2, "x")
+    comparisons = [(name, theirs, False) for name, theirs in others.items()]
+    if len(others) > 1:
+        best = max(others, key=lambda name: others[name].tokens_per_second)
+        comparisons.append((f"best of others ({best})", others[best], True))
+    for name, theirs, judged in comparisons:
+        ratio = ratio_or_none(ours.tokens_per_second, theirs.tokens_per_second)
+        label = f"{streams}: sidecar / {name}"
+        if busy and (judged or len(others) == 1):
+            report.add_at_least(section, label, ratio, 1.2, "x")
+        else:
+            report.add(section, label, ratio, "x")
+    fastest_ttft = min((p for p in (percentile(r.ttfts_ms, 0.5) for r in others.values()) if p is not None),
+                       default=None)
+    ttft_ratio = ratio_or_none(percentile(ours.ttfts_ms, 0.5), fastest_ttft)
+    label = f"{streams}: TTFT p50 sidecar / best of others"
+    if busy:
+        report.add_at_most(section, label, ttft_ratio, 1.0, "x")
     else:
-        report.add(section, label, ratio, "x")
+        report.add(section, label, ttft_ratio, "x")
 
 
 def format_pair(a: float | None, b: float | None, unit: str) -> str:
@@ -1132,6 +1219,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="shorter runs, fewer repeats")
     parser.add_argument("--distributed", action="store_true",
                         help="the sharded benchmark instead (scripts/bench_distributed.py; its own flags)")
+    parser.add_argument("--speculative", action="store_true",
+                        help="the speculative-decoding benchmark instead (scripts/bench_speculative.py; its own flags)")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}")
     parser.add_argument("--json", type=Path, help="write every figure and the raw numbers here")
@@ -1140,7 +1229,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quantize", type=int, choices=(4, 8), metavar="BITS",
                         help="bench a BITS-bit conversion of the model instead (mlx_lm convert)")
     parser.add_argument("--concurrency", help="comma-separated stream counts [1,4,8,16]")
-    parser.add_argument("--seconds", type=float, help="closed-loop duration per level and server")
+    parser.add_argument("--seconds", type=float, help="closed-loop duration per level, server and round")
+    parser.add_argument("--rounds", type=int, help="throughput rounds, the servers' order rotated [3; quick: 1]")
+    parser.add_argument("--vllm-mlx", action="store_true",
+                        help="vllm-mlx as a third server in the throughput section (installed on first "
+                             "use into MODELS_DIR/vllm-mlx-env, several GB)")
     parser.add_argument("--sidecar-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for every sidecar (repeatable)")
     parser.add_argument("--log-dir", type=Path, help="where server logs go [a new temp dir]")
@@ -1159,6 +1252,8 @@ def scale_from(args: argparse.Namespace) -> Scale:
         changes["concurrencies"] = tuple(int(n) for n in args.concurrency.split(","))
     if args.seconds:
         changes["loop_seconds"] = args.seconds
+    if args.rounds:
+        changes["throughput_rounds"] = args.rounds
     return Scale(**{**asdict(scale), **changes})
 
 
@@ -1178,6 +1273,11 @@ def run_sections(args: argparse.Namespace, report: Report, children: Children, l
                        f"{blas_library or 'as installed (none to preload)'}",
         "scale": "quick" if args.quick else "full"})
     report.raw["scale"] = asdict(scale)
+    vllm_mlx_env = None
+    if args.vllm_mlx and "throughput" in sections:
+        vllm_mlx_env = args.models_dir.expanduser() / "vllm-mlx-env"
+        version = ensure_vllm_mlx(vllm_mlx_env, children, logs)
+        report.context["vllm-mlx"] = f"{version} (continuous batching), BLAS as mlx_lm.server's, in {vllm_mlx_env}"
 
     if sections & {"single-stream", "throughput", "prefix-cache", "response-cache"}:
         progress("starting the sidecar")
@@ -1188,7 +1288,7 @@ def run_sections(args: argparse.Namespace, report: Report, children: Children, l
                                          f"{'sent' if sidecar.sends_cache_flag else 'not supported'}")
             report.raw["sidecarInfo"] = sidecar.info
             run_sidecar_sections(report, sidecar, sections, scale, words, model_dir, base_env,
-                                 blas_library, children, logs)
+                                 blas_library, children, logs, vllm_mlx_env)
         finally:
             sidecar.close()
     if "cold-start" in sections:
@@ -1201,7 +1301,7 @@ def run_sections(args: argparse.Namespace, report: Report, children: Children, l
 def run_sidecar_sections(report: Report, sidecar: SidecarUnderTest, sections: set[str],
                          scale: Scale, words: list[str], model_dir: Path,
                          base_env: dict[str, str], blas_library: str | None,
-                         children: Children, logs: Logs) -> None:
+                         children: Children, logs: Logs, vllm_mlx_env: Path | None = None) -> None:
     if "single-stream" in sections:
         progress("starting the in-process reference worker")
         worker = ReferenceWorker(model_dir, blas_library, children, logs.open("reference-worker"))
@@ -1210,12 +1310,19 @@ def run_sidecar_sections(report: Report, sidecar: SidecarUnderTest, sections: se
         finally:
             worker.close()
     if "throughput" in sections:
-        progress("starting mlx_lm.server")
-        server = MlxLmServer(model_dir, blas_library, children, logs.open("mlx_lm-server"))
+        progress("starting mlx_lm.server" + (" and vllm-mlx" if vllm_mlx_env else ""))
+        servers: list[MlxLmServer] = []
+        home = Path(tempfile.mkdtemp(prefix="localmlx-bench-vllm-mlx-home-"))
         try:
-            measure_throughput(report, sidecar, server, scale, words)
+            servers.append(MlxLmServer(model_dir, blas_library, children, logs.open("mlx_lm-server")))
+            if vllm_mlx_env is not None:
+                servers.append(VllmMlxServer(vllm_mlx_env, model_dir, blas_library, children,
+                                             logs.open("vllm-mlx"), home))
+            measure_throughput(report, sidecar, servers, scale, words)
         finally:
-            children.stop(server.process)
+            for server in servers:
+                children.stop(server.process)
+            shutil.rmtree(home, ignore_errors=True)
     if "prefix-cache" in sections:
         progress("starting a sidecar without the prefix cache")
         without = SidecarUnderTest({**base_env, "LOCALMLX_PREFIX_CACHE": "false",
@@ -1255,7 +1362,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if "--distributed" in sys.argv[1:]:  # one model over several hosts: its own script
-        script = str(Path(__file__).with_name("bench_distributed.py"))
-        os.execv(sys.executable, [sys.executable, script, *(a for a in sys.argv[1:] if a != "--distributed")])
+    for flag, name in (("--distributed", "bench_distributed.py"), ("--speculative", "bench_speculative.py")):
+        if flag in sys.argv[1:]:  # one model over several hosts / one stream, speculating: its own script
+            script = str(Path(__file__).with_name(name))
+            os.execv(sys.executable, [sys.executable, script, *(a for a in sys.argv[1:] if a != flag)])
     sys.exit(main())

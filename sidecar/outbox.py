@@ -6,6 +6,12 @@ queue its text keeps joining, so a client that reads slowly receives fewer, long
 (`seq` stays contiguous, no text is lost) instead of stalling the engine. A stream whose
 unsent text passes `stream_limit_bytes` reports `over_limit`, and the engine parks that one
 request until the client has read it down (see PROTOCOL.md, "Back-pressure").
+
+The writer is a Python thread: woken, it still needs the GIL, which the engine thread holds
+while it builds its next step (a few ms of Python, or the whole 5 ms switch interval). So
+the engine, between turns, hands the writer the GIL (`hand_over`): if lines wait and the
+writer sleeps, it blocks for the moment the writer takes them. A writer that is busy writing
+(a slow client) is never waited for.
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ class Outbox:
     """
 
     MAX_WRITE_BYTES = 1 << 20  # one os.write gathers queued lines up to this size
+    HAND_OVER_S = 0.001  # the most the engine waits for a sleeping writer to take its lines (~50 µs idle)
 
     def __init__(self, fd: int, on_broken: Callable[[], None] | None = None,
                  stream_limit_bytes: int = 256 << 10) -> None:
@@ -103,6 +110,9 @@ class Outbox:
         self.broken = False
         self._queued_bytes = 0  # encoded lines waiting (streams' text is bounded on its own)
         self._written = threading.Condition(lock)
+        self._taken = threading.Condition(lock)  # the writer took a batch (see `hand_over`)
+        self._batches_taken = 0
+        self._writer_asleep = False
         self._thread = threading.Thread(target=self._drain, name="wire-writer", daemon=True)
         self._thread.start()
 
@@ -128,6 +138,16 @@ class Outbox:
             if isinstance(item, bytes):
                 self._queued_bytes += len(item)
             self._ready.notify()
+
+    def hand_over(self) -> None:
+        """The engine thread, between turns: if lines wait and the writer sleeps, wait
+        (GIL released) until the writer has taken them, rather than leave it waiting for
+        the GIL while the engine builds its next step. Bounded; a busy writer is not waited for."""
+        with self._ready:
+            if not self._queue or not self._writer_asleep:
+                return
+            taken = self._batches_taken
+            self._taken.wait_for(lambda: self._batches_taken != taken, self.HAND_OVER_S)
 
     def wait_until_below(self, limit: int) -> None:
         """Block (the stdin reader) while more than `limit` bytes of answers wait unread."""
@@ -162,7 +182,11 @@ class Outbox:
         """Wait for work; returns (lines, stop, took_stream_text)."""
         with self._ready:
             while not self._queue:
+                self._writer_asleep = True
                 self._ready.wait()
+                self._writer_asleep = False
+            self._batches_taken += 1
+            self._taken.notify()
             lines: list[bytes] = []
             size, took_stream = 0, False
             while self._queue and size < self.MAX_WRITE_BYTES:

@@ -102,6 +102,7 @@ class Session:
         try:
             self.engine = Engine(self.settings, loop, join_group=self._group_joiner(loop))
             self.writer.on_drain = self.engine.scheduler.poke
+            self.engine.scheduler.hand_over_output = self.writer.hand_over
             async with anyio.create_task_group() as self._tasks:
                 self._tasks.start_soon(self._read_lines, self._start_reader(loop))
                 self._tasks.start_soon(watch_parent, self._parent_pid, self._on_peer_gone)

@@ -111,13 +111,15 @@ def _format_names(names: tuple[str, ...]) -> str:
 
 def _pairs(text: str) -> tuple[tuple[str, str], ...]:
     """`a=b,c=d`: (name, name) pairs, such as a target model and its draft model."""
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
         left, sep, right = (side.strip() for side in item.partition("="))
         if not sep or not left or not right:
             raise ValueError(f"expected target=draft, got {item!r}")
+        if left in dict(pairs):
+            raise ValueError(f"{left!r} is given two draft models")
         pairs.append((left, right))
     return tuple(pairs)
 

@@ -70,6 +70,12 @@ def chunks(messages: list[dict[str, Any]], request_id: Any) -> list[dict[str, An
     return [m["params"] for m in messages if m.get("method") == CHUNK_METHOD and m["params"]["requestId"] == request_id]
 
 
+def until_asleep(outbox: Outbox) -> None:
+    """Until the writer waits for work."""
+    while not (outbox._writer_asleep and not outbox.queued_items):
+        threading.Event().wait(0.001)
+
+
 def test_messages_arrive_whole_and_in_the_order_posted(wire: Wire) -> None:
     outbox = Outbox(wire.write_fd)
     wire.start_reading()
@@ -155,6 +161,33 @@ def test_wait_until_below_holds_the_reader_until_answers_are_written(wire: Wire)
     wire.start_reading()
     assert released.wait(TIMEOUT)
     assert [m.get("id") for m in wire.messages(outbox)] == [None, *range(10)]
+
+
+def test_hand_over_returns_once_the_sleeping_writer_has_taken_the_chunks(wire: Wire,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Outbox, "HAND_OVER_S", TIMEOUT)  # so that only the writer's taking ends the wait
+    outbox = Outbox(wire.write_fd)
+    wire.start_reading()
+    stream = outbox.open_stream(1)
+    for n in range(20):
+        until_asleep(outbox)  # as between two decode steps: the last chunk is written
+        stream.write(f"{n} ")
+        outbox.hand_over()
+        assert outbox.queued_items == 0  # taken (the writer may still be writing it)
+    assert "".join(c["text"] for c in chunks(wire.messages(outbox), 1)) == "".join(f"{n} " for n in range(20))
+
+
+def test_hand_over_never_waits_for_a_writer_busy_writing(wire: Wire, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Outbox, "HAND_OVER_S", TIMEOUT)
+    outbox = Outbox(wire.write_fd)
+    outbox.post(HOLD)  # the writer blocks in this write: nobody reads the pipe
+    stream = outbox.open_stream(1)
+    stream.write("behind the hold")
+    while outbox.queued_items > 1:  # until the writer has taken HOLD and is inside its write
+        threading.Event().wait(0.001)
+    outbox.hand_over()  # returns at once: a slow client never holds the engine
+    assert outbox.queued_items == 1
+    assert [c["text"] for c in chunks(wire.messages(outbox), 1)] == ["behind the hold"]
 
 
 def test_a_peer_that_goes_away_calls_on_broken_once_and_writing_stops(wire: Wire) -> None:

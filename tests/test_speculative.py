@@ -70,9 +70,9 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 def generation(loaded: LoadedModel, loop: asyncio.AbstractEventLoop, prompt: str, *,
                speculation: Speculation | None, max_tokens: int = 48, sampling: SamplingParams | None = None,
-               response_format: dict[str, Any] | None = None) -> Generation:
+               response_format: dict[str, Any] | None = None, stop: list[str] | None = None) -> Generation:
     request = GenerationRequest(prompt, time.perf_counter(), None, prompt, max_tokens,
-                                sampling or SamplingParams(temperature=0.0), [], stream=False,
+                                sampling or SamplingParams(temperature=0.0), stop or [], stream=False,
                                 response_format=response_format)
     prepared = prepare(loaded, request)
     prepared.speculation = speculation
@@ -152,6 +152,19 @@ def test_a_token_mask_holds_while_drafting(target: LoadedModel, draft: LoadedMod
                                        max_tokens=60, response_format=response_format))
     assert tokens_of(drafted) == tokens_of(plain)
     assert drafted.result().timings["draftedTokens"] > 0
+
+
+def test_a_stop_string_ends_a_drafting_generation_where_it_ends_one_without(
+        target: LoadedModel, draft: LoadedModel, loop: asyncio.AbstractEventLoop) -> None:
+    plain = alone(target, generation(target, loop, LOOPING, speculation=None, max_tokens=60))
+    text = plain.result().text or ""
+    stop = text[len(text) // 2:][:3]  # somewhere in the middle, likely inside a guessed run
+    assert stop
+    ends: list[tuple[str, int, str | None]] = []
+    for speculation in (None, Speculation(draft, 8), Speculation(None, 8)):
+        g = generation(target, loop, LOOPING, speculation=speculation, max_tokens=60, stop=[stop])
+        ends.append(tokens_of(alone(target, g)))
+    assert ends[0][2] == "stop_sequence" and ends[1] == ends[0] and ends[2] == ends[0]
 
 
 def test_the_last_guesses_never_pass_max_tokens(target: LoadedModel, draft: LoadedModel,
@@ -235,6 +248,8 @@ def test_over_the_protocol_a_draft_model_is_loaded_counted_and_unloaded_with_its
     plain = chat(client, TARGET, draftModel=None)
     drafted = chat(client, TARGET)
     assert drafted["text"] == plain["text"]
+    assert drafted["usage"]["completionTokens"] == plain["usage"]["completionTokens"]
+    assert drafted["usage"]["cachedTokens"] > 0  # the prefix cache serves a drafting request too
     assert "draftedTokens" not in plain["timings"]
     assert drafted["timings"]["acceptedTokens"] == drafted["timings"]["draftedTokens"] > 0
     status = client.request("server/status")

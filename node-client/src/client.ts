@@ -35,7 +35,7 @@ import type {
   TokenizeResult,
 } from "./protocol";
 import type { CloseResult, Session, SessionEnd, SessionOptions, StopTimeouts } from "./session";
-import { distributedEnv, type DistributedOptions } from "./settings";
+import { distributedEnv, draftModelsEnv, type DistributedOptions, type DraftModels } from "./settings";
 import { DEFAULT_RESTART_POLICY, Supervisor, type RestartPolicy, type SupervisorHooks } from "./supervisor";
 
 /** Where log lines go: any console-like object (`console`, pino, winston…); every method optional. */
@@ -71,6 +71,12 @@ export interface LocalMLXOptions {
    * and `LOCALMLX_DISTRIBUTED_*` settings, merged over `env`. A bad value throws `SettingsError`.
    */
   distributed?: DistributedOptions;
+  /**
+   * Speculative decoding (README "Speculative decoding"): each target model's default draft
+   * model, `{ target: draft }` or `"target=draft,…"`, as `LOCALMLX_DRAFT_MODELS` merged over
+   * `env`. A request overrides it with `draftModel` (`null`: none). A bad value throws `SettingsError`.
+   */
+  draftModels?: DraftModels;
   /** Sent in `initialize`. Default `{ name: "@localmlx/client", version }`. */
   clientInfo?: { name: string; version?: string };
   /** Spawn + `initialize` must finish within this. Default 60000. */
@@ -187,7 +193,7 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
   private readonly supervisor: Supervisor;
   private readonly options: LocalMLXOptions;
   private readonly closeTimeouts: StopTimeouts;
-  /** What the sidecar gets over `process.env`: `env`, then the `distributed` settings. */
+  /** What the sidecar gets over `process.env`: `env`, then the `distributed` and `draftModels` settings. */
   private readonly env: Record<string, string | undefined>;
   private lastId = 0;
 
@@ -228,7 +234,7 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
     super();
     this.options = options;
     this.closeTimeouts = { ...DEFAULTS.closeTimeouts, ...options.closeTimeouts };
-    this.env = { ...options.env, ...distributedEnv(options.distributed) };
+    this.env = { ...options.env, ...distributedEnv(options.distributed), ...draftModelsEnv(options.draftModels) };
     const candidates = findSidecar({
       python: options.python,
       args: options.args,

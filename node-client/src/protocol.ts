@@ -161,6 +161,14 @@ export interface Timings {
    * Constrained requests (responseFormat, toolChoice required or named): mean milliseconds per generated token spent computing the token mask.
    */
   maskMsPerToken?: number;
+  /**
+   * Tokens proposed by the draft model or prompt lookup. Present only when the generation decoded speculatively at least once.
+   */
+  draftedTokens?: number;
+  /**
+   * Of draftedTokens, those the target accepted (acceptedTokens / draftedTokens is the acceptance rate). Present with draftedTokens.
+   */
+  acceptedTokens?: number;
 }
 
 export type FinishReason = "stop" | "length" | "stop_sequence" | "tool_calls" | "cancelled";
@@ -229,6 +237,18 @@ export interface ModelDescription {
    * Its default KV-cache size limit, or null.
    */
   maxKvSize?: number | null;
+  /**
+   * Its default draft model (LOCALMLX_DRAFT_MODELS or models/load), or null.
+   */
+  draftModel?: string | null;
+  /**
+   * Its default tokens drafted per step, or null (adaptive).
+   */
+  numDraftTokens?: number | null;
+  /**
+   * Whether its requests use prompt-lookup decoding by default.
+   */
+  promptLookup?: boolean;
   /**
    * What the model can serve: chat (has a chat template), generate, embed, tools (its template takes tools), thinking (it reasons in <think>-style blocks).
    */
@@ -345,6 +365,21 @@ export type KvBits = 2 | 3 | 4 | 6 | 8;
  * Keep at most this many tokens of KV cache (a rotating cache: the oldest tokens, after the first 4, are dropped), for long chats in bounded memory. Requests with their own maxKvSize run one at a time on their model.
  */
 export type MaxKvSize = number;
+
+/**
+ * Speculative decoding with a draft model: a model (named as in `model`) that proposes tokens the target then checks in one pass, so the output is the target's own. It must share the target's vocabulary (else -32602 naming both models). null: no draft model, even where the target has one by default (LOCALMLX_DRAFT_MODELS). A request speculates while it is alone on its model; in company it decodes in the batch (same tokens). Off on sharded models and with kvBits or maxKvSize.
+ */
+export type DraftModel = string | null;
+
+/**
+ * Tokens drafted per speculative step (with a draft model or prompt lookup). Absent: the model's default, else adaptive (3 to start, up to 8 while every guess is accepted, one past the last accepted guess after a rejection).
+ */
+export type NumDraftTokens = number;
+
+/**
+ * Prompt-lookup decoding: draft tokens are taken from n-grams already in the prompt and the output (no draft model), which pays where the answer copies its input (summaries, code edits). Same guarantees as a draft model. Absent: the model's default, else false.
+ */
+export type PromptLookup = boolean;
 
 /**
  * A JSON Schema (draft 2020-12; the subset llguidance compiles: types, properties, required, items, enum, const, anyOf/oneOf, $ref/$defs, string/number/array bounds, pattern, format).
@@ -498,6 +533,9 @@ export interface GenerationParams {
   keepAlive?: KeepAlive;
   kvBits?: KvBits;
   maxKvSize?: MaxKvSize;
+  draftModel?: DraftModel;
+  numDraftTokens?: NumDraftTokens;
+  promptLookup?: PromptLookup;
   responseFormat?: ResponseFormat;
 }
 
@@ -650,6 +688,12 @@ export interface ModelsLoadParams {
   keepAlive?: KeepAlive;
   kvBits?: KvBits;
   maxKvSize?: MaxKvSize;
+  draftModel?: DraftModel;
+  /**
+   * The model's default numDraftTokens; null: adaptive.
+   */
+  numDraftTokens?: null | NumDraftTokens;
+  promptLookup?: PromptLookup;
 }
 
 export type ModelsLoadResult = ModelDescription;

@@ -133,6 +133,35 @@ function keepAlive(env: string, help: string): Setting<boolean | string> {
 }
 
 /**
+ * Draft models by target (`LOCALMLX_DRAFT_MODELS`): a comma list of `target=draft` pairs, each
+ * name as a `model` param spells it. A pair without `=`, an empty name or a target named twice
+ * is an error (which draft would it get?).
+ */
+function draftModelPairs(env: string, help: string): Setting<Record<string, string>> {
+  const parse = (text: string): Record<string, string> => {
+    const pairs: Record<string, string> = {};
+    for (const item of text.split(",").map((pair) => pair.trim()).filter(Boolean)) {
+      const at = item.indexOf("=");
+      const target = item.slice(0, at).trim();
+      const draft = item.slice(at + 1).trim();
+      if (at < 0 || target === "" || draft === "") throw new Error(`"${item}" is not a target=draft pair`);
+      if (Object.hasOwn(pairs, target)) throw new Error(`${target} is given two draft models`);
+      pairs[target] = draft;
+    }
+    return pairs;
+  };
+  const format = (pairs: Record<string, string>): string =>
+    Object.entries(pairs).map(([target, draft]) => `${target}=${draft}`).join(",");
+  return {
+    env,
+    help,
+    parse,
+    format,
+    examples: [{ demo: "demo" }, { "mlx-community/Qwen2.5-7B-Instruct-4bit": "mlx-community/Qwen2.5-0.5B-Instruct-4bit", "/models/big": "/models/small" }],
+  };
+}
+
+/**
  * Every variable the TypeScript side reads. The key is the setting's name in Wooster's
  * `config.plugins.localMLX` object too.
  */
@@ -164,6 +193,7 @@ export const SETTINGS = {
   autoDownload: flag("LOCALMLX_AUTO_DOWNLOAD", "download a Hub model on first load (sidecar)"),
   quantization: text("LOCALMLX_QUANTIZATION", "4bit, 8bit or none, for converting non-MLX downloads (sidecar)", { examples: ["4bit", "none"] }),
   enableCache: flag("LOCALMLX_ENABLE_CACHE", "the exact response cache (sidecar)"),
+  draftModels: draftModelPairs("LOCALMLX_DRAFT_MODELS", "speculative decoding: each target model's default draft model, target=draft pairs, comma-separated (sidecar)"),
   // One model sharded over several machines (sidecar; README "Several Macs"): no default here.
   hostfile: text("LOCALMLX_HOSTFILE", "mlx.launch's hostfile JSON: serve models sharded over its hosts (sidecar)", { examples: ["/Users/me/.localmlx/hosts.json", "/a path/with spaces.json"] }),
   distributedMode: choice("LOCALMLX_DISTRIBUTED_MODE", "how a model is split over the group: pipeline or tensor (sidecar)", ["pipeline", "tensor"]),
@@ -243,4 +273,28 @@ export function distributedEnv(options: DistributedOptions = {}): Record<string,
     readSetting(env, name);
   }
   return env;
+}
+
+/** `LocalMLX`'s `draftModels` option: `{ target: draft }`, or the variable's own text (`"target=draft,…"`). */
+export type DraftModels = Record<string, string> | string;
+
+/**
+ * The sidecar's environment for `draftModels`: `LOCALMLX_DRAFT_MODELS` as `target=draft` pairs.
+ * The text is read back through the table, so a pair that cannot be written (a name with a comma,
+ * a target with `=`, an empty name) is a `SettingsError` naming the variable before anything is spawned.
+ */
+export function draftModelsEnv(draftModels?: DraftModels): Record<string, string> {
+  if (draftModels === undefined) return {};
+  const setting = SETTINGS.draftModels;
+  const text = typeof draftModels === "string" ? draftModels : setting.format(draftModels);
+  const pairs = readSetting({ [setting.env]: text }, "draftModels") ?? {};
+  if (typeof draftModels !== "string" && !samePairs(pairs, draftModels)) {
+    throw new SettingsError(setting.env, text, "a model name holds a comma, or a target holds '=', or a name is empty");
+  }
+  return { [setting.env]: setting.format(pairs) };
+}
+
+function samePairs(a: Record<string, string>, b: Record<string, string>): boolean {
+  const entries = Object.entries(b);
+  return Object.keys(a).length === entries.length && entries.every(([target, draft]) => Object.hasOwn(a, target) && a[target] === draft);
 }

@@ -35,6 +35,7 @@ const PLUGIN_FIELD: Partial<Record<SettingName, (value: unknown) => unknown>> = 
   preloadModels: (v) => (v === true ? ["default"] : v === false ? [] : v),
   streamResponses: (v) => v,
   enableCache: (v) => v,
+  draftModels: (v) => v,
   python: (v) => v,
   hostfile: (v) => v,
   distributedMode: (v) => v,
@@ -53,7 +54,9 @@ function sidecarReads(cases: Array<[variable: string, text: string]>): unknown[]
     "for env, text in json.loads(sys.argv[1]):",
     "    try:",
     "        value = getattr(settings_from_env({env: text}), env.removeprefix('LOCALMLX_').lower())",
-    "        out.append(value if isinstance(value, (bool, int, float, str)) else str(value))",
+    "        if env == 'LOCALMLX_DRAFT_MODELS':",
+    "            value = [list(pair) for pair in value]  # (target, draft) pairs, as the client's entries",
+    "        out.append(value if isinstance(value, (bool, int, float, str, list)) else str(value))",
     "    except SystemExit:",
     "        out.append('error')",
     "print(json.dumps(out, allow_nan=True))",
@@ -67,6 +70,7 @@ function sidecarReads(cases: Array<[variable: string, text: string]>): unknown[]
 function clientReads(name: SettingName, text: string): unknown {
   try {
     const value = readSetting({ [settingOf(name).env]: text }, name);
+    if (name === "draftModels") return Object.entries(value ?? {});
     return typeof value === "number" && !Number.isFinite(value) ? String(value) : value;
   } catch (error) {
     assert.ok(error instanceof SettingsError);
@@ -136,6 +140,7 @@ describe("settings", () => {
       distributedAllowPublic: ["true", "off", "maybe"],
       distributedTimeout: ["5", " 0.5 ", "1e1", "3_0", "abc", "5s"],
       distributedLauncher: ["ssh -o BatchMode=yes {ssh}"],
+      draftModels: ["demo=demo", " big = small ,, demo=demo ", "a=b=c", ",", "big", "big=", "=small", "mlx-community/A-8B=mlx-community/A-1B"],
     };
     const cases = Object.entries(texts).flatMap(([name, list]) => list.map((text) => [name as SettingName, text] as const));
     const sidecar = sidecarReads(cases.map(([name, text]) => [settingOf(name).env, text]));

@@ -38,6 +38,8 @@ export interface LocalMLXPluginSettings {
   streamResponses: boolean;
   /** LOCALMLX_ENABLE_CACHE (sidecar): the exact response cache. */
   enableCache: boolean | undefined;
+  /** LOCALMLX_DRAFT_MODELS (sidecar): each target model's default draft model, for speculative decoding. */
+  draftModels: Record<string, string> | undefined;
   /** LOCALMLX_PYTHON: the Python that runs the sidecar. */
   python: string | undefined;
   /** LOCALMLX_HOSTFILE (sidecar): mlx.launch's hostfile JSON, to serve models sharded over its hosts; undefined: this machine alone. */
@@ -58,19 +60,30 @@ export interface LocalMLXPluginSettings {
 
 /** Settings from `config.plugins.localMLX` as environment variables: a key of the client's
  * `SETTINGS` by its variable, another camelCase key as `LOCALMLX_SNAKE_CASE` (a sidecar setting,
- * passed on), an upper-case key as it is; a list as a comma list, as the variable spells it. */
+ * passed on), an upper-case key as it is; a list as a comma list, as the variable spells it, and
+ * an object (`draftModels: {target: draft}`) as its setting writes it. */
 function fromConfig(config: AppConfig | undefined): Record<string, string> {
   const section = config?.plugins?.["localMLX"];
   const out: Record<string, string> = {};
   if (!section || typeof section !== "object") return out;
   for (const [key, value] of Object.entries(section as Record<string, unknown>)) {
-    const text = Array.isArray(value) ? value.join(",") : value === undefined || value === null || typeof value === "object" ? undefined : String(value);
+    const text = Array.isArray(value)
+      ? value.join(",")
+      : key === "draftModels" && isPlainObject(value)
+        ? SETTINGS.draftModels.format(Object.fromEntries(Object.entries(value).map(([target, draft]) => [target, String(draft)])))
+        : value === undefined || value === null || typeof value === "object"
+          ? undefined
+          : String(value);
     if (text === undefined) continue;
     const known = Object.hasOwn(SETTINGS, key) ? SETTINGS[key as SettingName].env : undefined;
     const envKey = /^[A-Z0-9_]+$/.test(key) ? key : known ?? `LOCALMLX_${key.replace(/OpenAI/g, "Openai").replace(/([a-z0-9])([A-Z])/g, "$1_$2").toUpperCase()}`;
     out[envKey] = text;
   }
   return out;
+}
+
+function isPlainObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
 }
 
 /** The keep-alive the sidecar reads for the plugin's `LOCALMLX_OFFLOAD_INACTIVE` (`true`: 5 minutes; `false`: never). */
@@ -120,6 +133,7 @@ export function readSettings(config?: AppConfig, env: SettingsEnv = process.env)
     preloadModels,
     streamResponses: read("streamResponses")!,
     enableCache: read("enableCache"),
+    draftModels: read("draftModels"),
     python: read("python"),
     // Checked here (a bad value stops the plugin with the variable's name), passed on as written.
     hostfile: read("hostfile"),

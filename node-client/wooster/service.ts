@@ -46,6 +46,8 @@ export interface GenerationOptions {
   maxTokens?: number;
   temperature?: number;
   stop?: string[];
+  /** Draft from n-grams of the prompt (prompt lookup): faster where the answer copies its input. */
+  promptLookup?: boolean;
   signal?: AbortSignal;
   /** Called with each piece of text as it is generated (LOCALMLX_STREAM_RESPONSES). */
   onText?: (text: string) => void;
@@ -277,6 +279,7 @@ export class LocalMLXService {
       ...(options.maxTokens !== undefined ? { maxTokens: options.maxTokens } : {}),
       ...(options.temperature !== undefined ? { temperature: options.temperature } : {}),
       ...(options.stop?.length ? { stop: options.stop } : {}),
+      ...(options.promptLookup !== undefined ? { promptLookup: options.promptLookup } : {}),
       ...(options.signal ? { signal: options.signal } : {}),
     };
     const prediction = "messages" in input ? mlx.chat({ ...input, ...common }) : mlx.generate({ ...input, ...common });

@@ -189,7 +189,8 @@ const localCodeAssist: ToolDefinition = {
       task ?? "Review this code: explain what it does and point out bugs.",
       code ? `\n\`\`\`${language ?? ""}\n${code}\n\`\`\`` : language ? `(Language: ${language})` : "",
     ].join("\n");
-    const options = generation(fields);
+    // Code help mostly repeats the code it was given: prompt lookup drafts those tokens.
+    const options = { promptLookup: true, ...generation(fields) };
     if (options.temperature === undefined) options.temperature = Math.min(service.generationDefaults.temperature ?? 0.2, 0.2);
     return reply(await service.chat([{ role: "system", content: CODE_SYSTEM }, { role: "user", content }], withStream(options, stream)));
   },
@@ -206,7 +207,8 @@ const localSummarize: ToolDefinition = {
     const body = str(fields, "text", "content", "document", "input") ?? text;
     if (!body) return 'local_summarize needs text: the text itself, or JSON {"text": "..."}.';
     const instructions = str(fields, "instructions", "focus");
-    const answer = await service.summarize(body, { ...generation(fields), ...(instructions ? { instructions } : {}) });
+    // A summary copies phrases of its text: prompt lookup drafts them.
+    const answer = await service.summarize(body, { promptLookup: true, ...generation(fields), ...(instructions ? { instructions } : {}) });
     const summary = reply(answer);
     return answer.parts > 1 ? `${summary}\n\n(summarized in ${answer.parts} parts)` : summary;
   },

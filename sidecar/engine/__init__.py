@@ -44,6 +44,22 @@ log = logging.getLogger("localmlx.engine")
 T = TypeVar("T")
 
 
+QUICK_PREPARE_CHARS = 4096  # a request this short tokenizes in well under a millisecond
+
+
+def _quick_to_prepare(request: GenerationRequest) -> bool:
+    """Short text and no grammar to compile (tools, responseFormat): prepared on the loop."""
+    if request.tools or request.response_format:
+        return False
+    if request.messages is None:
+        return len(request.prompt or "") < QUICK_PREPARE_CHARS
+    size = 0
+    for message in request.messages:
+        content = message.get("content")
+        size += len(content) if isinstance(content, str) else QUICK_PREPARE_CHARS
+    return size < QUICK_PREPARE_CHARS
+
+
 def _describe_device() -> str:
     import mlx.core as mx
 
@@ -276,7 +292,8 @@ class Engine:
             raise InvalidParams(f"Model {loaded.name} is an embedding model: it serves embed, not {request.method}",
                                 errors=[{"path": "/model", "message": "an embedding model cannot generate"}],
                                 model=loaded.name, capabilities=["embed"])
-        return await self._tokenizing(loaded, functools.partial(prepare, loaded, request))
+        work = functools.partial(prepare, loaded, request)
+        return await self._tokenizing(loaded, work, inline=_quick_to_prepare(request))
 
     async def speculation_for(self, loaded: LoadedModel, request: GenerationRequest,
                               progress: Progress = no_progress) -> Speculation | None:
@@ -342,10 +359,17 @@ class Engine:
 
         return await self._tokenizing(loaded, encode)
 
-    async def _tokenizing(self, loaded: LoadedModel, work: Callable[[], T]) -> T:
+    async def _tokenizing(self, loaded: LoadedModel, work: Callable[[], T], inline: bool = False) -> T:
         """`work` on a worker thread, holding the model's tokenizer: fast tokenizers are not
-        safe to drive from several threads at once."""
+        safe to drive from several threads at once. `inline`: work short enough (well under a
+        millisecond) to do here when the tokenizer is free, sparing the hop to a worker thread
+        and back, which costs more than the work on a busy machine."""
         lock = self._tokenizer_locks.setdefault(loaded.name, threading.Lock())
+        if inline and lock.acquire(blocking=False):
+            try:
+                return work()
+            finally:
+                lock.release()
 
         def locked() -> T:
             with lock:

@@ -5,6 +5,8 @@ generations into their model's lane; then advance every lane that has work by on
 round robin, so several models share the thread fairly and a new request never waits for
 another to finish; then run one micro-batch of one embed request (round robin too), so a big
 embedding batch and streaming generations take turns. The loop sleeps on a condition when there is nothing to do: no polling.
+After a step it waits, GIL released, for a sleeping writer to take the step's chunks
+(`hand_over_output`): otherwise the writer would wait for the GIL while the next step is built.
 
 The event loop only submits jobs, asks for cancellation, and awaits futures.
 
@@ -61,6 +63,7 @@ class Scheduler:
         self._started = False
         self._faults = set(settings.inject_faults)
         self.housekeeping: Callable[[], float | None] | None = None  # keep-alive expiry, set by the engine
+        self.hand_over_output: Callable[[], None] | None = None  # after a step: the writer takes its chunks now
         self.running_control: Job[Any] | None = None
         self.mirror: Mirror | None = None  # rank 0 of a group: the followers
         self._deferred_cancels: list[tuple[Job[Any], CancelReason]] = []  # mirrored: applied at a turn's start
@@ -184,6 +187,8 @@ class Scheduler:
             if self.mirror is not None and (settled or lanes):
                 self.mirror.send(operations.turn(lanes))
             self.step(lanes)
+            if lanes and self.hand_over_output is not None:
+                self.hand_over_output()
             self._step_embedding()
         self._stop_everything(CancelReason.EXIT)
 

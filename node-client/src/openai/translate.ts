@@ -342,13 +342,36 @@ function samplingOf(body: JsonObject, limits: RequestLimits): Omit<GenerateParam
 }
 
 /**
+ * Speculative decoding, as mlx_lm.server's body names it (`draft_model`, `num_draft_tokens`) plus
+ * `prompt_lookup`: `draft_model: null` asks for no draft model even where the target has one.
+ */
+function speculationOf(body: JsonObject): Pick<GenerateParams, "draftModel" | "numDraftTokens" | "promptLookup"> {
+  const params: Pick<GenerateParams, "draftModel" | "numDraftTokens" | "promptLookup"> = {};
+  if (body.draft_model === null) params.draftModel = null;
+  else if (body.draft_model !== undefined) {
+    const draftModel = optionalString(body, "draft_model");
+    if (draftModel === "") throw badRequest("draft_model must name a model (or be null: none)", "draft_model");
+    params.draftModel = draftModel;
+  }
+  const numDraftTokens = optionalNumber(body, "num_draft_tokens", [1, 32], true);
+  if (numDraftTokens !== undefined) params.numDraftTokens = numDraftTokens;
+  const promptLookup = optionalBoolean(body, "prompt_lookup");
+  if (promptLookup !== undefined) params.promptLookup = promptLookup;
+  return params;
+}
+
+/**
  * A `/v1/chat/completions` body → `chat` params (without `model`, which the router resolves).
  * The body's nesting is checked before it was parsed; counts and schema sizes here.
  */
 export function chatParamsOf(body: JsonObject, limits: RequestLimits = DEFAULT_LIMITS): Omit<ChatParams, "model"> {
   if (!Array.isArray(body.messages) || body.messages.length === 0) throw badRequest("messages must be a non-empty array", "messages");
   checkCount(body.messages, limits.maxMessages, "messages");
-  const params: Omit<ChatParams, "model"> = { messages: body.messages.map((message, i) => messageOf(message, i, limits)), ...samplingOf(body, limits) };
+  const params: Omit<ChatParams, "model"> = {
+    messages: body.messages.map((message, i) => messageOf(message, i, limits)),
+    ...samplingOf(body, limits),
+    ...speculationOf(body),
+  };
   if (body.tools !== undefined && body.tools !== null) {
     const tools = toolsOf(body.tools, limits);
     if (tools.length > 0) params.tools = tools;
@@ -383,7 +406,7 @@ export function completionParamsOf(body: JsonObject, limits: RequestLimits = DEF
   if (suffix) throw badRequest("suffix is not supported", "suffix");
   const bestOf = optionalNumber(body, "best_of", undefined, true);
   if (bestOf !== undefined && bestOf !== 1) throw badRequest("Only best_of = 1 is supported", "best_of");
-  const params: Omit<GenerateParams, "model"> = { prompt, ...samplingOf(body, limits) };
+  const params: Omit<GenerateParams, "model"> = { prompt, ...samplingOf(body, limits), ...speculationOf(body) };
   if (body.response_format !== undefined && body.response_format !== null) {
     const format = responseFormatOf(body.response_format, limits);
     if (format) params.responseFormat = format;
