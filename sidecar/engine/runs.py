@@ -85,13 +85,21 @@ class SoloRun:
     """One generation through mlx-lm's `generate_step`, its prompt processed in chunks
     between steps (so control work and other models are served during a long prompt)."""
 
-    def __init__(self, loaded: LoadedModel, generation: Generation, prefill_step: int) -> None:
+    def __init__(self, loaded: LoadedModel, generation: Generation, prefill_step: int,
+                 resume: tuple[Any, list[int], int] | None = None) -> None:
+        """`resume`: (cache, the tokens in it, the next token to feed) of a generation taken
+        out of a batch, its prompt long done."""
         from mlx_lm.models.cache import make_prompt_cache
 
         self.loaded = loaded
         self.generation = generation
         self._prefill_step = prefill_step
         self._kv_bits, max_kv_size = generation.kv_options
+        self._steps: Any = None  # the generate_step generator, once the prompt is in
+        if resume is not None:
+            self.cache, self.history, self._last_prompt_token = resume
+            self._to_prefill: list[int] = []
+            return
         if generation.plain_kv:
             cache, rest = fetch_prefix(loaded, generation.prompt)
         else:  # its own kind of cache: none from the prefix cache (plain KV only) fits it
@@ -101,7 +109,6 @@ class SoloRun:
         self.history = list(generation.prompt[: generation.cached_tokens])  # the tokens in the cache
         self._to_prefill = rest[:-1]
         self._last_prompt_token = rest[-1]
-        self._steps: Any = None  # the generate_step generator, once the prompt is in
 
     def step(self) -> bool:
         """One prompt chunk or one token; True when the generation is done."""

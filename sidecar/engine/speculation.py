@@ -187,13 +187,7 @@ class SpeculativeRun(SoloRun):
                  resume: tuple[Any, list[int], int] | None = None) -> None:
         speculation = generation.prepared.speculation
         assert speculation is not None  # run_alone only speculates what asked to
-        if resume is None:
-            super().__init__(loaded, generation, prefill_step)
-        else:  # out of a batch: (cache, tokens in it, last token)
-            self.loaded, self.generation, self._prefill_step = loaded, generation, prefill_step
-            self._kv_bits, self._steps = None, None
-            self.cache, self.history, self._to_prefill = resume[0], resume[1], []
-            self._last_prompt_token = resume[2]
+        super().__init__(loaded, generation, prefill_step, resume)
         self.tokens: list[int] = []  # filled once the prompt is in
         self._length = DraftLength(speculation.num_draft_tokens)
         if generation.drafter is None:
