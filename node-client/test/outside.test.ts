@@ -84,7 +84,8 @@ describe("the packed client in an app outside the repository", { timeout: 180_00
     const [{ filename }] = JSON.parse(packed.stdout) as Array<{ filename: string }>;
     mkdirSync(join(app, "sidecar"), { recursive: true });
     writeFileSync(join(app, "package.json"), JSON.stringify({ name: "outside-app", private: true }));
-    await run("npm", ["install", "--offline", "--no-audit", "--no-fund", "--ignore-scripts", join(root, filename!)], { cwd: app });
+    // --prefer-offline: the cache has the tarballs `npm ci` fetched, maybe not their registry metadata.
+    await run("npm", ["install", "--prefer-offline", "--no-audit", "--no-fund", "--ignore-scripts", join(root, filename!)], { cwd: app });
     writeFileSync(join(app, "main.cjs"), CONSUMER);
     // The host app's own `sidecar` package, in its cwd: it must never run.
     writeFileSync(join(app, "sidecar", "__init__.py"), "");
