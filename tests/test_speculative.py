@@ -29,6 +29,7 @@ from sidecar.settings import Settings
 from tests import families
 from tests.conftest import Sidecars
 from tests.speculative_models import build_speculative_pair, pair_names
+from tests.test_lanes import run
 
 DRAFT, TARGET = pair_names("tiny")
 LOOPING = "The sea and the mountains were old friends, and every morning they " * 3
@@ -77,17 +78,6 @@ def generation(loaded: LoadedModel, loop: asyncio.AbstractEventLoop, prompt: str
     prepared = prepare(loaded, request)
     prepared.speculation = speculation
     return Generation(Job("generate", loop, model=loaded.name), loaded, prepared, None)
-
-
-def run(lane: BatchLane | SoloLane, generations: list[Generation]) -> None:
-    for _ in range(5000):
-        lane.take_cancelled()
-        lane.resume_drained()
-        if lane.has_work:
-            lane.step()
-        if all(g.done for g in generations):
-            return
-    raise AssertionError("the lane did not finish its generations")
 
 
 def alone(loaded: LoadedModel, g: Generation, lane_kind: type[BatchLane] | type[SoloLane] = BatchLane) -> Generation:

@@ -119,6 +119,11 @@ class SoloRun:
         if self._to_prefill:
             self._prefill_chunk()
             return False
+        return self._decode()
+
+    def _decode(self) -> bool:
+        """One step once the prompt is in: here one token."""
+        generation = self.generation
         token, _ = next(self._decoding())  # never exhausted: the generation ends at max_tokens first
         self.history.append(token)
         last = generation.completion_tokens + 1 >= generation.max_tokens

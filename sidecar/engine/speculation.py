@@ -196,19 +196,13 @@ class SpeculativeRun(SoloRun):
         if generation.drafted_tokens is None:
             generation.drafted_tokens = 0
 
-    def step(self) -> bool:
-        generation = self.generation
-        if generation.job.cancelled:
-            generation.cancel_now()
-            return True
-        if self._to_prefill:
-            self._prefill_chunk()
-            return False
+    def _decode(self) -> bool:
+        """Once the prompt is in: the drafter catches up (a chunk a step), then guess and check."""
         if not self.tokens:
             self.tokens = [*self.history, self._last_prompt_token]
         if not self._drafter.catch_up(self.tokens, self._prefill_step):
             return False
-        generation.on_prompt_done()
+        self.generation.on_prompt_done()
         return self._guess_and_check()
 
     def _guess_and_check(self) -> bool:
