@@ -26,6 +26,7 @@ from .protocol_defs import (  # noqa: F401  (the codes, generated from the schem
     RANK_LOST,
     REQUEST_CANCELLED,
     SERVER_CANCELLED,
+    TRAINING_FAILED,
 )
 
 
@@ -121,3 +122,7 @@ class Forbidden(RpcError):
 
 class RankLost(RpcError):
     code = RANK_LOST
+
+
+class TrainingFailed(RpcError):
+    code = TRAINING_FAILED

@@ -24,6 +24,7 @@ from .demo_model import DEMO_MODEL_ALIAS, DEMO_MODEL_DIRNAME, ensure_demo_model
 from .downloads import MODEL_FILE_PATTERNS, converted_dir, is_complete_snapshot, pull
 from .errors import Forbidden, InvalidParams, ModelNotFound
 from .settings import Settings
+from .tuning.adapters import ADAPTER_NAME, adapters_dir, named_adapter, read_adapter, split_variant, variant_name
 
 log = logging.getLogger("localmlx.hub")
 
@@ -48,6 +49,13 @@ class ModelLocation:
     source: str  # "embedded" | "models-dir" | "hf-cache" | "local-path" | "hub"
     path: Path | None
     repo_id: str | None = None
+    # <base>+<adapter>: the base model's location is the rest; it shares the base's weights.
+    adapter: Path | None = None
+    base: str | None = None
+
+    def base_location(self) -> ModelLocation:
+        assert self.base is not None
+        return ModelLocation(self.base, self.source, self.path, self.repo_id)
 
 
 def _encodable(text: str) -> bool:
@@ -100,6 +108,9 @@ class ModelLocator:
         if "\x00" in ref or not ref.isprintable() or not _encodable(ref):
             raise Forbidden("Not a valid model reference: it contains control characters, a NUL "
                             "byte or a lone surrogate", model=ref[:200])
+        variant = split_variant(ref)
+        if variant is not None and (adapters_dir(self.models_dir) / variant[1]).is_dir():
+            return self.variant(self.resolve(variant[0]), variant[1])
         if ref.startswith(("/", "~", ".")) or (os.sep in ref and not _REPO_ID.match(ref)):
             return self._local_path(ref)
         if _DIR_NAME.match(ref) and ".." not in ref:
@@ -111,6 +122,20 @@ class ModelLocator:
         if _REPO_ID.match(ref) and ".." not in ref:
             return self._repo(ref)
         raise Forbidden(f"Not a valid model reference: {ref!r}", model=ref)
+
+    def variant(self, base: ModelLocation, adapter_ref: str) -> ModelLocation:
+        """`base` served with an adapter: one stored under adapters/, or a directory under the
+        allowed roots (then named by its folder's name)."""
+        if base.adapter is not None:
+            raise InvalidParams(f"{base.name} already has an adapter: name its base model",
+                                errors=[{"path": "/adapter", "message": "the model is already an adapter variant"}])
+        if ADAPTER_NAME.match(adapter_ref):
+            adapter = named_adapter(self.models_dir, adapter_ref)
+        else:
+            path = self.inside_roots(adapter_ref, field="adapter")
+            adapter = read_adapter(path, path.name)
+        return ModelLocation(variant_name(base.name, adapter.name), base.source, base.path, base.repo_id,
+                             adapter=adapter.path, base=base.name)
 
     def check_download_allowed(self, repo_id: str) -> None:
         """A repo may be fetched from the Hub only if its id is plain (no path tricks) and its
@@ -124,7 +149,8 @@ class ModelLocator:
                             f"{', '.join(self.allowed_orgs) or 'none'})", model=repo_id,
                             allowedOrgs=list(self.allowed_orgs))
 
-    def _local_path(self, ref: str) -> ModelLocation:
+    def inside_roots(self, ref: str, field: str = "model") -> Path:
+        """`ref` as a resolved path, which must lie under one of the allowed roots."""
         roots = [r.expanduser().resolve() for r in self.allowed_roots]
         try:  # ".." is refused outright: where it leads can depend on what exists outside the roots
             path = None if ".." in Path(ref).parts else Path(ref).expanduser().resolve()
@@ -133,8 +159,12 @@ class ModelLocator:
         if path is None or not any(path == root or path.is_relative_to(root) for root in roots):
             # One answer for every path refused, whether or not it exists, so that none tells
             # which accounts, files or folders there are outside the roots.
-            raise Forbidden("Path is outside the allowed model roots", model=ref[:200],
+            raise Forbidden("Path is outside the allowed model roots", **{field: ref[:200]},
                             allowedRoots=[str(r) for r in roots])
+        return path
+
+    def _local_path(self, ref: str) -> ModelLocation:
+        path = self.inside_roots(ref)
         if not _is_model_dir(path):
             raise ModelNotFound(f"Model not found: {path} is not a model directory (no config.json)",
                                 model=ref, path=str(path))
@@ -219,7 +249,7 @@ class ModelLocator:
         return found
 
 
-def _tree_bytes(path: Path) -> int:
+def tree_bytes(path: Path) -> int:
     """Bytes of the files under `path`, each counted once (links not followed)."""
     total = 0
     for root, _, files in os.walk(path):
@@ -251,7 +281,7 @@ def delete_model_files(locator: ModelLocator, location: ModelLocation) -> int | 
     else:
         raise Forbidden(f"Only models in the models dir or the Hugging Face cache can be deleted: {path}",
                         model=location.name)
-    freed = _tree_bytes(target)
+    freed = tree_bytes(target)
     aside = target.with_name(f".{target.name}.deleting-{uuid.uuid4().hex[:8]}")
     os.rename(target, aside)
     shutil.rmtree(aside, ignore_errors=True)

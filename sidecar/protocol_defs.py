@@ -47,6 +47,8 @@ FORBIDDEN: Final = -32018
 """Forbidden: a path outside the allowed roots, or a repo that is not allowed."""
 RANK_LOST: Final = -32019
 """Rank lost: a rank of the sharded group stopped answering (it died, hung, or lost its network link); every request in flight is answered with it, then the sidecar exits so the client's supervisor restarts the group."""
+TRAINING_FAILED: Final = -32020
+"""Fine-tuning failed: the trainer process died, ran out of memory or reported an error; the sidecar goes on serving."""
 
 ERROR_CODES: Final[dict[str, int]] = {
     'PARSE_ERROR':             -32700,
@@ -67,6 +69,7 @@ ERROR_CODES: Final[dict[str, int]] = {
     'MESSAGE_TOO_LARGE':       -32017,
     'FORBIDDEN':               -32018,
     'RANK_LOST':               -32019,
+    'TRAINING_FAILED':         -32020,
 }
 """Every error code by name."""
 
@@ -89,6 +92,7 @@ ERROR_MEANINGS: Final[dict[int, str]] = {
     -32017: 'Message too large: a line over the limit announced in initialize.',
     -32018: 'Forbidden: a path outside the allowed roots, or a repo that is not allowed.',
     -32019: "Rank lost: a rank of the sharded group stopped answering (it died, hung, or lost its network link); every request in flight is answered with it, then the sidecar exits so the client's supervisor restarts the group.",
+    -32020: 'Fine-tuning failed: the trainer process died, ran out of memory or reported an error; the sidecar goes on serving.',
 }
 """What each error code means, one line each."""
 
@@ -104,6 +108,8 @@ METHOD_NAMES: Final = (
     'models/load',
     'models/unload',
     'models/status',
+    'models/finetune',
+    'models/fuse',
     'server/status',
     'generate',
     'chat',

@@ -45,6 +45,8 @@ export const ErrorCodes = {
   Forbidden: -32018,
   /** Rank lost: a rank of the sharded group stopped answering (it died, hung, or lost its network link); every request in flight is answered with it, then the sidecar exits so the client's supervisor restarts the group. */
   RankLost: -32019,
+  /** Fine-tuning failed: the trainer process died, ran out of memory or reported an error; the sidecar goes on serving. */
+  TrainingFailed: -32020,
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
@@ -91,6 +93,16 @@ export interface Meta {
  * A model: the embedded alias 'demo', a directory name under the models dir, an absolute local path, or a Hub repo id (owner/name).
  */
 export type ModelRef = string;
+
+/**
+ * A LoRA or DoRA adapter: a name under the models dir's adapters/ folder, or a local path (under the allowed roots) to a directory as mlx-lm writes it (adapter_config.json and adapters.safetensors).
+ */
+export type AdapterRef = string;
+
+/**
+ * The name an adapter is stored under (adapters/<name> in the models dir).
+ */
+export type AdapterName = string;
 
 /**
  * A conversation turn. `content` may be null (or absent) only on an assistant turn that carries toolCalls.
@@ -253,6 +265,14 @@ export interface ModelDescription {
    * What the model can serve: chat (has a chat template), generate, embed, tools (its template takes tools), thinking (it reasons in <think>-style blocks).
    */
   capabilities?: ("chat" | "generate" | "embed" | "tools" | "thinking")[];
+  /**
+   * For <base>+<adapter>: the base model whose weights it shares (counted once in memory); else null.
+   */
+  base?: string | null;
+  /**
+   * For <base>+<adapter>: the adapter it serves; else null. Its bytes are the adapter's own.
+   */
+  adapter?: string | null;
 }
 
 export interface LocalModel {
@@ -275,6 +295,73 @@ export interface LocalModel {
    * The Hub repo it came from, when known.
    */
   repo?: string | null;
+}
+
+/**
+ * An adapter on disk, as models/list shows it.
+ */
+export interface Adapter {
+  /**
+   * Its name (what models/load's adapter and models/delete's adapter take); a path for one outside the adapters folder.
+   */
+  name: string;
+  path: string;
+  /**
+   * The base model it was trained on, when known (the training run's model, or adapter_config.json's model).
+   */
+  base: string | null;
+  fineTuneType: "lora" | "dora" | "full";
+  rank: number | null;
+  /**
+   * How many of the last layers it adapts (-1: all).
+   */
+  numLayers: number | null;
+  /**
+   * Size of its weights on disk.
+   */
+  bytes: number;
+  /**
+   * When it was written (ISO 8601, UTC).
+   */
+  createdAt: string | null;
+  /**
+   * The models/finetune run that made it (null when it was made elsewhere).
+   */
+  training: null | TrainingSummary;
+  /**
+   * The loaded models that serve it now (<base>+<name>).
+   */
+  loadedAs: string[];
+}
+
+/**
+ * What a fine-tuning run did: its settings and its outcome.
+ */
+export interface TrainingSummary {
+  /**
+   * The base model trained on.
+   */
+  model: string;
+  dataset: string;
+  datasetFormat: "chat" | "completions" | "text";
+  trainExamples: number;
+  validExamples: number;
+  fineTuneType: "lora" | "dora";
+  rank: number;
+  numLayers: number;
+  iterations: number;
+  batchSize: number;
+  learningRate: number;
+  maxSeqLength: number;
+  seed: number;
+  trainLoss: number | null;
+  valLoss: number | null;
+  trainedTokens: number;
+  seconds: number;
+  /**
+   * The checkpoint's iteration the run resumed from, or null.
+   */
+  resumedFrom: number | null;
 }
 
 /**
@@ -623,6 +710,7 @@ export interface ModelsListParams {}
 
 export interface ModelsListResult {
   models: LocalModel[];
+  adapters: Adapter[];
 }
 
 export interface ModelsDownloadParams {
@@ -663,14 +751,17 @@ export interface ModelsDownloadResult {
   quantization: Quantization;
 }
 
-export interface ModelsDeleteParams {
-  model: ModelRef;
+export type ModelsDeleteParams = {
+  model?: ModelRef;
   /**
    * Unload it first if loaded (its requests get -32802); without it a loaded model is refused.
    */
   force?: boolean;
   _meta?: Meta;
-}
+  adapter?: AdapterName;
+} & {
+  [k: string]: unknown | undefined;
+};
 
 export interface ModelsDeleteResult {
   model: string;
@@ -694,6 +785,7 @@ export interface ModelsLoadParams {
    */
   numDraftTokens?: null | NumDraftTokens;
   promptLookup?: PromptLookup;
+  adapter?: AdapterRef;
 }
 
 export type ModelsLoadResult = ModelDescription;
@@ -723,6 +815,133 @@ export interface ModelsStatusResult {
   source: "embedded" | "models-dir" | "hf-cache" | "local-path" | "hub";
   path: string | null;
   description?: ModelDescription;
+}
+
+export interface ModelsFinetuneParams {
+  model: ModelRef;
+  /**
+   * A JSONL file, a folder with train.jsonl (and valid.jsonl), in mlx-lm's chat / completions / text formats, or a folder of Markdown/text notes (see PROTOCOL.md for the rule that turns them into text records). Under the allowed roots.
+   */
+  dataset: string;
+  name?: AdapterName;
+  /**
+   * Replace an existing adapter of that name when the run succeeds.
+   */
+  overwrite?: boolean;
+  /**
+   * Default lora.
+   */
+  fineTuneType?: "lora" | "dora";
+  /**
+   * Default 8.
+   */
+  rank?: number;
+  /**
+   * LoRA scale (default 20, as mlx-lm).
+   */
+  scale?: number;
+  dropout?: number;
+  /**
+   * How many of the last layers to adapt (default 16; -1: all).
+   */
+  numLayers?: number;
+  /**
+   * Default 100 (or from epochs).
+   */
+  iterations?: number;
+  /**
+   * Passes over the training set, instead of iterations.
+   */
+  epochs?: number;
+  /**
+   * Default 1e-5.
+   */
+  learningRate?: number;
+  /**
+   * Default 4.
+   */
+  batchSize?: number;
+  /**
+   * Default 2048; longer records are refused.
+   */
+  maxSeqLength?: number;
+  /**
+   * Share of the records held out for validation when the dataset has no valid.jsonl (default 0.1; 0: none).
+   */
+  validationSplit?: number;
+  /**
+   * Validate every this many iterations (default 50), and at the first and last.
+   */
+  stepsPerEval?: number;
+  /**
+   * Validation batches per evaluation (default 25; -1: all).
+   */
+  valBatches?: number;
+  /**
+   * Write a checkpoint every this many iterations (default 50).
+   */
+  saveEvery?: number;
+  gradCheckpoint?: boolean;
+  /**
+   * Train only on completions / the last assistant message.
+   */
+  maskPrompt?: boolean;
+  /**
+   * Default 0: the same data and seed give the same adapter.
+   */
+  seed?: number;
+  /**
+   * When cancelled or failed, keep the last complete checkpoint so that resume can go on from it (default: leave nothing).
+   */
+  keepCheckpoint?: boolean;
+  /**
+   * Go on from the last checkpoint of the run named `name`.
+   */
+  resume?: boolean;
+  _meta?: Meta;
+}
+
+export interface ModelsFinetuneResult {
+  adapter: string;
+  /**
+   * The name to serve it under: <base>+<adapter>.
+   */
+  model: string;
+  path: string;
+  base: string;
+  training: TrainingSummary;
+  peakMemoryBytes: number;
+  tokensPerSecond: number;
+}
+
+export interface ModelsFuseParams {
+  model: ModelRef;
+  adapter: AdapterRef;
+  name?: AdapterName;
+  /**
+   * Quantize the fused model (mlx-lm's affine quantization); default: keep the base's precision (a quantized base is dequantized only when dequantize).
+   */
+  quantize?: null | {
+    bits: 2 | 3 | 4 | 5 | 6 | 8;
+    groupSize?: 32 | 64 | 128;
+  };
+  /**
+   * Write full-precision weights from a quantized base.
+   */
+  dequantize?: boolean;
+  overwrite?: boolean;
+  _meta?: Meta;
+}
+
+export interface ModelsFuseResult {
+  /**
+   * The fused model's name: it loads like any other.
+   */
+  model: string;
+  path: string;
+  bytes: number;
+  quantization: Quantization;
+  seconds: number;
 }
 
 /**
@@ -914,9 +1133,29 @@ export interface ProgressParams {
    */
   bytesPerSecond?: number;
   /**
-   * Estimated seconds left (downloads), when known.
+   * Estimated seconds left (downloads, fine-tuning), when known.
    */
   etaSeconds?: number | null;
+  /**
+   * Training iteration reached (models/finetune).
+   */
+  iteration?: number;
+  /**
+   * Mean training loss since the last report (models/finetune).
+   */
+  trainLoss?: number;
+  /**
+   * Validation loss, when just evaluated (models/finetune).
+   */
+  valLoss?: number;
+  /**
+   * Training tokens per second (models/finetune).
+   */
+  tokensPerSecond?: number;
+  /**
+   * The trainer's peak memory so far (models/finetune).
+   */
+  peakMemoryBytes?: number;
 }
 
 export interface CancelRequestParams {
@@ -941,6 +1180,8 @@ export interface Methods {
   "models/load": { params: ModelsLoadParams; result: ModelsLoadResult };
   "models/unload": { params: ModelsUnloadParams; result: ModelsUnloadResult };
   "models/status": { params: ModelsStatusParams; result: ModelsStatusResult };
+  "models/finetune": { params: ModelsFinetuneParams; result: ModelsFinetuneResult };
+  "models/fuse": { params: ModelsFuseParams; result: ModelsFuseResult };
   "server/status": { params: ServerStatusParams; result: ServerStatusResult };
   "generate": { params: GenerateParams; result: GenerateResult };
   "chat": { params: ChatParams; result: ChatResult };
@@ -962,5 +1203,5 @@ export interface Notifications {
 
 export type NotificationName = keyof Notifications;
 
-export const METHOD_NAMES = ["initialize","ping","shutdown","models/list","models/download","models/delete","models/load","models/unload","models/status","server/status","generate","chat","tokenize","embed"] as const;
+export const METHOD_NAMES = ["initialize","ping","shutdown","models/list","models/download","models/delete","models/load","models/unload","models/status","models/finetune","models/fuse","server/status","generate","chat","tokenize","embed"] as const;
 export const NOTIFICATION_NAMES = ["generate/chunk","$/progress","$/cancelRequest","exit"] as const;

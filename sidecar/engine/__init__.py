@@ -26,8 +26,9 @@ from ..errors import InvalidParams, ModelLoadFailed, ModelLoading, ModelNotLoade
 from ..hub import ModelLocation, ModelLocator, Progress, no_progress
 from ..settings import Settings
 from ..text import clean_text
+from ..tuning.adapters import WEIGHTS_FILE
 from . import operations
-from .budget import weight_bytes
+from .budget import tensor_bytes, weight_bytes
 from .generation import GenerationOrder, GenerationRequest, GenerationResult, PreparedGeneration, prepare
 from .jobs import CancelReason, Job
 from .memory import memory_snapshot
@@ -204,9 +205,13 @@ class Engine:
             log.info("load of %s failed: %s", name, task.exception())
 
     async def _load(self, location: ModelLocation, progress: Progress, options: ModelOptions) -> LoadedModel:
+        if location.adapter is not None:  # its base first: loaded once, shared by all its adapters
+            await self.load(location.base_location(), progress)
+        adapter = location.adapter
+
         def files_and_size() -> tuple[Path, int]:
             path = self.locator.materialize(location, progress)
-            return path, weight_bytes(path)
+            return path, weight_bytes(path) if adapter is None else tensor_bytes(adapter / WEIGHTS_FILE)
 
         try:
             path, required = await asyncio.to_thread(files_and_size)
@@ -364,7 +369,8 @@ class Engine:
         safe to drive from several threads at once. `inline`: work short enough (well under a
         millisecond) to do here when the tokenizer is free, sparing the hop to a worker thread
         and back, which costs more than the work on a busy machine."""
-        lock = self._tokenizer_locks.setdefault(loaded.name, threading.Lock())
+        # An adapter variant shares its base's tokenizer, and so its lock.
+        lock = self._tokenizer_locks.setdefault(loaded.base or loaded.name, threading.Lock())
         if inline and lock.acquire(blocking=False):
             try:
                 return work()

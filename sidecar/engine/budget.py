@@ -51,10 +51,10 @@ def weight_bytes(model_dir: Path) -> int:
     if not files:
         raise ModelLoadFailed(f"No weights (*.safetensors) in {model_dir}", model=model_dir.name,
                               reason="no weights")
-    return sum(_tensor_bytes(path) for path in files)
+    return sum(tensor_bytes(path) for path in files)
 
 
-def _tensor_bytes(path: Path) -> int:
+def tensor_bytes(path: Path) -> int:
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))

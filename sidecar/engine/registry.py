@@ -123,6 +123,7 @@ class LoadedModel:
     options: ModelOptions
     embedder: Embedder | None = None  # for an embedding model (it then only embeds)
     sharded: bool = False  # this process holds one rank's shard of it (see sidecar.distributed)
+    base: str | None = None  # <base>+<adapter>: the loaded model whose weights (and tokenizer) it shares
     last_used: float = field(default_factory=time.monotonic)
     last_used_at: float = field(default_factory=time.time)  # wall clock, for listings
 
@@ -222,7 +223,9 @@ class ModelRegistry:
         try:
             progress("weights", 1, 3, "step")
             kind = embedding_kind(path, name)
-            if kind is not None:
+            if location.adapter is not None:
+                loaded = self._load_variant(location, options, progress)
+            elif kind is not None:
                 loaded = self._load_embedder(location, path, kind, options, progress)
             else:
                 model, tokenizer, config = self._load_text(location, path, options)
@@ -246,6 +249,34 @@ class ModelRegistry:
         progress("ready", 3, 3, "step")
         log.info("loaded %s from %s in %.0f ms (%s)", name, path, loaded.description["loadTimeMs"],
                  "batched" if loaded.batchable else "one request at a time")
+        return loaded
+
+    def _load_variant(self, location: ModelLocation, options: ModelOptions, progress: Progress) -> LoadedModel:
+        """`<base>+<adapter>`: a second module tree over the base's own weight arrays (no copy:
+        only the adapter's arrays are new), with mlx-lm's adapter layers put in."""
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+        from mlx_lm.tuner.utils import load_adapters
+        from mlx_lm.utils import load_model
+
+        assert location.adapter is not None and location.base is not None
+        base = self.peek(location.base)
+        if base is None or base.embedder is not None or self.sharding is not None:
+            why = ("adapters are not served on a distributed group" if self.sharding is not None
+                   else f"{location.base} is an embedding model" if base is not None else f"{location.base} is not loaded")
+            raise ModelLoadFailed(f"Model load failed for {location.name}: {why}", model=location.name, reason=why)
+        model, _ = load_model(base.path, lazy=True)  # its freshly read weights are replaced unread
+        model.update(base.model.parameters())
+        load_adapters(model, str(location.adapter))
+        model.eval()
+        own = [v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "m")]
+        mx.eval(own)
+        progress("warmup", 2, 3, "step")
+        _warm_up(model, base.tokenizer)
+        loaded = self._wrap(location, base.path, model, base.tokenizer, base.config, options)
+        loaded.base = base.name
+        loaded.description.update(bytes=sum(int(v.nbytes) for v in own), base=base.name,
+                                  adapter=location.name[len(base.name) + 1:])
         return loaded
 
     def _load_text(self, location: ModelLocation, path: Path, options: ModelOptions) -> tuple[Any, Any, dict[str, Any]]:

@@ -31,6 +31,7 @@ class Residency:
         self._held = held
         self._budget = settings.memory_budget or None  # asked of MLX on first use
         self._drafts: dict[str, str] = {}  # a draft model loaded for a target -> that target
+        self.reserved_bytes = 0  # held outside the registry: by fine-tuning runs (see sidecar.tuning)
 
     @property
     def budget(self) -> int:
@@ -39,8 +40,10 @@ class Residency:
         return self._budget
 
     def busy(self) -> set[str]:
-        """Models with work on them or requests holding them: never unloaded to make room."""
-        return self._held() | self.scheduler.models_with_work()
+        """Models with work on them or requests holding them, and the bases those share
+        weights with: never unloaded to make room."""
+        busy = self._held() | self.scheduler.models_with_work()
+        return busy | {m.base for m in self.registry.loaded_models() if m.base is not None and m.name in busy}
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -52,7 +55,8 @@ class Residency:
         if existing is not None:
             return existing
         required = self._share(location, path, required)
-        evicted = models_to_unload(required, self.budget, self.registry.loaded_models(), self.busy())
+        keep = self.busy() | ({location.base} if location.base is not None else set())
+        evicted = models_to_unload(required + self.reserved_bytes, self.budget, self.registry.loaded_models(), keep)
         for model in evicted:
             log.info("unloading %s to make room for %s (%d bytes needed, budget %d)",
                      model.name, location.name, required, self.budget)
@@ -116,6 +120,9 @@ class Residency:
         for draft in [d for d, target in self._drafts.items() if target == name and d not in busy]:
             log.info("unloading %s with %s, which it was loaded to draft for", draft, name)
             self.unload(draft, reason)
+        for variant in [m.name for m in self.registry.loaded_models() if m.base == name]:
+            log.info("unloading %s with %s, whose weights it shares", variant, name)
+            self.unload(variant, reason)
         return unloaded
 
     # ---- keep-alive ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from ..errors import InvalidParams, ModelLoading
 from ..hub import delete_model_files
 from ..inflight import InFlightRequest
 from ..settings import parse_duration
+from ..tuning.adapters import delete_adapter, list_adapters
 from .table import rpc_method
 
 
@@ -29,7 +30,11 @@ async def list_models(context: InFlightRequest, params: dict[str, Any]) -> dict[
         loaded = engine.registry.peek(entry["model"])
         entry["loaded"] = loaded is not None
         entry["lastUsed"] = iso_utc(loaded.last_used_at) if loaded is not None else None
-    return {"models": models}
+    adapters = await asyncio.to_thread(list_adapters, engine.locator.models_dir)
+    variants = [m for m in engine.registry.loaded_models() if m.base is not None]
+    return {"models": models, "adapters": [
+        adapter.describe([m.name for m in variants if m.description.get("adapter") == adapter.name])
+        for adapter in adapters]}
 
 
 def _options(context: InFlightRequest, params: dict[str, Any], name: str) -> ModelOptions | None:
@@ -49,6 +54,8 @@ def _options(context: InFlightRequest, params: dict[str, Any], name: str) -> Mod
 @rpc_method("models/load")
 async def load_model(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     location = await context.engine.resolve(params["model"])
+    if "adapter" in params:
+        location = await asyncio.to_thread(context.engine.locator.variant, location, params["adapter"])
     loaded, already = await context.engine.load(location, context.progress, _options(context, params, location.name))
     return dict(loaded.describe(), alreadyLoaded=already)
 
@@ -66,7 +73,14 @@ async def unload_model(context: InFlightRequest, params: dict[str, Any]) -> dict
 async def delete_model(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     """Only files under the models dir or in the Hugging Face cache are ever deleted."""
     engine = context.engine
+    if "adapter" in params:
+        return await _delete_adapter(context, params["adapter"], bool(params.get("force", False)))
     location = await engine.resolve(params["model"])
+    if location.adapter is not None:
+        adapter = location.name[len(location.base or "") + 1:]
+        raise InvalidParams(f"{location.name} is a base model with an adapter: delete the adapter with "
+                            f"adapter: {adapter!r}, or the base model by its own name",
+                            errors=[{"path": "/model", "message": "names an adapter variant"}], model=location.name)
     if engine.is_loading(location.name):
         raise ModelLoading(f"Model is loading: {location.name} (retry later)", model=location.name)
     unloaded = False
@@ -78,6 +92,19 @@ async def delete_model(context: InFlightRequest, params: dict[str, Any]) -> dict
         unloaded = bool(await engine.submit_unload(location.name).future)
     freed = await asyncio.to_thread(delete_model_files, engine.locator, location)
     return {"model": location.name, "deleted": freed is not None, "bytesFreed": freed or 0, "unloaded": unloaded}
+
+
+async def _delete_adapter(context: InFlightRequest, name: str, force: bool) -> dict[str, Any]:
+    engine = context.engine
+    variants = [m.name for m in engine.registry.loaded_models() if m.base is not None
+                and m.description.get("adapter") == name]
+    if variants and not force:
+        raise InvalidParams(f"Adapter {name} is loaded as {', '.join(variants)}: unload it first, or pass force: true",
+                            errors=[{"path": "/force", "message": "the adapter is loaded"}], adapter=name, loaded=True)
+    for variant in variants:
+        await engine.submit_unload(variant).future
+    freed = await asyncio.to_thread(delete_adapter, engine.locator.models_dir, name)
+    return {"model": name, "deleted": True, "bytesFreed": freed, "unloaded": bool(variants)}
 
 
 @rpc_method("models/status")

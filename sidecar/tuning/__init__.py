@@ -1,0 +1,1 @@
+"""Adapters and fine-tuning on mlx-lm's tuner."""
