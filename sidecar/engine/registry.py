@@ -198,6 +198,9 @@ class ModelRegistry:
         loaded = self._models.get(name)
         if loaded is not None:
             loaded.touch()
+            base = self._models.get(loaded.base) if loaded.base is not None else None
+            if base is not None:
+                base.touch()  # used through its adapter: not the least recently used
         return loaded
 
     def peek(self, name: str) -> LoadedModel | None:

@@ -66,7 +66,7 @@ class Residency:
         except Exception:
             self._bring_back(evicted)
             raise
-        self._keep_count(loaded.name)
+        self._keep_count(loaded)
         return loaded
 
     def _share(self, location: ModelLocation, path: Path, required: int) -> int:
@@ -93,12 +93,12 @@ class Residency:
             except Exception as exc:  # its files changed meanwhile: it stays unloaded
                 log.warning("could not reload %s: %s", model.name, exc)
 
-    def _keep_count(self, keep: str) -> None:
-        """LOCALMLX_MAX_LOADED_MODELS: once a load has succeeded, idle models beyond it go."""
-        while len(self.registry.names()) > self.settings.max_loaded_models:
-            busy = self.busy() | {keep}
-            idle = sorted((m for m in self.registry.loaded_models() if m.name not in busy),
-                          key=lambda m: m.last_used)
+    def _keep_count(self, keep: LoadedModel) -> None:
+        """LOCALMLX_MAX_LOADED_MODELS: once a load has succeeded, idle models beyond it go.
+        An adapter variant is part of its base: it counts, and goes, with it."""
+        while len(bases := [m for m in self.registry.loaded_models() if m.base is None]) > self.settings.max_loaded_models:
+            busy = self.busy() | {keep.name, keep.base or keep.name}
+            idle = sorted((m for m in bases if m.name not in busy), key=lambda m: m.last_used)
             if not idle:
                 return
             log.info("unloading %s (at most %d models loaded)", idle[0].name, self.settings.max_loaded_models)

@@ -28,6 +28,7 @@ from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_model, load_tokenizer
 
+from ..errors import InvalidParams
 from .adapters import CONFIG_FILE, TRAINING_FILE, WEIGHTS_FILE, publish
 from .datasets import read_dataset
 from .worker_io import Cancelled, WorkerIO
@@ -123,6 +124,9 @@ def _train(io: WorkerIO, spec: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(Path(spec["model_path"]))
     records = read_dataset(Path(spec["dataset"]), tokenizer, max_seq_length=spec["max_seq_length"],
                            validation_split=spec["validation_split"], seed=spec["seed"], batch_size=spec["batch_size"])
+    if spec["mask_prompt"] and records.format == "text":
+        raise InvalidParams("maskPrompt needs a prompt to mask: use chat or completions records, not text",
+                            errors=[{"path": "/maskPrompt", "message": "the dataset is text"}])
     iterations = spec["iterations"] or max(1, math.ceil(spec["epochs"] * len(records.train) / spec["batch_size"]))
     start = last_checkpoint(run) if spec["resume"] else None
     io.send("dataset", format=records.format, train=len(records.train), valid=len(records.valid),
