@@ -33,7 +33,6 @@ DEFAULTS: dict[str, Any] = {"fineTuneType": "lora", "rank": 8, "scale": 20.0, "d
             "saveEvery": 50, "gradCheckpoint": False, "maskPrompt": False, "seed": 0, "keepCheckpoint": False,
             "resume": False, "overwrite": False}
 DEFAULT_ITERATIONS = 100
-PHASES = ("validate", "load", "train", "save")
 
 _running: set[str] = set()  # adapter names being trained (one run at a time, see above)
 
@@ -168,10 +167,15 @@ async def _follow(context: InFlightRequest, worker: Worker) -> dict[str, Any]:
     none, when it died)."""
     progress = context.progress
     last: dict[str, Any] = {"event": "died"}
+    dataset: dict[str, Any] = {}
     async for event in worker.events():
         kind = event["event"]
-        if kind == "phase":
-            progress(event["phase"], PHASES.index(event["phase"]), len(PHASES), "phase")
+        if kind == "dataset":
+            dataset = event
+        elif kind == "phase" and event["phase"] == "train":  # counted in iterations from here
+            progress("train", dataset.get("resumedFrom") or 0, dataset.get("iterations"), "iteration")
+        elif kind == "phase":
+            progress(event["phase"], 0, None, "step")
         elif kind in ("train", "val"):
             progress("train", event["iteration"], event["total"], "iteration",
                      trainLoss=event.get("trainLoss"), valLoss=event.get("valLoss"),
