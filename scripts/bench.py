@@ -1221,6 +1221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the sharded benchmark instead (scripts/bench_distributed.py; its own flags)")
     parser.add_argument("--speculative", action="store_true",
                         help="the speculative-decoding benchmark instead (scripts/bench_speculative.py; its own flags)")
+    parser.add_argument("--finetune", action="store_true",
+                        help="the fine-tuning and adapter benchmark instead (scripts/bench_finetune.py; its own flags)")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}")
     parser.add_argument("--json", type=Path, help="write every figure and the raw numbers here")
@@ -1362,7 +1364,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    for flag, name in (("--distributed", "bench_distributed.py"), ("--speculative", "bench_speculative.py")):
+    for flag, name in (("--distributed", "bench_distributed.py"), ("--speculative", "bench_speculative.py"),
+                       ("--finetune", "bench_finetune.py")):
         if flag in sys.argv[1:]:  # one model over several hosts / one stream, speculating: its own script
             script = str(Path(__file__).with_name(name))
             os.execv(sys.executable, [sys.executable, script, *(a for a in sys.argv[1:] if a != flag)])

@@ -133,9 +133,9 @@ def _train(io: WorkerIO, spec: dict[str, Any]) -> None:
             iterations=iterations, resumedFrom=start)
 
     io.send("phase", phase="load")
-    mx.random.seed(spec["seed"])
     np.random.seed(spec["seed"])
     model, _ = load_model(Path(spec["model_path"]))
+    mx.random.seed(spec["seed"])  # here, as mlx_lm.lora does: the adapter starts as its would
     model.freeze()
     lora = {"rank": spec["rank"], "dropout": spec["dropout"], "scale": spec["scale"]}
     linear_to_lora_layers(model, spec["num_layers"], lora, use_dora=spec["fine_tune_type"] == "dora")
