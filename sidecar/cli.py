@@ -1,4 +1,4 @@
-"""`localmlx`: serve (the sidecar), demo (the main job end to end), repl, demo-model."""
+"""`localmlx`: serve (the sidecar), demo (the main job end to end), repl, models, finetune, demo-model."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+from .finetune_cli import add_arguments as add_finetune_arguments
 from .logs import configure_logging
 from .models_cli import add_arguments as add_models_arguments
 from .repl import add_arguments as add_repl_arguments
@@ -83,6 +84,12 @@ def models(args: argparse.Namespace) -> None:
     raise SystemExit(run_models(args))
 
 
+def finetune(args: argparse.Namespace) -> None:
+    from .finetune_cli import run as run_finetune
+
+    raise SystemExit(run_finetune(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="localmlx", description=__doc__)
     commands = parser.add_subparsers(dest="command")
@@ -106,10 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_repl_arguments(repl_cmd)
     repl_cmd.set_defaults(func=repl)
 
-    models_cmd = commands.add_parser("models", help="list, pull, rm or check local models",
+    models_cmd = commands.add_parser("models", help="list, pull, rm, fuse or check local models and adapters",
                                      description="The local model cache, through a sidecar.")
     add_models_arguments(models_cmd)
     models_cmd.set_defaults(func=models)
+
+    finetune_cmd = commands.add_parser(
+        "finetune", help="train a LoRA/DoRA adapter on local data (with a progress bar)",
+        description="Train an adapter for a model on a dataset, through a sidecar; serve it as <model>+<name>.")
+    add_finetune_arguments(finetune_cmd)
+    finetune_cmd.set_defaults(func=finetune)
 
     follower_cmd = commands.add_parser("follower", help="one rank of a group (started by rank 0 itself)")
     follower_cmd.set_defaults(func=follower)

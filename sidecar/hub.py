@@ -159,8 +159,9 @@ class ModelLocator:
         if path is None or not any(path == root or path.is_relative_to(root) for root in roots):
             # One answer for every path refused, whether or not it exists, so that none tells
             # which accounts, files or folders there are outside the roots.
-            raise Forbidden("Path is outside the allowed model roots", **{field: ref[:200]},
-                            allowedRoots=[str(r) for r in roots])
+            refused = Forbidden("Path is outside the allowed model roots", allowedRoots=[str(r) for r in roots])
+            refused.data = {field: ref[:200], **refused.data}
+            raise refused
         return path
 
     def _local_path(self, ref: str) -> ModelLocation:

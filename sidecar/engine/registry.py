@@ -272,7 +272,8 @@ class ModelRegistry:
         model.update(base.model.parameters())
         load_adapters(model, str(location.adapter))
         model.eval()
-        own = [v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "m")]
+        parameters: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+        own = [v for k, v in parameters if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "m")]
         mx.eval(own)
         progress("warmup", 2, 3, "step")
         _warm_up(model, base.tokenizer)

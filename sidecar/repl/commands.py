@@ -19,9 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..protocol_defs import FORBIDDEN
 from . import formatting as fmt
 from .session import ReplSession
-from .state import SYSTEM, ReplState, canonical_setting, check_setting, parse_setting, setting_help, setting_names
+from .state import (
+    SYSTEM,
+    ReplState,
+    canonical_setting,
+    check_setting,
+    method_params,
+    parse_setting,
+    setting_help,
+    setting_names,
+)
 
 
 class QuitRepl(Exception):
@@ -68,15 +78,22 @@ def show_help(session: ReplSession, arg: str) -> None:
 def list_models(session: ReplSession, arg: str) -> None:
     result = session.request("models/list")
     if result is not None:
-        session.state.model_names = [m["model"] for m in result["models"]]
+        session.state.model_names = _loadable_names(result)
         session.output.table(fmt.models_table(result["models"]))
+        if result.get("adapters"):
+            session.output.table(fmt.adapters_table(result["adapters"]))
 
 
 def refresh_model_names(session: ReplSession) -> None:
     """Quietly, for tab completion."""
     result = session.request("models/list")
     if result is not None:
-        session.state.model_names = [m["model"] for m in result["models"]]
+        session.state.model_names = _loadable_names(result)
+
+
+def _loadable_names(listed: dict[str, Any]) -> list[str]:
+    """The models, and `<base>+<adapter>` for each adapter with a known base."""
+    return [m["model"] for m in listed["models"]] + fmt.variant_names(listed.get("adapters") or [])
 
 
 def load_model(session: ReplSession, arg: str) -> None:
@@ -114,18 +131,69 @@ def download(session: ReplSession, model: str) -> bool:
 def remove_model(session: ReplSession, arg: str) -> None:
     words = arg.split()
     force = "--force" in words
-    names = [w for w in words if w != "--force"]
+    adapter = "--adapter" in words
+    names = [w for w in words if w not in ("--force", "--adapter")]
     if len(names) != 1:
-        session.failed("usage: /rm MODEL [--force]")
+        session.failed("usage: /rm MODEL [--force], or /rm --adapter NAME [--force]")
         return
-    result = session.request("models/delete", {"model": names[0], "force": force})
+    result = session.request("models/delete", {"adapter" if adapter else "model": names[0], "force": force})
     if result is not None:
         if result["deleted"]:
-            session.output.info(f"deleted {result['model']}: {fmt.size(result['bytesFreed'])} freed")
+            what = "adapter " if adapter else ""
+            session.output.info(f"deleted {what}{result['model']}: {fmt.size(result['bytesFreed'])} freed")
             if result["model"] in session.state.model_names:
                 session.state.model_names.remove(result["model"])
         else:
             session.output.info(f"{result['model']}: nothing to delete")
+
+
+_FINETUNE_ALIASES = {"lr": "learningRate", "layers": "numLayers", "iters": "iterations"}
+FINETUNE_USAGE = "usage: /finetune DATA [model=M] [name=N] [iterations=100] [learningRate=1e-5] [KEY=VALUE ...]"
+
+
+def finetune_params(arg: str, model: str) -> dict[str, Any]:
+    """`/finetune DATA [key=value ...]` as models/finetune params: keys are the protocol's
+    (any case, `-` or `_` ignored; lr, layers, iters; `dora` alone for fineTuneType=dora),
+    values JSON or a bare word. ValueError for a line that says otherwise."""
+    words = shlex.split(arg)
+    paths = [w for w in words if "=" not in w and w.lower() != "dora"]
+    if len(paths) != 1:
+        raise ValueError(FINETUNE_USAGE)
+    known = {name.lower(): name for name in method_params("models/finetune") if name not in ("dataset", "_meta")}
+    params: dict[str, Any] = {"model": model, "dataset": str(Path(paths[0]).expanduser().absolute())}
+    for word in words:
+        if word.lower() == "dora":
+            params["fineTuneType"] = "dora"
+            continue
+        key, eq, text = word.partition("=")
+        if not eq:
+            continue
+        name = _FINETUNE_ALIASES.get(key.lower()) or known.get(key.replace("-", "").replace("_", "").lower())
+        if name is None:
+            raise ValueError(f"/finetune takes no {key!r}; it takes {', '.join(sorted(known.values()))}")
+        try:
+            params[name] = json.loads(text)
+        except ValueError:
+            params[name] = text
+    return params
+
+
+def finetune(session: ReplSession, arg: str) -> None:
+    try:
+        params = finetune_params(arg, session.state.model)
+    except ValueError as exc:
+        session.failed(str(exc))
+        return
+    result = session.request("models/finetune", params)
+    if result is None:
+        if (session.error or {}).get("code") == FORBIDDEN:
+            session.output.info("the dataset must lie under the models dir or --allowed-roots "
+                                "(or train from the shell: localmlx finetune DATA --model M)")
+        return
+    session.output.lines(fmt.finetune_summary(result))
+    if result["model"] not in session.state.model_names:
+        session.state.model_names.append(result["model"])
+    session.output.info(f"/load {result['model']} chats with it")
 
 
 def unload_model(session: ReplSession, arg: str) -> None:
@@ -449,7 +517,11 @@ COMMANDS: list[Command] = [
     Command("unload", "/unload [MODEL]", "unload a model (models/unload)", unload_model, "model"),
     Command("pull", "/pull OWNER/NAME", "download a model from the Hub, with progress (models/download)",
             pull_model),
-    Command("rm", "/rm MODEL [--force]", "delete a model's files (models/delete)", remove_model, "model"),
+    Command("rm", "/rm MODEL [--force]", "delete a model's files (models/delete; --adapter NAME: an adapter)",
+            remove_model, "model"),
+    Command("finetune", "/finetune DATA [K=V…]", "train an adapter for the current model (model=M for another) "
+            "on a dataset, with progress; K=V: iterations, learningRate, rank, name, … (models/finetune)",
+            finetune),
     Command("status", "/status", "memory, requests and loaded models (server/status)", show_status),
     Command("chat", "/chat [TEXT|off]", "conversation mode (the default): plain lines are turns of one chat",
             chat_mode, ("off",)),

@@ -223,3 +223,74 @@ def plain_table(table: Table) -> list[str]:
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
     return ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
             for row in (headers, *rows)]
+
+
+# ---- adapters and fine-tuning ----------------------------------------------------------------
+
+
+def _loss(value: float | None) -> str:
+    return "?" if value is None else f"{value:.3f}"
+
+
+def duration(seconds: float | None) -> str:
+    """`4.2 s`, `42 s`, `3:05`, `1:02:03`: how ETAs and run times read."""
+    if seconds is None:
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def trained_by(training: dict[str, Any] | None) -> str:
+    """What made an adapter, in a few words: `120 its on notes, val loss 0.012`."""
+    if not training:
+        return "made elsewhere"
+    dataset = str(training.get("dataset") or "?").rstrip("/").rsplit("/", 1)[-1]
+    return f"{training.get('iterations')} its on {dataset}, val loss {_loss(training.get('valLoss'))}"
+
+
+def adapters_table(adapters: list[dict[str, Any]]) -> Table:
+    rows = [[a["name"], a.get("base") or "?", a.get("fineTuneType", ""), str(a.get("rank") or ""),
+             size(a.get("bytes")), ", ".join(a.get("loadedAs") or ()), trained_by(a.get("training"))]
+            for a in adapters]
+    return ["adapter", "base", "type", "rank", "size", "loaded as", "trained"], rows
+
+
+def variant_names(adapters: list[dict[str, Any]]) -> list[str]:
+    """`<base>+<adapter>` for each adapter whose base is known: names that load."""
+    return [f"{a['base']}+{a['name']}" for a in adapters if a.get("base")]
+
+
+def training_progress(params: dict[str, Any]) -> str:
+    """A `$/progress` of models/finetune in words: `loss 1.234 · val 1.301 · 812 tok/s · ETA 0:42`."""
+    if params.get("unit") != "iteration":
+        return ""
+    parts = []
+    if params.get("trainLoss") is not None:
+        parts.append(f"loss {_loss(params['trainLoss'])}")
+    if params.get("valLoss") is not None:
+        parts.append(f"val {_loss(params['valLoss'])}")
+    if params.get("tokensPerSecond") is not None:
+        parts.append(f"{params['tokensPerSecond']:.0f} tok/s")
+    if params.get("etaSeconds") is not None:
+        parts.append(f"ETA {duration(params['etaSeconds'])}")
+    return " · ".join(parts)
+
+
+def finetune_summary(result: dict[str, Any]) -> list[str]:
+    """What a models/finetune run made, and how to use it."""
+    training = result["training"]
+    kind = "DoRA" if training.get("fineTuneType") == "dora" else "LoRA"
+    layers = "all" if training.get("numLayers") == -1 else training.get("numLayers")
+    resumed = f", resumed at {training['resumedFrom']}" if training.get("resumedFrom") is not None else ""
+    return [
+        f"adapter {result['adapter']}: {kind} rank {training.get('rank')} on {layers} layers of {result['base']}, "
+        f"{training.get('iterations')} iterations in {duration(training.get('seconds'))}{resumed}",
+        f"  train loss {_loss(training.get('trainLoss'))} · val loss {_loss(training.get('valLoss'))} · "
+        f"{result['tokensPerSecond']:.0f} tokens/s · peak memory {size(result['peakMemoryBytes'])}",
+        f"  saved in {result['path']}",
+        f"  use it as the model {result['model']} (models/load {{\"model\": \"{result['base']}\", "
+        f"\"adapter\": \"{result['adapter']}\"}})",
+    ]

@@ -25,6 +25,7 @@ class PlainOutput:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self._phase: str | None = None
+        self._val_loss: float | None = None  # fine-tuning: the validation loss last shown
         self._mid_line = False
         self._mid_reasoning = False  # streamed reasoning on stderr, its line not ended yet
         self._where = ""  # "line 3: ", what error messages start with
@@ -110,9 +111,15 @@ class PlainOutput:
             total = params.get("total")
             self._write(self.err, f"  {self._phase}: {params.get('completed')}"
                                   f"{'' if total is None else f'/{total}'} {params.get('unit', '')}")
+        elif params.get("unit") == "iteration" and (params.get("valLoss") != self._val_loss  # fine-tuning:
+                                                   or params.get("completed") == params.get("total")):
+            self._val_loss = params.get("valLoss")  # a line per evaluation, and the last
+            self._write(self.err, f"  iteration {params.get('completed')}/{params.get('total')}: "
+                                  f"{fmt.training_progress(params)}")
 
     def progress_done(self) -> None:
         self._phase = None
+        self._val_loss = None
 
 
 def wire_text(value: Any) -> str:

@@ -267,7 +267,8 @@ class RichOutput:
         phase = str(params.get("phase", ""))
         fields = {"description": "processing prompt" if phase == "prefill" else phase,
                   "completed": params.get("completed", 0),
-                  "total": params.get("total")}
+                  "total": params.get("total"),
+                  "detail": fmt.training_progress(params)}  # fine-tuning: losses, tokens/s, ETA
         if self._progress is None:
             self._start_progress(params.get("unit") == "bytes", fields)
         else:
@@ -276,7 +277,7 @@ class RichOutput:
     def _start_progress(self, in_bytes: bool, fields: dict[str, Any]) -> None:
         columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description:<12}"), BarColumn()]
         columns += [DownloadColumn(), TransferSpeedColumn()] if in_bytes else [MofNCompleteColumn()]
-        columns.append(TimeElapsedColumn())
+        columns += [TimeElapsedColumn(), TextColumn("{task.fields[detail]}")]
         self._progress = Progress(*columns, console=self.console, transient=True)
         self._task = self._progress.add_task(**fields)
         self._progress.start()
