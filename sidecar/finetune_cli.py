@@ -11,8 +11,8 @@ Ctrl-C cancels the run (`$/cancelRequest`: no adapter is written; with --keep-ch
 last checkpoint stays for --resume) and exits 130; a second Ctrl-C stops waiting. An error
 (a bad dataset line, too little memory, ...) is printed on stderr, exit code 1.
 
-The dataset named on the command line is added to the spawned sidecar's allowed roots: the
-person who types the path is the one who may grant it.
+The dataset (and a base model given as a path) named on the command line is added to the
+spawned sidecar's allowed roots: the person who types the path is the one who may grant it.
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     bar = TrainingBar(err, quiet=args.json)
     params = finetune_params(args)
     env = with_allowed_root(env_from_args(args), params["dataset"])
+    if args.model.startswith(("/", "~", ".")):  # a model directory named by its path: granted too
+        env = with_allowed_root(env, str(Path(args.model).expanduser().absolute()))
     with SidecarClient(sidecar_command(), env=env, on_notification=bar.update) as client:
         client.initialize(name="localmlx-finetune")
         id_ = client.start_request("models/finetune", {**params, "_meta": {"progressToken": "finetune"}})

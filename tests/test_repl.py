@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.protocol_defs import INVALID_PARAMS, MODEL_NOT_FOUND, PARSE_ERROR
+from sidecar.protocol_defs import INVALID_PARAMS, MODEL_NOT_FOUND, PARSE_ERROR, REQUEST_CANCELLED
 from sidecar.repl import formatting as fmt
 from sidecar.repl.prompt import candidates, matching
 from sidecar.repl.session import expects_reply, request_ids
 from sidecar.repl.state import ReplState, canonical_setting, parse_setting
+
+from .tuning_models import LEARNER, build_learner, write_fact_dataset
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -737,3 +739,69 @@ def test_chat_only_settings_stay_out_of_generate():
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
     assert parse_setting("toolChoice", "required") == "required"
     assert parse_setting("tools", json.dumps([WEATHER_TOOL])) == [WEATHER_TOOL]
+
+
+# ---- /finetune -------------------------------------------------------------------------------
+
+LEARNER_PROMPT = rf"{LEARNER}(?: \[\d+\]| oneshot)?(?: raw)?>"
+
+
+def learner_env(env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Path]:
+    models = tmp_path / "models"
+    build_learner(models)
+    write_fact_dataset(models / "facts")  # under the models dir: the REPL's sidecar may read it
+    return {**env, "LOCALMLX_MODELS_DIR": str(models)}, models
+
+
+def test_script_finetune_trains_lists_and_loads_the_adapter(env, tmp_path):
+    env, models = learner_env(env, tmp_path)
+    done = script(env, [f"/finetune {models / 'facts'} iterations=10 lr=1e-3 name=fact stepsPerEval=5",
+                        "/models", f"/load {LEARNER}+fact", "/generate The secret code",
+                        f"/finetune {models / 'facts'} bogus=1"], "--model", LEARNER, "--no-load")
+    assert done.returncode == 1  # the last line failed
+    assert re.search(r"^  iteration 10/10: loss [\d.]+ · val [\d.]+ · \d+ tok/s · ETA", done.stderr, re.M)
+    assert re.search(rf"^adapter fact: LoRA rank 8 on \d+ layers of {LEARNER}, 10 iterations in", done.stdout, re.M)
+    assert f"/load {LEARNER}+fact chats with it" in done.stderr
+    assert re.search(rf"^fact\s+{LEARNER}\s+lora\s+8\s+[\d.]+ KiB\s+10 its on facts, val loss [\d.]+$",
+                     done.stdout, re.M)  # /models shows the adapter
+    assert re.search(rf"loaded {LEARNER}\+fact: llama", done.stderr)  # the server resolves <base>+<adapter>
+    assert re.search(SUMMARY, done.stderr)
+    assert re.search(r"^line 5: error: /finetune takes no 'bogus'", done.stderr, re.M)
+
+
+def test_ctrl_c_cancels_the_training_run_and_the_session_goes_on(terminal, env, tmp_path):
+    env, models = learner_env(env, tmp_path)
+    term = terminal("--model", LEARNER, "--no-load", LOCALMLX_MODELS_DIR=env["LOCALMLX_MODELS_DIR"])
+    term.expect(LEARNER_PROMPT)
+    term.type(f"/finetune {models / 'facts'} iterations=100000 stepsPerEval=1 name=long")
+    # The status line: phase, iteration/total, losses, tokens/s, ETA.
+    term.expect(r"train\s.*?\d+/100000.*?loss [\d.]+ · val [\d.]+ · \d+ tok/s · ETA")
+    term.child.sendintr()
+    term.expect(r"\^C: cancelling request \d+ \(\$/cancelRequest\)")
+    term.expect(rf"error {REQUEST_CANCELLED}")
+    term.expect(LEARNER_PROMPT)
+    term.type("/status")
+    term.expect(r"requests: 0 active, 0 queued")  # the same sidecar, idle
+    term.expect(LEARNER_PROMPT)
+    assert not (models / "adapters" / "long").exists()
+
+
+def test_finetune_arguments_and_training_progress_words(tmp_path):
+    from sidecar.repl.commands import finetune_params
+
+    params = finetune_params(f"'{tmp_path}/my notes' lr=1e-3 layers=-1 iters=20 dora name=n1 max_seq_length=512 "
+                             "keep-checkpoint=true model=other", "demo")
+    assert params == {"model": "other", "dataset": f"{tmp_path}/my notes", "learningRate": 1e-3, "numLayers": -1,
+                      "iterations": 20, "fineTuneType": "dora", "name": "n1", "maxSeqLength": 512,
+                      "keepCheckpoint": True}
+    assert finetune_params("data.jsonl", "demo")["model"] == "demo"
+    assert finetune_params("data.jsonl", "demo")["dataset"] == str(Path.cwd() / "data.jsonl")
+    for bad in ("", "a b", "a frob=1"):
+        with pytest.raises(ValueError):
+            finetune_params(bad, "demo")
+    assert fmt.training_progress({"unit": "iteration", "trainLoss": 1.23456, "valLoss": 2.0,
+                                  "tokensPerSecond": 812.4, "etaSeconds": 75}) == \
+        "loss 1.235 · val 2.000 · 812 tok/s · ETA 1:15"
+    assert fmt.training_progress({"unit": "phase", "phase": "load"}) == ""
+    assert fmt.duration(4.24) == "4.2 s" and fmt.duration(3725) == "1:02:05"
+    assert fmt.trained_by(None) == "made elsewhere"
