@@ -18,6 +18,9 @@ import {
   type SidecarSource,
 } from "./process";
 import type {
+  Adapter,
+  AdapterName,
+  AdapterRef,
   ChatParams,
   EmbedParams,
   EmbedResult,
@@ -26,6 +29,12 @@ import type {
   LocalModel,
   MethodName,
   ModelDescription,
+  ModelsDeleteResult,
+  ModelsFinetuneParams,
+  ModelsFinetuneResult,
+  ModelsFuseParams,
+  ModelsFuseResult,
+  ModelsLoadParams,
   ModelsStatusResult,
   ModelsUnloadResult,
   ParamsOf,
@@ -46,8 +55,22 @@ export interface Logger {
   error?(message: string): void;
 }
 
-/** Progress of a model load (or download): `completed` of `total` `unit`s, in `phase`. */
-export type LoadProgress = Omit<ProgressParams, "token">;
+/**
+ * One `$/progress` report of a long call: `completed` of `total` `unit`s, in `phase`. A download
+ * adds `file`, `bytesPerSecond` and `etaSeconds`; a fine-tuning run, see `FinetuneProgress`.
+ */
+export type Progress = Omit<ProgressParams, "token">;
+
+/** Progress of a model load (or download). */
+export type LoadProgress = Progress;
+
+/**
+ * Progress of `finetune()`: phases "validate" (the dataset), "load" (the base model), "train" and
+ * "save". In "train", `completed` is `iteration` of `total` iterations, with `trainLoss` (mean
+ * since the last report), `valLoss` (the last evaluation, once there is one), `tokensPerSecond`,
+ * `peakMemoryBytes` (the trainer's) and `etaSeconds`. A base not yet on disk reports its download first.
+ */
+export type FinetuneProgress = Progress;
 
 export interface LocalMLXOptions {
   /** Loaded by `start()`, reloaded after a restart, and used when a chat or generate names no model. */
@@ -110,8 +133,31 @@ export interface CallOptions {
   timeoutMs?: number;
 }
 
-export interface LoadOptions extends CallOptions {
-  onProgress?: (progress: LoadProgress) => void;
+/** Options of a call that reports `$/progress`. */
+export interface ProgressOptions extends CallOptions {
+  onProgress?: (progress: Progress) => void;
+}
+
+export interface LoadOptions extends ProgressOptions {
+  /**
+   * A LoRA/DoRA adapter to serve on the model: a name from `models.adapters()` or an adapter
+   * directory. The result is the model `<base>+<adapter>`, sharing the base's weights in memory.
+   */
+  adapter?: AdapterRef;
+}
+
+/** `models/finetune`'s parameters (see `ModelsFinetuneParams`): `model` and `dataset` at least. */
+export type FinetuneParams = Omit<ModelsFinetuneParams, "_meta">;
+
+/** `finetune()`'s options. `timeoutMs` defaults to none: a run takes what it takes; abort it with `signal`. */
+export type FinetuneOptions = ProgressOptions;
+
+/** `models/fuse`'s parameters (see `ModelsFuseParams`): `model` and `adapter` at least. */
+export type FuseParams = Omit<ModelsFuseParams, "_meta">;
+
+export interface DeleteOptions extends CallOptions {
+  /** Unload it first when loaded (its requests end with -32802); without it a loaded one is refused (-32602). */
+  force?: boolean;
 }
 
 type StreamingKeys = "stream" | "_meta";
@@ -187,9 +233,12 @@ function unlessAborted<T>(promise: Promise<T>, signal: AbortSignal | undefined, 
   });
 }
 
+/** What a model was loaded by: the reference and, for `<base>+<adapter>`, the adapter asked for. */
+type LoadRef = Pick<ModelsLoadParams, "model" | "adapter">;
+
 export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
-  /** Models to reload after a restart: sidecar name -> the reference it was loaded by (least recent first). */
-  private readonly loadedModels = new Map<string, string>();
+  /** Models to reload after a restart: sidecar name -> what it was loaded by (least recent first). */
+  private readonly loadedModels = new Map<string, LoadRef>();
   private readonly supervisor: Supervisor;
   private readonly options: LocalMLXOptions;
   private readonly closeTimeouts: StopTimeouts;
@@ -201,10 +250,26 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
   readonly models = {
     /** Loads a model (a name, a local path or a Hub repo id); it is reloaded after a restart. */
     load: (model: string, options: LoadOptions = {}): Promise<ModelDescription> => this.load(model, options),
-    /** Unloads a model; `unloaded` is false when it was not loaded. */
+    /** Unloads a model (a base model with the `<base>+<adapter>` variants on it); `unloaded` is false when it was not loaded. */
     unload: async (model: string, options: CallOptions = {}): Promise<ModelsUnloadResult> => {
       const result = await this.request("models/unload", { model }, options);
-      this.loadedModels.delete(result.model);
+      this.forgetModel(result.model);
+      return result;
+    },
+    /** Deletes a model's files (under the models dir or in the Hugging Face cache). */
+    delete: async (model: string, options: DeleteOptions = {}): Promise<ModelsDeleteResult> => {
+      const { force, ...callOptions } = options;
+      const result = await this.request("models/delete", { model, ...(force !== undefined ? { force } : {}) }, callOptions);
+      if (result.unloaded) this.forgetModel(result.model);
+      return result;
+    },
+    /** Deletes a stored adapter (`force`: unload the variants that serve it first). */
+    deleteAdapter: async (adapter: AdapterName, options: DeleteOptions = {}): Promise<ModelsDeleteResult> => {
+      const { force, ...callOptions } = options;
+      const result = await this.request("models/delete", { adapter, ...(force !== undefined ? { force } : {}) }, callOptions);
+      for (const [name, ref] of [...this.loadedModels]) {
+        if (ref.adapter === adapter || name.endsWith(`+${adapter}`)) this.loadedModels.delete(name);
+      }
       return result;
     },
     /** Where one model stands: loaded, loading, available on disk, or downloadable. */
@@ -213,6 +278,9 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
     /** The models available locally (embedded, models dir, Hugging Face cache). */
     list: async (options: CallOptions = {}): Promise<LocalModel[]> =>
       (await this.request("models/list", {}, options)).models,
+    /** The adapters on disk: base, rank, size, the training run that made each, and `loadedAs`. */
+    adapters: async (options: CallOptions = {}): Promise<Adapter[]> =>
+      (await this.request("models/list", {}, options)).adapters,
   };
 
   /** Starts the sidecar (and loads `options.model`); rejects with SidecarStartError when it cannot. */
@@ -333,7 +401,7 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
       timeoutMs: timeoutMs ?? this.options.requestTimeoutMs ?? DEFAULTS.requestTimeoutMs,
       highWaterMark: Math.max(1, this.options.highWaterMark ?? DEFAULTS.highWaterMark),
       onWarning: (warning) => this.emit("warning", warning),
-      onResult: (result: PredictionResult) => this.touchModel(result.model, params.model ?? result.model),
+      onResult: (result: PredictionResult) => this.touchModel(result.model, { model: params.model ?? result.model }),
     });
     this.supervisor.acquire().then(
       (session) => prediction.start(session.connection, params as Record<string, unknown>),
@@ -352,8 +420,29 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
   async embed(input: string | string[], options: EmbedOptions = {}): Promise<EmbedResult> {
     const { signal, timeoutMs, ...params } = options;
     const result = await this.request("embed", { ...params, input: typeof input === "string" ? [input] : input }, { signal, timeoutMs });
-    this.touchModel(result.model, params.model ?? result.model);
+    this.touchModel(result.model, { model: params.model ?? result.model });
     return result;
+  }
+
+  /**
+   * Fine-tunes a LoRA (or DoRA) adapter on `params.model` with a dataset (a JSONL file, a folder of
+   * train.jsonl/valid.jsonl, or a folder of notes), in a worker process while the sidecar keeps
+   * serving. Resolves when the adapter is written: serve it at once as `result.model`
+   * (`<base>+<adapter>`). Aborting `signal` stops the run within seconds and rejects with
+   * `AbortError`, leaving no adapter (or only its last checkpoint, with `keepCheckpoint`). A bad
+   * dataset is `RpcError` -32602 with `data.file`, `data.line` and `data.reason`, before any training;
+   * a run that does not fit the memory budget -32014; a trainer that fails -32020 (TrainingFailed).
+   */
+  finetune(params: FinetuneParams, options: FinetuneOptions = {}): Promise<ModelsFinetuneResult> {
+    return this.requestWithProgress("models/finetune", params, { ...options, timeoutMs: options.timeoutMs ?? 0 });
+  }
+
+  /**
+   * Fuses an adapter into its base and writes a standalone model (optionally quantized) that loads
+   * like any other, as `result.model`.
+   */
+  fuse(params: FuseParams, options: ProgressOptions = {}): Promise<ModelsFuseResult> {
+    return this.requestWithProgress("models/fuse", params, options);
   }
 
   /** Server state: loaded models, active and queued requests, memory. */
@@ -392,22 +481,29 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
     return session.connection.request(method, params, requestOptions);
   }
 
-  private async load(model: string, options: LoadOptions): Promise<ModelDescription> {
+  /** `request`, with progress reports as `Progress` (the wire's token left out). */
+  private requestWithProgress<M extends "models/load" | "models/finetune" | "models/fuse">(
+    method: M,
+    params: ParamsOf<M>,
+    options: ProgressOptions,
+  ): Promise<ResultOf<M>> {
     const { onProgress, ...callOptions } = options;
-    const description = await this.request(
-      "models/load",
-      { model },
-      {
-        ...callOptions,
-        ...(onProgress ? { onProgress: ({ token: _token, ...progress }: ProgressParams) => onProgress(progress) } : {}),
-      },
-    );
-    this.touchModel(description.model, model);
+    return this.request(method, params, {
+      ...callOptions,
+      ...(onProgress ? { onProgress: ({ token: _token, ...progress }: ProgressParams) => onProgress(progress) } : {}),
+    });
+  }
+
+  private async load(model: string, options: LoadOptions): Promise<ModelDescription> {
+    const { adapter, ...progressOptions } = options;
+    const ref: LoadRef = adapter !== undefined ? { model, adapter } : { model };
+    const description = await this.requestWithProgress("models/load", ref, progressOptions);
+    this.touchModel(description.model, ref);
     return description;
   }
 
   /** Remembers a loaded model, most recent last, as many as the sidecar keeps. */
-  private touchModel(name: string, ref: string): void {
+  private touchModel(name: string, ref: LoadRef): void {
     const known = this.loadedModels.get(name);
     this.loadedModels.delete(name);
     this.loadedModels.set(name, known ?? ref);
@@ -415,12 +511,19 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
     while (this.loadedModels.size > keep) this.loadedModels.delete(this.loadedModels.keys().next().value!);
   }
 
+  /** Forgets an unloaded model, and the `<base>+<adapter>` variants that went with it (the sidecar unloads those too). */
+  private forgetModel(name: string): void {
+    for (const loaded of [...this.loadedModels.keys()]) {
+      if (loaded === name || loaded.startsWith(`${name}+`)) this.loadedModels.delete(loaded);
+    }
+  }
+
   /** After a restart: reload the models that were loaded, in the order they were last used. */
   private async restore(session: Session): Promise<void> {
     const info: RestartInfo = { pid: session.pid, start: this.supervisor.starts, reloaded: [], failed: [] };
     for (const [name, ref] of [...this.loadedModels]) {
       try {
-        await session.connection.request("models/load", { model: ref }, { timeoutMs: this.options.requestTimeoutMs ?? DEFAULTS.requestTimeoutMs });
+        await session.connection.request("models/load", { ...ref }, { timeoutMs: this.options.requestTimeoutMs ?? DEFAULTS.requestTimeoutMs });
         info.reloaded.push(name);
       } catch (error) {
         info.failed.push({ model: name, error: error as Error });

@@ -177,7 +177,7 @@ async def _follow(context: InFlightRequest, worker: Worker) -> dict[str, Any]:
         elif kind == "phase":
             progress(event["phase"], 0, None, "step")
         elif kind in ("train", "val"):
-            progress("train", event["iteration"], event["total"], "iteration",
+            progress("train", event["iteration"], event["total"], "iteration", iteration=event["iteration"],
                      trainLoss=event.get("trainLoss"), valLoss=event.get("valLoss"),
                      tokensPerSecond=event.get("tokensPerSecond"), peakMemoryBytes=event.get("peakMemoryBytes"),
                      etaSeconds=event.get("etaSeconds"))
