@@ -109,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
     if "error" in response:
         error = response["error"]
         if error.get("code") == REQUEST_CANCELLED:
-            kept = "; --resume goes on from the last checkpoint, if one was written" if args.keep_checkpoint else ""
+            checkpoint = (error.get("data") or {}).get("checkpoint")
+            kept = (f"; the checkpoint at iteration {checkpoint} is kept: --resume goes on from it"
+                    if checkpoint is not None else "")
             err.print(f"cancelled: no adapter written{kept}", markup=False)
             return CANCELLED_EXIT
         for line in error_lines(error):

@@ -24,7 +24,7 @@ from .demo_model import DEMO_MODEL_ALIAS, DEMO_MODEL_DIRNAME, ensure_demo_model
 from .downloads import MODEL_FILE_PATTERNS, converted_dir, is_complete_snapshot, pull
 from .errors import Forbidden, InvalidParams, ModelNotFound
 from .settings import Settings
-from .tuning.adapters import ADAPTER_NAME, adapters_dir, named_adapter, read_adapter, split_variant, variant_name
+from .tuning.adapters import ADAPTER_NAME, named_adapter, read_adapter, split_variant, variant_name
 
 log = logging.getLogger("localmlx.hub")
 
@@ -109,7 +109,7 @@ class ModelLocator:
             raise Forbidden("Not a valid model reference: it contains control characters, a NUL "
                             "byte or a lone surrogate", model=ref[:200])
         variant = split_variant(ref)
-        if variant is not None and (adapters_dir(self.models_dir) / variant[1]).is_dir():
+        if variant is not None and not ref.startswith(("/", "~", ".")):  # no model name holds a "+"; a path may
             return self.variant(self.resolve(variant[0]), variant[1])
         if ref.startswith(("/", "~", ".")) or (os.sep in ref and not _REPO_ID.match(ref)):
             return self._local_path(ref)

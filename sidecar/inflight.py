@@ -97,8 +97,11 @@ a result, or it raises the RpcError to answer with."""
 
 
 def cancel_error(request: InFlightRequest, reason: CancelReason) -> Any:
-    """What most requests answer when cancelled: -32800 (the client), -32802 (the server)."""
-    raise reason.error()
+    """What most requests answer when cancelled: -32800 (the client), -32802 (the server),
+    with what the request's method put in `cancelled_data`."""
+    error = reason.error()
+    error.data.update(request.cancelled_data)
+    raise error
 
 
 class InFlightRequest:
@@ -113,6 +116,7 @@ class InFlightRequest:
         self.task: anyio.TaskHandle[None] | None = None  # the task that answers it, in its own cancel scope
         self.cancel_reason: CancelReason | None = None
         self.model: str | None = None  # once resolved: names the result of a generation cancelled early
+        self.cancelled_data: dict[str, Any] = {}  # what its error adds to its data when cancelled early
         self.answered = False
         self._reply = reply
         self._when_cancelled = when_cancelled

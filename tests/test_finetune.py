@@ -125,7 +125,8 @@ def test_the_sidecar_serves_while_training_and_a_cancel_leaves_nothing(
     chat = client.generation("chat", chat_params(maxTokens=8, model="demo"))
     assert chat["usage"]["completionTokens"] > 0
     client.cancel(run)
-    assert client.wait_response(run, timeout=30)["error"]["code"] == -32800
+    error = client.wait_response(run, timeout=30)["error"]
+    assert error["code"] == -32800 and error["data"] == {"adapter": "busy", "checkpoint": None}
     assert adapters(models_dir) == before  # no adapter, and no checkpoint kept
     assert client.request("ping") == {}
 
@@ -136,9 +137,10 @@ def test_a_kept_checkpoint_resumes(client: SidecarClient, learner: str, facts: P
                    saveEvery=10, keepCheckpoint=True)
     progress.wait_for_iteration(12)
     client.cancel(run)
-    assert client.wait_response(run, timeout=30)["error"]["code"] == -32800
+    error = client.wait_response(run, timeout=30)["error"]
     kept = models_dir / "adapters" / ".runs" / "resumed"
     checkpoint = json.loads((kept / "checkpoint.json").read_text())["iteration"]
+    assert error["code"] == -32800 and error["data"] == {"adapter": "resumed", "checkpoint": checkpoint}
     assert checkpoint >= 10 and checkpoint % 10 == 0
     assert not list(kept.glob("*.partial*")) and not (models_dir / "adapters" / "resumed").exists()
     result = client.request("models/finetune", {"model": learner, "dataset": str(facts), "name": "resumed",

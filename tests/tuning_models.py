@@ -45,7 +45,7 @@ def write_fact_dataset(folder: Path, train: int = 24, valid: int = 4) -> Path:
 
 
 def build_random_adapter(model_path: Path, out: Path, seed: int, rank: int = 8, num_layers: int = 4,
-                         fine_tune_type: str = "lora") -> Path:
+                         fine_tune_type: str = "lora", base: str | None = None) -> Path:
     """An adapter as mlx-lm writes one, with seeded random weights in both LoRA matrices (a
     fresh one's B is zero, which would change nothing)."""
     import mlx.core as mx
@@ -65,6 +65,8 @@ def build_random_adapter(model_path: Path, out: Path, seed: int, rank: int = 8, 
         weights[name] = noise if name.endswith("lora_b") else value  # lora_a (and DoRA's m) as mlx-lm made them
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "adapters.safetensors"), weights)
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": fine_tune_type, "num_layers": num_layers, "lora_parameters": parameters}))
+    config = {"fine_tune_type": fine_tune_type, "num_layers": num_layers, "lora_parameters": parameters}
+    if base is not None:  # mlx_lm.lora writes the model it trained on
+        config["model"] = base
+    (out / "adapter_config.json").write_text(json.dumps(config))
     return out

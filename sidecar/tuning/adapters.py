@@ -28,6 +28,7 @@ RUNS_DIRNAME = ".runs"  # under adapters/: the checkpoints of unfinished trainin
 TRAINING_FILE = "localmlx-training.json"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
+CHECKPOINT_STATE = "checkpoint.json"  # in a run's folder: {"iteration": n}, of its last whole checkpoint
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 

@@ -23,7 +23,7 @@ from ..embeddings.detect import embedding_kind
 from ..errors import Busy, InvalidParams, OutOfMemory, TrainingFailed
 from ..inflight import InFlightRequest
 from ..model_config import context_length
-from .adapters import ADAPTER_NAME, RUNS_DIRNAME, adapters_dir, variant_name
+from .adapters import ADAPTER_NAME, CHECKPOINT_STATE, RUNS_DIRNAME, adapters_dir, variant_name
 from .workers import Worker
 
 log = logging.getLogger("localmlx.tuning")
@@ -90,7 +90,7 @@ async def finetune(context: InFlightRequest, params: dict[str, Any]) -> dict[str
         raise Busy(f"A fine-tuning run is going ({', '.join(sorted(_running))}): one at a time", training=sorted(_running))
     if final.exists() and not options["overwrite"]:
         raise _invalid(f"An adapter named {name} exists: choose another name or pass overwrite", "/name", adapter=name)
-    if options["resume"] and not (run / "checkpoint.json").is_file():
+    if options["resume"] and not (run / CHECKPOINT_STATE).is_file():
         raise _invalid(f"No checkpoint of a run named {name} to resume (keepCheckpoint keeps one)", "/resume",
                        adapter=name)
 
@@ -147,6 +147,7 @@ async def _train(context: InFlightRequest, spec: dict[str, Any], name: str, keep
             code = await worker.stop()
             if (outcome is None or outcome["event"] != "done") and not keep_checkpoint:
                 await asyncio.to_thread(shutil.rmtree, Path(spec["run_dir"]), True)
+            context.cancelled_data = {"adapter": name, "checkpoint": kept_checkpoint(Path(spec["run_dir"]))}
     assert outcome is not None
     if outcome["event"] == "done":
         await asyncio.to_thread(shutil.rmtree, Path(spec["run_dir"]), True)
@@ -155,11 +156,20 @@ async def _train(context: InFlightRequest, spec: dict[str, Any], name: str, keep
                 "peakMemoryBytes": int(outcome["peakMemoryBytes"]), "tokensPerSecond": outcome["tokensPerSecond"]}
     if outcome["event"] == "error" and outcome["code"] != TrainingFailed.code:
         raise InvalidParams(outcome["message"], **outcome.get("data", {}))
-    checkpoint = outcome.get("checkpoint") if keep_checkpoint else None
+    checkpoint = kept_checkpoint(Path(spec["run_dir"])) if keep_checkpoint else None
     reason = outcome.get("message") or (f"the trainer was killed by signal {-code}" if code < 0
                                          else f"the trainer exited with status {code}")
     raise TrainingFailed(reason if reason.startswith("Fine-tuning failed") else f"Fine-tuning failed: {reason}",
                          reason=reason, exitCode=code, checkpoint=checkpoint)
+
+
+def kept_checkpoint(run: Path) -> int | None:
+    """The iteration of the whole checkpoint left in `run`, if any."""
+    try:
+        state = json.loads((run / CHECKPOINT_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    return int(state["iteration"]) if isinstance(state, dict) and "iteration" in state else None
 
 
 async def _follow(context: InFlightRequest, worker: Worker) -> dict[str, Any]:

@@ -29,12 +29,11 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_model, load_tokenizer
 
 from ..errors import InvalidParams
-from .adapters import CONFIG_FILE, TRAINING_FILE, WEIGHTS_FILE, publish
+from .adapters import CHECKPOINT_STATE, CONFIG_FILE, TRAINING_FILE, WEIGHTS_FILE, publish
 from .datasets import read_dataset
 from .worker_io import Cancelled, WorkerIO
 
 CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_STATE = "checkpoint.json"  # {"iteration": n}: written after its weights, in one rename
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -593,9 +593,15 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
   private async localModelIds(context: RequestContext): Promise<string[]> {
     const client = await this.local.acquire();
     const models = await client.models.list({ signal: context.signal });
+    const adapters = await client.models.adapters({ signal: context.signal });
     const ids = new Set<string>();
     for (const name of Object.keys(context.routing.aliases ?? {})) if (name !== "*") ids.add(name);
     for (const model of models) ids.add(model.model);
+    // An adapter is served as <base>+<adapter>: on the base it was trained on, and wherever it is loaded.
+    for (const adapter of adapters) {
+      if (adapter.base !== null) ids.add(`${adapter.base}+${adapter.name}`);
+      for (const variant of adapter.loadedAs) ids.add(variant);
+    }
     return [...ids];
   }
 
