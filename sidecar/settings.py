@@ -296,6 +296,10 @@ class Settings:
         (), "LOCALMLX_ALLOWED_ROOTS",
         f"extra directories ('{os.pathsep}'-separated) a local model path may live "
         "under, besides the models dir and the Hugging Face cache", PATHS)
+    profiles_dir: Path | None = _setting(
+        None, "LOCALMLX_PROFILES_DIR",
+        "a directory of profiles (<name>.toml), read before the models dir's profiles/ and written "
+        "to by profiles/save", OPTIONAL_PATH)
     hostfile: Path | None = _setting(
         None, "LOCALMLX_HOSTFILE",
         "serve models sharded over several machines: mlx.launch's hostfile JSON (the first host is "

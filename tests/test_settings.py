@@ -59,6 +59,7 @@ SAMPLES: dict[str, Any] = {
     "memory_budget": 1536 << 20,
     "offload_inactive": 1e-05,
     "allowed_roots": (Path("/a"), Path("/b,c"), Path("/d e")),
+    "profiles_dir": Path("/Users/me/localmlx profiles, with a comma"),
     "hostfile": Path("/etc/localmlx/hosts, with a comma.json"),
     "distributed_mode": "pipeline",
     "distributed_backend": "jaccl",

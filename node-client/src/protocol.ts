@@ -90,7 +90,7 @@ export interface Meta {
 }
 
 /**
- * A model: the embedded alias 'demo', a directory name under the models dir, an absolute local path, or a Hub repo id (owner/name).
+ * A model: the embedded alias 'demo', a directory name under the models dir, an absolute local path, a Hub repo id (owner/name), <model>+<adapter> (a model served with an adapter), a profile's name, or 'auto' (generation only: the server picks a profile, see routedBy).
  */
 export type ModelRef = string;
 
@@ -103,6 +103,213 @@ export type AdapterRef = string;
  * The name an adapter is stored under (adapters/<name> in the models dir).
  */
 export type AdapterName = string;
+
+/**
+ * A profile's name (profiles/<name>.toml); 'auto' is reserved for routing.
+ */
+export type ProfileName = string;
+
+/**
+ * What a request is for: profiles declare the tasks they are good at; model 'auto' routes by it.
+ */
+export type Task = "chat" | "code" | "summarize" | "reasoning" | "extraction" | "embed";
+
+/**
+ * What a profile sets (profiles/save).
+ */
+export interface ProfileFields {
+  /**
+   * The base model (any model reference but a profile or 'auto').
+   */
+  model: string;
+  adapter?: null | AdapterRef;
+  /**
+   * A chat template (Jinja) used instead of the model's own.
+   */
+  template?: string | null;
+  /**
+   * The system prompt of a chat that has none.
+   */
+  system?: string | null;
+  /**
+   * Generation params for its requests (a request's own params override them).
+   */
+  defaults?: {
+    /**
+     * 0 is greedy (deterministic). Default LOCALMLX_TEMPERATURE.
+     */
+    temperature?: number;
+    /**
+     * Most tokens to generate (default LOCALMLX_MAX_TOKENS).
+     */
+    maxTokens?: number;
+    /**
+     * Generation ends before any of these strings; they never reach the output.
+     *
+     * @maxItems 16
+     */
+    stop?: string[];
+    /**
+     * Reasoning models: true/false switches the template's thinking mode (enable_thinking and the like); absent leaves the template's default.
+     */
+    thinking?: boolean;
+    /**
+     * Reasoning models: the most tokens to spend reasoning; then the block is closed and the answer follows.
+     */
+    thinkingBudget?: number;
+    /**
+     * Nucleus sampling; 0 or 1 disables.
+     */
+    topP?: number;
+    /**
+     * Keep the k most likely tokens; 0 disables.
+     */
+    topK?: number;
+    /**
+     * Drop tokens below minP x the top probability; 0 disables.
+     */
+    minP?: number;
+    /**
+     * Divides the logits of the last repetitionContextSize tokens (multiplies negative ones); > 1 discourages repeats, 1 disables.
+     */
+    repetitionPenalty?: number;
+    /**
+     * Subtracted from the logit of every token that occurs in the last repetitionContextSize tokens (prompt and output), once however often it occurs: OpenAI's presence_penalty. > 0 discourages repeats, < 0 encourages them; 0 disables (the default).
+     */
+    presencePenalty?: number;
+    /**
+     * Subtracted from a token's logit once per occurrence in the last repetitionContextSize tokens (penalty x count): OpenAI's frequency_penalty. > 0 discourages repeats, < 0 encourages them; 0 disables (the default).
+     */
+    frequencyPenalty?: number;
+    responseFormat?: ResponseFormat;
+    /**
+     * Seed for sampling, for reproducible runs.
+     */
+    seed?: number;
+  };
+  /**
+   * At most this many tokens of prompt and output (below the model's own).
+   */
+  contextLength?: number | null;
+  keepAlive?: null | KeepAlive;
+  draftModel?: string | null;
+  tasks?: Task[];
+}
+
+/**
+ * A named model setup, stored as profiles/<name>.toml.
+ */
+export interface Profile {
+  name: string;
+  /**
+   * The base model (any model reference but a profile or 'auto').
+   */
+  model: string;
+  adapter: null | AdapterRef;
+  /**
+   * A chat template (Jinja) used instead of the model's own.
+   */
+  template: string | null;
+  /**
+   * The system prompt of a chat that has none.
+   */
+  system: string | null;
+  /**
+   * Generation params for its requests (a request's own params override them).
+   */
+  defaults: {
+    /**
+     * 0 is greedy (deterministic). Default LOCALMLX_TEMPERATURE.
+     */
+    temperature?: number;
+    /**
+     * Most tokens to generate (default LOCALMLX_MAX_TOKENS).
+     */
+    maxTokens?: number;
+    /**
+     * Generation ends before any of these strings; they never reach the output.
+     *
+     * @maxItems 16
+     */
+    stop?: string[];
+    /**
+     * Reasoning models: true/false switches the template's thinking mode (enable_thinking and the like); absent leaves the template's default.
+     */
+    thinking?: boolean;
+    /**
+     * Reasoning models: the most tokens to spend reasoning; then the block is closed and the answer follows.
+     */
+    thinkingBudget?: number;
+    /**
+     * Nucleus sampling; 0 or 1 disables.
+     */
+    topP?: number;
+    /**
+     * Keep the k most likely tokens; 0 disables.
+     */
+    topK?: number;
+    /**
+     * Drop tokens below minP x the top probability; 0 disables.
+     */
+    minP?: number;
+    /**
+     * Divides the logits of the last repetitionContextSize tokens (multiplies negative ones); > 1 discourages repeats, 1 disables.
+     */
+    repetitionPenalty?: number;
+    /**
+     * Subtracted from the logit of every token that occurs in the last repetitionContextSize tokens (prompt and output), once however often it occurs: OpenAI's presence_penalty. > 0 discourages repeats, < 0 encourages them; 0 disables (the default).
+     */
+    presencePenalty?: number;
+    /**
+     * Subtracted from a token's logit once per occurrence in the last repetitionContextSize tokens (penalty x count): OpenAI's frequency_penalty. > 0 discourages repeats, < 0 encourages them; 0 disables (the default).
+     */
+    frequencyPenalty?: number;
+    responseFormat?: ResponseFormat;
+    /**
+     * Seed for sampling, for reproducible runs.
+     */
+    seed?: number;
+  };
+  /**
+   * At most this many tokens of prompt and output (below the model's own).
+   */
+  contextLength: number | null;
+  keepAlive: null | KeepAlive;
+  draftModel: string | null;
+  tasks: Task[];
+  /**
+   * 'inline', or the template file's path; null without a template.
+   */
+  templateSource: string | null;
+  /**
+   * The profile's file.
+   */
+  path: string;
+}
+
+/**
+ * Why model 'auto' chose the profile that served.
+ */
+export interface RoutedBy {
+  profile: string;
+  task: Task;
+  /**
+   * 'stated' (the request's task) or 'classified' (from the request: tools, code, a long document, a reasoning request).
+   */
+  taskFrom: "stated" | "classified";
+  /**
+   * Why this profile, in words.
+   */
+  reason: string;
+  /**
+   * Each profile considered with its score (higher is better) or why it was left out.
+   */
+  candidates: {
+    profile: string;
+    score: number | null;
+    note: string;
+  }[];
+}
 
 /**
  * A conversation turn. `content` may be null (or absent) only on an assistant turn that carries toolCalls.
@@ -206,6 +413,11 @@ export interface GenerationResult {
    * The tool calls the model made (chat with tools), finishReason tool_calls; absent when streamed (they arrive in chunks) or when there were none.
    */
   toolCalls?: ToolCall[];
+  /**
+   * The profile whose setup served the request (named, or chosen by 'auto'); absent without one.
+   */
+  profile?: string;
+  routedBy?: RoutedBy;
 }
 
 export type Quantization = null | {
@@ -624,6 +836,7 @@ export interface GenerationParams {
   numDraftTokens?: NumDraftTokens;
   promptLookup?: PromptLookup;
   responseFormat?: ResponseFormat;
+  task?: Task;
 }
 
 // ---- Methods: params and result of each request ----
@@ -947,6 +1160,54 @@ export interface ModelsFuseResult {
 /**
  * No parameters (an empty object or absent).
  */
+export interface ProfilesListParams {
+  _meta?: Meta;
+}
+
+export interface ProfilesListResult {
+  profiles: Profile[];
+  /**
+   * Profile files that could not be read, each with why (they are skipped; the sidecar goes on).
+   */
+  errors: {
+    name: string;
+    path: string;
+    message: string;
+  }[];
+}
+
+export interface ProfilesGetParams {
+  name: ProfileName;
+  _meta?: Meta;
+}
+
+export type ProfilesGetResult = Profile;
+
+export interface ProfilesSaveParams {
+  name: ProfileName;
+  profile: ProfileFields;
+  /**
+   * Replace a profile of that name (default true).
+   */
+  overwrite?: boolean;
+  _meta?: Meta;
+}
+
+export type ProfilesSaveResult = Profile;
+
+export interface ProfilesDeleteParams {
+  name: ProfileName;
+  _meta?: Meta;
+}
+
+export interface ProfilesDeleteResult {
+  name: string;
+  deleted: boolean;
+}
+
+/**
+ * No parameters (an empty object or absent).
+ */
 export interface ServerStatusParams {}
 
 export interface ServerStatusResult {
@@ -1182,6 +1443,10 @@ export interface Methods {
   "models/status": { params: ModelsStatusParams; result: ModelsStatusResult };
   "models/finetune": { params: ModelsFinetuneParams; result: ModelsFinetuneResult };
   "models/fuse": { params: ModelsFuseParams; result: ModelsFuseResult };
+  "profiles/list": { params: ProfilesListParams; result: ProfilesListResult };
+  "profiles/get": { params: ProfilesGetParams; result: ProfilesGetResult };
+  "profiles/save": { params: ProfilesSaveParams; result: ProfilesSaveResult };
+  "profiles/delete": { params: ProfilesDeleteParams; result: ProfilesDeleteResult };
   "server/status": { params: ServerStatusParams; result: ServerStatusResult };
   "generate": { params: GenerateParams; result: GenerateResult };
   "chat": { params: ChatParams; result: ChatResult };
@@ -1203,5 +1468,5 @@ export interface Notifications {
 
 export type NotificationName = keyof Notifications;
 
-export const METHOD_NAMES = ["initialize","ping","shutdown","models/list","models/download","models/delete","models/load","models/unload","models/status","models/finetune","models/fuse","server/status","generate","chat","tokenize","embed"] as const;
+export const METHOD_NAMES = ["initialize","ping","shutdown","models/list","models/download","models/delete","models/load","models/unload","models/status","models/finetune","models/fuse","profiles/list","profiles/get","profiles/save","profiles/delete","server/status","generate","chat","tokenize","embed"] as const;
 export const NOTIFICATION_NAMES = ["generate/chunk","$/progress","$/cancelRequest","exit"] as const;

@@ -24,6 +24,8 @@ from ..embeddings.work import EmbeddingWork
 from ..embeddings.work import tokenize as embedding_tokens
 from ..errors import InvalidParams, ModelLoadFailed, ModelLoading, ModelNotLoaded, RpcError, brief
 from ..hub import ModelLocation, ModelLocator, Progress, no_progress
+from ..profiles.service import Profiles
+from ..profiles.store import Profile
 from ..settings import Settings
 from ..text import clean_text
 from ..tuning.adapters import WEIGHTS_FILE
@@ -91,6 +93,7 @@ class Engine:
         self._join_group = join_group
         self.group: GroupView | None = None
         self.locator = ModelLocator(settings)
+        self.profiles = Profiles(settings)
         self.registry = ModelRegistry(settings)
         self._device: asyncio.Future[str] = loop.create_future()
         self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
@@ -148,6 +151,13 @@ class Engine:
         if loaded is not None:
             return loaded.location
         return await asyncio.to_thread(self.locator.resolve, ref)
+
+    async def resolve_named(self, ref: str | None) -> tuple[ModelLocation, Profile | None]:
+        """Like resolve, where `ref` may also name a profile: then its model (with its adapter)."""
+        profile = self.profiles.catalog.lookup(ref)
+        if profile is None:
+            return await self.resolve(ref), None
+        return await self.profiles.location(self, profile.model, profile.adapter), profile
 
     def is_loading(self, name: str) -> bool:
         return name in self._loads
@@ -413,4 +423,5 @@ class Engine:
     async def close(self, grace_s: float) -> None:
         """Stop the engine thread; running generations end at their next step."""
         deadline = time.monotonic() + grace_s
+        await asyncio.to_thread(self.profiles.stats.save)
         await asyncio.to_thread(self.scheduler.stop, max(0.0, deadline - time.monotonic()))

@@ -57,6 +57,8 @@ class GenerationRequest:
     no_draft: bool = False  # draftModel null: no draft model, whatever its model's default
     num_draft_tokens: int | None = None  # else its model's default, else adaptive
     prompt_lookup: bool | None = None  # None: its model's default
+    chat_template: str | None = None  # a profile's template, used instead of the tokenizer's own
+    context_length: int | None = None  # a profile's limit on prompt and output, below the model's own
 
     @property
     def method(self) -> str:
@@ -83,10 +85,13 @@ def prompt_tokens(loaded: LoadedModel, request: GenerationRequest, tools: list[d
     tokenizer = loaded.tokenizer
     if request.messages is not None:
         messages = [template_message(m, clean_text, f"/messages/{i}") for i, m in enumerate(request.messages)]
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise InvalidParams("This model has no chat template: use generate with a raw prompt",
-                                errors=[{"path": "/messages", "message": "model has no chat template"}])
+        if request.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+            raise InvalidParams(f"Model {loaded.name} has no chat template: give it one in a profile (template or "
+                                "template_file), or use generate with a raw prompt",
+                                errors=[{"path": "/messages", "message": "model has no chat template"}], model=loaded.name)
         options: dict[str, Any] = {}
+        if request.chat_template is not None:
+            options["chat_template"] = request.chat_template
         if tools:
             options["tools"] = tools
         if request.thinking is not None:
@@ -96,14 +101,29 @@ def prompt_tokens(loaded: LoadedModel, request: GenerationRequest, tools: list[d
         except Exception as exc:  # the template refused these messages (jinja's raise_exception, ...)
             if type(exc).__module__.split(".")[0] != "jinja2":
                 raise
-            raise InvalidParams(f"The model's chat template refused these messages: {brief(exc)}",
-                                errors=[{"path": "/messages", "message": brief(exc)}]) from None
+            whose = "profile's" if request.chat_template is not None else "model's"
+            line = getattr(exc, "lineno", None) or _template_line(exc)
+            where = f" (template line {line})" if line else ""
+            raise InvalidParams(f"The {whose} chat template failed on these messages{where}: {brief(exc)}",
+                                errors=[{"path": "/messages", "message": brief(exc)}], templateLine=line) from None
         check_length(loaded, text)
         return list(tokenizer.encode(text, add_special_tokens=False))
     check_length(loaded, request.prompt or "")
     prompt = clean_text(request.prompt or "")
     bos = tokenizer.bos_token
     return list(tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
+
+
+def _template_line(exc: BaseException) -> int | None:
+    """The template's line a render error happened on: jinja compiles a template to Python
+    whose frames carry the template's line numbers (filename <template>)."""
+    line = None
+    trace = exc.__traceback__
+    while trace is not None:
+        if trace.tb_frame.f_code.co_filename == "<template>":
+            line = trace.tb_lineno
+        trace = trace.tb_next
+    return line
 
 
 @dataclass
@@ -141,6 +161,8 @@ def prepare(loaded: LoadedModel, request: GenerationRequest) -> PreparedGenerati
     check_logit_bias(request.sampling.logit_bias, loaded.vocab_size)
     max_tokens = request.max_tokens
     context = loaded.context_length
+    if request.context_length is not None:
+        context = request.context_length if context is None else min(context, request.context_length)
     if context is not None:
         if len(prompt) >= context:
             raise ContextLengthExceeded(

@@ -43,7 +43,8 @@ def response_key(request: Any) -> bytes | None:
                  "stop": request.stop, "sampling": sampling_key, "kv": [request.kv_bits, request.max_kv_size],
                  "responseFormat": _constraint_key(request.response_format),
                  "tools": [request.tools, request.tool_choice],
-                 "thinking": [request.thinking, request.thinking_budget]}
+                 "thinking": [request.thinking, request.thinking_budget],
+                 "template": [request.chat_template, request.context_length]}
     try:
         return orjson.dumps(described, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
     except TypeError:  # a lone surrogate in the text: rare enough not to cache

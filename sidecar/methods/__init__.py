@@ -11,7 +11,7 @@ from jsonrpcserver.request import Request
 from jsonrpcserver.response import to_serializable
 
 from ..inflight import CancelledAnswer, InFlightRequest, cancel_error
-from . import downloads, embed, generate, lifecycle, models, tuning  # noqa: F401  (they register their methods)
+from . import downloads, embed, generate, lifecycle, models, profiles, tuning  # noqa: F401  (they register their methods)
 from .table import METHODS, WHEN_CANCELLED
 
 __all__ = ["METHODS", "dispatch", "when_cancelled"]

@@ -24,7 +24,7 @@ def _cannot_embed(name: str) -> InvalidParams:
 async def embed(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     """A cancel stops it between micro-batches (-32800, or -32802 by the server)."""
     engine = context.engine
-    location = await engine.resolve(params.get("model"))
+    location, _ = await engine.resolve_named(params.get("model"))
     context.model = location.name
     with engine.holding(location.name):
         if (not engine.registry.is_loaded(location.name) and location.path is not None

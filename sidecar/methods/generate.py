@@ -10,9 +10,19 @@ from ..engine import CancelReason, GenerationRequest, GenerationResult
 from ..engine.generation import GenerationOrder
 from ..engine.response_cache import CachedResponse
 from ..engine.sampling import SamplingParams
-from ..errors import ServerCancelled
+from ..errors import RpcError, ServerCancelled
 from ..inflight import InFlightRequest
-from ..protocol_defs import GENERATION_DEFAULTS
+from ..profiles.apply import ProfileSetup
+from ..profiles.service import AUTO
+from ..protocol_defs import (
+    BUSY,
+    CONTEXT_LENGTH_EXCEEDED,
+    FORBIDDEN,
+    GENERATION_DEFAULTS,
+    INVALID_PARAMS,
+    MESSAGE_TOO_LARGE,
+    MODEL_NOT_FOUND,
+)
 from ..settings import parse_duration
 from .table import rpc_method
 
@@ -29,10 +39,9 @@ def _sampling(context: InFlightRequest, params: dict[str, Any]) -> SamplingParam
         repetition_context_size=params["repetitionContextSize"])
 
 
-def _generation_request(context: InFlightRequest, params: dict[str, Any], *,
-                        messages: list[dict[str, Any]] | None = None,
-                        prompt: str | None = None) -> GenerationRequest:
+def _generation_request(context: InFlightRequest, params: dict[str, Any], setup: ProfileSetup) -> GenerationRequest:
     keep_alive = params.get("keepAlive")
+    messages, prompt = params.get("messages"), params.get("prompt")
     return GenerationRequest(
         request_id=context.id, received_at=context.received_at, messages=messages, prompt=prompt,
         max_tokens=params.get("maxTokens", context.settings.max_tokens), sampling=_sampling(context, params),
@@ -46,7 +55,7 @@ def _generation_request(context: InFlightRequest, params: dict[str, Any], *,
         thinking=params.get("thinking"), thinking_budget=params.get("thinkingBudget"),
         progress=context.progress, draft_model=params.get("draftModel"),
         no_draft="draftModel" in params and params["draftModel"] is None,
-        num_draft_tokens=params.get("numDraftTokens"), prompt_lookup=params.get("promptLookup"))
+        num_draft_tokens=params.get("numDraftTokens"), prompt_lookup=params.get("promptLookup"), **setup.extras)
 
 
 def _replay(context: InFlightRequest, model: str, request: GenerationRequest, hit: CachedResponse) -> GenerationResult:
@@ -64,11 +73,38 @@ def _replay(context: InFlightRequest, model: str, request: GenerationRequest, hi
                             text=None if request.stream else "".join(hit.pieces), cached=True)
 
 
+# Errors that say the request was wrong, not that the profile serving it failed.
+_CLIENTS_OWN = frozenset({INVALID_PARAMS, CONTEXT_LENGTH_EXCEEDED, FORBIDDEN, MODEL_NOT_FOUND, BUSY, MESSAGE_TOO_LARGE})
+
+
+async def _through_profiles(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
+    """chat and generate: through the profile the model names (or that "auto" chooses), whose
+    outcome is measured for routing."""
+    engine = context.engine
+    profiles = engine.profiles
+    if params.get("model") == AUTO:
+        params, setup = await profiles.route(engine, params)
+    else:
+        params, setup = profiles.setup_for(params)
+    try:
+        result = await _run_generation(context, params, _generation_request(context, params, setup), setup)
+    except RpcError as error:
+        if error.code not in _CLIENTS_OWN:
+            await profiles.record(setup, params, None, failed=True)
+        raise
+    await profiles.record(setup, params, result)
+    if setup.profile is not None:
+        result["profile"] = setup.profile.name
+        if setup.routed_by is not None:
+            result["routedBy"] = setup.routed_by
+    return result
+
+
 async def _run_generation(context: InFlightRequest, params: dict[str, Any],
-                          request: GenerationRequest) -> dict[str, Any]:
+                          request: GenerationRequest, setup: ProfileSetup) -> dict[str, Any]:
     """A cancel stops it at its next step, and it answers with what it generated so far."""
     engine = context.engine
-    location = await engine.resolve(params.get("model"))
+    location = await engine.profiles.location(engine, params.get("model"), setup.adapter)
     context.model = location.name
     with contextlib.ExitStack() as holds:
         holds.enter_context(engine.holding(location.name))
@@ -102,18 +138,18 @@ def _cancelled_before_the_engine(context: InFlightRequest, reason: CancelReason)
 
 @rpc_method("generate", when_cancelled=_cancelled_before_the_engine)
 async def generate(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
-    return await _run_generation(context, params, _generation_request(context, params, prompt=params["prompt"]))
+    return await _through_profiles(context, params)
 
 
 @rpc_method("chat", when_cancelled=_cancelled_before_the_engine)
 async def chat(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
-    return await _run_generation(context, params, _generation_request(context, params, messages=params["messages"]))
+    return await _through_profiles(context, params)
 
 
 @rpc_method("tokenize")
 async def tokenize(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     engine = context.engine
-    location = await engine.resolve(params.get("model"))
+    location, _ = await engine.resolve_named(params.get("model"))
     with engine.holding(location.name):
         loaded = await engine.ensure_loaded(location)
         tokens = await engine.tokenize(loaded, params["text"], params.get("addSpecialTokens", False))

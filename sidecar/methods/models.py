@@ -53,9 +53,12 @@ def _options(context: InFlightRequest, params: dict[str, Any], name: str) -> Mod
 
 @rpc_method("models/load")
 async def load_model(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
-    location = await context.engine.resolve(params["model"])
+    location, profile = await context.engine.resolve_named(params["model"])
     if "adapter" in params:
         location = await asyncio.to_thread(context.engine.locator.variant, location, params["adapter"])
+    if profile is not None:  # the profile's keep-alive and draft model, unless the load names its own
+        params = {**{k: v for k, v in (("keepAlive", profile.keep_alive), ("draftModel", profile.draft_model))
+                     if v is not None}, **params}
     loaded, already = await context.engine.load(location, context.progress, _options(context, params, location.name))
     return dict(loaded.describe(), alreadyLoaded=already)
 
@@ -64,7 +67,7 @@ async def load_model(context: InFlightRequest, params: dict[str, Any]) -> dict[s
 async def unload_model(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     """Work running or waiting on the model is the server's to cancel (-32802, reason unload)."""
     engine = context.engine
-    location = await engine.resolve(params["model"])
+    location, _ = await engine.resolve_named(params["model"])
     unloaded = await engine.submit_unload(location.name).future  # a cancel does not stop it
     return {"model": location.name, "unloaded": bool(unloaded)}
 
@@ -75,6 +78,9 @@ async def delete_model(context: InFlightRequest, params: dict[str, Any]) -> dict
     engine = context.engine
     if "adapter" in params:
         return await _delete_adapter(context, params["adapter"], bool(params.get("force", False)))
+    if engine.profiles.catalog.lookup(params["model"]) is not None:
+        raise InvalidParams(f"{params['model']} is a profile: profiles/delete removes it; delete its model by its own name",
+                            errors=[{"path": "/model", "message": "names a profile"}], profile=params["model"])
     location = await engine.resolve(params["model"])
     if location.adapter is not None:
         adapter = location.name[len(location.base or "") + 1:]
@@ -110,7 +116,7 @@ async def _delete_adapter(context: InFlightRequest, name: str, force: bool) -> d
 @rpc_method("models/status")
 async def model_status(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
     engine = context.engine
-    location = await engine.resolve(params["model"])
+    location, _ = await engine.resolve_named(params["model"])
     status: dict[str, Any] = {"model": location.name, "source": location.source,
                               "path": None if location.path is None else str(location.path),
                               "state": engine.model_state(location)}
