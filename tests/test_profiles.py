@@ -217,3 +217,21 @@ def test_model_auto_routes_over_the_protocol_and_says_why(client: SidecarClient,
     with pytest.raises(RpcCallError) as none:
         client.request("chat", {"model": "auto", "messages": ASK})
     assert none.value.code == -32602 and "routedBy" in none.value.data
+
+
+@pytest.mark.parametrize(("server", "profile_default", "request_value", "expected"), [
+    (4, None, None, 4), (4, 3, None, 3), (4, None, 2, 2), (4, 3, 2, 2), (None, 3, None, 3)])
+def test_each_layer_overrides_the_one_below(sidecars: Sidecars, tmp_path: Path, server: int | None,
+                                            profile_default: int | None, request_value: int | None, expected: int) -> None:
+    """maxTokens: the server's setting < the profile's default < the request's own."""
+    env = {"LOCALMLX_PROFILES_DIR": str(tmp_path / "profiles")}
+    if server is not None:
+        env["LOCALMLX_MAX_TOKENS"] = str(server)
+    client = sidecars.spawn(**env)
+    client.request("profiles/save", {"name": "layered", "profile": {
+        "model": "demo", "defaults": {"temperature": 0, "stop": ["no such stop"],
+                                      **({"maxTokens": profile_default} if profile_default else {})}}})
+    params: dict[str, Any] = {"model": "layered", "messages": ASK, "cache": False}
+    if request_value is not None:
+        params["maxTokens"] = request_value
+    assert client.request("chat", params)["usage"]["completionTokens"] == expected
