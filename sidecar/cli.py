@@ -1,4 +1,4 @@
-"""`localmlx`: serve (the sidecar), demo (the main job end to end), repl, models, finetune, demo-model."""
+"""`localmlx`: serve (the sidecar), demo (the main job end to end), repl, models, finetune, profiles, demo-model."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from .finetune_cli import add_arguments as add_finetune_arguments
 from .logs import configure_logging
 from .models_cli import add_arguments as add_models_arguments
+from .profiles_cli import add_arguments as add_profiles_arguments
 from .repl import add_arguments as add_repl_arguments
 from .settings import add_setting_flags, settings_from_args
 from .transport import claim_stdout
@@ -90,6 +91,12 @@ def finetune(args: argparse.Namespace) -> None:
     raise SystemExit(run_finetune(args))
 
 
+def profiles(args: argparse.Namespace) -> None:
+    from .profiles_cli import run as run_profiles
+
+    raise SystemExit(run_profiles(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="localmlx", description=__doc__)
     commands = parser.add_subparsers(dest="command")
@@ -123,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an adapter for a model on a dataset, through a sidecar; serve it as <model>+<name>.")
     add_finetune_arguments(finetune_cmd)
     finetune_cmd.set_defaults(func=finetune)
+
+    profiles_cmd = commands.add_parser(
+        "profiles", help="create, list, show, edit or rm model profiles (a model, template, defaults, tasks)",
+        description="Model profiles (profiles/<name>.toml), through a sidecar; a profile's name works as a model's.")
+    add_profiles_arguments(profiles_cmd)
+    profiles_cmd.set_defaults(func=profiles)
 
     follower_cmd = commands.add_parser("follower", help="one rank of a group (started by rank 0 itself)")
     follower_cmd.set_defaults(func=follower)

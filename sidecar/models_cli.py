@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"localmlx models {args.action}: {usage}", markup=False)
         return 2
     env = env_from_args(args)
-    if method == "models/fuse" and _is_path(params["adapter"]):
+    if method == "models/fuse" and is_path(params["adapter"]):
         env = with_allowed_root(env, params["adapter"])
     bar = _ProgressBar(err)
     with SidecarClient(sidecar_command(), env=env, on_notification=bar.update) as client:
@@ -106,7 +106,7 @@ def _fuse_params(args: argparse.Namespace) -> dict[str, Any]:
     if args.group_size is not None and args.quantize is None:
         raise ValueError("--group-size goes with --quantize")
     params: dict[str, Any] = {"model": model, "adapter": str(Path(adapter).expanduser().absolute())
-                              if _is_path(adapter) else adapter, "_meta": {"progressToken": "fuse"}}
+                              if is_path(adapter) else adapter, "_meta": {"progressToken": "fuse"}}
     if args.name:
         params["name"] = args.name
     if args.quantize is not None:
@@ -118,7 +118,7 @@ def _fuse_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-def _is_path(ref: str) -> bool:
+def is_path(ref: str) -> bool:
     """An adapter given as a directory, not a name under the adapters folder."""
     return ref.startswith(("/", "~", ".")) or os.sep in ref
 
@@ -127,10 +127,10 @@ def _show(out: Any, action: str, result: dict[str, Any]) -> None:
     from .repl.formatting import adapters_table, models_table, size  # on use: see run
 
     if action == "list":
-        _print_table(out, models_table(result["models"]))
+        print_table(out, models_table(result["models"]))
         if result.get("adapters"):
             out.print()
-            _print_table(out, adapters_table(result["adapters"]))
+            print_table(out, adapters_table(result["adapters"]))
     elif action == "pull":
         fetched = size(result["downloadedBytes"]) if result["downloadedBytes"] else "nothing new"
         out.print(f"{result['model']}: {size(result['bytes'])} in {result['files']} files at {result['path']} "
@@ -151,7 +151,7 @@ def _show(out: Any, action: str, result: dict[str, Any]) -> None:
         out.print(f"{result['model']}: {result['state']} ({result['source']}) {result.get('path') or ''}")
 
 
-def _print_table(out: Any, table: tuple[list[str], list[list[str]]]) -> None:
+def print_table(out: Any, table: tuple[list[str], list[list[str]]]) -> None:
     """Aligned columns: drawn by rich on a terminal, plain lines (never wrapped) for a pipe."""
     from rich.table import Table  # on use, as in `run`
 

@@ -805,3 +805,38 @@ def test_finetune_arguments_and_training_progress_words(tmp_path):
     assert fmt.training_progress({"unit": "phase", "phase": "load"}) == ""
     assert fmt.duration(4.24) == "4.2 s" and fmt.duration(3725) == "1:02:05"
     assert fmt.trained_by(None) == "made elsewhere"
+
+
+# ---- profiles: /profile ----------------------------------------------------------------------
+
+
+def test_script_profile_save_use_then_generate_through_it(env, tmp_path):
+    profiles = tmp_path / "profiles"
+    done = script({**env, "LOCALMLX_PROFILES_DIR": str(profiles)}, [
+        '/profile save terse maxTokens=3 system="Be brief." tasks=chat,code', "/profile", "/profile terse",
+        "/profile use terse", "/generate The sea", "hello", "/profile save bad bogus=1", "/profile rm terse",
+        "/profile terse"], "--json")
+    assert done.returncode == 1, done.stderr  # the last line failed
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["ok"] for r in records] == [True, True, True, True, True, True, False, True, False]
+    saved = records[0]["result"]
+    assert saved["model"] == "demo" and saved["system"] == "Be brief." and saved["path"] == str(profiles / "terse.toml")
+    assert [p["name"] for p in records[1]["result"]["profiles"]] == ["terse"]
+    assert re.search(r"^terse\s+demo\s+chat,code\s+maxTokens=3\s+system$", done.stdout + done.stderr, re.M)
+    assert "max_tokens = 3" in done.stderr and 'system = "Be brief."' in done.stderr  # /profile terse: its TOML
+    assert "chatting through profile terse" in done.stderr
+    for generated in records[4:6]:  # generate, then a chat turn: the profile's maxTokens, its name in the result
+        assert generated["result"]["profile"] == "terse" and generated["result"]["usage"]["completionTokens"] == 3
+    assert "a profile has no 'bogus'" in records[6]["error"]["message"]
+    assert "deleted profile terse" in done.stderr and not (profiles / "terse.toml").exists()
+    assert records[8]["error"]["code"] == MODEL_NOT_FOUND
+
+
+def test_profile_names_complete():
+    state = ReplState(model_names=["demo"], profile_names=["terse", "tiny-coder"])
+    assert matching(*candidates("/profile t", state)) == ["terse", "tiny-coder"]
+    assert matching(*candidates("/profile ", state)) == ["rm", "save", "terse", "tiny-coder", "use"]
+    assert matching(*candidates("/profile use ti", state)) == ["tiny-coder"]
+    assert matching(*candidates("/profile rm te", state)) == ["terse"]
+    assert matching(*candidates("/load t", state)) == ["terse", "tiny-coder"]  # a profile works as a model
+    assert candidates("/profile save terse temp", state) == ("", [])

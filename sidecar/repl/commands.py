@@ -85,10 +85,13 @@ def list_models(session: ReplSession, arg: str) -> None:
 
 
 def refresh_model_names(session: ReplSession) -> None:
-    """Quietly, for tab completion."""
+    """Quietly, for tab completion (profiles' names too: they work as models')."""
     result = session.request("models/list")
     if result is not None:
         session.state.model_names = _loadable_names(result)
+    profiles = session.request("profiles/list")
+    if profiles is not None:
+        session.state.profile_names = [p["name"] for p in profiles["profiles"]]
 
 
 def _loadable_names(listed: dict[str, Any]) -> list[str]:
@@ -102,8 +105,8 @@ def load_model(session: ReplSession, arg: str) -> None:
 
 def load(session: ReplSession, model: str) -> bool:
     result = session.request("models/load", {"model": model})
-    if result is not None:
-        session.state.model = result["model"]
+    if result is not None:  # a profile loads its base model, and is still what the REPL asks for
+        session.state.model = model if model in session.state.profile_names else result["model"]
         session.output.info(fmt.loaded_summary(result))
         if result["model"] not in session.state.model_names:
             session.state.model_names.append(result["model"])
@@ -194,6 +197,99 @@ def finetune(session: ReplSession, arg: str) -> None:
     if result["model"] not in session.state.model_names:
         session.state.model_names.append(result["model"])
     session.output.info(f"/load {result['model']} chats with it")
+
+
+PROFILE_USAGE = "usage: /profile [NAME | use NAME | save NAME [KEY=VALUE ...] | rm NAME]"
+PROFILE_ACTIONS = ("use", "save", "rm")
+
+
+def profile(session: ReplSession, arg: str) -> None:
+    try:
+        words = shlex.split(arg)
+    except ValueError as exc:
+        session.failed(f"/profile: {exc}")
+        return
+    action = words[0] if len(words) > 1 else None
+    if not words:
+        list_profiles(session)
+    elif len(words) == 1:
+        show_profile(session, words[0])
+    elif action == "use" and len(words) == 2:
+        use_profile(session, words[1])
+    elif action == "save":
+        save_profile(session, words[1], words[2:])
+    elif action == "rm" and len(words) == 2:
+        remove_profile(session, words[1])
+    else:
+        session.failed(PROFILE_USAGE)
+
+
+def list_profiles(session: ReplSession) -> None:
+    result = session.request("profiles/list")
+    if result is None:
+        return
+    session.state.profile_names = [p["name"] for p in result["profiles"]]
+    if result["profiles"]:
+        session.output.table(fmt.profiles_table(result["profiles"]))
+    elif not result["errors"]:
+        session.output.info("no profiles: /profile save NAME [KEY=VALUE ...] makes one of the current model")
+    session.output.lines(fmt.profile_error_lines(result["errors"]))
+
+
+def show_profile(session: ReplSession, name: str) -> None:
+    result = session.request("profiles/get", {"name": name})
+    if result is not None:
+        session.output.lines(fmt.profile_toml(result).splitlines())
+
+
+def use_profile(session: ReplSession, name: str) -> None:
+    found = session.request("profiles/get", {"name": name})  # a profile's own error, not a model's
+    if found is None:
+        return
+    if name not in session.state.profile_names:
+        session.state.profile_names.append(name)  # so that load keeps its name
+    if load(session, name):
+        session.output.info(f"chatting through profile {name} from now on (/load MODEL leaves it)")
+
+
+def save_profile(session: ReplSession, name: str, words: list[str]) -> None:
+    from ..profiles_cli import UsageError, profile_fields  # on use: the shell's parser of KEY=VALUE
+
+    try:
+        fields = profile_fields(words)
+    except UsageError as exc:
+        session.failed(f"/profile save: {exc}")
+        return
+    if "model" not in fields:  # the current model; a profile's base when that is a profile
+        current = session.state.model
+        if current in session.state.profile_names:
+            base = session.request("profiles/get", {"name": current})
+            if base is None:
+                return
+            fields = {"model": base["model"], **({"adapter": base["adapter"]} if base.get("adapter") else {}), **fields}
+        else:
+            fields["model"] = current
+    result = session.request("profiles/save", {"name": name, "profile": fields})
+    if result is None:
+        return
+    if name not in session.state.profile_names:
+        session.state.profile_names.append(name)
+    session.output.info(f"saved profile {name} ({result['path']}): {fmt.profile_summary(result)}")
+    session.output.info(f"/profile use {name} chats through it")
+
+
+def remove_profile(session: ReplSession, name: str) -> None:
+    result = session.request("profiles/delete", {"name": name})
+    if result is None:
+        return
+    if name in session.state.profile_names:
+        session.state.profile_names.remove(name)
+    if result["deleted"]:
+        session.output.info(f"deleted profile {name}")
+        if session.state.model == name:
+            session.output.info(f"the chat still names {name}: /load MODEL (or /profile use NAME) picks another")
+    else:
+        session.failed(f"no profile {name} to delete")
 
 
 def unload_model(session: ReplSession, arg: str) -> None:
@@ -522,6 +618,9 @@ COMMANDS: list[Command] = [
     Command("finetune", "/finetune DATA [K=V…]", "train an adapter for the current model (model=M for another) "
             "on a dataset, with progress; K=V: iterations, learningRate, rank, name, … (models/finetune)",
             finetune),
+    Command("profile", "/profile [NAME|use|save|rm]", "list profiles, show one (NAME), chat through one "
+            "(use NAME), save one of the current model (save NAME temperature=0.2 system=... tasks=chat,code), "
+            "or delete one (rm NAME)", profile, "profile"),
     Command("status", "/status", "memory, requests and loaded models (server/status)", show_status),
     Command("chat", "/chat [TEXT|off]", "conversation mode (the default): plain lines are turns of one chat",
             chat_mode, ("off",)),

@@ -294,3 +294,86 @@ def finetune_summary(result: dict[str, Any]) -> list[str]:
         f"  use it as the model {result['model']} (models/load {{\"model\": \"{result['base']}\", "
         f"\"adapter\": \"{result['adapter']}\"}})",
     ]
+
+
+# ---- profiles ------------------------------------------------------------------------------
+
+
+def profile_model(profile: dict[str, Any]) -> str:
+    """`base+adapter`, as a variant's name reads, or the base alone."""
+    return f"{profile['model']}+{profile['adapter']}" if profile.get("adapter") else str(profile["model"])
+
+
+def defaults_summary(defaults: dict[str, Any], width: int = 72) -> str:
+    """`temperature=0.2 maxTokens=512 stop=["\\n\\n"]`, cut to `width`."""
+    text = " ".join(f"{key}={compact_json(value)}" for key, value in defaults.items())
+    return visible(text if len(text) <= width else text[:width - 1] + "…")
+
+
+def profile_setup(profile: dict[str, Any]) -> str:
+    """What else it sets, in a few words: `template, system, context 8192, keep 10m, draft d`."""
+    parts = []
+    if profile.get("template") is not None:
+        parts.append("template" if profile.get("templateSource") in (None, "inline") else "template file")
+    if profile.get("system") is not None:
+        parts.append("system")
+    if profile.get("contextLength") is not None:
+        parts.append(f"context {profile['contextLength']}")
+    if profile.get("keepAlive") is not None:
+        parts.append(f"keep {profile['keepAlive']}")
+    if profile.get("draftModel"):
+        parts.append(f"draft {profile['draftModel']}")
+    return ", ".join(parts)
+
+
+def profiles_table(profiles: list[dict[str, Any]]) -> Table:
+    rows = [[p["name"], profile_model(p), ",".join(p.get("tasks") or ()), defaults_summary(p.get("defaults") or {}),
+             profile_setup(p)] for p in profiles]
+    return ["profile", "model", "tasks", "defaults", "also"], rows
+
+
+def profile_error_lines(errors: list[dict[str, Any]]) -> list[str]:
+    """Files that did not load: `malformed profile broken: <why, with the line>`."""
+    return [f"malformed profile {e['name']}: {visible(e['message'])}" for e in errors]
+
+
+def profile_summary(profile: dict[str, Any]) -> str:
+    """One line: the model, the tasks, the defaults, the rest."""
+    parts = [profile_model(profile)]
+    if profile.get("tasks"):
+        parts.append(f"tasks {','.join(profile['tasks'])}")
+    if profile.get("defaults"):
+        parts.append(defaults_summary(profile["defaults"]))
+    if setup := profile_setup(profile):
+        parts.append(setup)
+    return " · ".join(parts)
+
+
+def snake_case(key: str) -> str:
+    """contextLength -> context_length: how a wire key reads in a profile's TOML file."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in key)
+
+
+_TOML_ORDER = ("model", "adapter", "system", "template", "contextLength", "keepAlive", "draftModel", "tasks")
+
+
+def profile_toml(profile: dict[str, Any]) -> str:
+    """A profile as its file would read (keys in snake_case, a template file by its path),
+    after a comment naming the file."""
+    import tomllib
+
+    import tomli_w  # on use: only showing a profile needs it
+
+    document: dict[str, Any] = {}
+    for key in _TOML_ORDER:
+        value = profile.get(key)
+        if key == "template" and value is not None and profile.get("templateSource") not in (None, "inline"):
+            document["template_file"] = profile["templateSource"]
+        elif value is not None and value != []:
+            document[snake_case(key)] = value
+    if profile.get("defaults"):
+        document["defaults"] = {snake_case(key): value for key, value in profile["defaults"].items()}
+    text = tomli_w.dumps(document, multiline_strings=True)  # as the store writes it: a template reads as written
+    if tomllib.loads(text) != document:  # unless that changes it (\r\n): escaped then
+        text = tomli_w.dumps(document)
+    return f"# profile {profile['name']}: {profile['path']}\n{text}"

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from .commands import command_names, completion_kind, is_raw_json
+from .commands import PROFILE_ACTIONS, command_names, completion_kind, is_raw_json
 from .state import ReplState, setting_names
 
 HISTORY_ENV = "LOCALMLX_REPL_HISTORY"
@@ -34,11 +34,15 @@ def candidates(text: str, state: ReplState) -> tuple[str, list[str]]:
     name, space, arg = text[1:].partition(" ")
     if not space:
         return text, ["/" + n for n in command_names()]
-    if " " in arg:  # only the first argument completes
-        return "", []
     kind = completion_kind(name)
-    words = {"model": state.model_names, "setting": setting_names(), "method": state.methods,
-             "command": command_names()}.get(kind, []) if isinstance(kind, str) else list(kind or ())
+    if " " in arg:  # only the first argument completes, and the profile after `/profile use|rm|save`
+        action, _, rest = arg.partition(" ")
+        named = kind == "profile" and action in PROFILE_ACTIONS and " " not in rest
+        return (rest, state.profile_names) if named else ("", [])
+    words = {"model": [*state.model_names, *state.profile_names], "setting": setting_names(),
+             "method": state.methods, "command": command_names(),
+             "profile": [*PROFILE_ACTIONS, *state.profile_names]}.get(kind, []) \
+        if isinstance(kind, str) else list(kind or ())
     return arg, words
 
 

@@ -165,6 +165,7 @@ class ReplState:
     server_defaults: dict[str, Any] = field(default_factory=dict)
     methods: list[str] = field(default_factory=list)
     model_names: list[str] = field(default_factory=list)
+    profile_names: list[str] = field(default_factory=list)  # they work as model names too
     had_errors: bool = False
     embed_model: str | None = None  # `/embed --model NAME` (else the chat model)
 
