@@ -38,13 +38,18 @@ import type {
   ModelsStatusResult,
   ModelsUnloadResult,
   ParamsOf,
+  Profile,
+  ProfileFields,
+  ProfileName,
+  ProfilesDeleteResult,
+  ProfilesListResult,
   ProgressParams,
   ResultOf,
   ServerStatusResult,
   TokenizeResult,
 } from "./protocol";
 import type { CloseResult, Session, SessionEnd, SessionOptions, StopTimeouts } from "./session";
-import { distributedEnv, draftModelsEnv, type DistributedOptions, type DraftModels } from "./settings";
+import { distributedEnv, draftModelsEnv, profilesDirEnv, type DistributedOptions, type DraftModels } from "./settings";
 import { DEFAULT_RESTART_POLICY, Supervisor, type RestartPolicy, type SupervisorHooks } from "./supervisor";
 
 /** Where log lines go: any console-like object (`console`, pino, winston…); every method optional. */
@@ -100,6 +105,11 @@ export interface LocalMLXOptions {
    * `env`. A request overrides it with `draftModel` (`null`: none). A bad value throws `SettingsError`.
    */
   draftModels?: DraftModels;
+  /**
+   * Profiles (README "Profiles"): a directory of `<name>.toml` files, read before the models
+   * dir's `profiles/` and written by `profiles.save()`, as `LOCALMLX_PROFILES_DIR` merged over `env`.
+   */
+  profilesDir?: string;
   /** Sent in `initialize`. Default `{ name: "@localmlx/client", version }`. */
   clientInfo?: { name: string; version?: string };
   /** Spawn + `initialize` must finish within this. Default 60000. */
@@ -214,6 +224,9 @@ export function packageVersion(): string {
   }
 }
 
+/** The model name that routes among the profiles (`routedBy` says which served, and why). */
+const AUTO = "auto";
+
 const LEVELS: Record<string, keyof Logger> = {
   DEBUG: "debug",
   INFO: "info",
@@ -242,7 +255,7 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
   private readonly supervisor: Supervisor;
   private readonly options: LocalMLXOptions;
   private readonly closeTimeouts: StopTimeouts;
-  /** What the sidecar gets over `process.env`: `env`, then the `distributed` and `draftModels` settings. */
+  /** What the sidecar gets over `process.env`: `env`, then the `distributed`, `draftModels` and `profilesDir` settings. */
   private readonly env: Record<string, string | undefined>;
   private lastId = 0;
 
@@ -283,6 +296,30 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
       (await this.request("models/list", {}, options)).adapters,
   };
 
+  /**
+   * Profiles: named model setups (base model, chat template, system prompt, default params,
+   * context length, keep-alive, draft model, tasks), one TOML file each. A profile's name works
+   * wherever a model's does (`chat`, `generate`, `embed`, `models.load`…), and `model: "auto"`
+   * routes among them by `task` (the result says `profile` and `routedBy`).
+   */
+  readonly profiles = {
+    /** Every profile that reads, and `errors`: each file that does not, with why (it is skipped, never fatal). */
+    list: (options: CallOptions = {}): Promise<ProfilesListResult> => this.request("profiles/list", {}, options),
+    /** One profile; `RpcError` -32010 when there is none of that name, -32602 when its file is malformed. */
+    get: (name: ProfileName, options: CallOptions = {}): Promise<Profile> => this.request("profiles/get", { name }, options),
+    /**
+     * Writes `<name>.toml` whole (camelCase fields, as `Profile` has them) and returns it as read
+     * back. `overwrite: false` refuses a name already taken (-32602); a bad field is -32602 naming it.
+     */
+    save: (name: ProfileName, fields: ProfileFields, options: CallOptions & { overwrite?: boolean } = {}): Promise<Profile> => {
+      const { overwrite, ...callOptions } = options;
+      return this.request("profiles/save", { name, profile: fields, ...(overwrite !== undefined ? { overwrite } : {}) }, callOptions);
+    },
+    /** Removes the profile's file; `deleted` is false when there was none. */
+    delete: (name: ProfileName, options: CallOptions = {}): Promise<ProfilesDeleteResult> =>
+      this.request("profiles/delete", { name }, options),
+  };
+
   /** Starts the sidecar (and loads `options.model`); rejects with SidecarStartError when it cannot. */
   static async start(options: LocalMLXOptions = {}): Promise<LocalMLX> {
     const client = new LocalMLX(options);
@@ -302,7 +339,12 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
     super();
     this.options = options;
     this.closeTimeouts = { ...DEFAULTS.closeTimeouts, ...options.closeTimeouts };
-    this.env = { ...options.env, ...distributedEnv(options.distributed), ...draftModelsEnv(options.draftModels) };
+    this.env = {
+      ...options.env,
+      ...distributedEnv(options.distributed),
+      ...draftModelsEnv(options.draftModels),
+      ...profilesDirEnv(options.profilesDir),
+    };
     const candidates = findSidecar({
       python: options.python,
       args: options.args,
@@ -380,7 +422,8 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
 
   /**
    * A chat completion, streamed. Iterate it for chunks, or await `.result` (or the prediction
-   * itself) for `{ text, finishReason, usage, timings }`.
+   * itself) for `{ text, finishReason, usage, timings }`. Through a profile (its name as `model`,
+   * or `"auto"` with an optional `task`), the result adds `profile`, and `routedBy` for `"auto"`.
    */
   chat(options: ChatOptions): Prediction {
     return this.predict("chat", options);
@@ -401,7 +444,9 @@ export class LocalMLX extends TypedEmitter<LocalMLXEvents> {
       timeoutMs: timeoutMs ?? this.options.requestTimeoutMs ?? DEFAULTS.requestTimeoutMs,
       highWaterMark: Math.max(1, this.options.highWaterMark ?? DEFAULTS.highWaterMark),
       onWarning: (warning) => this.emit("warning", warning),
-      onResult: (result: PredictionResult) => this.touchModel(result.model, { model: params.model ?? result.model }),
+      // Reloaded after a restart by the name it was asked for; "auto" by the profile it chose.
+      onResult: (result: PredictionResult) =>
+        this.touchModel(result.model, { model: params.model === AUTO ? result.profile ?? result.model : params.model ?? result.model }),
     });
     this.supervisor.acquire().then(
       (session) => prediction.start(session.connection, params as Record<string, unknown>),

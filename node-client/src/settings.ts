@@ -194,6 +194,7 @@ export const SETTINGS = {
   quantization: text("LOCALMLX_QUANTIZATION", "4bit, 8bit or none, for converting non-MLX downloads (sidecar)", { examples: ["4bit", "none"] }),
   enableCache: flag("LOCALMLX_ENABLE_CACHE", "the exact response cache (sidecar)"),
   draftModels: draftModelPairs("LOCALMLX_DRAFT_MODELS", "speculative decoding: each target model's default draft model, target=draft pairs, comma-separated (sidecar)"),
+  profilesDir: text("LOCALMLX_PROFILES_DIR", "a directory of profiles (<name>.toml), read before the models dir's profiles/ and written by profiles/save (sidecar)", { examples: ["/Users/me/.localmlx/profiles", "/a path/with spaces"] }),
   // One model sharded over several machines (sidecar; README "Several Macs"): no default here.
   hostfile: text("LOCALMLX_HOSTFILE", "mlx.launch's hostfile JSON: serve models sharded over its hosts (sidecar)", { examples: ["/Users/me/.localmlx/hosts.json", "/a path/with spaces.json"] }),
   distributedMode: choice("LOCALMLX_DISTRIBUTED_MODE", "how a model is split over the group: pipeline or tensor (sidecar)", ["pipeline", "tensor"]),
@@ -297,4 +298,16 @@ export function draftModelsEnv(draftModels?: DraftModels): Record<string, string
 function samePairs(a: Record<string, string>, b: Record<string, string>): boolean {
   const entries = Object.entries(b);
   return Object.keys(a).length === entries.length && entries.every(([target, draft]) => Object.hasOwn(a, target) && a[target] === draft);
+}
+
+/**
+ * The sidecar's environment for `LocalMLX`'s `profilesDir` option: `LOCALMLX_PROFILES_DIR`, read
+ * back through the table (an empty or blank path is a `SettingsError`, not "unset").
+ */
+export function profilesDirEnv(profilesDir?: string): Record<string, string> {
+  if (profilesDir === undefined) return {};
+  const setting = SETTINGS.profilesDir;
+  const dir = readSetting({ [setting.env]: profilesDir }, "profilesDir");
+  if (dir === undefined) throw new SettingsError(setting.env, profilesDir, "must be a directory, not empty");
+  return { [setting.env]: setting.format(dir) };
 }

@@ -36,6 +36,7 @@ const PLUGIN_FIELD: Partial<Record<SettingName, (value: unknown) => unknown>> = 
   streamResponses: (v) => v,
   enableCache: (v) => v,
   draftModels: (v) => v,
+  profilesDir: (v) => v,
   python: (v) => v,
   hostfile: (v) => v,
   distributedMode: (v) => v,
@@ -140,6 +141,7 @@ describe("settings", () => {
       distributedAllowPublic: ["true", "off", "maybe"],
       distributedTimeout: ["5", " 0.5 ", "1e1", "3_0", "abc", "5s"],
       distributedLauncher: ["ssh -o BatchMode=yes {ssh}"],
+      profilesDir: ["/tmp/profiles", "relative/profiles", "/a path/with spaces"],
       draftModels: ["demo=demo", " big = small ,, demo=demo ", "a=b=c", ",", "big", "big=", "=small", "mlx-community/A-8B=mlx-community/A-1B"],
     };
     const cases = Object.entries(texts).flatMap(([name, list]) => list.map((text) => [name as SettingName, text] as const));

@@ -40,6 +40,8 @@ export interface LocalMLXPluginSettings {
   enableCache: boolean | undefined;
   /** LOCALMLX_DRAFT_MODELS (sidecar): each target model's default draft model, for speculative decoding. */
   draftModels: Record<string, string> | undefined;
+  /** LOCALMLX_PROFILES_DIR (sidecar): a directory of profiles (`<name>.toml`); undefined: the models dir's `profiles/`. */
+  profilesDir: string | undefined;
   /** LOCALMLX_PYTHON: the Python that runs the sidecar. */
   python: string | undefined;
   /** LOCALMLX_HOSTFILE (sidecar): mlx.launch's hostfile JSON, to serve models sharded over its hosts; undefined: this machine alone. */
@@ -134,6 +136,7 @@ export function readSettings(config?: AppConfig, env: SettingsEnv = process.env)
     streamResponses: read("streamResponses")!,
     enableCache: read("enableCache"),
     draftModels: read("draftModels"),
+    profilesDir: read("profilesDir"),
     python: read("python"),
     // Checked here (a bad value stops the plugin with the variable's name), passed on as written.
     hostfile: read("hostfile"),

@@ -21,7 +21,9 @@ import {
   type ModelDescription,
   type ModelsDownloadResult,
   type PredictionResult,
+  type RoutedBy,
   type ServerStatusResult,
+  type Task,
 } from "@localmlx/client";
 import type { LocalMLXPluginSettings } from "./config";
 import type { RemoteModel } from "./remote";
@@ -39,6 +41,9 @@ export interface Answer {
   timings?: PredictionResult["timings"];
   /** Why it was served where it was (a fallback, a route decision). */
   note?: string;
+  /** The sidecar profile that served (named, or chosen by model "auto"), and why auto chose it. */
+  profile?: string;
+  routedBy?: RoutedBy;
 }
 
 export interface GenerationOptions {
@@ -48,6 +53,8 @@ export interface GenerationOptions {
   stop?: string[];
   /** Draft from n-grams of the prompt (prompt lookup): faster where the answer copies its input. */
   promptLookup?: boolean;
+  /** What the request is for: model "auto" picks a profile declaring it. */
+  task?: Task;
   signal?: AbortSignal;
   /** Called with each piece of text as it is generated (LOCALMLX_STREAM_RESPONSES). */
   onText?: (text: string) => void;
@@ -66,6 +73,25 @@ export class LocalUnavailableError extends Error {
 /** The client's own error behind a LocalUnavailableError (what the fallback module classifies). */
 function unwrap(error: unknown): unknown {
   return error instanceof LocalUnavailableError && error.cause !== undefined ? error.cause : error;
+}
+
+/** The model name that makes the sidecar pick a profile for the request. */
+const AUTO = "auto";
+/** How long the sidecar's profile names are trusted: an edited profiles dir shows within this. */
+const PROFILES_TTL_MS = 10_000;
+
+/** intelligent_route's free-text `task` as a task the sidecar routes by; undefined: let it classify the prompt. */
+export function taskNamed(text: string | undefined): Task | undefined {
+  const word = text?.trim().toLowerCase();
+  if (!word) return undefined;
+  const tasks: Record<string, Task> = {
+    chat: "chat", conversation: "chat", talk: "chat",
+    code: "code", coding: "code", programming: "code", debug: "code", refactor: "code",
+    summarize: "summarize", summarise: "summarize", summary: "summarize", summarization: "summarize", tldr: "summarize",
+    reasoning: "reasoning", reason: "reasoning", thinking: "reasoning", math: "reasoning", analysis: "reasoning",
+    extraction: "extraction", extract: "extraction", json: "extraction", classify: "extraction", classification: "extraction",
+  };
+  return tasks[word];
 }
 
 const SUMMARY_OVERHEAD_TOKENS = 160;
@@ -127,6 +153,10 @@ export class LocalMLXService {
    */
   readonly backend: LocalBackend;
   private activeModel: string | undefined;
+  /** The base model behind the active one, when switch_model chose a profile (what to unload on the next switch). */
+  private activeBase: string | undefined;
+  /** The sidecar's profile names, and when they were asked for (PROFILES_TTL_MS). */
+  private profilesSeen: { names: string[]; at: number } | undefined;
   private readonly contextLengths = new Map<string, number | null>();
   private readonly speeds = new Map<string, { tokensPerSecond: number; promptTokensPerSecond: number; at: string }>();
 
@@ -280,6 +310,7 @@ export class LocalMLXService {
       ...(options.temperature !== undefined ? { temperature: options.temperature } : {}),
       ...(options.stop?.length ? { stop: options.stop } : {}),
       ...(options.promptLookup !== undefined ? { promptLookup: options.promptLookup } : {}),
+      ...(options.task !== undefined ? { task: options.task } : {}),
       ...(options.signal ? { signal: options.signal } : {}),
     };
     const prediction = "messages" in input ? mlx.chat({ ...input, ...common }) : mlx.generate({ ...input, ...common });
@@ -302,6 +333,8 @@ export class LocalMLXService {
       finishReason: result.finishReason,
       usage: result.usage,
       timings: result.timings,
+      ...(result.profile !== undefined ? { profile: result.profile } : {}),
+      ...(result.routedBy !== undefined ? { routedBy: result.routedBy } : {}),
     };
   }
 
@@ -520,28 +553,66 @@ export class LocalMLXService {
     return { target: "local", reason: remoteReady ? "local is available and costs nothing" : "local is available (no remote server configured)" };
   }
 
-  async route(prompt: string, options: GenerationOptions & { prefer?: "local" | "remote" | "auto"; task?: string; system?: string } = {}): Promise<Answer> {
+  async route(
+    prompt: string,
+    options: Omit<GenerationOptions, "task"> & { prefer?: "local" | "remote" | "auto"; task?: string; system?: string } = {},
+  ): Promise<Answer> {
     const decision = await this.decideRoute(prompt, options);
     const messages: Message[] = [...(options.system ? [{ role: "system" as const, content: options.system }] : []), { role: "user", content: prompt }];
+    const { task: _task, ...generation } = options;
     this.log(LogLevel.INFO, `intelligent_route: ${decision.target} (${decision.reason})`);
     if (decision.target === "remote" && this.remote) {
       try {
-        const answer = await this.remote.chat(messages, { ...this.remoteSampling(options), reason: `intelligent_route chose remote: ${decision.reason}` });
+        const answer = await this.remote.chat(messages, { ...this.remoteSampling(generation), reason: `intelligent_route chose remote: ${decision.reason}` });
         return { ...answer, servedBy: "remote", note: decision.reason };
       } catch (error) {
         this.log(LogLevel.WARN, `remote failed (${describeError(error)}); answering locally`);
-        const answer = await this.localChat(messages, options);
+        const answer = await this.localRouted(messages, generation, taskNamed(options.task));
         return { ...answer, note: `${decision.reason}; remote failed (${describeError(error)})` };
       }
     }
     try {
-      return { ...(await this.localChat(messages, options)), note: decision.reason };
+      return { ...(await this.localRouted(messages, generation, taskNamed(options.task))), note: decision.reason };
     } catch (error) {
       if (!this.remote || !isFallbackWorthy(unwrap(error))) throw error;
       const note = `${decision.reason}, but local could not serve: ${describeError(error)}`;
-      const answer = await this.remote.chat(messages, { ...this.remoteSampling(options), reason: `intelligent_route: ${note}` });
+      const answer = await this.remote.chat(messages, { ...this.remoteSampling(generation), reason: `intelligent_route: ${note}` });
       return { ...answer, servedBy: "remote", note };
     }
+  }
+
+  /**
+   * intelligent_route's local answer: with profiles on the sidecar (and no model asked for),
+   * model "auto" with the task, so the sidecar picks the profile (by task, memory and what it
+   * measured); else the active model. When auto finds no profile that can serve, the active model.
+   */
+  private async localRouted(messages: Message[], options: GenerationOptions, task: Task | undefined): Promise<Answer> {
+    if (options.model !== undefined || (await this.profileNames()).length === 0) return this.localChat(messages, options);
+    try {
+      return await this.localChat(messages, { ...options, model: AUTO, ...(task !== undefined ? { task } : {}) });
+    } catch (error) {
+      const data = error instanceof RpcError ? (error.data as { routedBy?: RoutedBy } | undefined) : undefined;
+      if (!(error instanceof RpcError && error.code === ErrorCode.InvalidParams && data?.routedBy)) throw error;
+      this.log(LogLevel.INFO, `intelligent_route: no profile can serve (${data.routedBy.reason}); answering with the active model`);
+      return this.localChat(messages, options);
+    }
+  }
+
+  /**
+   * The sidecar's profile names, asked at most every PROFILES_TTL_MS; none when it cannot say
+   * (not started, or too old to have profiles).
+   */
+  async profileNames(): Promise<string[]> {
+    const seen = this.profilesSeen;
+    if (seen && Date.now() - seen.at < PROFILES_TTL_MS) return seen.names;
+    let names: string[] = [];
+    try {
+      names = (await (await this.mlx()).request("profiles/list", {})).profiles.map((profile) => profile.name);
+    } catch (error) {
+      this.log(LogLevel.DEBUG, `profiles/list: ${describeError(error)}`);
+    }
+    this.profilesSeen = { names, at: Date.now() };
+    return names;
   }
 
   // ---- models -------------------------------------------------------------------------------
@@ -563,16 +634,24 @@ export class LocalMLXService {
     );
   }
 
-  /** Loads a model and makes it the one the tools use. */
+  /**
+   * Loads a model and makes it the one the tools use. A profile's name loads its base model and
+   * stays the active name, so the tools' requests keep the profile's template, system prompt and defaults.
+   */
   async switchModel(model: string, options: { onProgress?: (p: LoadProgress) => void } = {}): Promise<ModelDescription> {
     const mlx = await this.mlx();
     const previous = this.model;
+    const previousBase = this.activeBase ?? previous;
     const description = await mlx.models.load(model, { timeoutMs: 0, ...(options.onProgress ? { onProgress: options.onProgress } : {}) });
-    this.activeModel = description.model;
+    const isProfile = model !== description.model && (await this.profileNames()).includes(model);
+    this.activeModel = isProfile ? model : description.model;
+    this.activeBase = description.model;
     this.contextLengths.set(description.model, description.contextLength);
     const offload = this.settings.offloadInactive;
-    if (previous && previous !== description.model && offload !== undefined && offload !== "-1") {
-      await mlx.models.unload(previous).catch(() => undefined);
+    if (previousBase && previousBase !== description.model && offload !== undefined && offload !== "-1") {
+      // A profile named by the settings resolves to its base here: never unload what was just loaded.
+      const base = (await mlx.models.status(previousBase).catch(() => undefined))?.model ?? previousBase;
+      if (base !== description.model) await mlx.models.unload(base).catch(() => undefined);
     }
     return description;
   }

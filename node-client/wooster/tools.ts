@@ -77,8 +77,14 @@ function history(value: unknown): Message[] {
 function reply(answer: Answer, always = false): string {
   const text = answer.text.trim() || "(the model returned no text)";
   if (answer.servedBy === "local" && !always) return text;
-  const where = answer.servedBy === "local" ? `local model ${answer.model}` : `remote model ${answer.model}`;
-  return `${text}\n\n[served by ${where}${answer.note ? `: ${answer.note}` : ""}]`;
+  const where =
+    answer.servedBy === "remote"
+      ? `remote model ${answer.model}`
+      : answer.profile
+        ? `local profile ${answer.profile} (model ${answer.model})`
+        : `local model ${answer.model}`;
+  const why = [answer.note, answer.routedBy?.reason].filter(Boolean).join("; ");
+  return `${text}\n\n[served by ${where}${why ? `: ${why}` : ""}]`;
 }
 
 /** Rate-limited progress lines: at each new phase, then every 10 % or 5 s. */
@@ -229,7 +235,11 @@ const listLocalModels: ToolDefinition = {
       const details = [m.source, formatBytes(m.bytes), m.type ?? "", quant, m.contextLength ? `context ${m.contextLength}` : ""].filter(Boolean).join(", ");
       return `- ${m.model} (${details})${flags.length ? ` [${flags.join(", ")}]` : ""}`;
     });
-    return `Local models (${models.length}):\n${lines.join("\n")}`;
+    const profiles = await service.profileNames();
+    const named = profiles.length
+      ? `\nProfiles (switch_model takes their names too${profiles.includes(active ?? "") ? `; active: ${active}` : ""}): ${profiles.join(", ")}`
+      : "";
+    return `Local models (${models.length}):\n${lines.join("\n")}${named}`;
   },
 };
 
@@ -257,16 +267,18 @@ const switchModel: ToolDefinition = {
   name: "switch_model",
   description:
     "Make another local model the active one for the local MLX tools (loads it into memory now). " +
-    'Input: a model name from list_local_models, a Hub repo id, or a local path; or JSON {"model": "..."}.',
+    'Input: a model name from list_local_models, a profile name, a Hub repo id, or a local path; or JSON {"model": "..."}.',
   async run({ text, fields }, { service, log }) {
     const model = str(fields, "model", "name") ?? text;
     if (!model) return 'switch_model needs a model name: plain text, or JSON {"model": "..."}.';
     const previous = service.model;
     const d = await service.switchModel(model, { onProgress: progressLogger(log, `load ${model}`) });
+    const active = service.model ?? d.model;
     const quant = d.quantization ? `${d.quantization.bits}-bit` : "not quantized";
     const params = d.parameters >= 1e9 ? `${(d.parameters / 1e9).toFixed(1)}B` : `${(d.parameters / 1e6).toFixed(1)}M`;
+    const name = active === d.model ? d.model : `profile ${active} (model ${d.model})`;
     return (
-      `Active model is now ${d.model}${previous && previous !== d.model ? ` (was ${previous})` : ""}: ${d.type}, ${params} parameters, ${quant}, ` +
+      `Active model is now ${name}${previous && previous !== active ? ` (was ${previous})` : ""}: ${d.type}, ${params} parameters, ${quant}, ` +
       `context ${d.contextLength ?? "unknown"}, ${formatBytes(d.bytes)} in memory` +
       (d.alreadyLoaded ? ", already loaded." : `, loaded in ${Math.round(d.loadTimeMs ?? 0)} ms.`)
     );
@@ -312,7 +324,8 @@ const intelligentRoute: ToolDefinition = {
     "Answer a prompt with the best available model: the local MLX model for private or routine work (code, summaries, rewriting), " +
     "a remote OpenAI-compatible model (when configured) for tasks needing fresh knowledge, long deep reasoning, or more context than local has, " +
     "and whichever is up when the other is not. " +
-    'Input: the prompt as plain text, or JSON {"prompt": "...", "task": "optional kind of task", "prefer": "auto"|"local"|"remote"}. ' +
+    'Input: the prompt as plain text, or JSON {"prompt": "...", "task": "optional: chat, code, summarize, reasoning or extraction", "prefer": "auto"|"local"|"remote"}. ' +
+    "With profiles on the local side, the local answer comes from the profile made for the task. " +
     "Returns the answer and where it was served.",
   async run({ text, fields }, { service, stream }) {
     const prompt = str(fields, "prompt", "message", "input", "query") ?? text;

@@ -4,7 +4,8 @@
  * listen on several ports at once (Wooster's tiers), each with its own model routing, all served
  * by the one sidecar under its one memory budget. A client that disconnects cancels its
  * generation. Errors use OpenAI's shape. With a fallback, requests the sidecar cannot serve go to
- * a remote OpenAI-compatible server (`x-localmlx-served-by: local | remote`).
+ * a remote OpenAI-compatible server (`x-localmlx-served-by: local | remote`). A profile's name
+ * works as a model's, and `auto` routes among the profiles (`x-localmlx-profile`, `x-localmlx-routed-by`).
  *
  * Hostile input: every request, however malformed, is answered in OpenAI's shape with a 4xx, and
  * nothing a client sends can crash the process. The key is checked before any other work; the
@@ -18,7 +19,8 @@ import type { Duplex, Readable } from "node:stream";
 import type { LocalMLX, LocalMLXOptions, Logger } from "../client";
 import { TypedEmitter } from "../events";
 import type { Prediction } from "../prediction";
-import type { EmbedResult, FinishReason } from "../protocol";
+import { ErrorCode, RpcError } from "../errors";
+import type { EmbedResult, FinishReason, RoutedBy } from "../protocol";
 import { OpenAIHttpError, badRequest, toOpenAIError } from "./errors";
 import { badTarget, clientErrorOf, decodeSegment, logValue, pathOfTarget, rawResponse } from "./http-edges";
 import { limitsOf, nestingPastLimit, tooDeep, type RequestLimits } from "./limits";
@@ -105,6 +107,8 @@ export interface OpenAIRequestInfo {
   status: number;
   model?: string;
   servedBy?: ServedBy;
+  /** The profile that served (the model named one, or `auto` chose it). */
+  profile?: string;
   stream?: boolean;
   /** The sidecar's finish reason (`"cancelled"` when the client went away). */
   finishReason?: FinishReason;
@@ -602,6 +606,10 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
       if (adapter.base !== null) ids.add(`${adapter.base}+${adapter.name}`);
       for (const variant of adapter.loadedAs) ids.add(variant);
     }
+    // A profile is asked for by its name; `auto` routes among them (so it is listed only beside one).
+    const profiles = await profileNames(client, context.signal);
+    for (const name of profiles) ids.add(name);
+    if (profiles.length > 0) ids.add(AUTO);
     return [...ids];
   }
 
@@ -631,7 +639,11 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
         if (Object.hasOwn(context.routing.aliases ?? {}, id)) return { status: 200, body: modelObject(id) };
         const client = await this.local.acquire();
         const target = resolveModel(id, context.routing) ?? id;
-        await client.models.status(target, { signal: context.signal }); // -32010: 404
+        if (target === AUTO) {
+          if ((await profileNames(client, context.signal)).length > 0) return { status: 200, body: modelObject(id) };
+          throw new OpenAIHttpError(404, "The model auto routes among profiles, and there are none", "invalid_request_error", "model", "model_not_found");
+        }
+        await client.models.status(target, { signal: context.signal }); // -32010: 404 (a profile's name resolves to its model)
         return { status: 200, body: modelObject(id) };
       },
       remote: async () => this.remoteJson(context, "GET", `/models/${encodeURIComponent(id)}`),
@@ -658,7 +670,8 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     const stream = isStreaming(body);
     context.info.stream = stream;
     if (model !== undefined) context.info.model = model;
-    const fullParams = { ...params, ...(model !== undefined ? { model } : {}) };
+    const task = taskOf(body);
+    const fullParams = { ...params, ...(model !== undefined ? { model } : {}), ...(task !== undefined ? { task } : {}) };
     const { servedBy, value } = await runWithFallback<Started | Response>({
       fallback: this.fallback,
       backend: this.local,
@@ -675,6 +688,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     const result = await gather(prediction, iterator, first);
     context.info.finishReason = result.finishReason;
     context.info.model = result.model;
+    if (result.profile !== undefined) context.info.profile = result.profile;
     return result;
   }
 
@@ -685,7 +699,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     const { prediction, iterator, first } = value;
     if (!stream) {
       const result = await this.gathered(context, value);
-      this.sendJson(context, 200, chatCompletionOf(result, responseMeta("chatcmpl", requested ?? result.model)), "local");
+      this.sendJson(context, 200, chatCompletionOf(result, responseMeta("chatcmpl", requested ?? result.model)), "local", profileHeaders(result));
       return;
     }
     const deltas = new ChatDeltaStream(responseMeta("chatcmpl", requested ?? model ?? "localmlx"));
@@ -710,7 +724,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
     if (!stream) {
       const result = await this.gathered(context, value);
       const text = (echo ? params.prompt : "") + result.text;
-      this.sendJson(context, 200, completionOf(text, result, responseMeta("cmpl", requested ?? result.model)), "local");
+      this.sendJson(context, 200, completionOf(text, result, responseMeta("cmpl", requested ?? result.model)), "local", profileHeaders(result));
       return;
     }
     const meta = responseMeta("cmpl", requested ?? model ?? "localmlx");
@@ -765,6 +779,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
       const result = await prediction.result;
       context.info.finishReason = result.finishReason;
       context.info.model = result.model;
+      if (result.profile !== undefined) context.info.profile = result.profile;
       if (context.signal.aborted) return;
       onEnd(result);
       context.res.end("data: [DONE]\n\n");
@@ -889,6 +904,7 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
   private log(info: OpenAIRequestInfo): void {
     const parts = [`${logValue(info.method)} ${logValue(info.path)}`, `${info.status}`, `port=${info.port}`];
     if (info.model) parts.push(`model=${logValue(info.model)}`);
+    if (info.profile) parts.push(`profile=${logValue(info.profile)}`);
     if (info.servedBy) parts.push(`served-by=${logValue(info.servedBy)}`);
     if (info.stream) parts.push("stream");
     if (info.finishReason) parts.push(`finish=${logValue(info.finishReason)}`);
@@ -905,6 +921,42 @@ export class OpenAIServer extends TypedEmitter<OpenAIServerEvents> {
       // nowhere left to report it
     }
   }
+}
+
+/** The model name that routes among the profiles. */
+const AUTO = "auto";
+
+/** The profiles' names; none from a sidecar that predates profiles (it has no profiles/list). */
+async function profileNames(client: LocalMLX, signal: AbortSignal): Promise<string[]> {
+  try {
+    return (await client.request("profiles/list", {}, { signal })).profiles.map((profile) => profile.name);
+  } catch (error) {
+    if (error instanceof RpcError && error.code === ErrorCode.MethodNotFound) return [];
+    throw error;
+  }
+}
+
+/** `task` (a localmlx extension, as the sidecar's param: chat, code, summarize…): what `auto` routes by. */
+function taskOf(body: JsonObject): string | undefined {
+  const task = body.task;
+  if (task === undefined || task === null) return undefined;
+  if (typeof task !== "string" || task === "") throw badRequest("task must be a string: chat, code, summarize, reasoning or extraction", "task");
+  return task;
+}
+
+/**
+ * Which profile served an unstreamed generation, and for `auto` why (its reason, in a header's
+ * characters). A streamed one has none: its headers go before the sidecar says which served.
+ */
+function profileHeaders(result: { profile?: string; routedBy?: RoutedBy }): Record<string, string> {
+  const headers: Record<string, string> = {};
+  if (result.profile !== undefined) headers["x-localmlx-profile"] = headerText(result.profile);
+  if (result.routedBy !== undefined) headers["x-localmlx-routed-by"] = headerText(result.routedBy.reason);
+  return headers;
+}
+
+function headerText(text: string): string {
+  return text.replace(/[^\x20-\x7e]/g, "?").slice(0, 200);
 }
 
 function modelObject(id: string): { id: string; object: "model"; created: number; owned_by: string } {

@@ -189,7 +189,9 @@ export class EndpointService {
     let names: Set<string>;
     try {
       const models = await client.models.list();
-      names = new Set(models.flatMap((model) => [model.model, ...(model.repo ? [model.repo] : [])]));
+      // A tier may name a profile (README "Wooster's tiers as profiles"); a sidecar without profiles/list has none.
+      const profiles = await client.request("profiles/list", {}).then((listed) => listed.profiles.map((profile) => profile.name), () => []);
+      names = new Set([...models.flatMap((model) => [model.model, ...(model.repo ? [model.repo] : [])]), ...profiles]);
     } catch (error) {
       this.log.warn("could not list the sidecar's models", { error: (error as Error).message });
       return;
