@@ -37,13 +37,19 @@ def vocab_size(config: dict[str, Any]) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def summary(model_dir: Path) -> dict[str, Any]:
-    """type, quantization and contextLength of a model on disk (nulls when unreadable)."""
+def read_config(model_dir: Path) -> dict[str, Any] | None:
+    """A model's config.json; None when it cannot be read or is not an object."""
     try:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {"type": None, "quantization": None, "contextLength": None}
-    if not isinstance(config, dict):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def summary(model_dir: Path) -> dict[str, Any]:
+    """type, quantization and contextLength of a model on disk (nulls when unreadable)."""
+    config = read_config(model_dir)
+    if config is None:
         return {"type": None, "quantization": None, "contextLength": None}
     kind = config.get("model_type")
     return {"type": kind if isinstance(kind, str) else None, "quantization": quantization(config),

@@ -414,6 +414,10 @@ class Engine:
     def memory_budget(self) -> int:
         return self.settings.memory_budget or (self.residency.budget if self._device.done() else 0)
 
+    def unreserved_bytes(self) -> int:
+        """What the budget has left beside the loaded models and the running tuning workers."""
+        return self.memory_budget() - self.residency.bytes_loaded() - self.residency.reserved_bytes
+
     @staticmethod
     def _describe_caches(loaded: LoadedModel) -> dict[str, Any]:
         prefix = loaded.prefix_cache

@@ -10,6 +10,7 @@ from ..engine.registry import ModelOptions, iso_utc
 from ..errors import InvalidParams, ModelLoading
 from ..hub import delete_model_files
 from ..inflight import InFlightRequest
+from ..profiles.apply import with_model_options
 from ..settings import parse_duration
 from ..tuning.adapters import delete_adapter, list_adapters
 from .table import rpc_method
@@ -56,9 +57,8 @@ async def load_model(context: InFlightRequest, params: dict[str, Any]) -> dict[s
     location, profile = await context.engine.resolve_named(params["model"])
     if "adapter" in params:
         location = await asyncio.to_thread(context.engine.locator.variant, location, params["adapter"])
-    if profile is not None:  # the profile's keep-alive and draft model, unless the load names its own
-        params = {**{k: v for k, v in (("keepAlive", profile.keep_alive), ("draftModel", profile.draft_model))
-                     if v is not None}, **params}
+    if profile is not None:
+        params = with_model_options(profile, params)
     loaded, already = await context.engine.load(location, context.progress, _options(context, params, location.name))
     return dict(loaded.describe(), alreadyLoaded=already)
 

@@ -30,13 +30,16 @@ class ProfileSetup:
 NO_PROFILE = ProfileSetup()
 
 
+def with_model_options(profile: Profile, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with the profile's keep-alive and draft model where they name none of their own
+    (what a profile sets of its model: models/load takes these too)."""
+    own = {"keepAlive": profile.keep_alive, "draftModel": profile.draft_model}
+    return {**{key: value for key, value in own.items() if value is not None}, **params}
+
+
 def apply_profile(profile: Profile, params: dict[str, Any], routed_by: dict[str, Any] | None = None
                   ) -> tuple[dict[str, Any], ProfileSetup]:
-    merged = {**profile.defaults, **params, "model": profile.model}
-    if profile.keep_alive is not None and "keepAlive" not in params:
-        merged["keepAlive"] = profile.keep_alive
-    if profile.draft_model is not None and "draftModel" not in params:
-        merged["draftModel"] = profile.draft_model
+    merged = {**profile.defaults, **with_model_options(profile, params), "model": profile.model}
     messages = params.get("messages")
     if profile.system is not None and isinstance(messages, list) and not any(
             isinstance(m, dict) and m.get("role") == "system" for m in messages):

@@ -7,11 +7,15 @@ profile by its file's (and its template file's), so an edit takes effect on the 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
+from ..errors import InvalidParams
 from ..settings import Settings
 from .store import Profile, ProfileStore, is_profile_name
+
+log = logging.getLogger("localmlx.profiles")
 
 PROFILES_DIRNAME = "profiles"
 
@@ -61,6 +65,19 @@ class ProfileCatalog:
     def _stamps(profile: Profile) -> tuple[int, int]:
         source = profile.template_source
         return _mtime(profile.path), _mtime(Path(source)) if source not in (None, "inline") else 0
+
+    def profiles(self) -> list[Profile]:
+        """Every profile that reads (through the cache); a malformed file is logged and left out."""
+        found = []
+        for name in sorted(self.names()):
+            try:
+                profile = self.lookup(name)
+            except InvalidParams as exc:
+                log.warning("profile %s skipped: %s", name, exc.message)
+                continue
+            if profile is not None:
+                found.append(profile)
+        return found
 
     def forget(self) -> None:
         self._listed = ((), frozenset())

@@ -4,7 +4,6 @@ behind a request's model name, and what each profile's requests measured."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,8 +16,6 @@ from .routing import Candidate, RoutingStats, choose, conversation_key
 if TYPE_CHECKING:
     from ..engine import Engine
     from ..hub import ModelLocation
-
-log = logging.getLogger("localmlx.profiles")
 
 AUTO = "auto"
 SAVE_EVERY_S = 5.0
@@ -37,10 +34,7 @@ class Profiles:
 
     async def route(self, engine: Engine, params: dict[str, Any]) -> tuple[dict[str, Any], ProfileSetup]:
         """model "auto": the profile chosen for this request (see routing), and why."""
-        profiles, errors = await asyncio.to_thread(self.catalog.store.list)
-        for error in errors:
-            log.warning("profile %s skipped by routing: %s", error["name"], error["message"])
-        candidates = [await self._candidate(engine, profile) for profile in profiles]
+        candidates = [await self._candidate(engine, profile) for profile in self.catalog.profiles()]
         profile, why = choose(params, candidates, self.stats)
         if profile is None:
             raise InvalidParams(f"model auto: {why['reason']} (profiles/save makes one, and `tasks` says what it is for)",

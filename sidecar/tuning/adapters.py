@@ -28,7 +28,8 @@ RUNS_DIRNAME = ".runs"  # under adapters/: the checkpoints of unfinished trainin
 TRAINING_FILE = "localmlx-training.json"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
-CHECKPOINT_STATE = "checkpoint.json"  # in a run's folder: {"iteration": n}, of its last whole checkpoint
+CHECKPOINT = "checkpoint.safetensors"  # in a run's folder: the adapter's weights at its last checkpoint
+CHECKPOINT_STATE = "checkpoint.json"  # beside it, written after it: {"iteration": n}
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -48,6 +49,23 @@ class Adapter:
         return {"name": self.name, "path": str(self.path), "base": self.base, "fineTuneType": self.fine_tune_type,
                 "rank": self.rank, "numLayers": self.num_layers, "bytes": self.bytes,
                 "createdAt": self.created_at, "training": self.training, "loadedAs": loaded_as}
+
+
+def name_from(text: str) -> str | None:
+    """`text` made into an adapter (or model folder) name, or None when nothing of it is left."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")[:128]
+    return name if name and ADAPTER_NAME.match(name) else None
+
+
+def last_checkpoint(run: Path) -> int | None:
+    """The iteration of the whole checkpoint in a training run's folder, if it has one."""
+    try:
+        state = json.loads((run / CHECKPOINT_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
+        return None
+    return state["iteration"] if (run / CHECKPOINT).is_file() else None
 
 
 def adapters_dir(models_dir: Path) -> Path:

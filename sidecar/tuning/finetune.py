@@ -9,10 +9,7 @@ and a second run would only slow both while the engine serves.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,8 +19,8 @@ import anyio
 from ..embeddings.detect import embedding_kind
 from ..errors import Busy, InvalidParams, OutOfMemory, TrainingFailed
 from ..inflight import InFlightRequest
-from ..model_config import context_length
-from .adapters import ADAPTER_NAME, CHECKPOINT_STATE, RUNS_DIRNAME, adapters_dir, variant_name
+from ..model_config import context_length, read_config
+from .adapters import RUNS_DIRNAME, adapters_dir, last_checkpoint, name_from, variant_name
 from .workers import Worker
 
 log = logging.getLogger("localmlx.tuning")
@@ -42,8 +39,7 @@ def _invalid(message: str, path: str, **data: Any) -> InvalidParams:
 
 
 def default_name(dataset: Path) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", dataset.stem if dataset.is_file() else dataset.name).strip("-._")
-    return name[:128] if name and ADAPTER_NAME.match(name) else "adapter"
+    return name_from(dataset.stem if dataset.is_file() else dataset.name) or "adapter"
 
 
 def estimate_bytes(config: dict[str, Any], weights: int, spec: dict[str, Any]) -> int:
@@ -61,12 +57,6 @@ def estimate_bytes(config: dict[str, Any], weights: int, spec: dict[str, Any]) -
     tokens = spec["batch_size"] * spec["max_seq_length"]
     activations = tokens * (kept * (16 * hidden + 4 * inter) + 3 * vocab) * 4
     return int(weights + adapter + activations)
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    with open(path / "config.json", "rb") as f:
-        config = json.load(f)
-    return config if isinstance(config, dict) else {}
 
 
 async def finetune(context: InFlightRequest, params: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +80,7 @@ async def finetune(context: InFlightRequest, params: dict[str, Any]) -> dict[str
         raise Busy(f"A fine-tuning run is going ({', '.join(sorted(_running))}): one at a time", training=sorted(_running))
     if final.exists() and not options["overwrite"]:
         raise _invalid(f"An adapter named {name} exists: choose another name or pass overwrite", "/name", adapter=name)
-    if options["resume"] and not (run / CHECKPOINT_STATE).is_file():
+    if options["resume"] and last_checkpoint(run) is None:
         raise _invalid(f"No checkpoint of a run named {name} to resume (keepCheckpoint keeps one)", "/resume",
                        adapter=name)
 
@@ -98,7 +88,7 @@ async def finetune(context: InFlightRequest, params: dict[str, Any]) -> dict[str
     if embedding_kind(model_path, base.name) is not None:
         raise _invalid(f"{base.name} is an embedding model: only text-generation models are fine-tuned", "/model",
                        model=base.name)
-    config = await asyncio.to_thread(_read_config, model_path)
+    config = await asyncio.to_thread(read_config, model_path) or {}
     layers = int(config.get("num_hidden_layers") or 0)
     num_layers = options["numLayers"] if "numLayers" in params else min(DEFAULTS["numLayers"], layers or 16)
     if layers and num_layers > layers:
@@ -118,7 +108,7 @@ async def finetune(context: InFlightRequest, params: dict[str, Any]) -> dict[str
     spec["steps_per_report"] = max(1, min(10, (spec["iterations"] or 100) // 20))
     required = estimate_bytes(config, await asyncio.to_thread(weight_bytes, model_path), spec)
     residency = engine.residency
-    available = engine.memory_budget() - residency.bytes_loaded() - residency.reserved_bytes
+    available = engine.unreserved_bytes()
     if required > available:
         raise OutOfMemory(f"Not enough memory to fine-tune {base.name}: the run needs about {required} bytes and "
                           f"{max(available, 0)} of the {engine.memory_budget()}-byte budget are free (unload models, "
@@ -147,7 +137,7 @@ async def _train(context: InFlightRequest, spec: dict[str, Any], name: str, keep
             code = await worker.stop()
             if (outcome is None or outcome["event"] != "done") and not keep_checkpoint:
                 await asyncio.to_thread(shutil.rmtree, Path(spec["run_dir"]), True)
-            context.cancelled_data = {"adapter": name, "checkpoint": kept_checkpoint(Path(spec["run_dir"]))}
+            context.cancelled_data = {"adapter": name, "checkpoint": last_checkpoint(Path(spec["run_dir"]))}
     assert outcome is not None
     if outcome["event"] == "done":
         await asyncio.to_thread(shutil.rmtree, Path(spec["run_dir"]), True)
@@ -156,20 +146,11 @@ async def _train(context: InFlightRequest, spec: dict[str, Any], name: str, keep
                 "peakMemoryBytes": int(outcome["peakMemoryBytes"]), "tokensPerSecond": outcome["tokensPerSecond"]}
     if outcome["event"] == "error" and outcome["code"] != TrainingFailed.code:
         raise InvalidParams(outcome["message"], **outcome.get("data", {}))
-    checkpoint = kept_checkpoint(Path(spec["run_dir"])) if keep_checkpoint else None
+    checkpoint = last_checkpoint(Path(spec["run_dir"])) if keep_checkpoint else None
     reason = outcome.get("message") or (f"the trainer was killed by signal {-code}" if code < 0
                                          else f"the trainer exited with status {code}")
     raise TrainingFailed(reason if reason.startswith("Fine-tuning failed") else f"Fine-tuning failed: {reason}",
                          reason=reason, exitCode=code, checkpoint=checkpoint)
-
-
-def kept_checkpoint(run: Path) -> int | None:
-    """The iteration of the whole checkpoint left in `run`, if any."""
-    try:
-        state = json.loads((run / CHECKPOINT_STATE).read_text())
-    except (OSError, ValueError):
-        return None
-    return int(state["iteration"]) if isinstance(state, dict) and "iteration" in state else None
 
 
 async def _follow(context: InFlightRequest, worker: Worker) -> dict[str, Any]:
@@ -192,11 +173,7 @@ async def _follow(context: InFlightRequest, worker: Worker) -> dict[str, Any]:
                      tokensPerSecond=event.get("tokensPerSecond"), peakMemoryBytes=event.get("peakMemoryBytes"),
                      etaSeconds=event.get("etaSeconds"))
         elif kind == "checkpoint":
-            last_checkpoint = event["iteration"]
-            log.info("checkpoint at iteration %d", last_checkpoint)
+            log.info("checkpoint at iteration %d", event["iteration"])
         elif kind in ("done", "error", "cancelled"):
             last = event
-    if last["event"] == "died":
-        with contextlib.suppress(Exception):
-            last["code"] = await worker.wait()
     return last

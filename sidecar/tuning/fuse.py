@@ -4,7 +4,6 @@ by the fuse worker into the models dir, where it loads like any other model."""
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ import anyio
 from ..errors import InvalidParams, ModelLoadFailed, OutOfMemory
 from ..hub import tree_bytes
 from ..inflight import InFlightRequest
-from ..model_config import quantization
+from ..model_config import quantization, read_config
+from .adapters import name_from
 from .workers import Worker
 
 
@@ -26,14 +26,14 @@ async def fuse(context: InFlightRequest, params: dict[str, Any]) -> dict[str, An
     base = await engine.resolve(params["model"])
     variant = await asyncio.to_thread(locator.variant, base, params["adapter"])
     adapter_name = variant.name[len(base.name) + 1:]
-    name = params.get("name") or re.sub(r"[^A-Za-z0-9._-]+", "-", f"{base.name}-{adapter_name}").strip("-._")
+    name = params.get("name") or name_from(f"{base.name}-{adapter_name}") or "fused"
     final = locator.models_dir / name
     if final.exists() and not params.get("overwrite", False):
         raise InvalidParams(f"A model named {name} exists in the models dir: choose another name or pass overwrite",
                             errors=[{"path": "/name", "message": "exists"}], model=name)
     model_path = await asyncio.to_thread(locator.materialize, base, context.progress)
     required = 2 * await asyncio.to_thread(weight_bytes, model_path)  # the fused copy and its quantized one
-    available = engine.memory_budget() - engine.residency.bytes_loaded() - engine.residency.reserved_bytes
+    available = engine.unreserved_bytes()
     if required > available:
         raise OutOfMemory(f"Not enough memory to fuse {variant.name}: about {required} bytes needed, "
                           f"{max(available, 0)} free in the budget", requiredBytes=required,
@@ -60,13 +60,6 @@ async def fuse(context: InFlightRequest, params: dict[str, Any]) -> dict[str, An
         reason = outcome.get("message") or f"the fuse worker ended with status {code}"
         raise ModelLoadFailed(reason, model=name, reason=outcome.get("data", {}).get("reason", "worker"))
     path = Path(outcome["path"])
+    config = await asyncio.to_thread(read_config, path)
     return {"model": name, "path": str(path), "bytes": await asyncio.to_thread(tree_bytes, path),
-            "quantization": quantization(await asyncio.to_thread(_config, path)), "seconds": round(outcome["seconds"], 3)}
-
-
-def _config(path: Path) -> dict[str, Any]:
-    import json
-
-    with open(path / "config.json", "rb") as f:
-        value = json.load(f)
-    return value if isinstance(value, dict) else {}
+            "quantization": quantization(config or {}), "seconds": round(outcome["seconds"], 3)}

@@ -29,11 +29,9 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_model, load_tokenizer
 
 from ..errors import InvalidParams
-from .adapters import CHECKPOINT_STATE, CONFIG_FILE, TRAINING_FILE, WEIGHTS_FILE, publish
+from .adapters import CHECKPOINT, CHECKPOINT_STATE, CONFIG_FILE, TRAINING_FILE, WEIGHTS_FILE, last_checkpoint, publish
 from .datasets import read_dataset
 from .worker_io import Cancelled, WorkerIO
-
-CHECKPOINT = "checkpoint.safetensors"
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -50,14 +48,6 @@ def save_checkpoint(run: Path, model: Any, iteration: int) -> None:
     mx.save_safetensors(str(partial), dict(tree_flatten(model.trainable_parameters())))
     os.replace(partial, run / CHECKPOINT)
     write_atomically(run / CHECKPOINT_STATE, orjson.dumps({"iteration": iteration}))
-
-
-def last_checkpoint(run: Path) -> int | None:
-    try:
-        state = orjson.loads((run / CHECKPOINT_STATE).read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return None
-    return int(state["iteration"]) if (run / CHECKPOINT).is_file() else None
 
 
 class Reporter(TrainingCallback):
