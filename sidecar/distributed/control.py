@@ -105,7 +105,9 @@ class FollowerLinks:
         self._token = token
         self._timeout = timeout_s
         self._on_lost = on_lost
-        self._lost = threading.Event()
+        self._lost = threading.Event()  # set once the loss has been reported (see _lose)
+        self._losing = threading.Lock()
+        self._loss_reported = False
         self._closed = threading.Event()
         self._listener: socket.socket | None = None
         self._loads = threading.Condition()  # a follower said it has loaded
@@ -251,12 +253,16 @@ class FollowerLinks:
 
     def _lose(self, link: FollowerLink, reason: str, detail: str) -> None:
         link.alive = False
-        if self._closed.is_set() or self._lost.is_set():
-            return
-        self._lost.set()
+        with self._losing:  # the sender and the monitor may both find the loss: one reports it
+            if self._closed.is_set() or self._loss_reported:
+                return
+            self._loss_reported = True
         info = RankLostInfo(link.host.rank, link.host.ssh, reason, detail)
         log.error("%s", info.message())
+        # Reported first, then waiters woken: the engine thread, woken in wait_for_loss, fails its
+        # requests next, and their answers must reach the loop after the loss (-32019), not before.
         self._on_lost(info)
+        self._lost.set()
 
     def describe(self) -> list[dict[str, Any]]:
         now = time.monotonic()
