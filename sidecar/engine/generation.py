@@ -30,6 +30,8 @@ from .tools import ToolCallReader, check_tool_schemas, forces_a_call, marks_tool
 if TYPE_CHECKING:  # mlx-lm is imported on the engine thread, when used
     from mlx_lm.sample_utils import LogitsProcessor, Sampler
 
+    from ..vision.images import MessageImage
+    from ..vision.model import VisionInputs
     from .speculation import Speculation
 
 
@@ -59,6 +61,7 @@ class GenerationRequest:
     prompt_lookup: bool | None = None  # None: its model's default
     chat_template: str | None = None  # a profile's template, used instead of the tokenizer's own
     context_length: int | None = None  # a profile's limit on prompt and output, below the model's own
+    images: list[MessageImage] = field(default_factory=list)  # its messages' images, read and checked
 
     @property
     def method(self) -> str:
@@ -84,34 +87,42 @@ def prompt_tokens(loaded: LoadedModel, request: GenerationRequest, tools: list[d
     is tokenized."""
     tokenizer = loaded.tokenizer
     if request.messages is not None:
-        messages = [template_message(m, clean_text, f"/messages/{i}") for i, m in enumerate(request.messages)]
-        if request.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
-            raise InvalidParams(f"Model {loaded.name} has no chat template: give it one in a profile (template or "
-                                "template_file), or use generate with a raw prompt",
-                                errors=[{"path": "/messages", "message": "model has no chat template"}], model=loaded.name)
-        options: dict[str, Any] = {}
-        if request.chat_template is not None:
-            options["chat_template"] = request.chat_template
-        if tools:
-            options["tools"] = tools
-        if request.thinking is not None:
-            options["enable_thinking"] = request.thinking
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **options)
-        except Exception as exc:  # the template refused these messages (jinja's raise_exception, ...)
-            if type(exc).__module__.split(".")[0] != "jinja2":
-                raise
-            whose = "profile's" if request.chat_template is not None else "model's"
-            line = getattr(exc, "lineno", None) or _template_line(exc)
-            where = f" (template line {line})" if line else ""
-            raise InvalidParams(f"The {whose} chat template failed on these messages{where}: {brief(exc)}",
-                                errors=[{"path": "/messages", "message": brief(exc)}], templateLine=line) from None
-        check_length(loaded, text)
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return list(tokenizer.encode(rendered_chat(loaded, request, tools), add_special_tokens=False))
     check_length(loaded, request.prompt or "")
     prompt = clean_text(request.prompt or "")
     bos = tokenizer.bos_token
     return list(tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
+
+
+def rendered_chat(loaded: LoadedModel, request: GenerationRequest, tools: list[dict[str, Any]]) -> str:
+    """The messages through the chat template (the profile's, else the model's), as text."""
+    tokenizer = loaded.tokenizer
+    assert request.messages is not None
+    parts = loaded.vision is not None  # a vision template reads content parts; a text one, text
+    messages = [template_message(m, clean_text, f"/messages/{i}", parts) for i, m in enumerate(request.messages)]
+    if request.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+        raise InvalidParams(f"Model {loaded.name} has no chat template: give it one in a profile (template or "
+                            "template_file), or use generate with a raw prompt",
+                            errors=[{"path": "/messages", "message": "model has no chat template"}], model=loaded.name)
+    options: dict[str, Any] = {}
+    if request.chat_template is not None:
+        options["chat_template"] = request.chat_template
+    if tools:
+        options["tools"] = tools
+    if request.thinking is not None:
+        options["enable_thinking"] = request.thinking
+    try:
+        text: str = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **options)
+    except Exception as exc:  # the template refused these messages (jinja's raise_exception, ...)
+        if type(exc).__module__.split(".")[0] != "jinja2":
+            raise
+        whose = "profile's" if request.chat_template is not None else "model's"
+        line = getattr(exc, "lineno", None) or _template_line(exc)
+        where = f" (template line {line})" if line else ""
+        raise InvalidParams(f"The {whose} chat template failed on these messages{where}: {brief(exc)}",
+                            errors=[{"path": "/messages", "message": brief(exc)}], templateLine=line) from None
+    check_length(loaded, text)
+    return text
 
 
 def _template_line(exc: BaseException) -> int | None:
@@ -140,6 +151,7 @@ class PreparedGeneration:
     # group (which replays this prepared generation) draws the same tokens.
     draw_seed: int = field(default_factory=lambda: int.from_bytes(os.urandom(8), "little"))
     speculation: Speculation | None = None  # how it drafts when alone on its model (see speculation)
+    vision_inputs: VisionInputs | None = None  # a vision model's: token ids, pixel values (see vision.model)
 
     @property
     def reads_tool_calls(self) -> bool:
@@ -154,7 +166,13 @@ def prepare(loaded: LoadedModel, request: GenerationRequest) -> PreparedGenerati
     if isinstance(schema, dict):
         check_size(schema, "/responseFormat/schema", levels=0, max_values=MAX_SCHEMA_VALUES)
     tools = offered_tools(request.tools, request.tool_choice) if request.messages is not None else []
-    prompt = prompt_tokens(loaded, request, tools)
+    vision_inputs = None
+    if loaded.vision is not None:  # the processor tokenizes, expanding each image into its tokens
+        text = rendered_chat(loaded, request, tools) if request.messages is not None else clean_text(request.prompt or "")
+        vision_inputs = loaded.vision.inputs(loaded.model, text, request.images)
+        prompt = vision_inputs.input_ids.reshape(-1).tolist()
+    else:
+        prompt = prompt_tokens(loaded, request, tools)
     if not prompt:
         raise InvalidParams("Prompt is empty after tokenization",
                             errors=[{"path": "/prompt", "message": "no tokens"}])
@@ -175,7 +193,8 @@ def prepare(loaded: LoadedModel, request: GenerationRequest) -> PreparedGenerati
     if constraint is None:
         constraint = compile_response_format(loaded.tokenizer, loaded.vocab_size, request.response_format,
                                              reasoning=reasoning, opened=reasoning_first)
-    return PreparedGeneration(request, prompt, max_tokens, tools, reasoning_first, constraint)
+    return PreparedGeneration(request, prompt, max_tokens, tools, reasoning_first, constraint,
+                              vision_inputs=vision_inputs)
 
 
 def _reasoning_markers(tokenizer: Any, request: GenerationRequest) -> tuple[str, str] | None:
@@ -238,6 +257,7 @@ class GenerationResult:
     reasoning: str | None = None  # unstreamed requests only, when there was some
     tool_calls: list[dict[str, Any]] | None = None  # unstreamed requests only, when there were some
     reasoning_tokens: int | None = None  # models that reason
+    image_tokens: int | None = None  # prompt tokens that stand for images (a vision model's prompt)
 
     def to_wire(self) -> dict[str, Any]:
         result: dict[str, Any] = {"model": self.model, "finishReason": self.finish_reason,
@@ -259,6 +279,8 @@ class GenerationResult:
                  "cachedTokens": self.cached_tokens}
         if self.reasoning_tokens is not None:
             usage["reasoningTokens"] = self.reasoning_tokens
+        if self.image_tokens:
+            usage["imageTokens"] = self.image_tokens
         return usage
 
     @classmethod
@@ -494,7 +516,8 @@ class Generation:
             cancel_reason=self.job.cancel_reason if self.finish_reason == "cancelled" else None,
             reasoning=None if streamed else "".join(self._reasoning) or None,
             tool_calls=None if streamed else self.tool_calls or None,
-            reasoning_tokens=self.reasoning_tokens if self._counts_reasoning else None)
+            reasoning_tokens=self.reasoning_tokens if self._counts_reasoning else None,
+            image_tokens=self.prepared.vision_inputs.image_tokens if self.prepared.vision_inputs else None)
 
     @property
     def recording(self) -> list[str] | None:

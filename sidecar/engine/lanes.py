@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .generation import Generation
 from .registry import LoadedModel
 from .runs import SoloRun, caches_step_back, fetch_prefix, keep_prefix, step_back, unpark
 from .speculation import SPECULATE_AGAIN_AFTER, SpeculativeRun, run_alone
+
+if TYPE_CHECKING:
+    from ..vision.run import VisionRun
 
 log = logging.getLogger("localmlx.engine")
 
@@ -234,7 +237,7 @@ class SoloLane:
         self.max_batch = max_waiting
         self._prefill_step = prefill_step
         self._waiting: collections.deque[Generation] = collections.deque()
-        self._current: SoloRun | None = None
+        self._current: SoloRun | VisionRun | None = None
         self._trims: bool | None = None  # its caches can step back (asked on first use)
 
     @property
@@ -271,15 +274,22 @@ class SoloLane:
         if self._current is None:
             if not self._waiting:
                 return []
-            if self._trims is None:
-                self._trims = caches_step_back(self.loaded)
-            self._current = run_alone(self.loaded, self._waiting.popleft(), self._prefill_step, self._trims)
+            self._current = self._run(self._waiting.popleft())
         current = self._current
         if not current.step():
             return []
         self._current = None
         current.close()
         return [current.generation]
+
+    def _run(self, generation: Generation) -> SoloRun | VisionRun:
+        if self.loaded.vision is not None:
+            from ..vision.run import VisionRun
+
+            return VisionRun(self.loaded, generation, self._prefill_step)
+        if self._trims is None:
+            self._trims = caches_step_back(self.loaded)
+        return run_alone(self.loaded, generation, self._prefill_step, self._trims)
 
     def resume_drained(self) -> None:
         pass  # a throttled generation simply is not stepped (see has_work)

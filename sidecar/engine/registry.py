@@ -25,6 +25,7 @@ from ..model_config import context_length as _context_length
 from ..model_config import quantization as _quantization
 from ..model_config import vocab_size as _vocab_size
 from ..settings import Settings
+from ..vision.model import is_vision_model
 from .constraints import prepare_grammars
 from .memory import is_out_of_memory, release_memory
 from .response_cache import ResponseCache
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # imported on the engine thread when used (see above)
     from mlx_lm.models.cache import LRUPromptCache
 
     from ..embeddings.embedder import Embedder
+    from ..vision.model import VisionParts
 
 log = logging.getLogger("localmlx.registry")
 
@@ -124,6 +126,7 @@ class LoadedModel:
     embedder: Embedder | None = None  # for an embedding model (it then only embeds)
     sharded: bool = False  # this process holds one rank's shard of it (see sidecar.distributed)
     base: str | None = None  # <base>+<adapter>: the loaded model whose weights (and tokenizer) it shares
+    vision: VisionParts | None = None  # a vision-language model's processor (served through mlx-vlm)
     last_used: float = field(default_factory=time.monotonic)
     last_used_at: float = field(default_factory=time.time)  # wall clock, for listings
 
@@ -230,6 +233,8 @@ class ModelRegistry:
                 loaded = self._load_variant(location, options, progress)
             elif kind is not None:
                 loaded = self._load_embedder(location, path, kind, options, progress)
+            elif is_vision_model(path):
+                loaded = self._load_vision(location, path, options)
             else:
                 model, tokenizer, config = self._load_text(location, path, options)
                 progress("warmup", 2, 3, "step")
@@ -264,9 +269,11 @@ class ModelRegistry:
 
         assert location.adapter is not None and location.base is not None
         base = self.peek(location.base)
-        if base is None or base.embedder is not None or self.sharding is not None:
+        if base is None or base.embedder is not None or base.vision is not None or self.sharding is not None:
             why = ("adapters are not served on a distributed group" if self.sharding is not None
-                   else f"{location.base} is an embedding model" if base is not None else f"{location.base} is not loaded")
+                   else f"{location.base} is not loaded" if base is None
+                   else f"{location.base} is an embedding model" if base.embedder is not None
+                   else f"{location.base} is a vision model (adapters are served on text models)")
             raise ModelLoadFailed(f"Model load failed for {location.name}: {why}", model=location.name, reason=why)
         model, _ = load_model(base.path, lazy=True)  # its freshly read weights are replaced unread
         model.update(base.model.parameters())
@@ -321,6 +328,21 @@ class ModelRegistry:
                            batchable=can_batch(model, config), prefix_cache=prefix_cache,
                            response_cache=response_cache, eos_stops=make_stop_sequences(tokenizer),
                            options=options, sharded=self.sharding is not None)
+
+    def _load_vision(self, location: ModelLocation, path: Path, options: ModelOptions) -> LoadedModel:
+        """A vision-language model through mlx-vlm: one request at a time (its own lane), no
+        prefix cache (a cached prefix would have to stand for pixels too); the response cache
+        keys on the images' bytes."""
+        from ..vision.model import load_vision_model
+
+        if self.sharding is not None:
+            raise ModelLoadFailed(f"Model load failed for {location.name}: vision models are not served on a "
+                                  "distributed group", model=location.name, reason="vision-on-group")
+        model, tokenizer, config, parts = load_vision_model(path)
+        loaded = self._wrap(location, path, model, tokenizer, config, options)
+        loaded.vision, loaded.batchable, loaded.prefix_cache = parts, False, None
+        loaded.description["capabilities"] = [*loaded.description["capabilities"], "vision"]
+        return loaded
 
     def _load_embedder(self, location: ModelLocation, path: Path, kind: str, options: ModelOptions,
                        progress: Progress) -> LoadedModel:

@@ -39,7 +39,7 @@ def response_key(request: Any) -> bytes | None:
     if sampling.temperature == 0:  # greedy: the seed and the sampling filters change nothing
         for name in ("seed", "top_p", "top_k", "min_p"):
             sampling_key.pop(name)
-    described = {"messages": request.messages, "prompt": request.prompt, "maxTokens": request.max_tokens,
+    described = {"messages": _messages_key(request), "prompt": request.prompt, "maxTokens": request.max_tokens,
                  "stop": request.stop, "sampling": sampling_key, "kv": [request.kv_bits, request.max_kv_size],
                  "responseFormat": _constraint_key(request.response_format),
                  "tools": [request.tools, request.tool_choice],
@@ -49,6 +49,19 @@ def response_key(request: Any) -> bytes | None:
         return orjson.dumps(described, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
     except TypeError:  # a lone surrogate in the text: rare enough not to cache
         return None
+
+
+def _messages_key(request: Any) -> Any:
+    """The messages, each image named by its bytes' digest: a data: URL, a file path or a URL
+    of the same picture give the same answer, and a file rewritten in place does not."""
+    if not request.images:
+        return request.messages
+    digests = {image.path: image.digest for image in request.images}
+    return [dict(message, content=[dict(part, image=digests[f"/messages/{i}/content/{j}"])
+                                   if part.get("type") == "image" else part
+                                   for j, part in enumerate(message["content"])])
+            if isinstance(message.get("content"), list) else message
+            for i, message in enumerate(request.messages)]
 
 
 def _constraint_key(response_format: dict[str, Any] | None) -> dict[str, Any] | None:

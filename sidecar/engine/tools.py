@@ -17,11 +17,13 @@ from ..errors import InvalidParams, brief
 from ..schema import MAX_SCHEMA_VALUES, MAX_TOOL_SCHEMA_VALUES, check_size, json_text_value
 
 
-def template_message(message: dict[str, Any], clean: Callable[[str], str], path: str) -> dict[str, Any]:
+def template_message(message: dict[str, Any], clean: Callable[[str], str], path: str,
+                     parts: bool = False) -> dict[str, Any]:
     """One protocol message (at `path` in params) as chat templates read it (`clean` fixes
-    lone surrogates)."""
+    lone surrogates). Content parts go to a vision model's template as parts (an image as its
+    placeholder); a text template gets their text, joined by newlines, as OpenAI servers do."""
     content = message.get("content")
-    out: dict[str, Any] = {"role": message["role"], "content": "" if content is None else clean(content)}
+    out: dict[str, Any] = {"role": message["role"], "content": _template_content(content, clean, parts)}
     if message.get("toolCalls"):
         out["tool_calls"] = [_template_call(call, f"{path}/toolCalls/{index}/function/arguments")
                              for index, call in enumerate(message["toolCalls"])]
@@ -32,6 +34,17 @@ def template_message(message: dict[str, Any], clean: Callable[[str], str], path:
     if "reasoning" in message:
         out["reasoning_content"] = clean(message["reasoning"])
     return out
+
+
+def _template_content(content: Any, clean: Callable[[str], str], parts: bool) -> Any:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return clean(content)
+    if parts:
+        return [{"type": "image"} if part["type"] == "image" else {"type": "text", "text": clean(part["text"])}
+                for part in content]
+    return "\n".join(clean(part["text"]) for part in content if part["type"] == "text")
 
 
 def _template_call(call: dict[str, Any], path: str) -> dict[str, Any]:

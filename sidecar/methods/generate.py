@@ -106,6 +106,7 @@ async def _run_generation(context: InFlightRequest, params: dict[str, Any],
     engine = context.engine
     location = await engine.profiles.location(engine, params.get("model"), setup.adapter)
     context.model = location.name
+    await engine.read_images(request)
     with contextlib.ExitStack() as holds:
         holds.enter_context(engine.holding(location.name))
         loaded = await engine.ensure_loaded(location, context.progress)

@@ -13,6 +13,7 @@ from ..inflight import InFlightRequest
 from ..profiles.apply import with_model_options
 from ..settings import parse_duration
 from ..tuning.adapters import delete_adapter, list_adapters
+from ..vision.model import capabilities_on_disk
 from .table import rpc_method
 
 
@@ -22,7 +23,7 @@ async def list_models(context: InFlightRequest, params: dict[str, Any]) -> dict[
 
     def on_disk() -> list[dict[str, Any]]:  # walks directories and reads configs
         return [{"model": loc.name, "path": str(loc.path), "source": loc.source, "bytes": size,
-                 "repo": loc.repo_id, **model_config.summary(loc.path)}
+                 "repo": loc.repo_id, **model_config.summary(loc.path), "capabilities": capabilities_on_disk(loc.path)}
                 for loc, size in engine.locator.list_local()
                 if loc.path is not None]  # always: a model on disk has a path
 
@@ -31,6 +32,8 @@ async def list_models(context: InFlightRequest, params: dict[str, Any]) -> dict[
         loaded = engine.registry.peek(entry["model"])
         entry["loaded"] = loaded is not None
         entry["lastUsed"] = iso_utc(loaded.last_used_at) if loaded is not None else None
+        if loaded is not None:
+            entry["capabilities"] = loaded.description.get("capabilities", entry["capabilities"])
     adapters = await asyncio.to_thread(list_adapters, engine.locator.models_dir)
     variants = [m for m in engine.registry.loaded_models() if m.base is not None]
     return {"models": models, "adapters": [

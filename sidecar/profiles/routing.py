@@ -48,6 +48,8 @@ def _text_of(params: dict[str, Any]) -> str:
     if isinstance(messages, list):
         users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         last = users[-1] if users else ""
+        if isinstance(last, list):  # content parts: their text (an image says nothing of the task)
+            return "\n".join(p.get("text", "") for p in last if isinstance(p, dict))
         return last if isinstance(last, str) else json.dumps(last)
     return str(params.get("prompt") or "")
 

@@ -1,0 +1,155 @@
+"""A tiny vision-language checkpoint, built locally and offline: Qwen2-VL's architecture as
+mlx-vlm loads it (``model_type`` qwen2_vl: a ViT with 2-D rotary patches and a 2×2 patch merger,
+feeding a Qwen2 decoder with multimodal rotary positions), shrunk to two layers of width 64 in
+both towers, with seeded random weights, the real Qwen vocabulary and added tokens
+(``<|vision_start|>``, ``<|image_pad|>``... at their real ids, from ``tests/families.py``), the
+real Qwen2-VL-Instruct chat template, and the real image processor settings (mean, std, 14-pixel
+patches, merge size 2, temporal patch 2) with a small ``max_pixels`` so an image costs 4 to 64
+tokens. ``mlx_vlm.load`` opens it as it opens ``mlx-community/Qwen2-VL-2B-Instruct-bf16``.
+
+Built once per content digest, in a temporary sibling renamed into place (see families.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+from tests import families
+
+NAME = "qwen2-vl-tiny"
+TEMPLATE = "qwen2-vl-instruct.jinja"
+MIN_PIXELS = 56 * 56  # 4 merged patches (tokens)
+MAX_PIXELS = 28 * 28 * 64  # 64 tokens
+IMAGE_PROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+    "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+    "rescale_factor": 1 / 255, "resample": 3,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS,
+}
+VISION = {"model_type": "qwen2_vl", "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2,
+          "mlp_ratio": 2, "in_channels": 3, "patch_size": 14, "spatial_patch_size": 14,
+          "spatial_merge_size": 2, "temporal_patch_size": 2}
+_FAMILY = families.Family(  # the text side: Qwen2.5's tokenizer, Qwen2-VL's template
+    NAME, "qwen2_vl", "Qwen/Qwen2-VL-2B-Instruct", TEMPLATE, {}, specials=families.QWEN25_ADDED, bos=None,
+    eos="<|im_end|>", pad="<|endoftext|>", stop=("<|endoftext|>",), tokenizer="qwen", specials_first=False,
+    non_special=families.QWEN_NON_SPECIAL, tokenizer_config=families._QWEN25_TOKENIZER_CONFIG)
+
+
+def config(tokenizer: dict) -> dict[str, Any]:
+    ids = tokenizer["ids"]
+    return {
+        "model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"],
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 32768, "sliding_window": 32768, "use_sliding_window": False,
+        "max_window_layers": 2, "tie_word_embeddings": True, "vocab_size": families.QWEN_VOCAB_SIZE,
+        # head_dim 16: the 8 rotary frequencies split over time, height and width as the real
+        # model splits its 64 (16, 24, 24).
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "vision_config": VISION,
+        "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+        "torch_dtype": "bfloat16",
+    }
+
+
+def digest() -> str:
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update((families.TEMPLATES_DIR / TEMPLATE).read_bytes())
+    h.update(families.build_digest(families.FAMILIES_BY_NAME["qwen2.5"], "bf16").encode())
+    for dist in ("mlx", "mlx-vlm"):
+        h.update(f"{dist}={importlib.metadata.version(dist)}".encode())
+    return h.hexdigest()
+
+
+def build(models_dir: Path) -> Path:
+    """The checkpoint under ``models_dir`` (built once, then reused)."""
+    dest = Path(models_dir) / NAME
+    mark = digest()
+    if families._is_complete(dest, mark):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}.tmp-", dir=dest.parent))
+    try:
+        _write(tmp)
+        (tmp / families.MARKER_FILE).write_text(json.dumps({"digest": mark, "family": NAME}) + "\n")
+        families.install(tmp, dest, lambda: families._is_complete(dest, mark))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _write(out: Path) -> None:
+    import mlx.core as mx
+    from mlx_vlm.utils import save_config, save_weights
+
+    tokenizer = families.build_tokenizer(_FAMILY)
+    ids = tokenizer["ids"]
+    cfg = config(tokenizer)
+    model = random_model(cfg, families.quiet_ids(tokenizer, cfg["vocab_size"]))
+    model.set_dtype(mx.bfloat16)
+    save_weights(out, model)
+    save_config(dict(cfg), config_path=out / "config.json")
+    template = (families.TEMPLATES_DIR / TEMPLATE).read_text(encoding="utf-8")
+    families._write_json(out / "tokenizer.json", tokenizer["json"])
+    families._write_json(out / "tokenizer_config.json", families.tokenizer_config(_FAMILY, ids))
+    families._write_json(out / "special_tokens_map.json", families.special_tokens_map(_FAMILY))
+    families._write_json(out / "chat_template.json", {"chat_template": template})
+    families._write_json(out / "preprocessor_config.json", IMAGE_PROCESSOR)
+    families._write_json(out / "processor_config.json", {"processor_class": "Qwen2VLProcessor"})
+    families._write_json(out / "generation_config.json", {
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "do_sample": False})
+
+
+def random_model(cfg: dict[str, Any], quiet: list[int]) -> Any:
+    """mlx-vlm's Qwen2-VL class for ``cfg`` with seeded numpy weights (as families.random_model)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_vlm.utils import get_model_and_args, update_module_configs
+
+    params = dict(cfg)  # from_dict adds text_config to it, which update_module_configs reads
+    module, _ = get_model_and_args(params)
+    model_config = module.ModelConfig.from_dict(params)
+    model_config = update_module_configs(model_config, module, params, ["text", "vision"])
+    model = module.Model(model_config)
+    rng = np.random.default_rng(zlib.crc32(NAME.encode()))
+    weights = []
+    for name, param in sorted(tree_flatten(model.parameters())):
+        shape = tuple(param.shape)
+        if len(shape) == 1:
+            value = np.zeros(shape, np.float32) if name.endswith("bias") else np.array(param, np.float32)
+        elif name.endswith("embed_tokens.weight"):  # tied: also the output rows
+            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+            value[quiet] *= np.float32(0.01)
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(fan_in ** -0.5)
+        weights.append((name, mx.array(value)))
+    model.update(tree_unflatten(weights))
+    mx.eval(model.parameters())
+    return model
+
+
+def image(seed: int, width: int, height: int, fmt: str = "PNG") -> bytes:
+    """A seeded noise image in ``fmt`` (different seeds, different pixels)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
