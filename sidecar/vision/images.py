@@ -13,9 +13,7 @@ import base64
 import binascii
 import hashlib
 import io
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +107,9 @@ def _data_url(path: str, ref: str, limit: int) -> bytes:
 
 
 def _fetch(path: str, url: str, limit: int) -> bytes:
+    import urllib.error  # here: urllib.request imports http.client and ssl, which start-up need not wait for
+    import urllib.request
+
     request = urllib.request.Request(url, headers={"User-Agent": "localmlx"})
     try:
         with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as response:
