@@ -276,3 +276,22 @@ def test_concurrent_bad_and_good_requests_leave_the_sidecar_serving(strict: Side
     for thread in threads:
         thread.join()
     assert errors == [-32602] * 4
+
+
+def test_a_vision_model_loads_keeps_alive_unloads_and_deletes_as_a_text_model_does(
+        served: SidecarClient, vision_dir: Path, models_dir: Path) -> None:
+    import shutil
+
+    copy = models_dir / "qwen2-vl-copy"
+    shutil.copytree(vision_dir, copy, dirs_exist_ok=True)
+    loaded = served.request("models/load", {"model": copy.name})
+    assert "vision" in loaded["capabilities"] and loaded["bytes"] > 0
+    status = served.request("server/status")
+    assert status["memory"]["modelBytes"] >= loaded["bytes"]
+    url = data_url(vision_models.image(30, 56, 56))
+    served.request("chat", dict(image_chat(url, maxTokens=2), model=copy.name, keepAlive=0))
+    wait_until(lambda: copy.name not in [m["model"] for m in served.request("server/status")["models"]])
+    served.request("chat", dict(image_chat(url, maxTokens=2), model=copy.name))  # loads it again, on demand
+    served.request("models/delete", {"model": copy.name, "force": True})
+    assert not copy.exists()
+    assert copy.name not in [m["model"] for m in served.request("models/list")["models"]]
