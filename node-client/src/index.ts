@@ -54,6 +54,7 @@ export {
   type SidecarSource,
 } from "./process";
 export * from "./protocol";
+export { imagePart, textPart } from "./images";
 export {
   SETTINGS,
   SettingsError,

@@ -312,18 +312,18 @@ export interface RoutedBy {
 }
 
 /**
- * A conversation turn. `content` may be null (or absent) only on an assistant turn that carries toolCalls.
+ * A conversation turn. `content` is text, or a list of content parts (text and images; images need a model with the vision capability). It may be null (or absent) only on an assistant turn that carries toolCalls.
  */
 export type Message = (
   | {
-      content: string;
+      content: string | unknown[];
     }
   | {
       role?: "assistant";
     }
 ) & {
   role: "system" | "user" | "assistant" | "tool";
-  content?: string | null;
+  content?: string | null | ContentPart[];
   /**
    * An assistant turn's tool calls, rendered back into the template.
    *
@@ -356,6 +356,10 @@ export interface Usage {
    * Of completionTokens, those spent reasoning (present for reasoning models).
    */
   reasoningTokens?: number;
+  /**
+   * Of promptTokens, those that stand for images (present when the prompt had images).
+   */
+  imageTokens?: number;
 }
 
 export interface Timings {
@@ -474,9 +478,9 @@ export interface ModelDescription {
    */
   promptLookup?: boolean;
   /**
-   * What the model can serve: chat (has a chat template), generate, embed, tools (its template takes tools), thinking (it reasons in <think>-style blocks).
+   * What the model can serve: chat (has a chat template), generate, embed, tools (its template takes tools), thinking (it reasons in <think>-style blocks), vision (its messages may carry images: a vision-language model through mlx-vlm).
    */
-  capabilities?: ("chat" | "generate" | "embed" | "tools" | "thinking")[];
+  capabilities?: ("chat" | "generate" | "embed" | "tools" | "thinking" | "vision")[];
   /**
    * For <base>+<adapter>: the base model whose weights it shares (counted once in memory); else null.
    */
@@ -507,6 +511,10 @@ export interface LocalModel {
    * The Hub repo it came from, when known.
    */
   repo?: string | null;
+  /**
+   * What it serves, from its files (the same words as a loaded model's capabilities; for a model not loaded: vision when it is a vision-language checkpoint that mlx-vlm serves, embed for an embedding model, else chat and generate).
+   */
+  capabilities?: ("chat" | "generate" | "embed" | "tools" | "thinking" | "vision")[];
 }
 
 /**
@@ -837,6 +845,24 @@ export interface GenerationParams {
   promptLookup?: PromptLookup;
   responseFormat?: ResponseFormat;
   task?: Task;
+}
+
+/**
+ * One part of a message's content: text, or an image for a vision model.
+ */
+export type ContentPart = TextPart | ImagePart;
+
+export interface TextPart {
+  type: "text";
+  text: string;
+}
+
+/**
+ * An image: a data: URL (data:image/png;base64,...), a file path under LOCALMLX_ALLOWED_ROOTS (absolute, or file://), or an http(s) URL, which the sidecar fetches only when LOCALMLX_ALLOW_IMAGE_URLS is set. PNG, JPEG, WebP, GIF (first frame) and BMP; at most LOCALMLX_MAX_IMAGE_BYTES bytes and LOCALMLX_MAX_IMAGE_PIXELS pixels. Anything else is -32602 with data {path, reason}.
+ */
+export interface ImagePart {
+  type: "image";
+  image: string;
 }
 
 // ---- Methods: params and result of each request ----

@@ -178,13 +178,14 @@ export const SETTINGS = {
   openAIApiKey: text("OPENAI_API_KEY", "the remote's key (Authorization: Bearer)", { examples: ["sk-test"] }),
   openAIBaseURL: text("OPENAI_BASE_URL", "the remote's base URL, /v1 included", { examples: ["http://127.0.0.1:9000/v1"] }),
   // The Wooster plugin (wooster/config.ts).
-  toolsEnabled: flag("TOOLS_LOCALMLX_ENABLED", "offer the ten agent tools", true),
+  toolsEnabled: flag("TOOLS_LOCALMLX_ENABLED", "offer the agent tools", true),
   autoStartServer: flag("LOCALMLX_AUTO_START_SERVER", "start the loopback OpenAI-compatible endpoint with the plugin", false),
   serverUrl: text("LOCALMLX_SERVER_URL", "where the plugin's endpoint listens", { default: "http://127.0.0.1:8000", examples: ["http://127.0.0.1:8080"] }),
   serveTiers: flag("LOCALMLX_SERVE_TIERS", "the plugin's endpoint also listens on Wooster's tier URLs", false),
   streamResponses: flag("LOCALMLX_STREAM_RESPONSES", "stream the tools' replies to LangChain callbacks and the debug log", false),
   preloadModels: modelList("LOCALMLX_PRELOAD_MODELS", "true (the default model) or a comma list, warmed by the plugin after start-up"),
   offloadInactive: keepAlive("LOCALMLX_OFFLOAD_INACTIVE", "true (5 minutes), false, or how long an idle model stays loaded"),
+  visionModel: text("LOCALMLX_VISION_MODEL", "the model the plugin's local_vision tool sends images to (one with the vision capability)", { examples: ["mlx-community/Qwen2-VL-2B-Instruct-4bit", "qwen2-vl-tiny"] }),
   // The sidecar's own, read by the plugin too: no default here.
   defaultModel: text("LOCALMLX_DEFAULT_MODEL", "the model used when a call names none (sidecar)"),
   maxTokens: number("LOCALMLX_MAX_TOKENS", "default maxTokens of chat and generate (sidecar)", parseInteger, [1, 24, 2048]),

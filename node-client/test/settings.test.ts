@@ -21,6 +21,7 @@ const settingOf = (name: SettingName): Setting<unknown> => SETTINGS[name] as Set
 const PLUGIN_FIELD: Partial<Record<SettingName, (value: unknown) => unknown>> = {
   toolsEnabled: (v) => v,
   defaultModel: (v) => v,
+  visionModel: (v) => v,
   maxTokens: (v) => v,
   temperature: (v) => v,
   fallbackToOpenAI: (v) => v,

@@ -181,7 +181,7 @@ describe("the Wooster plugin", () => {
     // local_summarize splits what does not fit the context: a 2048-position demo makes that cheap.
     const report = await host("tools", { TEST_SHORT_CONTEXT_MODEL: buildShortContextDemo() });
     assert.deepEqual(report.plugins, ["localMLX"]);
-    assert.deepEqual(report.tools, TEN);
+    assert.deepEqual(report.tools, [...TEN, "local_vision"]); // local_vision: test/vision.test.ts
     assert.deepEqual(report.toolClasses, ["DynamicTool"]);
     assert.equal(report.serviceRegistered, true);
     assert.deepEqual(report.childrenBefore, [], "no child process before the first tool call");

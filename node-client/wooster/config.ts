@@ -8,10 +8,12 @@ import { SETTINGS, readSetting, type SettingName, type SettingValue, type Settin
 import type { AppConfig } from "./types";
 
 export interface LocalMLXPluginSettings {
-  /** TOOLS_LOCALMLX_ENABLED: offer the ten agent tools (the service is registered either way). */
+  /** TOOLS_LOCALMLX_ENABLED: offer the agent tools (the service is registered either way). */
   toolsEnabled: boolean;
   /** LOCALMLX_DEFAULT_MODEL: the model tools use until switch_model picks another. */
   defaultModel: string | undefined;
+  /** LOCALMLX_VISION_MODEL: the model local_vision sends images to (one with the vision capability); undefined: none, and local_vision says how to set one. */
+  visionModel: string | undefined;
   /** LOCALMLX_MAX_TOKENS: most tokens a tool generates per reply; undefined: the sidecar's default (its `initialize` says which). */
   maxTokens: number | undefined;
   /** LOCALMLX_TEMPERATURE: sampling temperature of the tools; undefined: the sidecar's default. */
@@ -122,6 +124,7 @@ export function readSettings(config?: AppConfig, env: SettingsEnv = process.env)
   return {
     toolsEnabled: read("toolsEnabled")!,
     defaultModel,
+    visionModel: read("visionModel"),
     maxTokens: read("maxTokens"),
     temperature: read("temperature"),
     fallbackToOpenAI: read("fallbackToOpenAI") ?? false,

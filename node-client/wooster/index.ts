@@ -38,7 +38,7 @@ export class LocalMLXPlugin implements WoosterPlugin {
   static readonly pluginName = "localMLX";
   static readonly version = "0.1.0";
   static readonly description =
-    "Local MLX language models (chat, generation, code help, summaries, batches, model management) through the localmlx sidecar, " +
+    "Local MLX language models (chat, generation, code help, summaries, batches, images, model management) through the localmlx sidecar, " +
     "with an optional OpenAI-compatible endpoint and remote fallback.";
 
   readonly name = LocalMLXPlugin.pluginName;

@@ -13,6 +13,7 @@ import {
   SidecarCrashError,
   SidecarStartError,
   TimeoutError,
+  imagePart,
   isFallbackWorthy,
   runWithFallback,
   type LoadProgress,
@@ -377,6 +378,17 @@ export class LocalMLXService {
         : `local could not serve: ${localError instanceof SidecarStartError ? "the localmlx sidecar could not start" : describeError(localError)}`;
     this.log(LogLevel.INFO, `served by ${remote.label} (${why})`);
     return { ...value, servedBy: "remote", note: why };
+  }
+
+  // ---- images -------------------------------------------------------------------------------
+
+  /**
+   * Asks a vision model about one image (a file path, which the sidecar reads under
+   * LOCALMLX_ALLOWED_ROOTS), on this machine only: the image never goes to the remote fallback.
+   */
+  async askAboutImage(image: string | Uint8Array, question: string, options: GenerationOptions & { model: string }): Promise<Answer> {
+    const messages: Message[] = [{ role: "user", content: [imagePart(image), { type: "text", text: question }] }];
+    return this.localChat(messages, options);
   }
 
   // ---- summarizing ------------------------------------------------------------------------

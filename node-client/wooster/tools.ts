@@ -1,10 +1,13 @@
 /**
- * The ten agent tools. Each takes plain text or a JSON object (as a string, the way Wooster's
+ * The agent tools. Each takes plain text or a JSON object (as a string, the way Wooster's
  * agent passes tool input), answers with a string, and never throws into the agent: a failure
  * (no MLX on this machine, a missing model) comes back as a clear message.
  */
+import { readFile, stat } from "node:fs/promises";
+import { homedir } from "node:os";
+import { join } from "node:path";
 import { DynamicTool } from "@langchain/core/tools";
-import type { LoadProgress, Message, ServerStatusResult } from "@localmlx/client";
+import { ErrorCode, RpcError, type LoadProgress, type Message, type ServerStatusResult } from "@localmlx/client";
 import { describeError, formatBytes, type Answer, type LocalMLXService, type PluginLog } from "./service";
 import { LogLevel } from "./types";
 
@@ -123,6 +126,7 @@ export const TOOL_NAMES = [
   "model_status",
   "intelligent_route",
   "batch_process",
+  "local_vision",
 ] as const;
 
 export type ToolName = (typeof TOOL_NAMES)[number];
@@ -230,7 +234,7 @@ const listLocalModels: ToolDefinition = {
     if (models.length === 0) return "No local models yet. Download one with download_model (e.g. mlx-community/Qwen2.5-3B-Instruct-4bit).";
     const active = service.model;
     const lines = models.map((m) => {
-      const flags = [m.loaded ? "loaded" : "", m.model === active ? "active" : ""].filter(Boolean);
+      const flags = [m.loaded ? "loaded" : "", m.model === active ? "active" : "", m.capabilities?.includes("vision") ? "vision" : ""].filter(Boolean);
       const quant = m.quantization ? `${m.quantization.bits}-bit` : "";
       const details = [m.source, formatBytes(m.bytes), m.type ?? "", quant, m.contextLength ? `context ${m.contextLength}` : ""].filter(Boolean).join(", ");
       return `- ${m.model} (${details})${flags.length ? ` [${flags.join(", ")}]` : ""}`;
@@ -362,7 +366,102 @@ const batchProcess: ToolDefinition = {
   },
 };
 
-/** The ten tools, in the order the agent is offered them. */
+const VISION_EXAMPLE = "mlx-community/Qwen2-VL-2B-Instruct-4bit";
+const DESCRIBE = "Describe this image in detail. If it shows text, transcribe the text.";
+
+/** The file path an agent wrote: `~/` is the home folder; relative paths are Wooster's working directory's. */
+function imagePath(text: string): string {
+  const path = text.trim();
+  return path === "~" || path.startsWith("~/") ? join(homedir(), path.slice(1)) : path;
+}
+
+/** The largest image file local_vision sends: its data: URL must fit the sidecar's 16 MiB request line. */
+const MAX_IMAGE_FILE_BYTES = 12 << 20;
+
+/** The file's bytes, or what to tell the agent when it cannot be sent. */
+async function readImageFile(path: string): Promise<{ bytes: Uint8Array } | string> {
+  try {
+    const info = await stat(path);
+    if (!info.isFile()) return `There is no image file at ${path} (it is not a file).`;
+    if (info.size > MAX_IMAGE_FILE_BYTES) {
+      return `local_vision could not use ${path}: it has ${info.size} bytes, more than the ${MAX_IMAGE_FILE_BYTES} an image may have here. Scale it down first.`;
+    }
+    return { bytes: await readFile(path) };
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === "ENOENT" || code === "ENOTDIR") return `There is no image file at ${path}.`;
+    return `local_vision could not read ${path}: ${describeError(error)}`;
+  }
+}
+
+/** An image reference as messages show it: a data: URL cut short. */
+function shown(path: string): string {
+  return path.startsWith("data:") && path.length > 48 ? `${path.slice(0, 40)}…` : path;
+}
+
+/** What local_vision says when the sidecar refuses the request for its image or its model; undefined for other failures. */
+function visionRefusal(error: unknown, model: string, image: string, named: boolean): string | undefined {
+  if (!(error instanceof RpcError && error.code === ErrorCode.InvalidParams)) return undefined;
+  const { reason, capabilities, errors } = error.data;
+  const path = shown(image);
+  const first: unknown = Array.isArray(errors) ? errors[0] : undefined;
+  const detail = first && typeof first === "object" && typeof (first as { message?: unknown }).message === "string" ? (first as { message: string }).message : error.rawMessage;
+  const setting = named ? "Name" : "Set LOCALMLX_VISION_MODEL to";
+  switch (reason) {
+    case "no-vision":
+      return (
+        `The model ${model} does not take images${Array.isArray(capabilities) ? ` (it can: ${capabilities.join(", ")})` : ""}. ` +
+        `${setting} a vision-language model, e.g. ${VISION_EXAMPLE}.`
+      );
+    case "outside-roots":
+      return `${path} is outside the folders local models may read. Add its folder to LOCALMLX_ALLOWED_ROOTS, or copy the image into one of them.`;
+    case "not-found":
+      return `There is no image file at ${path}.`;
+    case undefined:
+      return undefined;
+    default:
+      return `local_vision could not use ${path}: ${detail}.`;
+  }
+}
+
+const localVision: ToolDefinition = {
+  name: "local_vision",
+  description:
+    "Look at an image file with the local MLX vision model, privately: describe it, read the text in it, or answer a question about it. " +
+    'Input: the image\'s file path, or JSON {"path": "/path/to/image.png", "question": "optional, e.g. What does the sign say?", "maxTokens": 512}. ' +
+    "PNG, JPEG, WebP, GIF and BMP. Returns the model's answer.",
+  async run({ text, fields }, { service, stream }) {
+    const path = imagePath(str(fields, "path", "image", "file", "filePath") ?? text);
+    if (!path) return 'local_vision needs an image file: its path, or JSON {"path": "...", "question": "..."}.';
+    const named = str(fields, "model");
+    const model = named ?? service.settings.visionModel;
+    if (!model) {
+      return (
+        "local_vision has no vision model: set LOCALMLX_VISION_MODEL (or visionModel in config.plugins.localMLX) to a model that takes images, " +
+        `e.g. ${VISION_EXAMPLE} (list_local_models marks them "vision"), or name one in the input as {"model": "..."}.`
+      );
+    }
+    const question = str(fields, "question", "prompt", "instruction", "task") ?? DESCRIBE;
+    // A file is read here and sent as its bytes: the plugin runs as the user, on the user's own
+    // files, so an image on the Desktop needs no change to the sidecar's LOCALMLX_ALLOWED_ROOTS
+    // (which also bounds where models may be loaded from). The bytes go only to the local sidecar.
+    let image: string | Uint8Array = path;
+    if (!/^(?:data:|https?:\/\/|file:\/\/)/i.test(path)) {
+      const read = await readImageFile(path);
+      if (typeof read === "string") return read;
+      image = read.bytes;
+    }
+    try {
+      return reply(await service.askAboutImage(image, question, withStream({ ...generation(fields), model }, stream)));
+    } catch (error) {
+      const refusal = visionRefusal(error, model, path, named !== undefined);
+      if (refusal === undefined) throw error;
+      return refusal;
+    }
+  },
+};
+
+/** The tools, in the order the agent is offered them. */
 const TOOLS: readonly ToolDefinition[] = [
   localChat,
   localGenerate,
@@ -374,6 +473,7 @@ const TOOLS: readonly ToolDefinition[] = [
   modelStatus,
   intelligentRoute,
   batchProcess,
+  localVision,
 ];
 
 /** The tools as LangChain DynamicTools: input parsed, replies streamed when asked, any failure a message for the agent. */

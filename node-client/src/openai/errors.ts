@@ -86,16 +86,25 @@ function paramFromPointer(pointer: string): string | null {
   return out;
 }
 
-function invalidParamsOf(error: RpcError): { param: string | null; message: string } {
+/**
+ * The param, message and code of a -32602: the param from the first error's JSON pointer. An
+ * image the sidecar refused (data `{path, reason}`), or images sent to a model without vision
+ * (data `{model, capabilities, reason: "no-vision"}`, whose message says which model), carries its
+ * reason as the code, in OpenAI's snake_case (`not-an-image` → `not_an_image`).
+ */
+function invalidParamsOf(error: RpcError): { param: string | null; message: string; code: string } {
+  const reason = error.data.reason;
+  const code = typeof reason === "string" ? reason.replace(/-/g, "_") : "invalid_value";
   const errors = error.data.errors;
   if (Array.isArray(errors) && errors.length > 0 && isRecord(errors[0])) {
     const first = errors[0];
     const path = typeof first.path === "string" ? first.path : "";
-    const text = typeof first.message === "string" ? first.message : error.rawMessage;
     const param = paramFromPointer(path);
-    return { param, message: param ? `${param}: ${text}` : text };
+    if (reason === "no-vision") return { param, message: error.rawMessage, code };
+    const text = typeof first.message === "string" ? first.message : error.rawMessage;
+    return { param, message: param ? `${param}: ${text}` : text, code };
   }
-  return { param: null, message: error.rawMessage };
+  return { param: null, message: error.rawMessage, code };
 }
 
 /** Any failure of a request, as the OpenAI error a client should get. */
@@ -109,8 +118,8 @@ export function toOpenAIError(error: unknown): OpenAIHttpError {
       case ErrorCode.ModelNotLoaded:
         return new OpenAIHttpError(404, message, "invalid_request_error", "model", "model_not_loaded");
       case ErrorCode.InvalidParams: {
-        const { param, message: text } = invalidParamsOf(error);
-        return new OpenAIHttpError(400, text, "invalid_request_error", param, "invalid_value");
+        const { param, message: text, code } = invalidParamsOf(error);
+        return new OpenAIHttpError(400, text, "invalid_request_error", param, code);
       }
       case ErrorCode.ContextLengthExceeded:
         return new OpenAIHttpError(400, message, "invalid_request_error", "messages", "context_length_exceeded");

@@ -7,6 +7,7 @@ import { randomUUID } from "node:crypto";
 import { isRecord } from "../errors";
 import type {
   ChatParams,
+  ContentPart,
   EmbedParams,
   EmbedResult,
   FinishReason,
@@ -176,6 +177,33 @@ function textContent(content: unknown, param: string, allowNull: boolean): strin
   throw badRequest(`${param} must be a string or an array of content parts`, param);
 }
 
+/** An OpenAI `image_url` part's URL (`{url, detail?}`, or the URL alone as some clients send it); `detail` is ignored. */
+function imageUrlOf(part: JsonObject, param: string): string {
+  const value = part.image_url;
+  const url = isRecord(value) ? value.url : value;
+  if (typeof url !== "string" || url === "") throw badRequest(`${param}.image_url.url must be a non-empty string`, `${param}.image_url.url`);
+  return url;
+}
+
+/**
+ * A user turn's content: text as `textContent` reads it, or, when it holds `image_url` parts,
+ * content parts (text, and images as the sidecar takes them: data: URLs, and http(s) URLs passed
+ * on as given, which the sidecar fetches only when LOCALMLX_ALLOW_IMAGE_URLS is set).
+ */
+function userContent(content: unknown, param: string): string | ContentPart[] {
+  if (!Array.isArray(content) || !content.some((part) => isRecord(part) && part.type === "image_url")) {
+    return textContent(content, param, false)!;
+  }
+  return content.map((part, i): ContentPart => {
+    const where = `${param}[${i}]`;
+    if (!isRecord(part)) throw badRequest(`${where} must be an object`, where);
+    if (part.type === "text" && typeof part.text === "string") return { type: "text", text: part.text };
+    if (part.type === "refusal" && typeof part.refusal === "string") return { type: "text", text: part.refusal };
+    if (part.type === "image_url") return { type: "image", image: imageUrlOf(part, where) };
+    throw badRequest(`${where}: only text and image_url content parts are supported (got ${String(part.type)})`, `${where}.type`);
+  });
+}
+
 function toolCallsOf(value: unknown, param: string, limits: RequestLimits): ToolCall[] {
   if (!Array.isArray(value)) throw badRequest(`${param} must be an array`, param);
   checkCount(value, limits.maxTools, param);
@@ -200,7 +228,7 @@ function messageOf(value: unknown, i: number, limits: RequestLimits): Message {
     case "developer":
       return { role: "system", content: textContent(value.content, `${where}.content`, false)! };
     case "user":
-      return { role: "user", content: textContent(value.content, `${where}.content`, false)! };
+      return { role: "user", content: userContent(value.content, `${where}.content`) };
     case "assistant": {
       const content = textContent(value.content, `${where}.content`, true);
       const message: Message = { role: "assistant", content: content ?? null };
