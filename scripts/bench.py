@@ -1223,6 +1223,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the speculative-decoding benchmark instead (scripts/bench_speculative.py; its own flags)")
     parser.add_argument("--finetune", action="store_true",
                         help="the fine-tuning and adapter benchmark instead (scripts/bench_finetune.py; its own flags)")
+    parser.add_argument("--vision", action="store_true",
+                        help="images: the sidecar vs in-process mlx-vlm, and cold start with mlx-vlm installed, "
+                             "instead (scripts/bench_vision.py; its own flags)")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}")
     parser.add_argument("--json", type=Path, help="write every figure and the raw numbers here")
@@ -1365,7 +1368,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     for flag, name in (("--distributed", "bench_distributed.py"), ("--speculative", "bench_speculative.py"),
-                       ("--finetune", "bench_finetune.py")):
+                       ("--finetune", "bench_finetune.py"), ("--vision", "bench_vision.py")):
         if flag in sys.argv[1:]:  # one model over several hosts / one stream, speculating: its own script
             script = str(Path(__file__).with_name(name))
             os.execv(sys.executable, [sys.executable, script, *(a for a in sys.argv[1:] if a != flag)])

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..protocol_defs import FORBIDDEN
 from . import formatting as fmt
+from .images import image_paths, read_image
 from .session import ReplSession
 from .state import (
     SYSTEM,
@@ -44,7 +45,7 @@ class Command:
     usage: str
     help: str
     run: Callable[[ReplSession, str], None]
-    # What its argument completes to: "model", "setting", "method", "command", or these words.
+    # What its argument completes to: "model", "setting", "method", "command", "path", or these words.
     completes: str | tuple[str, ...] | None = None
 
 
@@ -69,7 +70,7 @@ def show_help(session: ReplSession, arg: str) -> None:
         "",
         "Plain text is a chat turn of one conversation (/new starts over; /oneshot: each line alone).",
         "A line starting with { or [ is sent to the sidecar as raw JSON-RPC, exactly as typed.",
-        "Tab completes commands, methods and model names; Esc Enter inserts a newline.",
+        "Tab completes commands, methods, model names and /image paths; Esc Enter inserts a newline.",
         "Ctrl-C cancels the request in flight ($/cancelRequest); Ctrl-D, /bye or exit leaves",
         "(Ctrl-D while a reply streams cancels it first).",
     ])
@@ -335,16 +336,48 @@ def oneshot_mode(session: ReplSession, arg: str) -> None:
 def chat_turn(session: ReplSession, text: str) -> None:
     state = session.state
     keep = state.chat_mode
-    outcome = session.generate("chat", state.chat_params(text, keep_history=keep))
-    if outcome is None or not keep:
+    user = state.user_turn(text)
+    outcome = session.generate("chat", state.chat_params(user, keep_history=keep))
+    if outcome is None:  # refused (a text-only model, say): the images wait for the next try
+        if state.images:
+            session.output.info(f"{_images(len(state.images))} still queued (/image clear drops them)")
+        return
+    state.images = []  # they went with this turn
+    if not keep:
         return
     reply, result = outcome
     if result.get("finishReason") == "cancelled":
-        state.cancelled_turn = (text, reply, result.get("toolCalls"))
+        state.cancelled_turn = (user, reply, result.get("toolCalls"))
         session.output.info("the cancelled turn is not part of the conversation (/keep adds it)")
         return
     state.cancelled_turn = None
-    state.conversation.add(text, reply, result.get("toolCalls"))
+    state.conversation.add(user, reply, result.get("toolCalls"))
+
+
+def _images(n: int) -> str:
+    return f"{n} image{'s' if n != 1 else ''}"
+
+
+def queue_image(session: ReplSession, arg: str) -> None:
+    """`/image PATH...` queues images for the next chat turn; no PATH lists them; `clear`."""
+    state, text = session.state, arg.strip()
+    if not text:
+        session.output.lines([f"{n}. {image.path} ({fmt.size(image.size)})" for n, image in enumerate(state.images, 1)]
+                             or ["no images queued: /image PATH adds one to the next message"])
+        return
+    if text == "clear":
+        dropped, state.images = len(state.images), []
+        session.output.info(f"dropped {_images(dropped)}")
+        return
+    for path in image_paths(text):
+        try:
+            image = read_image(path, state.max_line_bytes)
+        except ValueError as exc:
+            session.failed(f"/image: {exc}")
+            continue
+        state.images.append(image)
+        more = f"; {len(state.images)} for the next message" if len(state.images) > 1 else ""
+        session.output.info(f"image queued: {image.describe()}{more}")
 
 
 def keep_cancelled(session: ReplSession, arg: str) -> None:
@@ -526,6 +559,7 @@ def show_session(session: ReplSession, arg: str) -> None:
     session.output.lines([f"model: {state.model}", f"mode: {mode}",
                           f"conversation: {exchanges} exchange{'s' if exchanges != 1 else ''} "
                           f"({len(state.conversation.turns)} messages)",
+                          *([f"queued for the next message: {_images(len(state.images))}"] if state.images else []),
                           "settings:" if state.settings else "settings: the sidecar's defaults",
                           *("  " + line for line in _settings_lines(state))])
 
@@ -630,6 +664,9 @@ COMMANDS: list[Command] = [
     Command("keep", "/keep", "add the last cancelled reply to the conversation after all", keep_cancelled),
     Command("show", "/show", "the model, the settings and the conversation's length", show_session),
     Command("save", "/save FILE [--force]", "write the conversation to FILE as JSON messages", save_conversation),
+    Command("image", "/image [PATH…|clear]", "add an image to the next chat message (vision models: the "
+            "images go first, then the text); no PATH: list the queued images; clear: drop them",
+            queue_image, "path"),
     Command("generate", "/generate TEXT", "complete a raw prompt, no chat template (generate)",
             generate),
     Command("set", "/set [NAME [VALUE]]", "set a generation param (temperature, maxTokens, ...) "

@@ -91,6 +91,8 @@ def generation_summary(result: dict[str, Any]) -> str:
     usage, timings = result.get("usage", {}), result.get("timings", {})
     parts = [f"[{result.get('finishReason', '?')}] {usage.get('promptTokens', '?')} prompt + "
              f"{usage.get('completionTokens', '?')} generated tokens"]
+    if usage.get("imageTokens"):
+        parts.append(f"{usage['imageTokens']} of the prompt's from images")
     if usage.get("reasoningTokens"):
         parts.append(f"{usage['reasoningTokens']} reasoning")
     if usage.get("cachedTokens"):
@@ -196,7 +198,10 @@ def models_table(models: list[dict[str, Any]]) -> Table:
         q = m.get("quantization")
         return f"{q.get('bits')}-bit" if q else ""
 
-    rows = [[m["model"], m.get("source", ""), size(m.get("bytes")), m.get("type") or "", quant(m),
+    def kind(m: dict[str, Any]) -> str:  # `qwen2_vl, vision`: the models /image is for
+        return ", ".join(filter(None, [m.get("type") or "", "vision" if "vision" in (m.get("capabilities") or ()) else ""]))
+
+    rows = [[m["model"], m.get("source", ""), size(m.get("bytes")), kind(m), quant(m),
              str(m.get("contextLength") or ""), "yes" if m.get("loaded") else ""] for m in models]
     return ["model", "source", "size", "type", "quant", "context", "loaded"], rows
 

@@ -58,6 +58,7 @@ def _start(session: ReplSession, reader: Any, args: argparse.Namespace) -> bool:
         return False
     session.output.info(fmt.banner(result["serverInfo"], client.process.pid))
     state.server_defaults = result.get("defaults", {})
+    state.max_line_bytes = result.get("limits", {}).get("maxLineBytes")  # what an /image must fit in
     state.model = args.model or state.server_defaults.get("model", "demo")
     state.methods = sorted({*result["capabilities"]["methods"], *_client_notifications()})
     state.chat_mode = not args.oneshot

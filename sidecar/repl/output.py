@@ -12,6 +12,7 @@ the answer that follows; spinners and progress bars are drawn only there.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, TextIO
 
@@ -123,7 +124,16 @@ class PlainOutput:
 
 
 def wire_text(value: Any) -> str:
-    """A message as it travels: bytes are shown as sent, without the newline."""
+    """A message as it travels: bytes are shown as sent, without the newline, but for the
+    payload of a long data URL (an `/image`: megabytes of base64 say nothing on a screen)."""
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace").rstrip("\r\n")
-    return fmt.compact_json(value)
+        return _elide_data_urls(value.decode("utf-8", "replace").rstrip("\r\n"))
+    return _elide_data_urls(fmt.compact_json(value))
+
+
+_DATA_URL = re.compile(r"(data:[\w.+/-]*;base64,[A-Za-z0-9+/]{24})([A-Za-z0-9+/=]{40,})")
+
+
+def _elide_data_urls(text: str) -> str:
+    """`data:image/png;base64,iVBORw0KGgo…` then how much was left out, still a JSON string."""
+    return _DATA_URL.sub(lambda m: f"{m.group(1)}…[{len(m.group(2))} more base64 characters]", text)

@@ -35,6 +35,12 @@ def candidates(text: str, state: ReplState) -> tuple[str, list[str]]:
     if not space:
         return text, ["/" + n for n in command_names()]
     kind = completion_kind(name)
+    if kind == "path":  # the whole argument, a path with spaces, else its last word
+        words = path_candidates(arg)
+        if words or " " not in arg:
+            return arg, words
+        prefix = arg.rpartition(" ")[2]
+        return prefix, path_candidates(prefix)
     if " " in arg:  # only the first argument completes, and the profile after `/profile use|rm|save`
         action, _, rest = arg.partition(" ")
         named = kind == "profile" and action in PROFILE_ACTIONS and " " not in rest
@@ -44,6 +50,27 @@ def candidates(text: str, state: ReplState) -> tuple[str, list[str]]:
              "profile": [*PROFILE_ACTIONS, *state.profile_names]}.get(kind, []) \
         if isinstance(kind, str) else list(kind or ())
     return arg, words
+
+
+def path_candidates(prefix: str) -> list[str]:
+    """The files and folders `prefix` may go on to name, as typed (`~/Pic` -> `~/Pictures/`);
+    hidden ones only once a `.` is typed."""
+    head, _, start = prefix.rpartition("/")
+    folder = Path((head or "/") if prefix.startswith("/") else head or ".").expanduser()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    lead = f"{head}/" if "/" in prefix else ""
+    return [f"{lead}{e.name}{'/' if _is_dir(e) else ''}" for e in entries
+            if e.name.startswith(start) and (start.startswith(".") or not e.name.startswith("."))]
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def matching(prefix: str, words: Iterable[str]) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from ..schema import protocol_schema
+from .images import Content, QueuedImage, user_content
 
 _NOT_SETTINGS = {"messages", "prompt", "model", "stream", "_meta"}
 SYSTEM = "system"
@@ -135,16 +136,16 @@ class Conversation:
         head = [{"role": "system", "content": system}] if system else []
         return [*head, *self.turns]
 
-    def messages(self, system: str | None, user_text: str) -> list[dict[str, Any]]:
-        return [*self.history(system), {"role": "user", "content": user_text}]
+    def messages(self, system: str | None, user: Content) -> list[dict[str, Any]]:
+        return [*self.history(system), {"role": "user", "content": user}]
 
-    def add(self, user_text: str, reply: str, tool_calls: list[dict[str, Any]] | None = None) -> None:
-        """A user turn and the reply; a reply that called tools keeps its calls (content null
-        when it said nothing besides)."""
+    def add(self, user: Content, reply: str, tool_calls: list[dict[str, Any]] | None = None) -> None:
+        """A user turn (its images too, as sent) and the reply; a reply that called tools keeps
+        its calls (content null when it said nothing besides)."""
         answer: dict[str, Any] = {"role": "assistant", "content": reply}
         if tool_calls:
             answer = {"role": "assistant", "content": reply or None, "toolCalls": tool_calls}
-        self.turns += [{"role": "user", "content": user_text}, answer]
+        self.turns += [{"role": "user", "content": user}, answer]
 
     @property
     def exchanges(self) -> int:
@@ -160,7 +161,9 @@ class ReplState:
     chat_mode: bool = True  # plain lines are turns of one conversation; False: /oneshot
     raw: bool = False
     conversation: Conversation = field(default_factory=Conversation)
-    cancelled_turn: tuple[str, str, Any] | None = None  # (user text, reply, tool calls) for /keep
+    cancelled_turn: tuple[Content, str, Any] | None = None  # (user turn, reply, tool calls) for /keep
+    images: list[QueuedImage] = field(default_factory=list)  # `/image`: for the next chat turn
+    max_line_bytes: int | None = None  # the sidecar's limit on one message (initialize)
     settings: dict[str, Any] = field(default_factory=dict)
     server_defaults: dict[str, Any] = field(default_factory=dict)
     methods: list[str] = field(default_factory=list)
@@ -175,10 +178,14 @@ class ReplState:
         params = {k: v for k, v in self.settings.items() if k != SYSTEM and k in takes}
         return {"model": self.model, **params}
 
-    def chat_params(self, user_text: str, keep_history: bool) -> dict[str, Any]:
+    def user_turn(self, text: str) -> Content:
+        """What the next chat turn sends: the queued images, then the text."""
+        return user_content(self.images, text)
+
+    def chat_params(self, user: Content, keep_history: bool) -> dict[str, Any]:
         history = self.conversation if keep_history else Conversation()
         return {**self.generation_params("chat"),
-                "messages": history.messages(self.settings.get(SYSTEM), user_text)}
+                "messages": history.messages(self.settings.get(SYSTEM), user)}
 
     def prompt_label(self) -> str:
         label = self.model
