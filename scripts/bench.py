@@ -1343,16 +1343,16 @@ def run_sidecar_sections(report: Report, sidecar: SidecarUnderTest, sections: se
         measure_response_cache(report, sidecar, words)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.reference_worker:
-        return serve_reference(args.reference_worker)
+def run_and_report(args: argparse.Namespace, run: Callable[[argparse.Namespace, Report, Children, Logs], None],
+                   name: str) -> int:
+    """A benchmark's `run`, then, whatever happened, every process it started stopped and the
+    figures measured so far printed (and written, with --json); 0 when every target is met."""
     interrupt_on_sigint_and_sigterm()
     report, children = Report(), Children()
-    logs = Logs(args.log_dir or Path(tempfile.mkdtemp(prefix="localmlx-bench-logs-")))
+    logs = Logs(args.log_dir or Path(tempfile.mkdtemp(prefix=f"localmlx-{name}-logs-")))
     progress(f"server logs in {logs.directory}")
     try:
-        run_sections(args, report, children, logs)
+        run(args, report, children, logs)
     except KeyboardInterrupt:
         progress("interrupted: stopping everything started")
         return 130
@@ -1364,6 +1364,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.json and report.figures:
             write_json(report, args.json)
     return 0 if all(f.passed is not False for f in report.figures) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.reference_worker:
+        return serve_reference(args.reference_worker)
+    return run_and_report(args, run_sections, "bench")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ import platform
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -66,14 +65,12 @@ from bench import (
     Report,
     SidecarUnderTest,
     corpus_words,
-    interrupt_on_sigint_and_sigterm,
     load_average,
     median_or_none,
     optimized_blas_library,
-    print_table,
     progress,
+    run_and_report,
     with_preloaded,
-    write_json,
 )
 
 from tests.distributed_models import parameter_count
@@ -484,23 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.roofline_worker:
         print(json.dumps(matmul_rates(Path(args.roofline_worker), ROOFLINE_ROWS)), flush=True)
         return 0
-    interrupt_on_sigint_and_sigterm()
-    report, children = Report(), Children()
-    logs = Logs(args.log_dir or Path(tempfile.mkdtemp(prefix="localmlx-bench-spec-logs-")))
-    progress(f"server logs in {logs.directory}")
-    try:
-        run(args, report, children, logs)
-    except KeyboardInterrupt:
-        progress("interrupted: stopping everything started")
-        return 130
-    finally:
-        children.stop_all()
-        logs.close()
-        if report.figures:
-            print_table(report)
-        if args.json and report.figures:
-            write_json(report, args.json)
-    return 0 if all(f.passed is not False for f in report.figures) else 1
+    return run_and_report(args, run, "bench-spec")
 
 
 if __name__ == "__main__":

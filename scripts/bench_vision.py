@@ -50,7 +50,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -65,14 +64,12 @@ from bench import (
     Logs,
     Report,
     SidecarUnderTest,
-    interrupt_on_sigint_and_sigterm,
     load_average,
     median_or_none,
     optimized_blas_library,
-    print_table,
     progress,
+    run_and_report,
     with_preloaded,
-    write_json,
 )
 from vision_bench_model import SIZES, build
 
@@ -394,23 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.reference_worker:
         return serve_reference(args.reference_worker)
-    interrupt_on_sigint_and_sigterm()
-    report, children = Report(), Children()
-    logs = Logs(args.log_dir or Path(tempfile.mkdtemp(prefix="localmlx-bench-vision-logs-")))
-    progress(f"logs in {logs.directory}")
-    try:
-        run(args, report, children, logs)
-    except KeyboardInterrupt:
-        progress("interrupted: stopping everything started")
-        return 130
-    finally:
-        children.stop_all()
-        logs.close()
-        if report.figures:
-            print_table(report)
-        if args.json and report.figures:
-            write_json(report, args.json)
-    return 0 if all(f.passed is not False for f in report.figures) else 1
+    return run_and_report(args, run, "bench-vision")
 
 
 if __name__ == "__main__":

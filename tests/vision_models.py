@@ -18,6 +18,7 @@ import json
 import shutil
 import tempfile
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,22 @@ _FAMILY = families.Family(  # the text side: Qwen2.5's tokenizer, Qwen2-VL's tem
     non_special=families.QWEN_NON_SPECIAL, tokenizer_config=families._QWEN25_TOKENIZER_CONFIG)
 
 
-def config(tokenizer: dict) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Shape:
+    """A checkpoint of this recipe: its directory name, what it changes in the decoder's and the
+    vision tower's configuration, its image budget and its weights' dtype."""
+
+    name: str = NAME
+    text: dict[str, Any] = field(default_factory=dict)
+    vision: dict[str, Any] = field(default_factory=dict)
+    max_pixels: int = MAX_PIXELS
+    dtype: str = "bfloat16"
+
+
+TINY = Shape()
+
+
+def config(tokenizer: dict, shape: Shape = TINY) -> dict[str, Any]:
     ids = tokenizer["ids"]
     return {
         "model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"],
@@ -55,16 +71,17 @@ def config(tokenizer: dict) -> dict[str, Any]:
         # head_dim 16: the 8 rotary frequencies split over time, height and width as the real
         # model splits its 64 (16, 24, 24).
         "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
-        "vision_config": VISION,
+        "vision_config": {**VISION, **shape.vision},
         "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
         "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
         "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-        "torch_dtype": "bfloat16",
+        "torch_dtype": shape.dtype, **shape.text,
     }
 
 
-def digest() -> str:
+def digest(shape: Shape = TINY) -> str:
     h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update(json.dumps([shape.name, shape.text, shape.vision, shape.max_pixels, shape.dtype]).encode())
     h.update((families.TEMPLATES_DIR / TEMPLATE).read_bytes())
     h.update(families.build_digest(families.FAMILIES_BY_NAME["qwen2.5"], "bf16").encode())
     for dist in ("mlx", "mlx-vlm"):
@@ -72,32 +89,32 @@ def digest() -> str:
     return h.hexdigest()
 
 
-def build(models_dir: Path) -> Path:
-    """The checkpoint under ``models_dir`` (built once, then reused)."""
-    dest = Path(models_dir) / NAME
-    mark = digest()
+def build(models_dir: Path, shape: Shape = TINY) -> Path:
+    """The checkpoint of ``shape`` under ``models_dir`` (built once, then reused)."""
+    dest = Path(models_dir) / shape.name
+    mark = digest(shape)
     if families._is_complete(dest, mark):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}.tmp-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{shape.name}.tmp-", dir=dest.parent))
     try:
-        _write(tmp)
-        (tmp / families.MARKER_FILE).write_text(json.dumps({"digest": mark, "family": NAME}) + "\n")
+        _write(tmp, shape)
+        (tmp / families.MARKER_FILE).write_text(json.dumps({"digest": mark, "family": shape.name}) + "\n")
         families.install(tmp, dest, lambda: families._is_complete(dest, mark))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
-def _write(out: Path) -> None:
+def _write(out: Path, shape: Shape) -> None:
     import mlx.core as mx
     from mlx_vlm.utils import save_config, save_weights
 
     tokenizer = families.build_tokenizer(_FAMILY)
     ids = tokenizer["ids"]
-    cfg = config(tokenizer)
+    cfg = config(tokenizer, shape)
     model = random_model(cfg, families.quiet_ids(tokenizer, cfg["vocab_size"]))
-    model.set_dtype(mx.bfloat16)
+    model.set_dtype(getattr(mx, shape.dtype))
     save_weights(out, model)
     save_config(dict(cfg), config_path=out / "config.json")
     template = (families.TEMPLATES_DIR / TEMPLATE).read_text(encoding="utf-8")
@@ -105,7 +122,7 @@ def _write(out: Path) -> None:
     families._write_json(out / "tokenizer_config.json", families.tokenizer_config(_FAMILY, ids))
     families._write_json(out / "special_tokens_map.json", families.special_tokens_map(_FAMILY))
     families._write_json(out / "chat_template.json", {"chat_template": template})
-    families._write_json(out / "preprocessor_config.json", IMAGE_PROCESSOR)
+    families._write_json(out / "preprocessor_config.json", {**IMAGE_PROCESSOR, "max_pixels": shape.max_pixels})
     families._write_json(out / "processor_config.json", {"processor_class": "Qwen2VLProcessor"})
     families._write_json(out / "generation_config.json", {
         "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
