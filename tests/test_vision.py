@@ -295,3 +295,21 @@ def test_a_vision_model_loads_keeps_alive_unloads_and_deletes_as_a_text_model_do
     served.request("models/delete", {"model": copy.name, "force": True})
     assert not copy.exists()
     assert copy.name not in [m["model"] for m in served.request("models/list")["models"]]
+
+
+def test_model_auto_sends_a_request_with_images_to_a_profile_whose_model_sees(
+        sidecars, vision_dir: Path, tmp_path: Path) -> None:
+    client = sidecars.spawn(LOCALMLX_PROFILES_DIR=str(tmp_path / "profiles"))
+    client.request("profiles/save", {"name": "words", "profile": {"model": "demo", "tasks": ["chat"]}})
+    client.request("profiles/save", {"name": "eyes", "profile": {"model": MODEL, "tasks": ["summarize"]}})
+    text = client.request("chat", {"model": "auto", "task": "chat", "maxTokens": 2, "cache": False,
+                                   "messages": [{"role": "user", "content": "the sea"}]})
+    assert text["profile"] == "words"  # declares the task
+    seen = client.request("chat", dict(image_chat(data_url(vision_models.image(1, 56, 56))), model="auto", task="chat"))
+    assert seen["profile"] == "eyes" and seen["usage"]["imageTokens"] == 4
+    assert {"profile": "words", "score": None, "note": "does not take images"} in seen["routedBy"]["candidates"]
+    client.request("profiles/delete", {"name": "eyes"})
+    with pytest.raises(RpcCallError) as none:
+        client.request("chat", dict(image_chat(data_url(vision_models.image(1, 56, 56))), model="auto"))
+    assert none.value.code == -32602 and "no profile can serve" in none.value.message
+    assert client.close() == 0

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..vision.images import image_refs
 from .store import Profile
 
 HALF_LIFE_S = 7 * 24 * 3600.0
@@ -169,6 +170,7 @@ class Candidate:
     profile: Profile
     loaded: bool
     fits: bool
+    vision: bool = False  # its model takes images
 
 
 def choose(params: dict[str, Any], candidates: Iterable[Candidate], stats: RoutingStats,
@@ -178,10 +180,14 @@ def choose(params: dict[str, Any], candidates: Iterable[Candidate], stats: Routi
     stated = params.get("task")
     task = stated or classify(params)
     pool = [c for c in candidates if c.profile.tasks != ("embed",)]
+    notes: list[dict[str, Any]] = []
+    if image_refs(params.get("messages")):  # only a vision model can serve it, whatever its task
+        notes = [{"profile": c.profile.name, "score": None, "note": "does not take images"} for c in pool if not c.vision]
+        pool = [c for c in pool if c.vision]
     declaring = [c for c in pool if task in c.profile.tasks]
     chosen_from = declaring or [c for c in pool if "chat" in c.profile.tasks] or pool
-    notes: list[dict[str, Any]] = [{"profile": c.profile.name, "score": None,
-                                    "note": "does not declare the task"} for c in pool if c not in chosen_from]
+    notes += [{"profile": c.profile.name, "score": None, "note": "does not declare the task"}
+              for c in pool if c not in chosen_from]
     fitting = []
     for c in chosen_from:
         if c.fits or c.loaded:

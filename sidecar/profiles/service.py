@@ -43,19 +43,22 @@ class Profiles:
 
     async def _candidate(self, engine: Engine, profile: Any) -> Candidate:
         from ..engine.budget import weight_bytes
+        from ..vision.model import is_vision_model
 
         try:
             location = await self.location(engine, profile.model, profile.adapter)
         except RpcError:
             return Candidate(profile, loaded=False, fits=False)
-        if engine.registry.is_loaded(location.name):
-            return Candidate(profile, loaded=True, fits=True)
+        loaded = engine.registry.peek(location.name)
+        if loaded is not None:
+            return Candidate(profile, loaded=True, fits=True, vision=loaded.vision is not None)
         path = location.path
         try:
             need = await asyncio.to_thread(weight_bytes, path) if path is not None else None
         except RpcError:
             return Candidate(profile, loaded=False, fits=False)
-        return Candidate(profile, loaded=False, fits=need is not None and need <= engine.memory_budget())
+        vision = path is not None and await asyncio.to_thread(is_vision_model, path)
+        return Candidate(profile, loaded=False, fits=need is not None and need <= engine.memory_budget(), vision=vision)
 
     @staticmethod
     async def location(engine: Engine, model: str | None, adapter: str | None) -> ModelLocation:
