@@ -170,7 +170,7 @@ def prepare(loaded: LoadedModel, request: GenerationRequest) -> PreparedGenerati
     if loaded.vision is not None:  # the processor tokenizes, expanding each image into its tokens
         text = rendered_chat(loaded, request, tools) if request.messages is not None else clean_text(request.prompt or "")
         vision_inputs = loaded.vision.inputs(loaded.model, text, request.images)
-        prompt = vision_inputs.input_ids.reshape(-1).tolist()
+        prompt = vision_inputs.tokens
     else:
         prompt = prompt_tokens(loaded, request, tools)
     if not prompt:

@@ -67,6 +67,7 @@ class VisionInputs:
     pixel_values: Any  # mx.array or None (a text-only chat)
     mask: Any
     extra: dict[str, Any]
+    tokens: list[int]  # input_ids, as the engine's prompt
     image_tokens: int
 
 
@@ -80,6 +81,7 @@ class VisionParts:
     def inputs(self, model: Any, text: str, images: list[MessageImage]) -> VisionInputs:
         """`text` (the rendered template) and the pictures through the processor, as mlx-vlm's
         generate prepares them (worker thread, under the tokenizer lock)."""
+        import numpy as np
         from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
 
         pictures = [image.picture for image in images] or None
@@ -88,10 +90,12 @@ class VisionParts:
                                 add_special_tokens=should_add_special_tokens(model.config.model_type, self.processor))
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
         input_ids = inputs["input_ids"]
-        image_tokens = 0
-        if self.image_token_id is not None and pictures:
-            image_tokens = int((input_ids == self.image_token_id).sum().item())
-        return VisionInputs(input_ids, inputs.get("pixel_values"), inputs.get("attention_mask"), extra, image_tokens)
+        # Read through numpy: the arrays hold their data already, and no MLX computation runs
+        # off the engine thread.
+        tokens = np.asarray(input_ids).reshape(-1).tolist()
+        image_tokens = tokens.count(self.image_token_id) if self.image_token_id is not None and pictures else 0
+        return VisionInputs(input_ids, inputs.get("pixel_values"), inputs.get("attention_mask"), extra, tokens,
+                            image_tokens)
 
 
 def load_vision_model(path: Path) -> tuple[Any, Any, dict[str, Any], VisionParts]:
