@@ -30,6 +30,11 @@ def vision_dir(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def gemma_dir(models_dir: Path) -> Path:
+    return vision_models.build_gemma3(models_dir)
+
+
+@pytest.fixture(scope="module")
 def served(vision_dir: Path, sidecar_env: dict[str, str]):
     from tests.conftest import serving
 
@@ -90,6 +95,19 @@ def test_greedy_output_is_mlx_vlms_token_for_token_and_images_change_it(served: 
     text, prompt_tokens = mlx_vlm_text(vision_dir, [first, second], 16)
     assert two["text"] == text and two["usage"]["promptTokens"] == prompt_tokens
     assert two["usage"]["imageTokens"] == ours["usage"]["imageTokens"] + other["usage"]["imageTokens"]
+
+
+def test_a_second_architecture_gemma3_matches_mlx_vlm_too(served: SidecarClient, gemma_dir: Path) -> None:
+    """Gemma 3: a SigLIP tower pooled to a fixed number of soft tokens per image, plain positions,
+    sliding-window layers (its window, 16 tokens, is shorter than the prompt, which goes in 8
+    tokens a step here)."""
+    first, second = vision_models.image(1, 120, 90), vision_models.image(2, 90, 120)
+    for images in ([first], [first, second]):
+        ours = served.request("chat", dict(image_chat(*map(data_url, images), maxTokens=16),
+                                           model=vision_models.GEMMA3_NAME))
+        text, prompt_tokens = mlx_vlm_text(gemma_dir, images, 16)
+        assert ours["text"] == text and ours["usage"]["promptTokens"] == prompt_tokens
+        assert ours["usage"]["imageTokens"] == vision_models.GEMMA3_TOKENS_PER_IMAGE * len(images)
 
 
 def test_the_prompt_grows_with_the_image_as_the_processor_says(served: SidecarClient) -> None:

@@ -170,3 +170,88 @@ def image(seed: int, width: int, height: int, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Gemma 3 (a second architecture: a SigLIP tower, pooled to a fixed count of soft tokens per
+# image, feeding Gemma 3's decoder with sliding-window layers; plain positions, no mrope)
+# --------------------------------------------------------------------------------------------
+
+GEMMA3_NAME = "gemma3-vision-tiny"
+GEMMA3_TOKENS_PER_IMAGE = 4  # the 4x4 patches of a 56-pixel image, pooled 2x2
+_GEMMA3_FAMILY = families.Family(
+    GEMMA3_NAME, "gemma3", "google/gemma-3-4b-it", "gemma-3-it.jinja", {},
+    specials=(*families.FAMILIES_BY_NAME["gemma3"].specials, "<image_soft_token>"),
+    bos="<bos>", eos="<eos>", pad="<pad>", stop=("<end_of_turn>",), add_bos=True,
+    tokenizer_config={"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 32768, "unk_token": "<unk>",
+                      # as the real one: the processor finds its image tokens by these names
+                      "extra_special_tokens": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                               "image_token": "<image_soft_token>"}})
+GEMMA3_IMAGE_PROCESSOR = {
+    "image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor",
+    "do_convert_rgb": None, "do_normalize": True, "do_pan_and_scan": None, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_seq_length": GEMMA3_TOKENS_PER_IMAGE,
+    "resample": 2, "rescale_factor": 1 / 255, "size": {"height": 56, "width": 56},
+}
+
+
+def gemma3_config(tokenizer: dict) -> dict[str, Any]:
+    ids = tokenizer["ids"]
+    vocab_size = -(-tokenizer["size"] // 64) * 64
+    return {
+        "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+        "boi_token_index": ids["<start_of_image>"], "eoi_token_index": ids["<end_of_image>"],
+        "image_token_index": ids["<image_soft_token>"], "mm_tokens_per_image": GEMMA3_TOKENS_PER_IMAGE,
+        "eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]], "pad_token_id": ids["<pad>"], "hidden_size": 64,
+        "vocab_size": vocab_size,
+        "text_config": {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128,
+                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
+                        "query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2,
+                        "mm_tokens_per_image": GEMMA3_TOKENS_PER_IMAGE, "vocab_size": vocab_size,
+                        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}},
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                          "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 14, "image_size": 56,
+                          "vision_use_head": False},
+        "torch_dtype": "bfloat16",
+    }
+
+
+def build_gemma3(models_dir: Path) -> Path:
+    dest = Path(models_dir) / GEMMA3_NAME
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update((families.TEMPLATES_DIR / _GEMMA3_FAMILY.template).read_bytes())
+    for dist in ("mlx", "mlx-vlm"):
+        h.update(f"{dist}={importlib.metadata.version(dist)}".encode())
+    mark = h.hexdigest()
+    if families._is_complete(dest, mark):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{GEMMA3_NAME}.tmp-", dir=dest.parent))
+    try:
+        _write_gemma3(tmp)
+        (tmp / families.MARKER_FILE).write_text(json.dumps({"digest": mark, "family": GEMMA3_NAME}) + "\n")
+        families.install(tmp, dest, lambda: families._is_complete(dest, mark))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _write_gemma3(out: Path) -> None:
+    import mlx.core as mx
+    from mlx_vlm.utils import save_config, save_weights
+
+    tokenizer = families.build_tokenizer(_GEMMA3_FAMILY)
+    ids = tokenizer["ids"]
+    cfg = gemma3_config(tokenizer)
+    model = random_model(cfg, families.quiet_ids(tokenizer, cfg["vocab_size"]))
+    model.set_dtype(mx.bfloat16)
+    save_weights(out, model)
+    save_config(dict(cfg), config_path=out / "config.json")
+    families._write_json(out / "tokenizer.json", tokenizer["json"])
+    families._write_json(out / "tokenizer_config.json", families.tokenizer_config(_GEMMA3_FAMILY, ids))
+    families._write_json(out / "special_tokens_map.json", families.special_tokens_map(_GEMMA3_FAMILY))
+    families._write_json(out / "preprocessor_config.json", GEMMA3_IMAGE_PROCESSOR)
+    families._write_json(out / "processor_config.json", {"image_seq_length": GEMMA3_TOKENS_PER_IMAGE,
+                                                         "processor_class": "Gemma3Processor"})
+    families._write_json(out / "generation_config.json", {
+        "bos_token_id": ids["<bos>"], "eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]], "do_sample": False})
