@@ -18,6 +18,7 @@ import json
 import shutil
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,15 +92,19 @@ def digest(shape: Shape = TINY) -> str:
 
 def build(models_dir: Path, shape: Shape = TINY) -> Path:
     """The checkpoint of ``shape`` under ``models_dir`` (built once, then reused)."""
-    dest = Path(models_dir) / shape.name
-    mark = digest(shape)
+    return _built(Path(models_dir) / shape.name, digest(shape), lambda out: _write(out, shape))
+
+
+def _built(dest: Path, mark: str, write: Callable[[Path], None]) -> Path:
+    """``dest``, written by ``write`` into a temporary sibling renamed into place, unless a
+    complete build with this digest is already there."""
     if families._is_complete(dest, mark):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{shape.name}.tmp-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        _write(tmp, shape)
-        (tmp / families.MARKER_FILE).write_text(json.dumps({"digest": mark, "family": shape.name}) + "\n")
+        write(tmp)
+        (tmp / families.MARKER_FILE).write_text(json.dumps({"digest": mark, "family": dest.name}) + "\n")
         families.install(tmp, dest, lambda: families._is_complete(dest, mark))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -217,23 +222,11 @@ def gemma3_config(tokenizer: dict) -> dict[str, Any]:
 
 
 def build_gemma3(models_dir: Path) -> Path:
-    dest = Path(models_dir) / GEMMA3_NAME
     h = hashlib.sha256(Path(__file__).read_bytes())
     h.update((families.TEMPLATES_DIR / _GEMMA3_FAMILY.template).read_bytes())
     for dist in ("mlx", "mlx-vlm"):
         h.update(f"{dist}={importlib.metadata.version(dist)}".encode())
-    mark = h.hexdigest()
-    if families._is_complete(dest, mark):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{GEMMA3_NAME}.tmp-", dir=dest.parent))
-    try:
-        _write_gemma3(tmp)
-        (tmp / families.MARKER_FILE).write_text(json.dumps({"digest": mark, "family": GEMMA3_NAME}) + "\n")
-        families.install(tmp, dest, lambda: families._is_complete(dest, mark))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return _built(Path(models_dir) / GEMMA3_NAME, h.hexdigest(), _write_gemma3)
 
 
 def _write_gemma3(out: Path) -> None:

@@ -81,7 +81,27 @@ def unpark(generation: Generation) -> tuple[Any, list[int], int]:
     return parked
 
 
-class SoloRun:
+class LaneRun:
+    """What a lane asks of a generation running on its own, whatever steps it."""
+
+    generation: Generation
+
+    def close(self, keep: bool = True) -> None:
+        raise NotImplementedError
+
+    @property
+    def cancelled_while_throttled(self) -> bool:
+        """No step will see its cancel: a throttled run is not stepped."""
+        return self.generation.throttled and self.generation.job.cancelled
+
+    def stop(self) -> Generation:
+        """Stop between steps (cancelled, or its lane closing): the generation, finished."""
+        self.close()
+        self.generation.cancel_now()
+        return self.generation
+
+
+class SoloRun(LaneRun):
     """One generation through mlx-lm's `generate_step`, its prompt processed in chunks
     between steps (so control work and other models are served during a long prompt)."""
 
@@ -171,17 +191,6 @@ class SoloRun:
             self._steps.close()
         if keep and self.generation.plain_kv:
             keep_prefix(self.loaded, self.history, self.cache)
-
-    @property
-    def cancelled_while_throttled(self) -> bool:
-        """No step will see its cancel: a throttled run is not stepped."""
-        return self.generation.throttled and self.generation.job.cancelled
-
-    def stop(self) -> Generation:
-        """Stop between steps (cancelled, or its lane closing): the generation, finished."""
-        self.close()
-        self.generation.cancel_now()
-        return self.generation
 
     def hand_over(self) -> tuple[list[int], Any, list[int]]:
         """Stop here and return (tokens to feed next, cache, tokens in the cache), so the

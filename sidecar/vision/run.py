@@ -14,10 +14,10 @@ from typing import Any
 
 from ..engine.generation import Generation
 from ..engine.registry import LoadedModel
-from ..engine.runs import KV_GROUP_SIZE
+from ..engine.runs import KV_GROUP_SIZE, LaneRun
 
 
-class VisionRun:
+class VisionRun(LaneRun):
     def __init__(self, loaded: LoadedModel, generation: Generation, prefill_step: int) -> None:
         from mlx_vlm.models.cache import make_prompt_cache
 
@@ -133,12 +133,3 @@ class VisionRun:
     def close(self, keep: bool = True) -> None:
         """Nothing to keep: a vision model has no prefix cache (image tokens stand for pixels)."""
         self._pending = None
-
-    @property
-    def cancelled_while_throttled(self) -> bool:
-        return self.generation.throttled and self.generation.job.cancelled
-
-    def stop(self) -> Generation:
-        self.close()
-        self.generation.cancel_now()
-        return self.generation
