@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -61,17 +62,25 @@ class Worker:
     async def stop(self, grace_s: float = STOP_GRACE_S) -> int:
         """SIGTERM (it stops at its next safe point), then SIGKILL when it does not end in time."""
         if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
+            self._signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.shield(self.process.wait()), grace_s)
             except TimeoutError:
                 log.warning("worker %d did not stop in %g s: killing it", self.pid, grace_s)
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
+                self._signal(signal.SIGKILL)
         code = await self.process.wait()
         self.close()
         return code
+
+    def _signal(self, signum: int) -> None:
+        """os.kill, not Process.send_signal: that polls the child first, and a poll reaps a child
+        that has just died (killed by the OOM killer, say), stealing its status from asyncio's
+        watcher, which then reports 255 instead of the signal. A dead child keeps its pid until the
+        watcher reaps it, so only in the instant between that and the loop hearing of it could
+        the pid be another process's."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
 
     def close(self) -> None:
         """Close its stdin: a worker still running exits when it sees that."""
