@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .generation import Generation
 from .registry import LoadedModel
-from .runs import SoloRun, caches_step_back, fetch_prefix, keep_prefix, step_back, unpark
+from .runs import LaneRun, SoloRun, caches_step_back, fetch_prefix, keep_prefix, step_back, unpark
 from .speculation import SPECULATE_AGAIN_AFTER, SpeculativeRun, run_alone
-
-if TYPE_CHECKING:
-    from ..vision.run import VisionRun
 
 log = logging.getLogger("localmlx.engine")
 
@@ -237,7 +234,7 @@ class SoloLane:
         self.max_batch = max_waiting
         self._prefill_step = prefill_step
         self._waiting: collections.deque[Generation] = collections.deque()
-        self._current: SoloRun | VisionRun | None = None
+        self._current: LaneRun | None = None
         self._trims: bool | None = None  # its caches can step back (asked on first use)
 
     @property
@@ -282,7 +279,7 @@ class SoloLane:
         current.close()
         return [current.generation]
 
-    def _run(self, generation: Generation) -> SoloRun | VisionRun:
+    def _run(self, generation: Generation) -> LaneRun:
         if self.loaded.vision is not None:
             from ..vision.run import VisionRun
 

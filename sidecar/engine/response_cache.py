@@ -56,12 +56,11 @@ def _messages_key(request: Any) -> Any:
     of the same picture give the same answer, and a file rewritten in place does not."""
     if not request.images:
         return request.messages
-    digests = {image.path: image.digest for image in request.images}
-    return [dict(message, content=[dict(part, image=digests[f"/messages/{i}/content/{j}"])
-                                   if part.get("type") == "image" else part
-                                   for j, part in enumerate(message["content"])])
+    digests = iter(image.digest for image in request.images)  # read in the order the parts come
+    return [dict(message, content=[dict(part, image=next(digests)) if part.get("type") == "image" else part
+                                   for part in message["content"]])
             if isinstance(message.get("content"), list) else message
-            for i, message in enumerate(request.messages)]
+            for message in request.messages]
 
 
 def _constraint_key(response_format: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -86,6 +86,10 @@ class LaneRun:
 
     generation: Generation
 
+    def step(self) -> bool:
+        """One step; True when the generation is done."""
+        raise NotImplementedError
+
     def close(self, keep: bool = True) -> None:
         raise NotImplementedError
 

@@ -11,26 +11,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidParams, ModelLoadFailed
+from ..model_config import read_config
 from .images import MessageImage
-
-log = logging.getLogger("localmlx.vision")
 
 INSTALL_HINT = "install the vision extra: pip install 'localmlx[vision]' (scripts/setup.sh does)"
 
 
 def has_vision_config(path: Path) -> bool:
     """A checkpoint with a vision tower: its config.json has a vision_config."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and isinstance(config.get("vision_config"), dict)
+    config = read_config(path)
+    return config is not None and isinstance(config.get("vision_config"), dict)
 
 
 def vision_installed() -> bool:
@@ -106,7 +101,8 @@ def load_vision_model(path: Path) -> tuple[Any, Any, dict[str, Any], VisionParts
     from mlx_vlm.utils import load
 
     model, processor = load(str(path))
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = read_config(path)
+    assert config is not None  # mlx-vlm has just loaded the model from it
     eos = config.get("eos_token_id") or config.get("text_config", {}).get("eos_token_id")
     eos_ids = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else None
     tokenizer = load_tokenizer(path, eos_token_ids=eos_ids)
