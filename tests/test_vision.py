@@ -331,3 +331,47 @@ def test_model_auto_sends_a_request_with_images_to_a_profile_whose_model_sees(
         client.request("chat", dict(image_chat(data_url(vision_models.image(1, 56, 56))), model="auto"))
     assert none.value.code == -32602 and "no profile can serve" in none.value.message
     assert client.close() == 0
+
+
+def test_image_urls_are_fetched_only_when_allowed_and_a_failed_fetch_says_so(sidecars, vision_dir: Path) -> None:
+    import http.server
+    import socket
+
+    picture = vision_models.image(40, 56, 56)
+
+    class OnePicture(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(picture)))
+            self.end_headers()
+            self.wfile.write(picture)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), OnePicture)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    try:
+        client = sidecars.spawn(LOCALMLX_ALLOW_IMAGE_URLS="1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+        url = f"http://127.0.0.1:{server.server_address[1]}/picture.png"
+        fetched = client.request("chat", image_chat(url, cache=True))
+        inline = client.request("chat", image_chat(data_url(picture), cache=True))
+        assert fetched["usage"]["imageTokens"] == 4 and inline.get("cached") is True  # the same bytes
+        data = refusal(client, image_chat(f"http://127.0.0.1:{closed}/gone.png"))
+        assert data["reason"] == "fetch-failed" and data["path"] == "/messages/0/content/1"
+        assert client.close() == 0
+    finally:
+        server.shutdown()
+
+
+def test_too_many_images_and_a_draft_model_on_a_vision_model_are_refused(served: SidecarClient) -> None:
+    url = data_url(vision_models.image(41, 28, 28))
+    data = refusal(served, image_chat(*[url] * 33))
+    assert data["reason"] == "too-many-images" and data["maxImages"] == 32
+    data = refusal(served, image_chat(url, draftModel="demo"))
+    assert data["errors"][0]["path"] == "/draftModel"
+    assert served.request("chat", image_chat(url, maxTokens=2))["usage"]["completionTokens"] == 2
