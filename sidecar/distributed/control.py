@@ -7,14 +7,15 @@ declares a rank lost once it has been silent for the timeout (a stopped process,
 pulled). A follower answers pings from its reader thread, so a long step does not look like
 a hang. An idle group sends one small ping per second per rank and nothing else.
 
-One case needs more than a thread: MLX calls that synchronize its streams (`mx.clear_cache`,
-which mlx-lm's decode loops call) wait while holding the GIL, so a collective stuck on a
-silent peer at that moment freezes every Python thread of rank 0, this monitor included. The
-monitor therefore keeps re-arming CPython's own C-level watchdog (`faulthandler`), which needs
-no GIL: if the monitor misses its turns for the timeout and two heartbeats, the process dumps
-its threads' stacks to stderr and exits (code 1), the client restarts it, and the followers it
-started go with it (see launch.start). Only in that case do requests in flight see the exit
-rather than -32019.
+One case needs more than a thread: a call into MLX that waits for its streams while holding
+the GIL freezes every Python thread of rank 0, this monitor included, when a collective is
+stuck on a silent peer. `mx.clear_cache`, which mlx-lm's decode loops call, was such a call;
+it now waits with the GIL released first (engine/gil_waits.py). For any other, the monitor
+keeps re-arming CPython's own C-level watchdog (`faulthandler`), which needs no GIL: if the
+monitor misses its turns for the timeout and two heartbeats, the process dumps its threads'
+stacks to stderr and exits (code 1), the client restarts it, and the followers it started go
+with it (see launch.start). Only in that case do requests in flight see the exit rather than
+-32019.
 """
 
 from __future__ import annotations

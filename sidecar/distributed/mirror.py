@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..engine import operations
+from ..engine import gil_waits, operations
 from ..engine.generation import GenerationOrder, prepare
 from ..engine.jobs import CancelReason, Job
 from ..engine.registry import ModelOptions, ModelRegistry
@@ -38,6 +38,7 @@ class Replica:
         self.registry.sharding = sharding
         self.scheduler = Scheduler(settings, self.registry, on_start=lambda: None)
         self.scheduler.act_as_engine_thread()
+        gil_waits.install()
         self.residency = Residency(settings, self.registry, self.scheduler)  # for unload; no mirror here
         self._loop = asyncio.new_event_loop()  # the jobs' futures: settled here, read by no one
         self._jobs: dict[int, Job[Any]] = {}

@@ -31,7 +31,7 @@ from ..text import clean_text
 from ..tuning.adapters import WEIGHTS_FILE
 from ..vision.images import image_refs, read_images
 from ..vision.model import refuse_images
-from . import operations
+from . import gil_waits, operations
 from .budget import tensor_bytes, weight_bytes
 from .generation import GenerationOrder, GenerationRequest, GenerationResult, PreparedGeneration, prepare
 from .jobs import CancelReason, Job
@@ -120,6 +120,8 @@ class Engine:
             device = exc
         self._settle_device(device)
         import mlx_lm  # noqa: F401
+
+        gil_waits.install()
 
     def _settle_device(self, outcome: str | BaseException) -> None:
         def set_outcome() -> None:
