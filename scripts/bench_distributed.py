@@ -37,7 +37,7 @@ Figures, per target, mode and group size (1 rank: a plain single process):
   answered afterwards.
 
     sudo .venv/bin/python scripts/bench_distributed.py [--quick] [--targets mlx_lm.server,sidecar]
-        [--modes tensor,pipeline] [--ranks 2] [--faults stop,kill,link] [--json out.json]
+        [--modes tensor,pipeline] [--ranks 2] [--delays 0,1] [--faults stop,kill,link|none] [--json out.json]
 """
 
 from __future__ import annotations
@@ -126,7 +126,10 @@ class Setup:
 
     @property
     def label(self) -> str:
-        return "1 rank" if self.hosts is None else f"{self.mode} {self.ranks} ranks"
+        if self.hosts is None:
+            return "1 rank"
+        delay = f" +{self.hosts.delay_ms:g}ms" if self.hosts.delay_ms else ""
+        return f"{self.mode} {self.ranks} ranks{delay}"
 
     def rank_env(self, env: dict[str, str]) -> dict[str, str]:
         """`env` with this configuration's BLAS threads (every rank, every target)."""
@@ -612,6 +615,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--faults", default="stop,kill,link", help="of stop,kill,link (rank 1's host loses its "
                         "link), or none")
     parser.add_argument("--fault-mode", default="tensor", help="the mode faults are injected in")
+    parser.add_argument("--delays", default="0", help="comma-separated added one-way link delays in ms, "
+                        "each a group of its own (tests/link_delay.py relays the frames) [0]")
     parser.add_argument("--no-single", action="store_true", help="skip the 1-rank configuration")
     parser.add_argument("--concurrency", help="comma-separated stream counts [1,4,8]")
     parser.add_argument("--seconds", type=float, help="closed-loop duration per level")
@@ -651,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     modes = [m for m in args.modes.split(",") if m]
     sizes = [int(n) for n in args.ranks.split(",") if n]
-    fault_kinds = [] if args.faults == "none" else args.faults.split(",")
+    fault_kinds = [] if args.faults == "none" else [f for f in args.faults.split(",") if f]
+    delays = [float(d) for d in args.delays.split(",") if d]
 
     interrupt_on_sigint_and_sigterm()
     children = Children()
@@ -670,7 +676,9 @@ def main(argv: list[str] | None = None) -> int:
         "blas": f"mlx_lm.server ranks: {blas or 'bundled (no OpenBLAS to preload)'}; sidecar: its own choice; "
                 f"threads per rank: {args.blas_threads}"
                 + (f" (cores / ranks: {os.cpu_count()} cores shared by the ranks)" if args.blas_threads == "auto" else ""),
-        "hosts": "network namespaces on one bridge (tests/netns.py), ring backend, no added delay",
+        "hosts": "network namespaces on one bridge (tests/netns.py), ring backend; link delay (one way, "
+                 f"each link): {', '.join(f'{d:g} ms' for d in delays)}"
+                 + (" (a userspace relay of TAP frames, tests/link_delay.py)" if any(delays) else ""),
         "scale": f"{'quick' if args.quick else 'full'}: {scale.loop_seconds:g} s per level",
     }
     try:
@@ -678,15 +686,15 @@ def main(argv: list[str] | None = None) -> int:
             single = Setup(model_dir, None, None, None, None, blas, children, logs, blas_threads(args, 1))
             for name in targets:
                 runs.append(measure_load(name, TARGETS[name], single, scale, words))
-        for n in sizes:
-            with SimulatedHosts(n) as hosts:
-                hostfile = hosts.write_hostfile(logs.directory / f"hosts-{n}.json")
+        for n, delay in ((n, delay) for n in sizes for delay in delays):
+            with SimulatedHosts(n, delay_ms=delay) as hosts:
+                hostfile = hosts.write_hostfile(logs.directory / f"hosts-{n}-{delay:g}ms.json")
                 for mode in modes:
                     setup = Setup(model_dir, hosts, hostfile, hosts.launcher(), mode, blas, children, logs,
                                   blas_threads(args, n))
                     for name in targets:
                         runs.append(measure_load(name, TARGETS[name], setup, scale, words))
-                        if mode == args.fault_mode and fault_kinds:
+                        if mode == args.fault_mode and fault_kinds and delay == delays[0]:
                             outcomes = faults.setdefault((name, setup.label), [])
                             for kind in fault_kinds:
                                 progress(f"{name}, {setup.label}: fault {kind}")

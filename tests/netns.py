@@ -17,6 +17,10 @@ the command in place, so the Popen's pid is the rank's pid); ``launcher()`` is t
 template with ``{rank}``, which is how the sidecar starts its followers. ``link_down(i)`` takes
 host i's veth down: the "host loses its network" fault (no carrier: packets are dropped, so a
 peer sees silence rather than a reset, as after a pulled cable).
+
+``SimulatedHosts(n, delay_ms=d)`` adds d ms of one-way delay to every host's link (so d each
+way between host 0 and host i): the link is then a pair of TAP devices whose frames
+``tests/link_delay.py`` relays, since this kernel has no netem. Everything else is the same.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -66,10 +72,12 @@ def available() -> tuple[bool, str]:
 class SimulatedHosts:
     """``n`` hosts: the root namespace (host 0) and n-1 namespaces on one bridge."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, delay_ms: float = 0.0) -> None:
         if n < 1:
             raise ValueError("at least one host")
         self.n = n
+        self.delay_ms = delay_ms
+        self._relay: subprocess.Popen[str] | None = None  # the delayed links' relay, when delayed
         # A letter per instance: one process may hold several groups at once (2 and 3 hosts).
         self.tag = f"{os.getpid()}{chr(ord('a') + next(_counter) % 26)}"
         self.bridge = f"{_NAME_PREFIX}{self.tag}b"
@@ -84,7 +92,7 @@ class SimulatedHosts:
         return None if i == 0 else f"{self.prefix}{i}"
 
     def _veth(self, i: int) -> str:
-        return f"{_NAME_PREFIX}{self.tag}h{i}"  # the bridge's end; the namespace holds ...p{i}
+        return f"{_NAME_PREFIX}{self.tag}h{i}"  # the bridge's end (veth or TAP); the namespace holds ...p{i}
 
     def _peer(self, i: int) -> str:
         return f"{_NAME_PREFIX}{self.tag}p{i}"
@@ -170,16 +178,44 @@ class SimulatedHosts:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("addr", "add", f"{self.address(0)}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
+        if self.delay_ms > 0 and self.n > 1:
+            self._start_relay()
         for i in range(1, self.n):
             name, peer = f"{self.prefix}{i}", self._peer(i)
             _ip("netns", "add", name)
-            _ip("link", "add", self._veth(i), "type", "veth", "peer", "name", peer, "netns", name)
+            if self._relay is None:
+                _ip("link", "add", self._veth(i), "type", "veth", "peer", "name", peer, "netns", name)
+            else:  # the relay's TAP pair: its inner end moves into the namespace
+                _ip("link", "set", peer, "netns", name)
             _ip("link", "set", self._veth(i), "master", self.bridge, "up")
             _ip("-n", name, "link", "set", "lo", "up")
             _ip("-n", name, "addr", "add", f"{self.address(i)}/24", "dev", peer)
             _ip("-n", name, "link", "set", peer, "up")
 
+    def _start_relay(self) -> None:
+        links = [f"{self._veth(i)}:{self._peer(i)}" for i in range(1, self.n)]
+        self._relay = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("link_delay.py")), f"--delay-ms={self.delay_ms:g}", *links],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+        assert self._relay.stdout is not None
+        if self._relay.stdout.readline() != "ready\n":
+            raise RuntimeError("the link-delay relay did not start (see its stderr)")
+
+    def _stop_relay(self) -> None:
+        relay, self._relay = self._relay, None
+        if relay is None:
+            return
+        with contextlib.suppress(OSError):
+            assert relay.stdin is not None
+            relay.stdin.close()
+        try:
+            relay.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            relay.kill()
+            relay.wait()
+
     def _remove(self) -> None:
+        self._stop_relay()  # its TAP devices go with it
         for i in range(1, self.n):
             _remove_namespace(f"{self.prefix}{i}")
             _ip("link", "del", self._veth(i), check=False)  # gone with its peer, unless never moved
@@ -224,7 +260,12 @@ def _remove_namespace(name: str) -> None:
     _ip("netns", "del", name, check=False)
 
 
-    return True
+def _die_with_parent() -> None:
+    """In the relay's child, before exec: killed when the harness's process dies, however."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def sweep_stale() -> None:

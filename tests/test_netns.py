@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,51 @@ def test_a_shardable_copy_links_the_files_and_indexes_every_tensor(demo_model_pa
     assert shardable_copy(demo_model_path, tmp_path / "demo") == copy
     assert (copy / INDEX_FILE).stat().st_ino == made  # already there: kept as it was
     assert sharding_modes(copy) == {"tensor"}  # a llama: no pipeline in mlx-lm 0.32
+
+
+# Echoes what it reads on one connection, after saying "ready" once bound.
+ECHO = """
+import socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+peer = server.accept()[0]
+peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while data := peer.recv(65536):
+    peer.sendall(data)
+"""
+
+
+def round_trips_ms(hosts: SimulatedHosts, i: int, count: int = 20) -> list[float]:
+    """Round trips of a small message from host 0 to an echo on host i."""
+    address, port = hosts.address(i), 7001
+    echo = hosts.popen(i, [sys.executable, "-c", ECHO, address, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert echo.stdout is not None and echo.stdout.readline() == "ready\n"
+        times = []
+        with socket.create_connection((address, port), timeout=10) as connection:
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(count):
+                started = time.perf_counter()
+                connection.sendall(b"x" * 64)
+                received = 0
+                while received < 64:
+                    received += len(connection.recv(64))
+                times.append((time.perf_counter() - started) * 1000)
+        return times
+    finally:
+        echo.kill()
+        echo.wait()
+
+
+@needs_namespaces
+def test_a_delayed_link_adds_its_delay_each_way_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    with SimulatedHosts(3, delay_ms=1.5) as hosts:
+        relay = hosts._relay
+        assert relay is not None and relay.poll() is None
+        # The relay never forwards a frame early: every round trip pays the delay twice.
+        assert min(round_trips_ms(hosts, 1)) >= 3.0
+        results = run_ring(hosts, tmp_path)  # MLX's ring works across the delayed links
+        assert all(r["sum"] == 6 for r in results)
+        assert len(names_left(hosts)) == 1 + 2 + 2  # bridge, two namespaces, two TAP ends
+    assert names_left(hosts) == []
+    assert relay.wait(timeout=10) is not None
