@@ -29,12 +29,12 @@ log = logging.getLogger("localmlx.engine")
 
 class BatchLane:
     def __init__(self, loaded: LoadedModel, max_batch: int, prefill_step: int) -> None:
-        from mlx_lm.generate import BatchGenerator
+        from .prefill_groups import EvenPrefillBatchGenerator
 
         self.loaded = loaded
         self.max_batch = max_batch
         self._prefill_step = prefill_step
-        self._batch = BatchGenerator(loaded.model, completion_batch_size=max_batch,
+        self._batch = EvenPrefillBatchGenerator(loaded.model, completion_batch_size=max_batch,
                                      prefill_batch_size=min(8, max_batch), prefill_step_size=prefill_step)
         self._by_uid: dict[int, Generation] = {}
         self._parked: list[Generation] = []
