@@ -34,7 +34,7 @@ class BatchLane:
         self.loaded = loaded
         self.max_batch = max_batch
         self._prefill_step = prefill_step
-        self._batch = EvenPrefillBatchGenerator(loaded.model, completion_batch_size=max_batch,
+        self._batch: Any = EvenPrefillBatchGenerator(loaded.model, completion_batch_size=max_batch,
                                      prefill_batch_size=min(8, max_batch), prefill_step_size=prefill_step)
         self._by_uid: dict[int, Generation] = {}
         self._parked: list[Generation] = []

@@ -27,7 +27,7 @@ def _next_chunk(segments: list[list[int]], step: int) -> int:
     return min(len(segments[0]), step)
 
 
-class EvenPrefillBatchGenerator(BatchGenerator):  # type: ignore[misc]  # mlx-lm is untyped
+class EvenPrefillBatchGenerator(BatchGenerator):
     def _make_batch(self, n: int) -> Any:
         return super()._make_batch(self._fitting(n))
 
