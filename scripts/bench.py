@@ -25,6 +25,10 @@ What is measured, and how:
   Several rounds (3; `--rounds`), each with its own prompts; the servers take turns, the order
   rotated by one at each level and round, so drift in the machine's load hits all; a level's
   figures sum its rounds.
+- **mixed prompts**: the same loop at 8 streams, but streams 0 and 4 send 400-word prompts
+  (~500 tokens) and the others 30 words, as when an agent with a long context and quick
+  router calls share a model; aggregate tokens/s and TTFT p50 per server, ratios sidecar /
+  each. (A server that prefills waiting prompts together pads each to the longest.)
 - **single stream vs in-process**: the same prompts through the sidecar and through
   `mlx_lm.stream_generate` in a plain worker process (same BLAS), interleaved in a shuffled
   order. At temperature 0 both produce the same tokens, so visible text starts and ends at
@@ -93,7 +97,7 @@ BENCH_SHAPE = ModelShape(hidden_size=512, num_layers=8, num_heads=8, num_kv_head
                          intermediate_size=1408)
 BENCH_MODEL_DIRNAME = "localmlx-bench-24m"
 DEFAULT_MODELS_DIR = Path("~/.cache/localmlx/bench").expanduser()
-SECTIONS = ("single-stream", "throughput", "prefix-cache", "response-cache", "cold-start",
+SECTIONS = ("single-stream", "throughput", "mixed-prompts", "prefix-cache", "response-cache", "cold-start",
             "stalled-reader")
 SINGLE_STREAM_PROMPT = "The sea and the mountains were old friends, and every morning they"
 REQUEST_TIMEOUT_S = 900.0
@@ -110,6 +114,8 @@ class Scale:
     system_tokens: int = 1500
     prefix_repeats: int = 2
     cold_starts: int = 5
+    mixed_streams: int = 8
+    long_prompt_words: int = 400  # every 4th stream's prompts, in mixed-prompts (~500 tokens)
     stall_seconds: float = 10.0
     stall_streams: int = 4
     stall_max_tokens: int = 768
@@ -117,7 +123,7 @@ class Scale:
 
 FULL = Scale()
 QUICK = Scale(loop_seconds=5.0, throughput_rounds=1, token_mix=(32, 48, 64, 80, 96), single_runs=3,
-              single_max_tokens=128, system_tokens=600, prefix_repeats=1, cold_starts=3,
+              single_max_tokens=128, system_tokens=600, prefix_repeats=1, cold_starts=3, long_prompt_words=200,
               stall_streams=2, stall_max_tokens=512)
 
 
@@ -695,9 +701,10 @@ class LoopResult:
 
 def run_closed_loop(chat: Callable[[list[dict[str, str]], int], Completion], concurrency: int,
                     seconds: float, token_mix: tuple[int, ...], words: list[str],
-                    tag: str) -> LoopResult:
+                    tag: str, prompt_words: Callable[[int], int] | None = None) -> LoopResult:
     """`concurrency` streams, each sending its next request as soon as the last one ended,
-    until `seconds` have passed. Request j of stream i asks for token_mix[(i + j) % n]."""
+    until `seconds` have passed. Request j of stream i asks for token_mix[(i + j) % n]; its
+    prompt has prompt_words(i) words (30 when not given)."""
     completions: list[Completion] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -707,8 +714,9 @@ def run_closed_loop(chat: Callable[[list[dict[str, str]], int], Completion], con
     def one_stream(stream: int) -> None:
         request = 0
         while time.perf_counter() < deadline:
+            length = prompt_words(stream) if prompt_words is not None else 30
             messages = [{"role": "user",
-                         "content": distinct_prompt(words, tag, concurrency, stream, request)}]
+                         "content": distinct_prompt(words, tag, concurrency, stream, request, length=length)}]
             max_tokens = token_mix[(stream + request) % len(token_mix)]
             try:
                 completion = chat(messages, max_tokens)
@@ -765,6 +773,42 @@ def measure_throughput(report: Report, sidecar: SidecarUnderTest, servers: list[
         add_throughput_figures(report, section, {name: results[name][level] for name in names})
     for server in servers:
         report.add(section, f"{server.name} connections reset and retried", server.connection_retries)
+
+
+def measure_mixed_prompts(report: Report, sidecar: SidecarUnderTest, servers: list[MlxLmServer],
+                          scale: Scale, words: list[str]) -> None:
+    """The throughput loop at one level, where every 4th stream's prompts are long and the
+    others' short, as when an agent with a long context and quick router calls share a model:
+    a server that prefills them together pads the short ones to the long one's length."""
+    streams = scale.mixed_streams
+    section = (f"mixed prompts ({streams} streams; streams 0, 4, ... send {scale.long_prompt_words}-word "
+               "prompts, the others 30 words)")
+    sides = {"sidecar": sidecar.chat, **{server.name: server.chat for server in servers}}
+    names = list(sides)
+    runs: dict[str, list[LoopResult]] = {name: [] for name in names}
+    for round_ in range(scale.throughput_rounds):
+        turn = round_ % len(names)
+        for side in names[turn:] + names[:turn]:
+            progress(f"mixed prompts: {side}, {streams} streams, {scale.loop_seconds:g} s "
+                     f"(round {round_ + 1} of {scale.throughput_rounds})")
+            warm_up_at(sides[side], streams, words)
+            result = run_closed_loop(sides[side], streams, scale.loop_seconds, scale.token_mix, words,
+                                     f"mixed-{round_}",
+                                     lambda stream: scale.long_prompt_words if stream % 4 == 0 else 30)
+            runs[side].append(result)
+            progress(f"  {result.tokens_per_second:.1f} tok/s over {result.requests} requests")
+    results = {name: merge_loops(rounds) for name, rounds in runs.items()}
+    report.raw["mixedPrompts"] = {side: r.summary() for side, r in results.items()}
+    for side, result in results.items():
+        report.add(section, f"{side} aggregate", result.tokens_per_second, "tok/s")
+        report.add(section, f"{side} TTFT p50 / p95",
+                   format_pair(percentile(result.ttfts_ms, 0.5), percentile(result.ttfts_ms, 0.95), "ms"))
+    ours = results.pop("sidecar")
+    for side, theirs in results.items():
+        report.add(section, f"sidecar / {side} aggregate", ratio_or_none(ours.tokens_per_second,
+                                                                         theirs.tokens_per_second), "x")
+        report.add(section, f"TTFT p50 sidecar / {side}", ratio_or_none(percentile(ours.ttfts_ms, 0.5),
+                                                                         percentile(theirs.ttfts_ms, 0.5)), "x")
 
 
 def merge_loops(rounds: list[LoopResult]) -> LoopResult:
@@ -1279,12 +1323,12 @@ def run_sections(args: argparse.Namespace, report: Report, children: Children, l
         "scale": "quick" if args.quick else "full"})
     report.raw["scale"] = asdict(scale)
     vllm_mlx_env = None
-    if args.vllm_mlx and "throughput" in sections:
+    if args.vllm_mlx and sections & {"throughput", "mixed-prompts"}:
         vllm_mlx_env = args.models_dir.expanduser() / "vllm-mlx-env"
         version = ensure_vllm_mlx(vllm_mlx_env, children, logs)
         report.context["vllm-mlx"] = f"{version} (continuous batching), BLAS as mlx_lm.server's, in {vllm_mlx_env}"
 
-    if sections & {"single-stream", "throughput", "prefix-cache", "response-cache"}:
+    if sections & {"single-stream", "throughput", "mixed-prompts", "prefix-cache", "response-cache"}:
         progress("starting the sidecar")
         sidecar = SidecarUnderTest(base_env, children, logs.open("sidecar"))
         try:
@@ -1314,7 +1358,7 @@ def run_sidecar_sections(report: Report, sidecar: SidecarUnderTest, sections: se
             measure_single_stream(report, sidecar, worker, scale)
         finally:
             worker.close()
-    if "throughput" in sections:
+    if sections & {"throughput", "mixed-prompts"}:
         progress("starting mlx_lm.server" + (" and vllm-mlx" if vllm_mlx_env else ""))
         servers: list[MlxLmServer] = []
         home = Path(tempfile.mkdtemp(prefix="localmlx-bench-vllm-mlx-home-"))
@@ -1323,7 +1367,10 @@ def run_sidecar_sections(report: Report, sidecar: SidecarUnderTest, sections: se
             if vllm_mlx_env is not None:
                 servers.append(VllmMlxServer(vllm_mlx_env, model_dir, blas_library, children,
                                              logs.open("vllm-mlx"), home))
-            measure_throughput(report, sidecar, servers, scale, words)
+            if "throughput" in sections:
+                measure_throughput(report, sidecar, servers, scale, words)
+            if "mixed-prompts" in sections:
+                measure_mixed_prompts(report, sidecar, servers, scale, words)
         finally:
             for server in servers:
                 children.stop(server.process)
