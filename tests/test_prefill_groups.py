@@ -11,7 +11,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import BatchGenerator
 
-from sidecar.engine.prefill_groups import EvenPrefillBatchGenerator
+from sidecar.engine.prefill_groups import MAX_WAIT_PASSES, EvenPrefillBatchGenerator
 from sidecar.engine.registry import LoadedModel, ModelOptions, ModelRegistry
 from sidecar.hub import ModelLocator
 from sidecar.settings import Settings
@@ -78,6 +78,27 @@ def test_a_waiting_prompt_joins_a_pass_only_within_twice_the_others_and_none_ove
     batch.insert([long, short, tokens(demo, 200, 5)], max_tokens=[4] * 3)
     assert batch._fitting(8) == 1  # the long one leads; the short one waits, and the long one behind it too
     batch.close()
+
+
+def test_a_short_prompt_behind_a_long_prefill_waits_a_few_passes_not_the_whole_prompt(
+        demo: LoadedModel) -> None:
+    batch = EvenPrefillBatchGenerator(demo.model, prefill_batch_size=8, prefill_step_size=16)
+    (long,) = batch.insert([tokens(demo, 300, 6)], max_tokens=[2])  # 19 passes of 16 tokens
+    batch.next()
+    (short,) = batch.insert([tokens(demo, 6, 7)], max_tokens=[2])
+    joined_at = long_done_at = None
+    for turn in range(1, 40):
+        prompt_responses, _ = batch.next()
+        for response in prompt_responses:
+            if response.uid == short and joined_at is None:
+                joined_at = turn
+            if response.uid == long and response.end_of_prompt:
+                long_done_at = turn
+        if long_done_at is not None:
+            break
+    batch.close()
+    assert joined_at is not None and long_done_at is not None
+    assert 1 < joined_at <= MAX_WAIT_PASSES + 1 < long_done_at  # kept out at first, then in, padded
 
 
 def test_mixed_prompts_cost_fewer_rows_and_give_the_same_tokens_as_mlx_lms_batch(demo: LoadedModel) -> None:
