@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from types import TracebackType
 from typing import Any
 
 from sidecar.conversion import pid_alive
+from sidecar.distributed.launch import killed_with_parent
 
 _NAME_PREFIX = "lmh"  # every name this harness makes starts with it (links: <= 15 characters)
 _NAME = re.compile(rf"^{_NAME_PREFIX}(\d+)([a-z])[nbhp]\d*$")
@@ -196,7 +196,8 @@ class SimulatedHosts:
         links = [f"{self._veth(i)}:{self._peer(i)}" for i in range(1, self.n)]
         self._relay = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("link_delay.py")), f"--delay-ms={self.delay_ms:g}", *links],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            preexec_fn=killed_with_parent())  # gone with the harness, however it ends
         assert self._relay.stdout is not None
         if self._relay.stdout.readline() != "ready\n":
             raise RuntimeError("the link-delay relay did not start (see its stderr)")
@@ -258,14 +259,6 @@ def _remove_namespace(name: str) -> None:
                 os.kill(pid, 9)
         time.sleep(0.05)  # SIGKILL is asynchronous; zombies of our own children are not listed
     _ip("netns", "del", name, check=False)
-
-
-def _die_with_parent() -> None:
-    """In the relay's child, before exec: killed when the harness's process dies, however."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def sweep_stale() -> None:

@@ -46,10 +46,21 @@ def start(argv: list[str]) -> subprocess.Popen[bytes]:
     log. Its own session: a signal meant for the sidecar's group does not reach it first. On
     Linux it is killed when rank 0 dies however it dies (a stopped follower cannot notice its
     link closing); ssh, the launcher elsewhere, ends the remote side when it goes."""
-    prctl = _prctl()  # looked up here: the child, forked from a threaded process, only calls it
-    die_with_parent = None if prctl is None else lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None,
-                            start_new_session=True, preexec_fn=die_with_parent)
+                            start_new_session=True, preexec_fn=killed_with_parent())
+
+
+def killed_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that has the child SIGKILLed when this process dies (Linux; None
+    elsewhere). prctl is looked up here: the child, forked from a threaded process, only calls it."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+
+    def ask_for_sigkill() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return ask_for_sigkill
 
 
 @functools.cache
