@@ -101,6 +101,7 @@ SECTIONS = ("single-stream", "throughput", "mixed-prompts", "prefix-cache", "res
             "stalled-reader")
 SINGLE_STREAM_PROMPT = "The sea and the mountains were old friends, and every morning they"
 REQUEST_TIMEOUT_S = 900.0
+PROMPT_WORDS = 30  # a closed loop's prompts, unless told otherwise
 
 
 @dataclass(frozen=True)
@@ -383,7 +384,7 @@ def corpus_words() -> list[str]:
     return CORPUS_PATH.read_text(encoding="utf-8").split()
 
 
-def distinct_prompt(words: list[str], *key: Any, length: int = 30) -> str:
+def distinct_prompt(words: list[str], *key: Any, length: int = PROMPT_WORDS) -> str:
     """A question no other request asks (its words depend on the key), same length for all."""
     chooser = random.Random("/".join(map(str, key)))
     start = chooser.randrange(len(words) - length)
@@ -704,7 +705,7 @@ def run_closed_loop(chat: Callable[[list[dict[str, str]], int], Completion], con
                     tag: str, prompt_words: Callable[[int], int] | None = None) -> LoopResult:
     """`concurrency` streams, each sending its next request as soon as the last one ended,
     until `seconds` have passed. Request j of stream i asks for token_mix[(i + j) % n]; its
-    prompt has prompt_words(i) words (30 when not given)."""
+    prompt has prompt_words(i) words (PROMPT_WORDS when not given)."""
     completions: list[Completion] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -714,7 +715,7 @@ def run_closed_loop(chat: Callable[[list[dict[str, str]], int], Completion], con
     def one_stream(stream: int) -> None:
         request = 0
         while time.perf_counter() < deadline:
-            length = prompt_words(stream) if prompt_words is not None else 30
+            length = prompt_words(stream) if prompt_words is not None else PROMPT_WORDS
             messages = [{"role": "user",
                          "content": distinct_prompt(words, tag, concurrency, stream, request, length=length)}]
             max_tokens = token_mix[(stream + request) % len(token_mix)]
@@ -782,7 +783,7 @@ def measure_mixed_prompts(report: Report, sidecar: SidecarUnderTest, servers: li
     a server that prefills them together pads the short ones to the long one's length."""
     streams = scale.mixed_streams
     section = (f"mixed prompts ({streams} streams; streams 0, 4, ... send {scale.long_prompt_words}-word "
-               "prompts, the others 30 words)")
+               f"prompts, the others {PROMPT_WORDS} words)")
     sides = {"sidecar": sidecar.chat, **{server.name: server.chat for server in servers}}
     names = list(sides)
     runs: dict[str, list[LoopResult]] = {name: [] for name in names}
@@ -794,7 +795,7 @@ def measure_mixed_prompts(report: Report, sidecar: SidecarUnderTest, servers: li
             warm_up_at(sides[side], streams, words)
             result = run_closed_loop(sides[side], streams, scale.loop_seconds, scale.token_mix, words,
                                      f"mixed-{round_}",
-                                     lambda stream: scale.long_prompt_words if stream % 4 == 0 else 30)
+                                     lambda stream: scale.long_prompt_words if stream % 4 == 0 else PROMPT_WORDS)
             runs[side].append(result)
             progress(f"  {result.tokens_per_second:.1f} tok/s over {result.requests} requests")
     results = {name: merge_loops(rounds) for name, rounds in runs.items()}
