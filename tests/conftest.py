@@ -6,11 +6,15 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from sidecar.client import SidecarClient, sidecar_command
 from sidecar.demo_model import DEMO_MODEL_DIRNAME, build_demo_model
+
+if TYPE_CHECKING:
+    from sidecar.engine.registry import LoadedModel
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +27,18 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_model_path(models_dir: Path) -> Path:
     return models_dir / DEMO_MODEL_DIRNAME
+
+
+@pytest.fixture(scope="module")
+def demo(models_dir: Path) -> LoadedModel:
+    """The demo model loaded in this process, as the engine holds it (MLX imported here)."""
+    from sidecar.engine.registry import ModelOptions, ModelRegistry
+    from sidecar.hub import ModelLocator
+    from sidecar.settings import Settings
+
+    settings = Settings(models_dir=models_dir, prefix_cache=False)
+    location = ModelLocator(settings).resolve("demo")
+    return ModelRegistry(settings).load(location, location.path, ModelOptions(), lambda *_, **__: None)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from mlx_lm.models import llama, llama4
@@ -19,12 +18,10 @@ from mlx_lm.models import llama, llama4
 from sidecar.engine.generation import Generation, GenerationRequest, prepare
 from sidecar.engine.jobs import CancelReason, Job
 from sidecar.engine.lanes import BatchLane, SoloLane
-from sidecar.engine.registry import LoadedModel, ModelOptions, ModelRegistry, _caches_can_merge
+from sidecar.engine.registry import LoadedModel, _caches_can_merge
 from sidecar.engine.sampling import SamplingParams
-from sidecar.hub import ModelLocator
 from sidecar.jsonrpc import parse_json
 from sidecar.outbox import ChunkStream, Outbox
-from sidecar.settings import Settings
 
 
 def tiny_llama() -> llama.Model:
@@ -53,13 +50,6 @@ def test_chunked_attention_models_run_one_at_a_time() -> None:
 
 
 # ---- a BatchLane, stepped by hand ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def demo(models_dir: Path) -> LoadedModel:
-    settings = Settings(models_dir=models_dir, prefix_cache=False)
-    location = ModelLocator(settings).resolve("demo")
-    return ModelRegistry(settings).load(location, location.path, ModelOptions(), lambda *_, **__: None)
 
 
 @pytest.fixture(scope="module")

@@ -4,37 +4,29 @@ rows the passes cost against mlx-lm's own BatchGenerator, and the same greedy to
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import pytest
 from mlx_lm.generate import BatchGenerator
 
 from sidecar.engine.prefill_groups import MAX_WAIT_PASSES, EvenPrefillBatchGenerator
-from sidecar.engine.registry import LoadedModel, ModelOptions, ModelRegistry
-from sidecar.hub import ModelLocator
-from sidecar.settings import Settings
+from sidecar.engine.registry import LoadedModel
 
 STEP = 64  # prefill chunk: a 200-token prompt takes 4 passes
 
 
-@pytest.fixture(scope="module")
-def demo(models_dir: Path) -> LoadedModel:
-    settings = Settings(models_dir=models_dir, prefix_cache=False)
-    location = ModelLocator(settings).resolve("demo")
-    return ModelRegistry(settings).load(location, location.path, ModelOptions(), lambda *_, **__: None)
-
-
 class CountingModel:
-    """The real model, counting the rows of every prompt pass (batch x tokens, padding included)."""
+    """The real model, counting its calls (each reads all the weights) and the rows of every
+    prompt pass (batch x tokens, padding included)."""
 
     def __init__(self, model: Any) -> None:
         self._model = model
+        self.calls = 0
         self.prompt_rows = 0
         self.prompt_passes = 0
 
     def __call__(self, inputs: mx.array, cache: Any = None, **kwargs: Any) -> Any:
+        self.calls += 1
         if inputs.shape[1] > 1:
             self.prompt_rows += inputs.shape[0] * inputs.shape[1]
             self.prompt_passes += 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlx_lm.generate import BatchGenerator
+from .first_step import FirstStepInTheBatch
 
 MAX_SPREAD = 2  # the longest chunk in a pass at most this many times the shortest
 MAX_WAIT_PASSES = 4  # then a waiting prompt joins whatever pass comes next
@@ -31,7 +31,7 @@ def _next_chunk(segments: list[list[int]], step: int) -> int:
     return min(len(segments[0]), step)
 
 
-class EvenPrefillBatchGenerator(BatchGenerator):
+class EvenPrefillBatchGenerator(FirstStepInTheBatch):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._passes = 0  # passes formed while prompts waited
