@@ -49,10 +49,12 @@ class _Decoding(GenerationBatch):
                 matchers[uid], self._matchers[i] = self._matchers[i], StopSequences().matcher()
                 self._num_tokens[i] -= 1  # the step counts a token it does not output
         self.starting = set()
-        responses = super().next()  # no starting row can finish: max_tokens >= 1, no stop
-        for i, uid in enumerate(self.uids):
-            if uid in matchers:
-                self._matchers[i] = matchers[uid]
+        try:
+            responses = super().next()  # no starting row can finish: max_tokens >= 1, no stop
+        finally:
+            for i, uid in enumerate(self.uids):
+                if uid in matchers:
+                    self._matchers[i] = matchers[uid]
         return [r for r in responses if r.uid not in matchers]
 
 
