@@ -336,8 +336,10 @@ class SidecarGroup:
         pids = [self.client.process.pid]
         if self.setup.hosts is not None:
             for rank in range(1, self.setup.ranks):
-                inside = [pid for pid in self.setup.hosts.pids(rank) if b"python" in _cmdline(pid)]
-                pids.append(inside[-1] if inside else -1)
+                try:
+                    pids.append(self.setup.hosts.rank_process(rank))
+                except LookupError:
+                    pids.append(-1)
         return pids
 
     def health(self) -> str:
@@ -365,13 +367,6 @@ class SidecarGroup:
             for pid in (p for p in pids if p > 0):  # a follower left behind must not leak
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 def start_sidecar(setup: Setup) -> Target:

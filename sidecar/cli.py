@@ -51,6 +51,9 @@ def serve(args: argparse.Namespace) -> None:
 
 def follower(args: argparse.Namespace) -> None:
     claim_stdout()  # a follower's stdout is nobody's wire, but nothing may print there either
+    from .distributed.lifeline import run_under_a_guard
+
+    run_under_a_guard()  # before any thread starts: it forks
     from .distributed.follower import run_follower
 
     run_follower()

@@ -135,6 +135,16 @@ class SimulatedHosts:
         """Start argv on host i (the Popen's pid is the command's own: `ip netns exec` execs)."""
         return subprocess.Popen([*self.exec_prefix(i), *argv], **kwargs)
 
+    def rank_process(self, i: int) -> int:
+        """The pid of the rank on host i: the innermost Python process there (a follower runs
+        as the child of its guard, see sidecar/distributed/lifeline.py)."""
+        pythons = [pid for pid in self.pids(i) if b"python" in _argv0(pid)]
+        parents = {_parent(pid) for pid in pythons}
+        innermost = [pid for pid in pythons if pid not in parents]
+        if not innermost:
+            raise LookupError(f"no rank runs on host {i}")
+        return innermost[-1]
+
     # ---- faults ---------------------------------------------------------------------------
 
     def link_down(self, i: int) -> None:
@@ -231,6 +241,20 @@ class SimulatedHosts:
         if name is None:
             raise ValueError("host 0 is the root namespace: it has no link of its own")
         return name
+
+
+def _argv0(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return b""
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _free_subnet(pid: int) -> int:

@@ -31,6 +31,8 @@ from tests.conftest import serving
 from tests.distributed_models import build_group_model, shardable_copy
 from tests.families import FAMILIES_BY_NAME, build
 from tests.netns import SimulatedHosts, available
+from tests.sshd import SshServers
+from tests.sshd import available as sshd_available
 
 _ok, _why = available()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"no simulated hosts here: {_why}")
@@ -288,7 +290,7 @@ def test_an_idle_group_uses_no_cpu(group_models: Path, sidecar_env: dict[str, st
         try:
             client.request("chat", dict(REQUESTS["greedy"], model="qwen2.5"))
             time.sleep(1.0)  # the tail of that request (the follower's last turn, logs) is not idle time
-            pids = {"rank 0": client.process.pid, "rank 1": hosts.pids(1)[0]}
+            pids = {"rank 0": client.process.pid, "rank 1": hosts.rank_process(1)}
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             time.sleep(window)  # measuring idleness: nothing to wait for but time
             used = {name: (cpu_seconds(pid) - before[name]) / window for name, pid in pids.items()}
@@ -313,7 +315,7 @@ def test_a_lost_follower_fails_every_request_and_the_group_re_forms(
             stream_id = client.start_request("chat", dict(chat(PROMPTS[0], maxTokens=100000), model="qwen2.5",
                                                           stream=True))
             waiting_id = client.start_request("chat", dict(chat(PROMPTS[1], maxTokens=100000), model="qwen2.5"))
-            follower = hosts.pids(1)[0]
+            follower = hosts.rank_process(1)
             time.sleep(0.5)  # both running
             started = time.monotonic()
             if fault == "kill":
@@ -360,7 +362,7 @@ def test_a_follower_stopped_at_the_first_token_cannot_freeze_rank_0(
         client = spawn_group(env)
         try:
             client.request("models/load", {"model": "qwen2.5"})
-            follower = hosts.pids(1)[0]
+            follower = hosts.rank_process(1)
             first_text = threading.Event()
 
             def stop_at_first_text(message: dict[str, Any]) -> None:
@@ -446,3 +448,51 @@ def test_a_public_address_is_refused(group_models: Path, sidecar_env: dict[str, 
         assert said and "8.8.8.8" in said[0] and "LOCALMLX_DISTRIBUTED_ALLOW_PUBLIC" in said[0]
     finally:
         client.wait_or_kill(5)
+
+
+# ---- over real SSH -------------------------------------------------------------------------------
+
+_ssh_ok, _ssh_why = sshd_available()
+
+
+def gone(find: Any, within: float = 10.0) -> bool:
+    """Whether `find()` comes back empty within `within` seconds (a process ending elsewhere)."""
+    deadline = time.monotonic() + within
+    while find() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not find()
+
+
+@pytest.mark.skipif(not _ssh_ok, reason=_ssh_why)
+@pytest.mark.parametrize("fault", [None, "stop"])
+def test_a_group_started_over_ssh_serves_and_leaves_no_rank(
+        fault: str | None, group_models: Path, reference: dict[str, Any], sidecar_env: dict[str, str],
+        tmp_path: Path) -> None:
+    """The stock ssh client and a host's sshd, with the default launcher: the follower runs under
+    a login shell on the other host, its log comes back through ssh, and it goes when rank 0
+    goes, also when it was stopped (then nothing on that host can notice the link close)."""
+    with SimulatedHosts(2) as hosts, SshServers(hosts, tmp_path) as ssh:
+        hostfile = tmp_path / "hosts.json"
+        hostfile.write_text(json.dumps(ssh.hostfile_names()))
+        env = {**_env(sidecar_env, group_models), "LOCALMLX_HOSTFILE": str(hostfile),
+               "LOCALMLX_DISTRIBUTED_LAUNCHER": ssh.launcher(), "LOCALMLX_DISTRIBUTED_MODE": "tensor",
+               "LOCALMLX_DISTRIBUTED_PORT": str(free_port(hosts.address(0), 2)),
+               "LOCALMLX_DISTRIBUTED_TIMEOUT": "3"}
+        client = spawn_group(env)
+        try:
+            ranks = client.request("server/status")["group"]["ranks"]
+            assert [(r["host"], r["address"]) for r in ranks] == [("localhost", hosts.address(0)),
+                                                                  ("host1", hosts.address(1))]
+            assert run_all(client, "qwen2.5") == reference["qwen2.5"]["single"]
+            assert any("rank 1" in line for line in client.stderr_lines), client.stderr_lines[-5:]
+            if fault == "stop":
+                os.kill(hosts.rank_process(1), signal.SIGSTOP)
+                request_id = client.start_request("chat", dict(REQUESTS["greedy"], model="qwen2.5"))
+                error = client.wait_response(request_id, timeout=DETECTION_S)["error"]
+                assert error["code"] == -32019 and error["data"]["reason"] == "unresponsive", error
+                assert client.process.wait(timeout=15) == 3
+            else:
+                assert client.close() == 0
+            assert gone(lambda: ssh.followers(1)), "a follower was left running on host 1"
+        finally:
+            client.wait_or_kill(5)

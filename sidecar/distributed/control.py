@@ -270,7 +270,9 @@ class FollowerLinks:
         return [link.describe(now) for link in self.links.values()]
 
     def close(self) -> None:
-        """Followers exit when their link closes; a process that cannot (stopped) is killed."""
+        """Followers exit when their link closes; one that cannot (stopped) is ended by its
+        guard when its lifeline closes. Returns once each launcher has exited, which its guard
+        does only after the follower is gone."""
         self._closed.set()
         faulthandler.cancel_dump_traceback_later()
         for link in self.links.values():
@@ -278,14 +280,17 @@ class FollowerLinks:
                 with contextlib.suppress(OSError):
                     link.sock.shutdown(socket.SHUT_RDWR)
                 link.sock.close()
-            if link.process is not None and link.process.poll() is None:
-                link.process.kill()
+            if link.process is not None and link.process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    link.process.stdin.close()
         for link in self.links.values():
             if link.process is not None:
                 try:
                     link.process.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    log.warning("%s did not exit", link.host.describe())
+                    log.warning("%s did not exit; killing its launcher", link.host.describe())
+                    link.process.kill()
+                    link.process.wait()
         if self._listener is not None:
             self._listener.close()
 

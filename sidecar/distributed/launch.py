@@ -43,10 +43,11 @@ def launcher_argv(template: str, host: Host, command: str) -> list[str]:
 
 def start(argv: list[str]) -> subprocess.Popen[bytes]:
     """Its stdout is not ours (ours is the wire); its log goes to our stderr, for the client's
-    log. Its own session: a signal meant for the sidecar's group does not reach it first. On
-    Linux it is killed when rank 0 dies however it dies (a stopped follower cannot notice its
-    link closing); ssh, the launcher elsewhere, ends the remote side when it goes."""
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None,
+    log. Its own session: a signal meant for the sidecar's group does not reach it first. Its
+    stdin is the follower's lifeline (see lifeline.py): a pipe that this process holds open and
+    never writes, so that the follower is ended when rank 0 goes, on any host, even stopped.
+    On Linux the launcher itself is also killed when rank 0 dies."""
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=None,
                             start_new_session=True, preexec_fn=killed_with_parent())
 
 
