@@ -14,7 +14,7 @@ it now waits with the GIL released first (engine/gil_waits.py). For any other, t
 keeps re-arming CPython's own C-level watchdog (`faulthandler`), which needs no GIL: if the
 monitor misses its turns for the timeout and two heartbeats, the process dumps its threads'
 stacks to stderr and exits (code 1), the client restarts it, and the followers it started go
-with it (see launch.start). Only in that case do requests in flight see the exit rather than
+with it (see lifeline.py). Only in that case do requests in flight see the exit rather than
 -32019.
 """
 
