@@ -4,7 +4,6 @@ status; without a lifeline there is no guard."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
