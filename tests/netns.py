@@ -138,7 +138,7 @@ class SimulatedHosts:
     def rank_process(self, i: int) -> int:
         """The pid of the rank on host i: the innermost Python process there (a follower runs
         as the child of its guard, see sidecar/distributed/lifeline.py)."""
-        pythons = [pid for pid in self.pids(i) if b"python" in _argv0(pid)]
+        pythons = [pid for pid in self.pids(i) if b"python" in b"".join(command_line(pid)[:1])]
         parents = {_parent(pid) for pid in pythons}
         innermost = [pid for pid in pythons if pid not in parents]
         if not innermost:
@@ -243,11 +243,12 @@ class SimulatedHosts:
         return name
 
 
-def _argv0(pid: int) -> bytes:
+def command_line(pid: int) -> list[bytes]:
+    """Process `pid`'s argv ([] once it is gone)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
     except OSError:
-        return b""
+        return []
 
 
 def _parent(pid: int) -> int:

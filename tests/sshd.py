@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from tests.netns import SimulatedHosts
+from tests.netns import SimulatedHosts, command_line
 
 SSHD = "/usr/sbin/sshd"
 
@@ -91,12 +91,4 @@ class SshServers:
 
     def followers(self, i: int) -> list[int]:
         """The sidecar processes on host i (sshd itself and its sessions' shells aside)."""
-        found = []
-        for pid in self.hosts.pids(i):
-            try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"sidecar" in argv and b"follower" in argv:
-                found.append(pid)
-        return found
+        return [pid for pid in self.hosts.pids(i) if {b"sidecar", b"follower"} <= set(command_line(pid))]

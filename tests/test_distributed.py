@@ -159,6 +159,14 @@ def spawn_group(env: dict[str, str]) -> SidecarClient:
     return client
 
 
+def gone(find: Any, within: float = 10.0) -> bool:
+    """Whether `find()` comes back empty within `within` seconds (a process ending elsewhere)."""
+    deadline = time.monotonic() + within
+    while find() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not find()
+
+
 # ---- the same tokens as one process --------------------------------------------------------------
 
 
@@ -333,10 +341,7 @@ def test_a_lost_follower_fails_every_request_and_the_group_re_forms(
                         "link-down": {"unresponsive", "disconnected"}}[fault]
             assert errors[0]["data"]["reason"] in expected
             assert client.process.wait(timeout=15) == 3  # rank 0 exits for its client to restart it
-            deadline = time.monotonic() + 10
-            while hosts.pids(1) and time.monotonic() < deadline:
-                time.sleep(0.05)  # the kill of a stopped follower lands
-            assert hosts.pids(1) == []
+            assert gone(lambda: hosts.pids(1))  # the kill of a stopped follower lands
         finally:
             client.wait_or_kill(5)
         if fault == "link-down":
@@ -379,10 +384,7 @@ def test_a_follower_stopped_at_the_first_token_cannot_freeze_rank_0(
             assert time.monotonic() - started < DETECTION_S
             assert error is not None and error["code"] == -32019 and error["data"]["rank"] == 1, error
             assert client.process.wait(timeout=15) == 3
-            deadline = time.monotonic() + 10
-            while hosts.pids(1) and time.monotonic() < deadline:
-                time.sleep(0.05)  # the kill of a stopped follower lands
-            assert hosts.pids(1) == []
+            assert gone(lambda: hosts.pids(1))  # the kill of a stopped follower lands
         finally:
             client.wait_or_kill(5)
         again = spawn_group(env)
@@ -396,7 +398,8 @@ def test_a_frozen_rank_0_exits_by_its_backstop_and_leaves_no_rank(
         group_models: Path, sidecar_env: dict[str, str], tmp_path: Path) -> None:
     """The frozen case made certain: a generation waits in C holding the GIL (as mx.clear_cache
     does on a stuck collective). The monitor cannot run; its C-level backstop exits rank 0 within
-    the timeout and two heartbeats, and the follower goes with it (killed with its parent)."""
+    the timeout and two heartbeats, and the follower goes with it (its guard ends it when the
+    lifeline closes)."""
     with SimulatedHosts(2) as hosts:
         env = group_env(_env(sidecar_env, group_models), hosts, tmp_path / "hosts.json", "tensor",
                         LOCALMLX_DISTRIBUTED_TIMEOUT="3", LOCALMLX_INJECT_FAULTS="freeze")
@@ -410,10 +413,7 @@ def test_a_frozen_rank_0_exits_by_its_backstop_and_leaves_no_rank(
             assert time.monotonic() - started < DETECTION_S
             assert client.process.wait(timeout=5) == 1
             assert any("Timeout" in line for line in client.stderr_lines), client.stderr_lines[-5:]
-            deadline = time.monotonic() + 10
-            while hosts.pids(1) and time.monotonic() < deadline:
-                time.sleep(0.05)  # the follower's parent-death signal lands
-            assert hosts.pids(1) == []
+            assert gone(lambda: hosts.pids(1))  # its guard ends the follower when rank 0's lifeline closes
         finally:
             client.wait_or_kill(5)
 
@@ -453,14 +453,6 @@ def test_a_public_address_is_refused(group_models: Path, sidecar_env: dict[str, 
 # ---- over real SSH -------------------------------------------------------------------------------
 
 _ssh_ok, _ssh_why = sshd_available()
-
-
-def gone(find: Any, within: float = 10.0) -> bool:
-    """Whether `find()` comes back empty within `within` seconds (a process ending elsewhere)."""
-    deadline = time.monotonic() + within
-    while find() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not find()
 
 
 @pytest.mark.skipif(not _ssh_ok, reason=_ssh_why)

@@ -5,11 +5,11 @@ end, also on another host: ssh passes the end of its input on, and ssh itself go
 A running follower would notice rank 0's departure on its control link anyway. A stopped one
 (SIGSTOP, a debugger) cannot notice anything, and sshd does not end the commands of a session
 without a terminal when the session closes: it would hold its share of the model on that Mac
-until someone killed it. So the follower runs as the
-child of a small guard, the process the launcher started, which waits on the lifeline and on
-the follower at once, kills the follower (SIGKILL reaches a stopped process) when the lifeline
-ends, and exits with the follower's status when the follower ends first. The launcher's
-process, and so the SSH session, ends only once the follower is gone.
+until someone killed it. So the follower runs as the child of a small guard, the process the
+launcher started, which waits on the lifeline and on the follower at once, kills the follower
+(SIGKILL reaches a stopped process) when the lifeline ends, and exits with the follower's
+status when the follower ends first. The launcher's process, and so the SSH session, ends
+only once the follower is gone.
 """
 
 from __future__ import annotations
