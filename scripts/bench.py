@@ -35,6 +35,14 @@ What is measured, and how:
   the same token indexes k0 and k1; decode tokens/s = (k1 - k0) / (t1 - t0), the sidecar's
   clock being this client reading chunk lines. Ratio = median over the runs of each run's
   sidecar / reference.
+- **transport**: what lies between a client and the engine's own clock: client-seen TTFT
+  (request line written to first chunk read) minus the `timings.ttftMs` the sidecar reports
+  (its line read to its first text emitted), so the reader, the outbox and the pipe each
+  way. Short greedy generations after 0, 50, 300 and 1000 ms of idle (a machine's cores
+  wake slowly after idle), median per idle time, once on the wire itself (a sidecar on a raw
+  pipe that the measuring thread writes and reads) and once through the project's Python
+  client (its reader thread in between); the two take turns. (`npm run bench` in
+  node-client gives the TypeScript client's figure.)
 - **prefix cache**: turn 1 is a ~1500-token system text and a question; turn 2 appends the
   reply and a new question. Ratio = median turn-2 TTFT / median turn-1 TTFT, once on the
   sidecar as configured and once on a sidecar with `LOCALMLX_PREFIX_CACHE=false` (plus
@@ -97,8 +105,8 @@ BENCH_SHAPE = ModelShape(hidden_size=512, num_layers=8, num_heads=8, num_kv_head
                          intermediate_size=1408)
 BENCH_MODEL_DIRNAME = "localmlx-bench-24m"
 DEFAULT_MODELS_DIR = Path("~/.cache/localmlx/bench").expanduser()
-SECTIONS = ("single-stream", "throughput", "mixed-prompts", "prefix-cache", "response-cache", "cold-start",
-            "stalled-reader")
+SECTIONS = ("single-stream", "transport", "throughput", "mixed-prompts", "prefix-cache", "response-cache",
+            "cold-start", "stalled-reader")
 SINGLE_STREAM_PROMPT = "The sea and the mountains were old friends, and every morning they"
 REQUEST_TIMEOUT_S = 900.0
 PROMPT_WORDS = 30  # a closed loop's prompts, unless told otherwise
@@ -112,6 +120,7 @@ class Scale:
     token_mix: tuple[int, ...] = (64, 96, 128, 160, 192)
     single_runs: int = 7
     single_max_tokens: int = 256
+    transport_rounds: int = 12
     system_tokens: int = 1500
     prefix_repeats: int = 2
     cold_starts: int = 5
@@ -124,7 +133,7 @@ class Scale:
 
 FULL = Scale()
 QUICK = Scale(loop_seconds=5.0, throughput_rounds=1, token_mix=(32, 48, 64, 80, 96), single_runs=3,
-              single_max_tokens=128, system_tokens=600, prefix_repeats=1, cold_starts=3, long_prompt_words=200,
+              single_max_tokens=128, transport_rounds=4, system_tokens=600, prefix_repeats=1, cold_starts=3, long_prompt_words=200,
               stall_streams=2, stall_max_tokens=512)
 
 
@@ -971,6 +980,104 @@ def measure_single_stream(report: Report, sidecar: SidecarUnderTest, worker: Ref
                target="all", passed=same == len(pairs))
 
 
+# ---- transport: from a request's line to its first token on the wire -----------------------
+
+TRANSPORT_IDLE_S = (0.0, 0.05, 0.3, 1.0)
+TRANSPORT_MAX_TOKENS = 8
+
+
+class WireClient:
+    """A sidecar on a raw pipe, written and read by the calling thread alone: what the wire
+    itself adds, with no client library's threads or parsing in between."""
+
+    def __init__(self, env: dict[str, str], children: Children, log) -> None:
+        self.process = children.spawn(sidecar_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=log, env={**os.environ, **sidecar_env(env)})
+        self.children = children
+        self._framer = LineFramer(1 << 30)
+        self._read: list[tuple[bytes, float]] = []  # lines read but not yet taken, with when
+        self._last_id = 0
+
+    def call(self, method: str, params: dict[str, Any]) -> tuple[dict[str, Any], float, float | None]:
+        """(the response, when its line was written, when its first chunk was read)."""
+        self._last_id += 1
+        line = encode_message({"jsonrpc": "2.0", "id": self._last_id, "method": method, "params": params})
+        sent_at = time.perf_counter()
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self.process.stdin.fileno(), view):]
+        first_chunk_at = None
+        while True:
+            message, read_at = self._next_message()
+            if message.get("method") == "generate/chunk":
+                first_chunk_at = first_chunk_at or read_at
+            elif message.get("id") == self._last_id:
+                if "error" in message:
+                    raise RpcCallError(message["error"])
+                return message["result"], sent_at, first_chunk_at
+
+    def _next_message(self) -> tuple[dict[str, Any], float]:
+        while not self._read:
+            data = os.read(self.process.stdout.fileno(), 1 << 16)
+            read_at = time.perf_counter()
+            if not data:
+                raise RuntimeError("the wire-client sidecar exited; see its log")
+            self._read = [(line, read_at) for line in self._framer.feed(data)
+                          if isinstance(line, bytes) and line.strip()]
+        line, read_at = self._read.pop(0)
+        return json.loads(line), read_at
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()  # EOF ends the sidecar
+        self.children.stop(self.process, grace=10.0)
+
+
+def measure_transport(report: Report, sidecar: SidecarUnderTest, base_env: dict[str, str], model: str,
+                      scale: Scale, children: Children, logs: Logs) -> None:
+    section = "transport: client-seen TTFT minus the sidecar's ttftMs"
+    progress("starting a sidecar on a raw pipe for the transport section")
+    wire = WireClient(base_env, children, logs.open("sidecar-wire"))
+    try:
+        info = wire.call("initialize", {"protocolVersion": 1, "clientInfo": {"name": "localmlx-bench"}})[0]
+        wire.call("models/load", {"model": model})
+        flags = {"cache": False} if (info.get("capabilities") or {}).get("responseCache") is True else {}
+
+        def on_the_wire(prompt: str) -> float | None:
+            result, sent_at, first_chunk_at = wire.call("generate", {
+                "model": model, "prompt": prompt, "maxTokens": TRANSPORT_MAX_TOKENS, "temperature": 0,
+                "stream": True, **flags})
+            return transport_gap_ms(sent_at, first_chunk_at, result.get("timings"))
+
+        def through_the_client(prompt: str) -> float | None:
+            completion = sidecar.generate(prompt, TRANSPORT_MAX_TOKENS)
+            return transport_gap_ms(completion.sent_at, completion.first_text_at, completion.timings)
+
+        sides = {"wire": on_the_wire, "Python client": through_the_client}
+        gaps: dict[tuple[str, float], list[float]] = {}
+        for run in range(scale.transport_rounds + 1):  # run 0 warms both up and is not counted
+            for idle in TRANSPORT_IDLE_S:
+                for name in (list(sides) if run % 2 else list(reversed(sides))):
+                    time.sleep(idle)
+                    gap = sides[name](f"Run {run}, {name}, {idle}. {SINGLE_STREAM_PROMPT}")
+                    if run > 0 and gap is not None:
+                        gaps.setdefault((name, idle), []).append(gap)
+    finally:
+        wire.close()
+    report.raw["transport"] = {f"{name} after {idle * 1000:g} ms idle": values
+                               for (name, idle), values in gaps.items()}
+    for name in sides:
+        for idle in TRANSPORT_IDLE_S:
+            report.add_at_most(section, f"{name}, after {idle * 1000:g} ms idle (median)",
+                               median_or_none(gaps.get((name, idle), [])), 2.0, "ms")
+
+
+def transport_gap_ms(sent_at: float, first_chunk_at: float | None, timings: dict[str, Any] | None) -> float | None:
+    if first_chunk_at is None or not timings or "ttftMs" not in timings:
+        return None
+    return (first_chunk_at - sent_at) * 1000 - timings["ttftMs"]
+
+
 # ---- prefix cache: the second turn of a conversation ---------------------------------------
 
 
@@ -1329,7 +1436,7 @@ def run_sections(args: argparse.Namespace, report: Report, children: Children, l
         version = ensure_vllm_mlx(vllm_mlx_env, children, logs)
         report.context["vllm-mlx"] = f"{version} (continuous batching), BLAS as mlx_lm.server's, in {vllm_mlx_env}"
 
-    if sections & {"single-stream", "throughput", "mixed-prompts", "prefix-cache", "response-cache"}:
+    if sections & {"single-stream", "transport", "throughput", "mixed-prompts", "prefix-cache", "response-cache"}:
         progress("starting the sidecar")
         sidecar = SidecarUnderTest(base_env, children, logs.open("sidecar"))
         try:
@@ -1359,6 +1466,8 @@ def run_sidecar_sections(report: Report, sidecar: SidecarUnderTest, sections: se
             measure_single_stream(report, sidecar, worker, scale)
         finally:
             worker.close()
+    if "transport" in sections:
+        measure_transport(report, sidecar, base_env, model_dir.name, scale, children, logs)
     if sections & {"throughput", "mixed-prompts"}:
         progress("starting mlx_lm.server" + (" and vllm-mlx" if vllm_mlx_env else ""))
         servers: list[MlxLmServer] = []
