@@ -22,6 +22,10 @@ What is measured, and how:
   of all requests / (last response - first request). TTFT = client-side, request written
   to first visible text read; p50 and p95 over all requests. Ratio = sidecar / each other
   server's aggregate at the same concurrency, and / the best of them when there are two.
+  CPU per token = the server process's CPU time (all its threads, from /proc; Linux only)
+  over the loop / its completion tokens, with the cores it kept busy: where every core is
+  busy, the servers' aggregate ratio is the inverse of this ratio, so it tells a server that
+  does less work per token from one that only schedules the same work better.
   Several rounds (3; `--rounds`), each with its own prompts; the servers take turns, the order
   rotated by one at each level and round, so drift in the machine's load hits all; a level's
   figures sum its rounds.
@@ -696,17 +700,27 @@ class LoopResult:
     seconds: float
     ttfts_ms: list[float]
     errors: list[str]
+    cpu_seconds: float | None = None  # the server process's, all threads, over the loop (where known)
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_ms_per_token(self) -> float | None:
+        return None if self.cpu_seconds is None or not self.tokens else self.cpu_seconds * 1000 / self.tokens
+
+    @property
+    def cores_busy(self) -> float | None:
+        return None if self.cpu_seconds is None or self.seconds <= 0 else self.cpu_seconds / self.seconds
 
     def summary(self) -> dict[str, Any]:
         return {"concurrency": self.concurrency, "requests": self.requests,
                 "tokens": self.tokens, "seconds": round(self.seconds, 3),
                 "tokensPerSecond": round(self.tokens_per_second, 2),
                 "ttftP50Ms": percentile(self.ttfts_ms, 0.5),
-                "ttftP95Ms": percentile(self.ttfts_ms, 0.95), "errors": self.errors[:5]}
+                "ttftP95Ms": percentile(self.ttfts_ms, 0.95), "errors": self.errors[:5],
+                "cpuSeconds": self.cpu_seconds}
 
 
 def run_closed_loop(chat: Callable[[list[dict[str, str]], int], Completion], concurrency: int,
@@ -759,6 +773,7 @@ def measure_throughput(report: Report, sidecar: SidecarUnderTest, servers: list[
     Each round has its own prompts (no cache holds them); rounds are summed per level."""
     section = "throughput (closed loop, aggregate tokens/s; TTFT client-side)"
     sides = {"sidecar": sidecar.chat, **{server.name: server.chat for server in servers}}
+    pids = {"sidecar": sidecar.client.process.pid, **{server.name: server.process.pid for server in servers}}
     names = list(sides)
     runs: dict[str, list[list[LoopResult]]] = {name: [[] for _ in scale.concurrencies] for name in names}
     for round_ in range(scale.throughput_rounds):
@@ -768,8 +783,12 @@ def measure_throughput(report: Report, sidecar: SidecarUnderTest, servers: list[
                 progress(f"throughput: {side}, {concurrency} streams, {scale.loop_seconds:g} s"
                          f" (round {round_ + 1} of {scale.throughput_rounds})")
                 warm_up_at(sides[side], concurrency, words)
+                cpu_before = cpu_seconds(pids[side])
                 result = run_closed_loop(sides[side], concurrency, scale.loop_seconds, scale.token_mix,
                                          words, f"load{level}" + (f"-{round_}" if round_ else ""))
+                cpu_after = cpu_seconds(pids[side])
+                if cpu_before is not None and cpu_after is not None:
+                    result.cpu_seconds = cpu_after - cpu_before
                 runs[side][level].append(result)
                 progress(f"  {result.tokens_per_second:.1f} tok/s over {result.requests} requests"
                          + (f", {len(result.errors)} errors: {result.errors[0]}" if result.errors else ""))
@@ -823,9 +842,21 @@ def measure_mixed_prompts(report: Report, sidecar: SidecarUnderTest, servers: li
 
 def merge_loops(rounds: list[LoopResult]) -> LoopResult:
     """Rounds of one level on one server as one loop: tokens and seconds summed."""
+    cpu = [r.cpu_seconds for r in rounds]
     return LoopResult(rounds[0].concurrency, sum(r.requests for r in rounds), sum(r.tokens for r in rounds),
                       sum(r.seconds for r in rounds), [t for r in rounds for t in r.ttfts_ms],
-                      [e for r in rounds for e in r.errors])
+                      [e for r in rounds for e in r.errors],
+                      None if None in cpu else sum(c for c in cpu if c is not None))
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of every thread of the process, from /proc/<pid>/stat (None without /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state is field 3
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def add_throughput_figures(report: Report, section: str, results: dict[str, LoopResult]) -> None:
@@ -841,6 +872,9 @@ def add_throughput_figures(report: Report, section: str, results: dict[str, Loop
         report.add(section, f"{streams}: {side} TTFT p50 / p95",
                    format_pair(percentile(result.ttfts_ms, 0.5),
                                percentile(result.ttfts_ms, 0.95), "ms"))
+        if result.cpu_seconds is not None:
+            report.add(section, f"{streams}: {side} CPU per token (cores busy)",
+                       f"{result.cpu_ms_per_token:.2f} ms ({result.cores_busy:.2f})")
         if result.errors:
             report.add(section, f"{streams}: {side} failed requests", len(result.errors),
                        target="0", passed=False)

@@ -69,6 +69,7 @@ from bench import (
     Logs,
     LoopResult,
     corpus_words,
+    cpu_seconds,
     distinct_prompt,
     interrupt_on_sigint_and_sigterm,
     load_average,
@@ -377,16 +378,6 @@ TARGETS: dict[str, Starter] = {"mlx_lm.server": start_mlx_lm_server, "sidecar": 
 
 
 # ---- measurements --------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of every thread of the process, from /proc/<pid>/stat."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state is field 3
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_percent_over(pids: list[int], seconds: float) -> list[float | None]:
