@@ -29,6 +29,8 @@ Figures, per target, mode and group size (1 rank: a plain single process):
 - throughput: a closed loop at 1, 4 and 8 streams (scripts/bench.py's `run_closed_loop`:
   distinct prompts, greedy, streamed); aggregate tokens/s and client-side TTFT p50. Ratios:
   2 ranks / 1 rank per target, and sidecar / mlx_lm.server at the same configuration.
+- CPU per token: utime + stime of every rank over each loop / its completion tokens, with the
+  cores the ranks kept busy together (the ranks share this machine's cores).
 - idle CPU of every rank: utime + stime from /proc/<pid>/stat over 10 s with nothing running,
   as % of one core.
 - faults (fresh group each): a long stream runs; at its first text rank 1 gets SIGSTOP, or
@@ -419,11 +421,17 @@ class Run:
     def ttft_p50(self, concurrency: int) -> float | None:
         return next((loop["ttftP50Ms"] for loop in self.loops if loop["concurrency"] == concurrency), None)
 
+    def cpu_per_token(self, concurrency: int) -> str:
+        loop = next((loop for loop in self.loops if loop["concurrency"] == concurrency), {})
+        ms, cores = loop.get("cpuMsPerToken"), loop.get("coresBusy")
+        return "n/a" if ms is None or cores is None else f"{ms:.1f} ({cores:.2f})"
+
 
 def summary(result: LoopResult) -> dict[str, Any]:
     return {"concurrency": result.concurrency, "requests": result.requests, "tokens": result.tokens,
             "seconds": round(result.seconds, 2), "tokensPerSecond": round(result.tokens_per_second, 2),
-            "ttftP50Ms": percentile(result.ttfts_ms, 0.5), "errors": result.errors[:3]}
+            "ttftP50Ms": percentile(result.ttfts_ms, 0.5), "errors": result.errors[:3],
+            "cpuMsPerToken": result.cpu_ms_per_token, "coresBusy": result.cores_busy}
 
 
 def measure_load(target_name: str, start: Starter, setup: Setup, scale: Scale, words: list[str]) -> Run:
@@ -442,8 +450,13 @@ def measure_load(target_name: str, start: Starter, setup: Setup, scale: Scale, w
 
         for concurrency in scale.concurrencies:
             warm_up_at(chat, concurrency, words)
+            pids = target.rank_pids()
+            before = [cpu_seconds(pid) for pid in pids]
             result = run_closed_loop(chat, concurrency, scale.loop_seconds, scale.token_mix, words,
                                      f"{target_name}-{setup.label}")
+            after = [cpu_seconds(pid) for pid in pids]
+            if None not in before and None not in after:
+                result.cpu_seconds = sum(b - a for a, b in zip(before, after, strict=True) if a is not None and b is not None)
             run.loops.append(summary(result))
             progress(f"  {concurrency} streams: {result.tokens_per_second:.1f} tok/s, TTFT p50 "
                      f"{percentile(result.ttfts_ms, 0.5) or 0:.0f} ms"
@@ -554,6 +567,11 @@ def print_report(runs: list[Run], faults: dict[tuple[str, str], list[FaultOutcom
         cells = [f"{fmt(run.tokens_per_second(c))} ({fmt(run.ttft_p50(c), '.0f')})" for c in concurrencies]
         print(f"  {run.target + ' ' + run.label:<{width}}" + "".join(f"{cell:>20}" for cell in cells)
               + f"   {run.load}" + (f"   ERROR {run.error}" if run.error else ""), file=out)
+
+    print("\nCPU ms per token, all ranks (cores busy)", file=out)
+    for run in runs:
+        print(f"  {run.target + ' ' + run.label:<{width}}" + "".join(f"{run.cpu_per_token(c):>20}" for c in concurrencies),
+              file=out)
 
     print("\nratios (aggregate tokens/s)", file=out)
     by_key = {(r.target, r.label): r for r in runs}
