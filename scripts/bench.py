@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import math
@@ -137,8 +138,8 @@ class Scale:
 
 FULL = Scale()
 QUICK = Scale(loop_seconds=5.0, throughput_rounds=1, token_mix=(32, 48, 64, 80, 96), single_runs=3,
-              single_max_tokens=128, transport_rounds=4, system_tokens=600, prefix_repeats=1, cold_starts=3, long_prompt_words=200,
-              stall_streams=2, stall_max_tokens=512)
+              single_max_tokens=128, transport_rounds=4, system_tokens=600, prefix_repeats=1, cold_starts=3,
+              long_prompt_words=200, stall_streams=2, stall_max_tokens=512)
 
 
 # ---- figures and the table -----------------------------------------------------------------
@@ -783,12 +784,9 @@ def measure_throughput(report: Report, sidecar: SidecarUnderTest, servers: list[
                 progress(f"throughput: {side}, {concurrency} streams, {scale.loop_seconds:g} s"
                          f" (round {round_ + 1} of {scale.throughput_rounds})")
                 warm_up_at(sides[side], concurrency, words)
-                cpu_before = cpu_seconds(pids[side])
-                result = run_closed_loop(sides[side], concurrency, scale.loop_seconds, scale.token_mix,
-                                         words, f"load{level}" + (f"-{round_}" if round_ else ""))
-                cpu_after = cpu_seconds(pids[side])
-                if cpu_before is not None and cpu_after is not None:
-                    result.cpu_seconds = cpu_after - cpu_before
+                result = with_cpu_seconds([pids[side]], functools.partial(
+                    run_closed_loop, sides[side], concurrency, scale.loop_seconds, scale.token_mix, words,
+                    f"load{level}" + (f"-{round_}" if round_ else "")))
                 runs[side][level].append(result)
                 progress(f"  {result.tokens_per_second:.1f} tok/s over {result.requests} requests"
                          + (f", {len(result.errors)} errors: {result.errors[0]}" if result.errors else ""))
@@ -857,6 +855,16 @@ def cpu_seconds(pid: int) -> float | None:
         return None
     fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state is field 3
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu_seconds(pids: list[int], loop: Callable[[], LoopResult]) -> LoopResult:
+    """`loop`'s result with the CPU time the processes `pids` spent during it, where /proc tells."""
+    before = [cpu_seconds(pid) for pid in pids]
+    result = loop()
+    after = [cpu_seconds(pid) for pid in pids]
+    if None not in before and None not in after:
+        result.cpu_seconds = sum(after) - sum(before)  # type: ignore[arg-type]
+    return result
 
 
 def add_throughput_figures(report: Report, section: str, results: dict[str, LoopResult]) -> None:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -81,6 +82,7 @@ from bench import (
     read_event_stream,
     run_closed_loop,
     warm_up_at,
+    with_cpu_seconds,
     with_preloaded,
 )
 
@@ -450,13 +452,9 @@ def measure_load(target_name: str, start: Starter, setup: Setup, scale: Scale, w
 
         for concurrency in scale.concurrencies:
             warm_up_at(chat, concurrency, words)
-            pids = target.rank_pids()
-            before = [cpu_seconds(pid) for pid in pids]
-            result = run_closed_loop(chat, concurrency, scale.loop_seconds, scale.token_mix, words,
-                                     f"{target_name}-{setup.label}")
-            after = [cpu_seconds(pid) for pid in pids]
-            if None not in before and None not in after:
-                result.cpu_seconds = sum(b - a for a, b in zip(before, after, strict=True) if a is not None and b is not None)
+            result = with_cpu_seconds(target.rank_pids(), functools.partial(
+                run_closed_loop, chat, concurrency, scale.loop_seconds, scale.token_mix, words,
+                f"{target_name}-{setup.label}"))
             run.loops.append(summary(result))
             progress(f"  {concurrency} streams: {result.tokens_per_second:.1f} tok/s, TTFT p50 "
                      f"{percentile(result.ttfts_ms, 0.5) or 0:.0f} ms"
@@ -570,8 +568,8 @@ def print_report(runs: list[Run], faults: dict[tuple[str, str], list[FaultOutcom
 
     print("\nCPU ms per token, all ranks (cores busy)", file=out)
     for run in runs:
-        print(f"  {run.target + ' ' + run.label:<{width}}" + "".join(f"{run.cpu_per_token(c):>20}" for c in concurrencies),
-              file=out)
+        cells = "".join(f"{run.cpu_per_token(c):>20}" for c in concurrencies)
+        print(f"  {run.target + ' ' + run.label:<{width}}" + cells, file=out)
 
     print("\nratios (aggregate tokens/s)", file=out)
     by_key = {(r.target, r.label): r for r in runs}
